@@ -1,0 +1,18 @@
+"""paragen: one generation request, many ranks.
+
+    import paragen
+    paragen.init()                                   # torchrun, srun, mpirun or a single process
+    pipe = StableDiffusionXLPipeline.from_pretrained(...)
+    paragen.parallelize(pipe, paragen.ParallelConfig(patch=2, cfg=2, mode="displaced"))
+    image = pipe(prompt, height=2048, width=2048, generator=torch.Generator().manual_seed(0)).images[0]
+    if paragen.is_output_rank():
+        image.save("out.png")
+    paragen.shutdown()
+"""
+from paragen.comms import is_output_rank
+from paragen.launch.process_group import init, shutdown
+from paragen.parallel import ParallelConfig
+from paragen.pipelines.image import parallelize
+
+__all__ = ["ParallelConfig", "init", "is_output_rank", "parallelize", "shutdown"]
+__version__ = "0.1.0"

@@ -1,0 +1,22 @@
+"""The only package that calls torch.distributed collectives.
+
+`GroupComm` wraps one process group with accounted sync/async operations, `FlatAllGather` packs many
+layers' stale activations into one async all-gather, `Pending` is a wait-at-use handle, and
+`CommStats` counts bytes, calls and time waited per label.
+"""
+from paragen.comms.flat_gather import FlatAllGather, Slot
+from paragen.comms.group import GroupComm, broadcast_int
+from paragen.comms.pending import Pending, ready
+from paragen.comms.stats import CommStats, OpStats
+from paragen.comms.world import (
+    is_initialized,
+    is_output_rank,
+    set_operation_timeout,
+    world_rank,
+    world_size,
+)
+
+__all__ = [
+    "CommStats", "FlatAllGather", "GroupComm", "broadcast_int", "OpStats", "Pending", "Slot", "ready",
+    "is_initialized", "is_output_rank", "set_operation_timeout", "world_rank", "world_size",
+]

@@ -1,0 +1,54 @@
+"""Handles for communication in flight: wait at the point of use, and account the time waited."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+from paragen.comms.stats import CommStats
+
+T = TypeVar("T")
+
+
+class Pending(Generic[T]):
+    """The result of an async operation; `wait()` blocks until it is there and returns it.
+
+    `finish` turns the raw receive buffers into the value the caller wants (runs once, after the
+    backend's works completed). Waiting twice returns the same value.
+    """
+
+    def __init__(
+        self,
+        works: Sequence[Any],
+        finish: Callable[[], T],
+        stats: CommStats | None = None,
+        label: str = "",
+    ) -> None:
+        self._works = list(works)
+        self._finish = finish
+        self._stats = stats
+        self._label = label
+        self._value: T | None = None
+        self._done = False
+
+    @property
+    def done(self) -> bool:
+        """True once `wait()` has returned."""
+        return self._done
+
+    def wait(self) -> T:
+        """Block until the data has arrived; return it."""
+        if not self._done:
+            start = time.perf_counter()
+            for work in self._works:
+                work.wait()
+            if self._stats is not None:
+                self._stats.add_wait(self._label, time.perf_counter() - start)
+            self._value = self._finish()
+            self._done = True
+            self._works = []
+        return self._value  # type: ignore[return-value]
+
+
+def ready(value: T) -> Pending[T]:
+    """A handle that is already complete (what a synchronous step leaves for the next one)."""
+    return Pending([], lambda: value)

@@ -1,0 +1,49 @@
+"""Facts about the default (world) process group that layers above may ask for."""
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch.distributed as dist
+from torch.distributed import distributed_c10d
+
+OUTPUT_RANK = 0
+
+
+def is_initialized() -> bool:
+    """True once `paragen.init()` (or the user) created the default process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_rank() -> int:
+    """Global rank of this process (0 without a process group)."""
+    return dist.get_rank() if is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of processes in the job (1 without a process group)."""
+    return dist.get_world_size() if is_initialized() else 1
+
+
+def is_output_rank() -> bool:
+    """True on the one rank that writes outputs and shows progress."""
+    return world_rank() == OUTPUT_RANK
+
+
+_operation_timeout: timedelta | None = None
+
+
+def set_operation_timeout(seconds: float) -> None:
+    """Steady-state timeout of every collective: on the world group now, on each group wrapped later.
+
+    Process-group creation uses a longer timeout (ranks start at different times); once running, a
+    rank that died or hangs should stop the others within this many seconds, not the backend's default.
+    """
+    global _operation_timeout
+    _operation_timeout = timedelta(seconds=seconds)
+    apply_operation_timeout(None)
+
+
+def apply_operation_timeout(group: dist.ProcessGroup | None) -> None:
+    """Give `group` (None: the world group) the configured steady-state timeout, if one is set."""
+    if _operation_timeout is not None and is_initialized():
+        distributed_c10d._set_pg_timeout(_operation_timeout, group)

@@ -1,0 +1,62 @@
+"""Attention that also returns its log-sum-exp, and the exact merge of two partial attentions.
+
+Attention over a key set K = K_a ∪ K_b can be computed as two attentions over K_a and K_b and merged:
+    lse = logaddexp(lse_a, lse_b);  out = exp(lse_a - lse)·out_a + exp(lse_b - lse)·out_b
+This is what lets a rank attend over its own keys while the other ranks' keys are still in flight.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Queries per chunk in the reference path, so scores never exceed ~chunk × keys elements per head.
+_REFERENCE_QUERY_CHUNK = 1024
+
+
+def attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal attention over `[B, H, L, D]` tensors; returns `(out [B,H,Lq,D], lse [B,H,Lq] fp32)`."""
+    if query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, False, attn_mask=None, scale=scale
+        )
+        return out, lse.float()
+    if query.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, None, True, scale=scale
+        )[:2]
+        return out, lse.float()
+    return reference_attention_with_lse(query, key, value, scale)
+
+
+def reference_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain PyTorch attention with log-sum-exp, chunked over queries to bound memory."""
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    outs, lses = [], []
+    for q in query.split(_REFERENCE_QUERY_CHUNK, dim=2):
+        scores = (q.float() @ key.float().transpose(-1, -2)) * scale
+        lse = torch.logsumexp(scores, dim=-1)
+        outs.append((torch.exp(scores - lse.unsqueeze(-1)) @ value.float()).to(query.dtype))
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+def merge_attention_states(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact combination of two attentions of the same queries over disjoint key sets."""
+    lse = torch.logaddexp(lse_a, lse_b)
+    weight_a = torch.exp(lse_a - lse).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - lse).unsqueeze(-1)
+    out = (out_a.float() * weight_a + out_b.float() * weight_b).to(out_a.dtype)
+    return out, lse
+
+
+def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Non-causal attention without the log-sum-exp (the fused backend of the device)."""
+    return F.scaled_dot_product_attention(query, key, value)

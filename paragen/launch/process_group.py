@@ -1,0 +1,73 @@
+"""`paragen.init()` and `paragen.shutdown()`: the process group of the job, from any launcher."""
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from paragen.comms import is_initialized, is_output_rank, set_operation_timeout
+from paragen.launch.env import LaunchInfo, complete_rendezvous, discover
+from paragen.log import get_logger, setup_logging
+
+DEFAULT_INIT_TIMEOUT_S = 300.0
+DEFAULT_TIMEOUT_S = 120.0
+
+
+def init(
+    *,
+    backend: str | None = None,
+    init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    threads: int | None = None,
+    verbose: bool = False,
+) -> LaunchInfo:
+    """Discover this rank, create the process group and pin the device.
+
+    NCCL when CUDA is present (the device is `cuda:local_rank`), gloo otherwise. Creation waits up to
+    `init_timeout_s` for every rank; afterwards every collective fails after `timeout_s`, so a dead or
+    stuck rank stops the job with an error instead of a hang. On CPU, `threads` compute threads per
+    rank (default: the cores divided among the ranks of this host).
+    """
+    if init_timeout_s <= 0 or timeout_s <= 0:
+        raise ValueError("timeouts must be positive")
+    info = complete_rendezvous(discover())
+    setup_logging(info.rank, info.rank == 0, verbose)
+    if is_initialized():
+        get_logger().warning("paragen.init(): a process group already exists; using it")
+        return info
+    use_cuda = torch.cuda.is_available() and backend != "gloo"
+    backend = backend or ("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(info.local_rank)
+    else:
+        torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // info.local_world_size))
+    timeout = timedelta(seconds=init_timeout_s)
+    if info.world_size == 1 and info.master_addr is None:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    elif info.source == "torchrun":
+        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+    else:
+        dist.init_process_group(
+            backend,
+            init_method=f"tcp://{info.master_addr}:{info.master_port}",
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=timeout,
+        )
+    set_operation_timeout(timeout_s)
+    get_logger().info(
+        "process group up: %d rank(s) via %s, backend %s, %d thread(s) per rank",
+        info.world_size, info.source, backend, torch.get_num_threads(),
+    )
+    return info
+
+
+def shutdown() -> None:
+    """Destroy the process group if one exists (safe to call twice, and after errors)."""
+    if is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["init", "shutdown", "is_output_rank"]

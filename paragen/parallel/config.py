@@ -1,0 +1,59 @@
+"""`ParallelConfig`: how one request is cut across the ranks, checked against the world size."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+MODES = ("sync", "displaced", "partial")
+MODE_HELP = {
+    "sync": "every exchange fresh and blocking; equals the single-device output (the reference)",
+    "displaced": "DistriFusion: after the warm-up steps, other bands' activations come from the previous "
+    "step, gathered asynchronously behind a whole step of compute",
+    "partial": "PCPP: like displaced, but attention sees only a fraction of the two neighbouring bands' "
+    "rows, sent point-to-point (far less traffic, some quality cost)",
+}
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Parallel degrees and the patch-parallel mode.
+
+    `patch=-1` means "the ranks left over" once the other degrees are taken. `resolve(world_size)`
+    returns a copy with every degree concrete and their product checked against the world size.
+    """
+
+    cfg: int = 1
+    patch: int = -1
+    mode: str = "sync"
+    warmup_steps: int = 4
+    partial_fraction: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.cfg not in (1, 2):
+            raise ValueError(f"cfg must be 1 or 2 (conditional and unconditional branch), got {self.cfg}")
+        if self.patch != -1 and self.patch < 1:
+            raise ValueError(f"patch must be a positive number of bands or -1 (the ranks left over), got {self.patch}")
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not 0.0 < self.partial_fraction <= 1.0:
+            raise ValueError(f"partial_fraction must be in (0, 1], got {self.partial_fraction}")
+
+    def resolve(self, world_size: int) -> "ParallelConfig":
+        """Fill in `patch=-1` and check `cfg × patch == world_size`, naming every factor if not."""
+        if world_size < 1:
+            raise ValueError(f"world size must be >= 1, got {world_size}")
+        if self.cfg == 2 and world_size % 2:
+            raise ValueError(f"cfg=2 splits the ranks into two branches and needs an even world size; got {world_size}")
+        patch = self.patch if self.patch != -1 else world_size // self.cfg
+        if self.cfg * patch != world_size:
+            raise ValueError(
+                f"parallel degrees do not match the world size: cfg ({self.cfg}) × patch ({patch}) = "
+                f"{self.cfg * patch}, but the world size is {world_size}"
+            )
+        return dataclasses.replace(self, patch=patch)
+
+    def layout_tag(self) -> str:
+        """A file-name fragment naming the layout, e.g. `patch4_cfg2_displaced`."""
+        return f"patch{self.patch}_cfg{self.cfg}_{self.mode}"

@@ -1,0 +1,14 @@
+"""Patch parallelism: layers that run on a row band of an image and exchange what they need."""
+from paragen.parallel.patch.attention import (
+    PatchCrossAttnProcessor,
+    PatchSelfAttnProcessor,
+    check_processor,
+)
+from paragen.parallel.patch.context import PatchContext
+from paragen.parallel.patch.conv import PatchConv2d
+from paragen.parallel.patch.norm import PatchGroupNorm, combine_band_stats
+
+__all__ = [
+    "PatchConv2d", "PatchContext", "PatchCrossAttnProcessor", "PatchGroupNorm",
+    "PatchSelfAttnProcessor", "check_processor", "combine_band_stats",
+]

@@ -1,0 +1,177 @@
+"""Attention processors for a model whose image rows are spread over the band group.
+
+Queries are the band's own tokens. For self-attention the keys and values are:
+- fresh steps: every band's, gathered now. The gather is started right after the K/V projection; the
+  band attends over its own keys meanwhile and merges the other bands' part with log-sum-exp, so the
+  exchange hides behind that compute. Exact.
+- stale steps (displaced): this band's fresh K/V plus the other bands' K/V of the previous step;
+  this step's K/V leaves asynchronously in the flat stale buffer.
+- stale steps (partial, PCPP): this band's fresh K/V plus the nearest `partial_fraction` of the rows
+  of the band above and below from the previous step, sent point-to-point.
+Cross-attention keys come from the text, identical on every band: they are projected once per request.
+
+The processors follow diffusers' `AttnProcessor2_0` contract (spatial norm, 4-D inputs, group norm,
+residual, output rescale, q/k norms), so they work for UNet transformer blocks and VAE mid-blocks.
+"""
+from __future__ import annotations
+
+import torch
+
+from paragen.comms import Pending, Slot, ready
+from paragen.kernels import attention_with_lse, dense_attention, merge_attention_states
+from paragen.parallel.partition import partial_rows
+from paragen.parallel.patch.context import PatchContext
+
+KNOWN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
+
+
+def check_processor(module_name: str, processor: object) -> None:
+    """Refuse attention processors whose behaviour paragen would silently change."""
+    name = type(processor).__name__
+    if name not in KNOWN_PROCESSORS and not isinstance(processor, _PatchProcessor):
+        raise ValueError(
+            f"attention processor {name} on {module_name} is not supported by patch parallelism "
+            f"(supported: {', '.join(KNOWN_PROCESSORS)}); reset it with `set_default_attn_processor()` "
+            "or remove the adapter before calling paragen.parallelize"
+        )
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, tokens, inner = x.shape
+    return x.view(batch, tokens, heads, inner // heads).transpose(1, 2)
+
+
+class _PatchProcessor:
+    """The parts of diffusers' attention contract around the key/value source."""
+
+    def __init__(self, ctx: PatchContext) -> None:
+        self.ctx = ctx
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        if attention_mask is not None:
+            raise ValueError("patch-parallel attention does not support attention masks")
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        out = self.attend(attn, hidden_states, encoder_hidden_states)
+        out = out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[3])
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def attend(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class PatchCrossAttnProcessor(_PatchProcessor):
+    """Cross-attention whose text keys/values are projected once per request and reused."""
+
+    def __init__(self, ctx: PatchContext) -> None:
+        super().__init__(ctx)
+        self._key: tuple | None = None
+        self._kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        ctx.on_reset(self.reset)
+
+    def reset(self) -> None:
+        """Forget the cached text keys/values (at the end of each request)."""
+        self._key = self._kv = None
+
+    def attend(self, attn, hidden_states, encoder_hidden_states):
+        text = encoder_hidden_states
+        identity = (text.data_ptr(), tuple(text.shape), text.stride(), text._version, text.dtype)
+        if self._kv is None or self._key != identity:
+            source = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
+            key, value = _heads(attn.to_k(source), attn.heads), _heads(attn.to_v(source), attn.heads)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+            self._key, self._kv = identity, (key, value)
+        query = _heads(attn.to_q(hidden_states), attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        return dense_attention(query, *self._kv)
+
+
+class PatchSelfAttnProcessor(_PatchProcessor):
+    """Self-attention over the whole image from a band of queries; see the module docstring."""
+
+    def __init__(self, ctx: PatchContext) -> None:
+        super().__init__(ctx)
+        self._stale: Slot | Pending | None = None
+        ctx.on_reset(self.reset)
+
+    def reset(self) -> None:
+        """Drop the keys/values kept for the next step."""
+        self._stale = None
+
+    def attend(self, attn, hidden_states, encoder_hidden_states):
+        if encoder_hidden_states is not None:
+            raise ValueError("a self-attention layer was given encoder states (only_cross_attention is not supported)")
+        key = attn.to_k(hidden_states)
+        if attn.norm_k is not None:
+            key = attn.norm_k(_heads(key, attn.heads)).transpose(1, 2).reshape(key.shape)
+        kv = torch.stack([key, attn.to_v(hidden_states)])  # [2, B, tokens, inner]
+        ctx = self.ctx
+        if ctx.stale:
+            kv = self._with_stale(kv)
+            pending = None
+        else:
+            pending = ctx.comm.all_gather_async(kv, ctx.label("attn_kv"))
+        query = _heads(attn.to_q(hidden_states), attn.heads)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        own_k, own_v = _heads(kv[0], attn.heads), _heads(kv[1], attn.heads)
+        if pending is None:
+            return dense_attention(query, own_k, own_v)
+        return self._fresh(query, own_k, own_v, pending, attn.heads, tokens=hidden_states.shape[1])
+
+    def _fresh(self, query, own_k, own_v, pending: Pending, heads: int, tokens: int) -> torch.Tensor:
+        """Attend over own keys while the others arrive, then merge their part by log-sum-exp."""
+        ctx = self.ctx
+        out, lse = attention_with_lse(query, own_k, own_v)
+        everyone = pending.wait()  # [bands, 2, B, tokens, inner]
+        others = torch.cat([everyone[:ctx.comm.rank], everyone[ctx.comm.rank + 1 :]], dim=0)
+        remote_k = torch.cat(list(others[:, 0]), dim=1)
+        remote_v = torch.cat(list(others[:, 1]), dim=1)
+        remote_out, remote_lse = attention_with_lse(query, _heads(remote_k, heads), _heads(remote_v, heads))
+        out, _ = merge_attention_states(out, lse, remote_out, remote_lse)
+        if ctx.publish:
+            self._stale = ready(self._neighbour_rows(everyone, tokens)) if ctx.partial else ready(everyone)
+        return out
+
+    def _with_stale(self, kv: torch.Tensor) -> torch.Tensor:
+        """Own fresh K/V joined with what the other bands sent last step; publish this step's."""
+        ctx = self.ctx
+        previous = self._stale.wait()  # type: ignore[union-attr]
+        if ctx.partial:
+            from_prev, from_next = previous
+            rows = self._rows_per_neighbour(kv.shape[2])
+            if ctx.publish:
+                self._stale = ctx.comm.exchange_neighbours_async(kv[:, :, :rows], kv[:, :, -rows:], ctx.label("attn_kv"))
+            parts = [p for p in (from_prev, kv, from_next) if p is not None]
+            return torch.cat(parts, dim=2)
+        if ctx.publish:
+            self._stale = ctx.stale_gather.submit(kv, ctx.label("attn_kv"))
+        parts = list(previous)
+        parts[ctx.comm.rank] = kv
+        return torch.cat(parts, dim=2)
+
+    def _rows_per_neighbour(self, tokens: int) -> int:
+        """Tokens of a neighbouring band that partial attention sees (whole image rows)."""
+        band_rows, cols = self.ctx.band_grid(tokens)
+        return partial_rows(band_rows, self.ctx.partial_fraction) * cols
+
+    def _neighbour_rows(self, everyone: torch.Tensor, tokens: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """From a full gather, the rows partial attention would have received from the neighbours."""
+        rank, size, rows = self.ctx.comm.rank, self.ctx.comm.size, self._rows_per_neighbour(tokens)
+        from_prev = everyone[rank - 1][:, :, tokens - rows :].contiguous() if rank > 0 else None
+        from_next = everyone[rank + 1][:, :, :rows].contiguous() if rank < size - 1 else None
+        return from_prev, from_next
