@@ -1,0 +1,1 @@
+"""Bootstrap: rank discovery, process-group setup, CLI and SLURM/mpirun helpers."""
