@@ -9,10 +9,20 @@
         image.save("out.png")
     paragen.shutdown()
 """
+from typing import Any
+
 from paragen.comms import is_output_rank
 from paragen.launch.process_group import init, shutdown
 from paragen.parallel import ParallelConfig
-from paragen.pipelines.image import parallelize
 
 __all__ = ["ParallelConfig", "init", "is_output_rank", "parallelize", "shutdown"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    # `parallelize` imports diffusers (seconds); load it on first use so launch-only code stays fast.
+    if name == "parallelize":
+        from paragen.pipelines.image import parallelize
+
+        return parallelize
+    raise AttributeError(f"module 'paragen' has no attribute {name!r}")

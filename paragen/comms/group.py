@@ -149,3 +149,12 @@ def broadcast_int(comm: GroupComm, value: int, src: int = 0) -> int:
     comm.stats.record("broadcast", sent=8 if comm.rank == src else 0, recv=0 if comm.rank == src else 8)
     dist.broadcast(buf, group=comm.group, group_src=src)
     return int(buf.item())
+
+
+def all_gather_objects(comm: GroupComm, obj: object) -> list[object]:
+    """Every rank's picklable `obj`, in rank order (for small reports, not tensors)."""
+    if comm.size == 1:
+        return [obj]
+    out: list[object] = [None] * comm.size
+    dist.all_gather_object(out, obj, group=comm.group)
+    return out

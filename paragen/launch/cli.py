@@ -1,0 +1,147 @@
+"""`paragen` / `python -m paragen`: the command line.
+
+    torchrun --nproc-per-node 2 -m paragen image --mode displaced --height 1024 --width 1024
+    paragen slurm --nodes 2 --gpus-per-node 8 -- image --model /models/sdxl --cfg 2
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from torch.distributed import DistError
+from torch.distributed.elastic.multiprocessing.errors import record
+
+from paragen.launch.env import LaunchError, discover
+from paragen.launch.process_group import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S, init, shutdown
+from paragen.launch.slurm import sbatch_script
+from paragen.log import get_logger, setup_logging
+from paragen.parallel.config import MODE_HELP, MODES, ParallelConfig
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+def _add_image_parser(sub: argparse._SubParsersAction) -> None:
+    from paragen.pipelines.image_job import DTYPES, ImageRequest  # imports diffusers: only when needed
+
+    defaults = ImageRequest()
+    p = sub.add_parser("image", help="text-to-image across ranks (patch parallelism)",
+                       description="Generate one image with its work split across every rank of the job.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=defaults.model,
+                   help="embedded model name (tiny-sd, tiny-sdxl) or a local diffusers directory (safetensors)")
+    p.add_argument("--prompt", default=defaults.prompt, help="text prompt")
+    p.add_argument("--negative-prompt", default=defaults.negative_prompt, help="negative prompt")
+    p.add_argument("--height", type=int, default=defaults.height, help="image height in pixels")
+    p.add_argument("--width", type=int, default=defaults.width, help="image width in pixels")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (the same on every rank)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=defaults.dtype, help="weights and activations dtype")
+    p.add_argument("--cfg", type=int, default=1, choices=(1, 2),
+                   help="2: the conditional and unconditional branches run on different halves of the ranks")
+    p.add_argument("--patch", type=int, default=-1, help="number of row bands (-1: the ranks left over)")
+    p.add_argument("--mode", choices=MODES, default="sync",
+                   help="; ".join(f"{m}: {text}" for m, text in MODE_HELP.items()))
+    p.add_argument("--warmup-steps", type=int, default=4, help="steps run in sync mode before displaced/partial starts")
+    p.add_argument("--partial-fraction", type=float, default=0.3,
+                   help="partial mode: fraction of each neighbouring band's rows that attention sees")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickle (.bin/.ckpt) checkpoints, which can run arbitrary code")
+    p.add_argument("--out", default=defaults.out_dir, help="folder for the PNG and the JSON run report")
+    p.add_argument("--name", default=None, help="output file name without extension (default: encodes the layout)")
+    _add_runtime_arguments(p)
+    p.set_defaults(handler=_run_image)
+
+
+def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=None, help="CPU compute threads per rank (default: cores / local ranks)")
+    p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                   help="seconds after which a collective fails (a dead or stuck rank stops the job)")
+    p.add_argument("--init-timeout", type=float, default=DEFAULT_INIT_TIMEOUT_S,
+                   help="seconds to wait for every rank to join")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def _add_slurm_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("slurm", help="print an sbatch script that runs a paragen command on N nodes x G GPUs",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node; 0 for CPU nodes")
+    p.add_argument("--job-name", default="paragen", help="SLURM job name")
+    p.add_argument("--time", default="01:00:00", help="SLURM time limit")
+    p.add_argument("--partition", default=None, help="SLURM partition")
+    p.add_argument("--port", type=int, default=29500, help="rendezvous port on the head node")
+    p.add_argument("command", nargs=argparse.REMAINDER, help="the paragen command to run, after `--`")
+    p.set_defaults(handler=_run_slurm)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `paragen` argument parser with its sub-commands."""
+    parser = argparse.ArgumentParser(prog="paragen", description="paragen: one generation request, many ranks.")
+    sub = parser.add_subparsers(dest="workload", required=True, metavar="{image,slurm}")
+    _add_image_parser(sub)
+    _add_slurm_parser(sub)
+    return parser
+
+
+def _run_slurm(args: argparse.Namespace) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    print(sbatch_script(nodes=args.nodes, gpus_per_node=args.gpus_per_node, command=command,
+                        job_name=args.job_name, time=args.time, partition=args.partition, port=args.port))
+    return 0
+
+
+def _run_image(args: argparse.Namespace) -> int:
+    from paragen.pipelines.image_job import ImageRequest, run_image_job
+    from paragen.pipelines.loading import check_model_source
+
+    # Everything that can be checked without the other ranks is checked here, on every rank.
+    request = ImageRequest(
+        model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
+        width=args.width, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+        dtype=args.dtype, allow_pickle=args.allow_pickle, out_dir=args.out, name=args.name,
+    )
+    config = ParallelConfig(cfg=args.cfg, patch=args.patch, mode=args.mode, warmup_steps=args.warmup_steps,
+                            partial_fraction=args.partial_fraction)
+    config.resolve(discover().world_size)
+    check_model_source(args.model, allow_pickle=args.allow_pickle)
+    init(init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads, verbose=args.verbose)
+    run_image_job(request, config)
+    return 0
+
+
+@record
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `paragen` and `python -m paragen`; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, TypeError, LaunchError, FileNotFoundError) as error:
+        _report(f"error: {error}")
+        return EXIT_BAD_INPUT
+    except DistError as error:
+        _report(f"communication failed: {error}\n(a rank died, hung past --timeout, or lost its connection; "
+                "the whole job stops — look for the first rank that reported an error)")
+        return EXIT_FAILED
+    except RuntimeError as error:
+        _report(f"failed: {error}")
+        return EXIT_FAILED
+    finally:
+        shutdown()
+
+
+def _report(message: str) -> None:
+    logger = get_logger()
+    if not logger.handlers:
+        try:
+            info = discover()
+            setup_logging(info.rank, info.rank == 0)
+        except LaunchError:
+            setup_logging(0, True)
+    logger.error(message, exc_info=logger.isEnabledFor(logging.DEBUG))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

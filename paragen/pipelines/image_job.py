@@ -1,0 +1,112 @@
+"""One text-to-image request from the command line: load, parallelise, generate, report, write."""
+from __future__ import annotations
+
+import statistics
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from paragen.comms import all_gather_objects, is_output_rank, world_size
+from paragen.log import get_logger
+from paragen.parallel import ParallelConfig
+from paragen.pipelines.image import parallelize
+from paragen.pipelines.loading import load_image_pipeline
+from paragen.pipelines.outputs import save_json, save_png
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """Everything `paragen image` was asked for."""
+
+    model: str = "tiny-sd"
+    prompt: str = "a lighthouse on a cliff at dusk, oil painting"
+    negative_prompt: str = ""
+    height: int = 512
+    width: int = 512
+    steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int = 0
+    dtype: str = "float32"
+    allow_pickle: bool = False
+    out_dir: str = "out"
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        for field_name in ("height", "width", "steps"):
+            if getattr(self, field_name) <= 0:
+                raise ValueError(f"{field_name} must be positive, got {getattr(self, field_name)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+
+    def output_stem(self, config: ParallelConfig) -> str:
+        """File name (without extension) encoding the request and the layout."""
+        model = Path(self.model).name if Path(self.model).exists() else self.model
+        return self.name or f"{model}_{self.height}x{self.width}_{config.layout_tag()}_seed{self.seed}"
+
+
+def git_revision() -> str:
+    """The source revision the run came from ('unknown' outside a git checkout)."""
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).parent,
+        ).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def run_image_job(request: ImageRequest, config: ParallelConfig) -> dict | None:
+    """Generate the image on every rank; the output rank writes PNG + JSON and returns the report."""
+    log = get_logger()
+    start = time.perf_counter()
+    pipe = load_image_pipeline(request.model, dtype=DTYPES[request.dtype], allow_pickle=request.allow_pickle)
+    parallelize(pipe, config)
+    pipe.set_progress_bar_config(disable=not is_output_rank(), desc=f"{world_size()} rank(s)")
+    loaded = time.perf_counter()
+    images = pipe(
+        request.prompt,
+        negative_prompt=request.negative_prompt or None,
+        height=request.height,
+        width=request.width,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        generator=torch.Generator().manual_seed(request.seed),
+    ).images
+    generated = time.perf_counter()
+    runtime = pipe.paragen
+    per_rank = all_gather_objects(runtime.mesh.comm("world"), runtime.stats.snapshot())
+    if not is_output_rank():
+        return None
+    steps = runtime.step_seconds
+    report = {
+        "workload": "image",
+        "request": asdict(request),
+        "config": asdict(runtime.config),
+        "world_size": world_size(),
+        "device": str(pipe.device),
+        "threads_per_rank": torch.get_num_threads(),
+        "git_revision": git_revision(),
+        "timings": {
+            "load_s": loaded - start,
+            "generate_s": generated - loaded,
+            "step_s": steps,
+            "step_median_s": statistics.median(steps) if steps else None,
+        },
+        "comm_per_rank": {str(rank): stats for rank, stats in enumerate(per_rank)},
+    }
+    stem = request.output_stem(runtime.config)
+    out_dir = Path(request.out_dir)
+    image_path = save_png(images[0], out_dir / f"{stem}.png")
+    report["image"] = str(image_path)
+    save_json(report, out_dir / f"{stem}.json")
+    log.info("wrote %s and %s.json (%.2f s, median step %.3f s)", image_path, stem,
+             report["timings"]["generate_s"], report["timings"]["step_median_s"] or 0.0)
+    return report
+
+
+__all__ = ["DTYPES", "ImageRequest", "run_image_job"]

@@ -1,0 +1,80 @@
+"""Run a script as N real ranks on this machine (gloo), the way torchrun would start them.
+
+The ranks are plain subprocesses with torchrun's environment variables, so a test can watch and kill
+one of them; `torchrun` itself is exercised by the CLI tests.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world_size: int, port: int, threads: int = 1) -> dict[str, str]:
+    """The environment torchrun gives rank `rank` (one host)."""
+    env = dict(os.environ)
+    for name in list(env):
+        if name.startswith(("SLURM_", "OMPI_", "PMI_", "PMIX_", "TORCHELASTIC_")):
+            del env[name]
+    env.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS=str(threads),
+        PYTHONPATH=str(ROOT), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+@dataclass
+class RankResult:
+    rank: int
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def start_ranks(args: list[str], world_size: int, cwd: Path | None = None) -> list[subprocess.Popen]:
+    """Start `python <args>` as `world_size` ranks; returns the processes (stdout/stderr piped)."""
+    port = free_port()
+    return [
+        subprocess.Popen(
+            [sys.executable, *args], env=rank_env(rank, world_size, port), cwd=cwd or ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in range(world_size)
+    ]
+
+
+def run_ranks(args: list[str], world_size: int, timeout: float = 600, cwd: Path | None = None) -> list[RankResult]:
+    """Run `python <args>` as `world_size` ranks to completion; kill all of them on timeout."""
+    procs = start_ranks(args, world_size, cwd)
+    results = []
+    try:
+        for rank, proc in enumerate(procs):
+            out, err = proc.communicate(timeout=timeout)
+            results.append(RankResult(rank, proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return results
+
+
+def check_all_ok(results: list[RankResult]) -> None:
+    """Fail with every rank's stderr tail if any rank failed."""
+    bad = [r for r in results if r.returncode != 0]
+    if bad:
+        details = "\n".join(f"--- rank {r.rank} exit {r.returncode}\n{r.stderr[-3000:]}" for r in bad)
+        raise AssertionError(f"{len(bad)} rank(s) failed:\n{details}")
