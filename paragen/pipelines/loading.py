@@ -1,0 +1,142 @@
+"""Load an image pipeline: an embedded tiny model or a local diffusers checkpoint directory.
+
+Real models cannot be downloaded here, so `tiny-sd` and `tiny-sdxl` stand in for them: the real
+diffusers architectures, built from the configs shipped in `configs/<name>/` with random weights
+drawn from a fixed seed, and an offline byte-level CLIP tokenizer. A local checkpoint goes through
+`DiffusionPipeline.from_pretrained` with hub access off. Nothing here ever touches the network.
+diffusers and transformers (seconds to import) are imported only when a pipeline is built, so
+`check_model_source` rejects a bad argument at once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+EMBEDDED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl")
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+SAFE_WEIGHTS = "*.safetensors"
+PICKLE_WEIGHTS = ("*.bin", "*.ckpt", "*.pt", "*.pth")
+
+
+class ModelLoadError(ValueError):
+    """The model source cannot be loaded; the message says why and what to do."""
+
+
+def _components(index: dict[str, Any]) -> dict[str, tuple[str, str] | None]:
+    """Component name -> (library, class name), or None for a component left out ([null, null])."""
+    parts: dict[str, tuple[str, str] | None] = {}
+    for name, value in index.items():
+        if not name.startswith("_") and isinstance(value, list) and len(value) == 2:
+            parts[name] = (value[0], value[1]) if value[0] and value[1] else None
+    return parts
+
+
+def _read_index(root: Path) -> dict[str, Any]:
+    with open(root / "model_index.json", encoding="utf-8") as f:
+        return json.load(f)
+
+
+def check_model_source(model: str, *, allow_pickle: bool = False) -> None:
+    """Fail fast, before any heavy work, if `model` is neither an embedded name nor a loadable directory.
+
+    A local checkpoint must be a diffusers layout (`model_index.json`) whose every weighted component
+    (a sub-folder with a `config.json`) holds safetensors weights; pickle weights run arbitrary code
+    when loaded, so they are refused unless `allow_pickle` is set.
+    """
+    if model in EMBEDDED_MODELS:
+        return
+    root = Path(model)
+    if not root.exists():
+        raise ModelLoadError(
+            f"unknown model {model!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}) "
+            "and no such local path"
+        )
+    if not root.is_dir():
+        raise ModelLoadError(f"model path {model!r} is not a directory (a diffusers checkpoint is one)")
+    if not (root / "model_index.json").is_file():
+        raise ModelLoadError(f"model directory {model!r} has no model_index.json (not a diffusers pipeline)")
+    for name, spec in _components(_read_index(root)).items():
+        folder = root / name
+        if spec is None:
+            continue  # left out, e.g. the safety checker
+        if not folder.is_dir():
+            raise ModelLoadError(f"component {name!r} of {model!r} is in model_index.json but has no folder")
+        if not (folder / "config.json").is_file():
+            continue  # carries no weights: scheduler, tokenizer, feature extractor
+        has_safe = any(folder.glob(SAFE_WEIGHTS))
+        pickles = [f.name for p in PICKLE_WEIGHTS for f in folder.glob(p)]
+        if not has_safe and pickles and not allow_pickle:
+            raise ModelLoadError(
+                f"component {name!r} of {model!r} has only pickle weights ({', '.join(sorted(pickles))}); "
+                "pickle checkpoints are refused because loading them can run arbitrary code. "
+                "Convert them to safetensors, or pass --allow-pickle if you trust the source."
+            )
+        if not has_safe and not pickles:
+            raise ModelLoadError(f"component {name!r} of {model!r} has no weight files in {folder}")
+
+
+def _build_component(library: str, class_name: str, folder: Path) -> Any:
+    """One component from its shipped config: random weights for models, files for the tokenizer."""
+    import diffusers
+    import transformers
+
+    if library == "diffusers":
+        cls = getattr(diffusers, class_name)
+        return cls.from_config(cls.load_config(folder))
+    cls = getattr(transformers, class_name)
+    if issubclass(cls, transformers.PreTrainedTokenizerBase):
+        return cls.from_pretrained(folder, local_files_only=True)
+    return cls(cls.config_class.from_pretrained(folder, local_files_only=True))
+
+
+def _build_embedded(name: str, seed: int, dtype: torch.dtype) -> DiffusionPipeline:
+    """Build an embedded pipeline; the same seed gives the same weights in every process."""
+    import diffusers
+
+    root = CONFIG_DIR / name
+    index = _read_index(root)
+    components = _components(index)
+    parts: dict[str, Any] = {}
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+        torch.manual_seed(seed)
+        for comp, spec in components.items():
+            parts[comp] = None if spec is None else _build_component(spec[0], spec[1], root / comp)
+    # No layer of these classes is zero-initialised, so random weights give non-constant outputs
+    # (tests/test_loading.py checks the UNet output and the decoded image).
+    for part in parts.values():
+        if isinstance(part, torch.nn.Module):
+            # nn.Module.to, not ModelMixin.to: the latter warns on every dtype cast, even a harmless one.
+            torch.nn.Module.to(part, dtype=dtype).eval()
+    settings = {k: v for k, v in index.items() if not k.startswith("_") and k not in components}
+    return getattr(diffusers, index["_class_name"])(**parts, **settings)
+
+
+def load_image_pipeline(
+    model: str, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False, seed: int = 0
+) -> DiffusionPipeline:
+    """The pipeline for an embedded name or a local checkpoint directory, in eval mode on CPU in `dtype`.
+
+    `seed` only matters for embedded models (it draws their random weights).
+    """
+    check_model_source(model, allow_pickle=allow_pickle)
+    if model in EMBEDDED_MODELS:
+        return _build_embedded(model, seed, dtype)
+    from diffusers import DiffusionPipeline
+
+    no_checker = {"safety_checker": None, "requires_safety_checker": False}
+    has_checker = "safety_checker" in _read_index(Path(model))
+    return DiffusionPipeline.from_pretrained(  # loads on CPU, in eval mode
+        model,
+        torch_dtype=dtype,
+        use_safetensors=None if allow_pickle else True,  # None: safetensors first, else pickle
+        local_files_only=True,
+        **(no_checker if has_checker else {}),
+    )

@@ -1,0 +1,177 @@
+"""Embedded tiny pipelines (build, determinism, tokenizer) and the checks and loader for local checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
+
+import pytest
+import torch
+from diffusers import DiffusionPipeline
+
+from paragen.pipelines.loading import EMBEDDED_MODELS, ModelLoadError, check_model_source, load_image_pipeline
+
+
+def generate(pipe: DiffusionPipeline, prompt: str = "a red cube on a table") -> torch.Tensor:
+    """A 2-step 64x64 image with classifier-free guidance (UNet batch 2), as a [1, 3, 64, 64] tensor."""
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(
+        prompt,
+        height=64,
+        width=64,
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    )
+    return out.images
+
+
+@pytest.fixture(scope="module", params=EMBEDDED_MODELS)
+def embedded(request: pytest.FixtureRequest) -> tuple[str, DiffusionPipeline, torch.Tensor]:
+    pipe = load_image_pipeline(request.param, seed=0)
+    return request.param, pipe, generate(pipe)
+
+
+def test_embedded_builds_a_non_constant_image(embedded) -> None:
+    name, pipe, image = embedded
+    classes = {"tiny-sd": "StableDiffusionPipeline", "tiny-sdxl": "StableDiffusionXLPipeline"}
+    assert type(pipe).__name__ == classes[name]
+    assert image.shape == (1, 3, 64, 64)
+    assert torch.isfinite(image).all()
+    assert image.std(dim=(2, 3)).min() > 0.02, "image is flat"
+    assert ((image > 0.01) & (image < 0.99)).float().mean() > 0.5, "image is saturated"
+    assert pipe.vae_scale_factor == 8
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            assert not module.training and module.device.type == "cpu"
+
+
+def test_embedded_unet_output_varies_in_space(embedded) -> None:
+    _, pipe, _ = embedded
+    cfg = pipe.unet.config
+    latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(2, 77, cfg.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    extra = {}
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        time_ids = torch.tensor([[128.0, 128, 0, 0, 128, 128]] * 2)
+        extra = {"added_cond_kwargs": {"text_embeds": torch.randn(2, pooled), "time_ids": time_ids}}
+    with torch.no_grad():
+        noise = pipe.unet(latents, torch.tensor([500, 500]), text, **extra).sample
+    assert noise.shape == latents.shape
+    assert noise.std(dim=(2, 3)).min() > 0.05
+
+
+def test_same_seed_same_image_other_seed_other_weights(embedded) -> None:
+    name, _, image = embedded
+    again = load_image_pipeline(name, seed=0)
+    assert torch.equal(generate(again), image)
+    other = load_image_pipeline(name, seed=1)
+    for a, b in zip(again.unet.parameters(), other.unet.parameters()):
+        if a.dim() > 1:
+            assert not torch.equal(a, b)
+    embeddings = [p.text_encoder.get_input_embeddings().weight for p in (again, other)]
+    assert not torch.equal(*embeddings)
+
+
+def test_loading_leaves_the_callers_rng_alone() -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    load_image_pipeline("tiny-sd", seed=7)
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_dtype_is_applied_to_every_module() -> None:
+    pipe = load_image_pipeline("tiny-sdxl", dtype=torch.bfloat16)
+    modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
+    assert len(modules) == 4
+    assert all(p.dtype == torch.bfloat16 for m in modules for p in m.parameters())
+
+
+@pytest.mark.parametrize("prompt", ["a photo of an astronaut riding a horse", "Ünïcödé 日本語 🐱 «quotes», café"])
+def test_tokenizers_round_trip_and_pad(embedded, prompt: str) -> None:
+    _, pipe, _ = embedded
+    pairs = [(pipe.tokenizer, pipe.text_encoder)]
+    if hasattr(pipe, "tokenizer_2"):
+        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    for tokenizer, encoder in pairs:
+        assert tokenizer.model_max_length == 77 == encoder.config.max_position_embeddings
+        assert len(tokenizer) == encoder.config.vocab_size
+        ids = tokenizer(prompt, padding="max_length", max_length=77, truncation=True).input_ids
+        assert len(ids) == 77 and max(ids) < encoder.config.vocab_size
+        assert ids[0] == tokenizer.bos_token_id == encoder.config.bos_token_id
+        n = ids.index(tokenizer.eos_token_id)
+        assert tokenizer.eos_token_id == encoder.config.eos_token_id
+        assert set(ids[n + 1 :]) == {tokenizer.pad_token_id}
+        # CLIP lower-cases and splits punctuation off words, so compare without spaces
+        decoded = tokenizer.decode(ids, skip_special_tokens=True)
+        assert decoded.replace(" ", "") == prompt.lower().replace(" ", "")
+        long = tokenizer("word " * 200, padding="max_length", max_length=77, truncation=True).input_ids
+        assert len(long) == 77 and long[-1] == tokenizer.eos_token_id
+
+
+def test_unknown_or_missing_model_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="tiny-sd, tiny-sdxl"):
+        check_model_source("no-such-model")
+    with pytest.raises(ModelLoadError, match="no such local path"):
+        load_image_pipeline(str(tmp_path / "missing"))
+    (tmp_path / "file.safetensors").write_bytes(b"")
+    with pytest.raises(ModelLoadError, match="not a directory"):
+        check_model_source(str(tmp_path / "file.safetensors"))
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        check_model_source(str(tmp_path))
+
+
+def fake_checkpoint(root: Path, weight_file: str | None) -> Path:
+    """A pipeline directory with one weighted component whose weights are `weight_file` (a stub)."""
+    (root / "unet").mkdir(parents=True)
+    (root / "scheduler").mkdir()
+    index = {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+             "scheduler": ["diffusers", "DDIMScheduler"], "safety_checker": [None, None]}
+    (root / "model_index.json").write_text(json.dumps(index))
+    (root / "unet" / "config.json").write_text("{}")
+    (root / "scheduler" / "scheduler_config.json").write_text("{}")
+    if weight_file:
+        (root / "unet" / weight_file).write_bytes(b"stub")
+    return root
+
+
+@pytest.mark.parametrize("weight_file", ["diffusion_pytorch_model.bin", "model.ckpt", "w.pt", "w.pth"])
+def test_pickle_only_component_needs_allow_pickle(tmp_path: Path, weight_file: str) -> None:
+    root = str(fake_checkpoint(tmp_path, weight_file))
+    with pytest.raises(ModelLoadError, match="--allow-pickle") as err:
+        check_model_source(root)
+    assert "unet" in str(err.value) and "pickle" in str(err.value)
+    check_model_source(root, allow_pickle=True)
+
+
+def test_safetensors_component_passes_and_missing_weights_fail(tmp_path: Path) -> None:
+    safe = fake_checkpoint(tmp_path / "safe", "diffusion_pytorch_model.safetensors")
+    (safe / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"stub")  # ignored next to safetensors
+    check_model_source(str(safe))
+    with pytest.raises(ModelLoadError, match="no weight files"):
+        check_model_source(str(fake_checkpoint(tmp_path / "empty", None)), allow_pickle=True)
+    (safe / "scheduler" / "scheduler_config.json").unlink()
+    (safe / "scheduler").rmdir()
+    with pytest.raises(ModelLoadError, match="'scheduler'.*no folder"):
+        check_model_source(str(safe))
+
+
+def test_local_checkpoint_loads_like_the_embedded_model(tmp_path: Path) -> None:
+    embedded = load_image_pipeline("tiny-sd", seed=3)
+    embedded.save_pretrained(tmp_path / "safe")
+    assert not list((tmp_path / "safe").rglob("*.bin"))
+    local = load_image_pipeline(str(tmp_path / "safe"))
+    assert type(local) is type(embedded) and local.safety_checker is None
+    assert all(not m.training for m in local.components.values() if isinstance(m, torch.nn.Module))
+    assert torch.equal(generate(local), generate(embedded))
+
+    embedded.save_pretrained(tmp_path / "pickle", safe_serialization=False)
+    with pytest.raises(ModelLoadError, match="--allow-pickle"):
+        load_image_pipeline(str(tmp_path / "pickle"))
+    trusted = load_image_pipeline(str(tmp_path / "pickle"), allow_pickle=True)
+    assert torch.equal(trusted.unet.conv_in.weight, embedded.unet.conv_in.weight)
