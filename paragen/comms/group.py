@@ -13,6 +13,9 @@ from paragen.comms.pending import Pending, ready
 from paragen.comms.stats import CommStats
 from paragen.comms.world import apply_operation_timeout
 
+# torch 2.13 renamed all_gather_into_tensor; keep working on the older name.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
 # Gloo matches P2P messages by tag; tags cycle through this range (NCCL ignores them).
 _TAG_RANGE = 1 << 20
 
@@ -40,7 +43,7 @@ class GroupComm:
             return ready(tensor.unsqueeze(0))
         flat = tensor.contiguous().view(-1)
         out = torch.empty(self.size * flat.numel(), dtype=flat.dtype, device=flat.device)
-        work = dist.all_gather_into_tensor(out, flat, group=self.group, async_op=True)
+        work = _all_gather_flat(out, flat, group=self.group, async_op=True)
         volume = (self.size - 1) * _nbytes(flat)
         self.stats.record(label, sent=volume, recv=volume)
         return Pending([work], lambda: out.view(self.size, *tensor.shape), self.stats, label)
@@ -56,7 +59,7 @@ class GroupComm:
 
         Bytes are accounted by the caller (see `FlatAllGather`); `calls` counts the launch.
         """
-        work = dist.all_gather_into_tensor(out, flat, group=self.group, async_op=True)
+        work = _all_gather_flat(out, flat, group=self.group, async_op=True)
         self.stats.record(label, sent=0, recv=0, calls=calls)
         return Pending([work], lambda: out, self.stats, label)
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import warnings
 
 from torch.distributed import DistError
 from torch.distributed.elastic.multiprocessing.errors import record
@@ -112,9 +114,17 @@ def _run_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quiet_third_party() -> None:
+    """Hide the libraries' import-time notices and deprecation chatter (errors still show)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(diffusers|transformers)\b")
+
+
 @record
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `paragen` and `python -m paragen`; returns the exit status."""
+    _quiet_third_party()
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

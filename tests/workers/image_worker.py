@@ -1,0 +1,42 @@
+"""Run several parallel layouts of the embedded image models on real ranks; rank 0 saves the results.
+
+usage: image_worker.py SPEC.json OUT.pt   (SPEC: a list of runs, see tests/test_image_parallel.py)
+"""
+import json
+import sys
+
+import torch
+
+import paragen
+from paragen.comms import all_gather_objects
+from paragen.pipelines.loading import load_image_pipeline
+
+
+def run(spec: dict) -> dict:
+    pipe = load_image_pipeline(spec["model"])
+    pipe.set_progress_bar_config(disable=True)
+    config = paragen.ParallelConfig(cfg=spec.get("cfg", 1), mode=spec.get("mode", "sync"),
+                                    warmup_steps=spec.get("warmup", 1), partial_fraction=spec.get("fraction", 0.3))
+    paragen.parallelize(pipe, config)
+    image = pipe("a red fox in the snow", height=spec["size"], width=spec["size"], num_inference_steps=spec["steps"],
+                 guidance_scale=5.0, generator=torch.Generator().manual_seed(7), output_type="pt").images
+    stats = all_gather_objects(pipe.paragen.mesh.comm("world"), pipe.paragen.stats.snapshot())
+    result = {"image": image, "stats": stats}
+    if spec.get("decode"):  # the parallel VAE decode alone, on a fixed latent
+        latent = torch.randn(1, 4, spec["size"] // 8, spec["size"] // 8, generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            result["decoded"] = pipe.vae.decode(latent).sample
+    return result
+
+
+def main() -> None:
+    specs = json.loads(open(sys.argv[1]).read())
+    paragen.init()
+    results = {spec["name"]: run(spec) for spec in specs}
+    if paragen.is_output_rank():
+        torch.save(results, sys.argv[2])
+    paragen.shutdown()
+
+
+if __name__ == "__main__":
+    main()
