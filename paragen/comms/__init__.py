@@ -6,7 +6,7 @@ layers' stale activations into one async all-gather, `Pending` is a wait-at-use 
 """
 from paragen.comms.flat_gather import FlatAllGather, Slot
 from paragen.comms.group import GroupComm, all_gather_objects, broadcast_int
-from paragen.comms.pending import Pending, ready
+from paragen.comms.pending import CommError, Pending, ready
 from paragen.comms.stats import CommStats, OpStats
 from paragen.comms.world import (
     is_initialized,
@@ -17,6 +17,6 @@ from paragen.comms.world import (
 )
 
 __all__ = [
-    "CommStats", "FlatAllGather", "GroupComm", "all_gather_objects", "broadcast_int", "OpStats", "Pending", "Slot", "ready",
+    "CommError", "CommStats", "FlatAllGather", "GroupComm", "all_gather_objects", "broadcast_int", "OpStats", "Pending", "Slot", "ready",
     "is_initialized", "is_output_rank", "set_operation_timeout", "world_rank", "world_size",
 ]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from paragen.comms.pending import Pending, ready
+from paragen.comms.pending import Pending, backend_call, ready
 from paragen.comms.stats import CommStats
 from paragen.comms.world import apply_operation_timeout
 
@@ -43,7 +43,8 @@ class GroupComm:
             return ready(tensor.unsqueeze(0))
         flat = tensor.contiguous().view(-1)
         out = torch.empty(self.size * flat.numel(), dtype=flat.dtype, device=flat.device)
-        work = _all_gather_flat(out, flat, group=self.group, async_op=True)
+        with backend_call(label):
+            work = _all_gather_flat(out, flat, group=self.group, async_op=True)
         volume = (self.size - 1) * _nbytes(flat)
         self.stats.record(label, sent=volume, recv=volume)
         return Pending([work], lambda: out.view(self.size, *tensor.shape), self.stats, label)
@@ -59,7 +60,8 @@ class GroupComm:
 
         Bytes are accounted by the caller (see `FlatAllGather`); `calls` counts the launch.
         """
-        work = _all_gather_flat(out, flat, group=self.group, async_op=True)
+        with backend_call(label):
+            work = _all_gather_flat(out, flat, group=self.group, async_op=True)
         self.stats.record(label, sent=0, recv=0, calls=calls)
         return Pending([work], lambda: out, self.stats, label)
 
@@ -83,8 +85,9 @@ class GroupComm:
         if self.size > 1:
             volume = 2 * (self.size - 1) * _nbytes(tensor) // self.size
             self.stats.record(label, sent=volume, recv=volume)
-            Pending([dist.all_reduce(tensor, op=op, group=self.group, async_op=True)], lambda: None,
-                    self.stats, label).wait()
+            with backend_call(label):
+                work = dist.all_reduce(tensor, op=op, group=self.group, async_op=True)
+            Pending([work], lambda: None, self.stats, label).wait()
         return tensor
 
     # ---- all-to-all ---------------------------------------------------------------------------
@@ -102,7 +105,8 @@ class GroupComm:
         outputs = [torch.empty_like(c) for c in inputs]
         volume = (self.size - 1) * _nbytes(inputs[0])
         self.stats.record(label, sent=volume, recv=volume)
-        work = dist.all_to_all(outputs, inputs, group=self.group, async_op=True)
+        with backend_call(label):
+            work = dist.all_to_all(outputs, inputs, group=self.group, async_op=True)
         Pending([work], lambda: None, self.stats, label).wait()
         return torch.cat(outputs, dim=gather_dim)
 
@@ -116,6 +120,12 @@ class GroupComm:
         `to_next`, and what arrives from rank+1 the shape of our `to_prev`. The first rank gets
         None from before, the last None from after (and their sends there are skipped).
         """
+        with backend_call(label):
+            return self._exchange_neighbours(to_prev, to_next, label)
+
+    def _exchange_neighbours(
+        self, to_prev: torch.Tensor | None, to_next: torch.Tensor | None, label: str
+    ) -> Pending[tuple[torch.Tensor | None, torch.Tensor | None]]:
         has_prev, has_next = self.rank > 0, self.rank < self.size - 1
         tag = self._next_tag()
         works, sent, recv = [], 0, 0
@@ -150,7 +160,8 @@ def broadcast_int(comm: GroupComm, value: int, src: int = 0) -> int:
         return value
     buf = torch.tensor([value], dtype=torch.int64)
     comm.stats.record("broadcast", sent=8 if comm.rank == src else 0, recv=0 if comm.rank == src else 8)
-    dist.broadcast(buf, group=comm.group, group_src=src)
+    with backend_call("broadcast"):
+        dist.broadcast(buf, group=comm.group, group_src=src)
     return int(buf.item())
 
 
@@ -159,5 +170,6 @@ def all_gather_objects(comm: GroupComm, obj: object) -> list[object]:
     if comm.size == 1:
         return [obj]
     out: list[object] = [None] * comm.size
-    dist.all_gather_object(out, obj, group=comm.group)
+    with backend_call("all_gather_objects"):
+        dist.all_gather_object(out, obj, group=comm.group)
     return out

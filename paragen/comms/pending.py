@@ -2,11 +2,31 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from contextlib import contextmanager
+from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
 
 from paragen.comms.stats import CommStats
 
 T = TypeVar("T")
+
+
+class CommError(RuntimeError):
+    """A communication failed: a peer rank died, hung past the timeout, or the connection broke."""
+
+    def __init__(self, label: str, cause: BaseException) -> None:
+        super().__init__(f"{label or 'collective'}: {cause}")
+        self.label = label
+
+
+@contextmanager
+def backend_call(label: str) -> Iterator[None]:
+    """Re-raise a backend failure (gloo/NCCL report them as plain RuntimeErrors) as a CommError."""
+    try:
+        yield
+    except CommError:
+        raise
+    except RuntimeError as error:
+        raise CommError(label, error) from error
 
 
 class Pending(Generic[T]):
@@ -39,8 +59,9 @@ class Pending(Generic[T]):
         """Block until the data has arrived; return it."""
         if not self._done:
             start = time.perf_counter()
-            for work in self._works:
-                work.wait()
+            with backend_call(self._label):
+                for work in self._works:
+                    work.wait()
             if self._stats is not None:
                 self._stats.add_wait(self._label, time.perf_counter() - start)
             self._value = self._finish()

@@ -14,6 +14,7 @@ import warnings
 from torch.distributed import DistError
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from paragen.comms import CommError
 from paragen.launch.env import LaunchError, discover
 from paragen.launch.process_group import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S, init, shutdown
 from paragen.launch.slurm import sbatch_script
@@ -131,15 +132,23 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, LaunchError, FileNotFoundError) as error:
         _report(f"error: {error}")
         return EXIT_BAD_INPUT
-    except DistError as error:
-        _report(f"communication failed: {error}\n(a rank died, hung past --timeout, or lost its connection; "
+    except (CommError, DistError) as error:
+        _report(f"communication failed in {error}\n(a rank died, hung past --timeout, or lost its connection; "
                 "the whole job stops — look for the first rank that reported an error)")
-        return EXIT_FAILED
+        _exit_now(EXIT_FAILED)
     except RuntimeError as error:
         _report(f"failed: {error}")
         return EXIT_FAILED
     finally:
         shutdown()
+
+
+def _exit_now(status: int) -> None:
+    """Leave without tearing down a broken process group (that can hang or abort in the backend)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def _report(message: str) -> None:
