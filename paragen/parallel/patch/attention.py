@@ -138,13 +138,15 @@ class PatchSelfAttnProcessor(_PatchProcessor):
         ctx = self.ctx
         out, lse = attention_with_lse(query, own_k, own_v)
         everyone = pending.wait()  # [bands, 2, B, tokens, inner]
+        if ctx.publish:
+            self._stale = ready(self._neighbour_rows(everyone, tokens)) if ctx.partial else ready(everyone)
+        if ctx.comm.size == 1:
+            return out
         others = torch.cat([everyone[:ctx.comm.rank], everyone[ctx.comm.rank + 1 :]], dim=0)
         remote_k = torch.cat(list(others[:, 0]), dim=1)
         remote_v = torch.cat(list(others[:, 1]), dim=1)
         remote_out, remote_lse = attention_with_lse(query, _heads(remote_k, heads), _heads(remote_v, heads))
         out, _ = merge_attention_states(out, lse, remote_out, remote_lse)
-        if ctx.publish:
-            self._stale = ready(self._neighbour_rows(everyone, tokens)) if ctx.partial else ready(everyone)
         return out
 
     def _with_stale(self, kv: torch.Tensor) -> torch.Tensor:

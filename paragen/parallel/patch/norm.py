@@ -1,7 +1,9 @@
 """`PatchGroupNorm`: GroupNorm over a whole image whose rows are spread over the band group.
 
-Each rank computes its band's per-(sample, group) mean and centred sum of squares; these are
-combined with Chan's parallel formula, which stays accurate in fp32 where `E[x²] - E[x]²` would not.
+Each rank normalises its band with the fused local GroupNorm kernel, which also returns the band's
+per-(sample, group) mean and inverse std. The bands' (mean, centred sum of squares) are combined with
+Chan's parallel formula (accurate in fp32, where `E[x²] - E[x]²` would not be), and one fused
+multiply-add turns the locally normalised band into the globally normalised, affine-transformed one.
 Fresh steps gather every band's statistics now (blocking); stale steps combine the *other* bands'
 statistics of the previous step with this band's fresh ones, and send this step's asynchronously.
 """
@@ -40,10 +42,6 @@ class PatchGroupNorm(nn.GroupNorm):
         """Drop the statistics kept for the next step."""
         self._stale = None
 
-    def _band_stats(self, grouped: torch.Tensor) -> torch.Tensor:
-        var, mean = torch.var_mean(grouped.float(), dim=-1, unbiased=False)
-        return torch.stack([mean, var * grouped.shape[-1]], dim=-1)
-
     def _all_band_stats(self, local: torch.Tensor) -> torch.Tensor:
         ctx = self.patch_ctx
         if ctx.stale:
@@ -58,15 +56,21 @@ class PatchGroupNorm(nn.GroupNorm):
         return everyone
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.contiguous()  # the fused kernel needs it (attention passes transposed views)
         batch, channels = x.shape[:2]
-        grouped = x.reshape(batch, self.num_groups, -1)
-        mean, var = combine_band_stats(self._all_band_stats(self._band_stats(grouped)), grouped.shape[-1])
+        per_group = x[0, 0].numel() * (channels // self.num_groups)
+        local, band_mean, band_rstd = torch.native_group_norm(
+            x, None, None, batch, channels, x[0, 0].numel(), self.num_groups, self.eps
+        )
+        band_var = (band_rstd.float().pow(-2) - self.eps).clamp_min(0)
+        band_stats = torch.stack([band_mean.float(), band_var * per_group], dim=-1)
+        mean, var = combine_band_stats(self._all_band_stats(band_stats), per_group)
         rstd = torch.rsqrt(var + self.eps)
-        per_channel = channels // self.num_groups
-        scale = rstd.repeat_interleave(per_channel, dim=1)
-        shift = (-mean * rstd).repeat_interleave(per_channel, dim=1)
+        # local = (x - band_mean)·band_rstd, so (x - mean)·rstd = local·(rstd/band_rstd) + (band_mean - mean)·rstd
+        scale = (rstd / band_rstd.float()).repeat_interleave(channels // self.num_groups, dim=1)
+        shift = ((band_mean.float() - mean) * rstd).repeat_interleave(channels // self.num_groups, dim=1)
         if self.affine:
             shift = shift * self.weight + self.bias
             scale = scale * self.weight
         view = (batch, channels) + (1,) * (x.dim() - 2)
-        return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))
+        return torch.addcmul(shift.view(view).to(x.dtype), local, scale.view(view).to(x.dtype))

@@ -1,0 +1,95 @@
+"""One benchmark configuration of the image workload (run by bench_image.py, alone or under torchrun).
+
+Times every denoising step with diffusers' step-end callback (the same clock for the stock pipeline
+and for paragen), after a warm-up request, and records per-step communication from `CommStats`.
+Rank 0 writes a JSON result and the image tensor.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+import paragen
+from paragen.comms import all_gather_objects
+from paragen.pipelines.loading import load_image_pipeline
+
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+
+
+def _step_deltas(snapshots: list[dict]) -> list[dict]:
+    """Per-step {label: {bytes_recv, bytes_sent, wait_s}} from cumulative snapshots."""
+    out = []
+    for before, after in zip(snapshots, snapshots[1:]):
+        step = {}
+        for label, row in after.items():
+            prev = before.get(label, {"bytes_recv": 0, "bytes_sent": 0, "wait_s": 0.0, "calls": 0})
+            step[label] = {k: row[k] - prev[k] for k in ("bytes_recv", "bytes_sent", "wait_s", "calls")}
+        out.append(step)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="tiny-sd")
+    p.add_argument("--size", type=int, default=512)
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup-request-steps", type=int, default=3)
+    p.add_argument("--mode", default="sync")
+    p.add_argument("--warmup-steps", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--stock", action="store_true", help="the stock diffusers pipeline, no paragen")
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+
+    paragen.init(threads=args.threads)
+    torch.set_num_threads(args.threads)
+    pipe = load_image_pipeline(args.model)
+    pipe.set_progress_bar_config(disable=True)
+    if not args.stock:
+        paragen.parallelize(pipe, paragen.ParallelConfig(mode=args.mode, warmup_steps=args.warmup_steps))
+    stats = None if args.stock else pipe.paragen.stats
+    stamps: list[float] = []
+    snapshots: list[dict] = []
+
+    def on_step_end(pipeline, step, timestep, callback_kwargs):
+        stamps.append(time.perf_counter())
+        if stats is not None:
+            snapshots.append(stats.snapshot())
+        return callback_kwargs
+
+    def request(steps: int) -> torch.Tensor:
+        stamps.clear()
+        snapshots.clear()
+        stamps.append(time.perf_counter())
+        if stats is not None:
+            snapshots.append(stats.snapshot())
+        return pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=steps, guidance_scale=7.5,
+                    generator=torch.Generator().manual_seed(0), output_type="pt",
+                    callback_on_step_end=on_step_end).images
+
+    request(args.warmup_request_steps)
+    start = time.perf_counter()
+    image = request(args.steps)
+    total = time.perf_counter() - start
+    step_s = [b - a for a, b in zip(stamps, stamps[1:])]
+    per_step_comm = _step_deltas(snapshots) if stats is not None else []
+    world = pipe.paragen.mesh.comm("world") if stats is not None else None
+    comm_by_rank = all_gather_objects(world, per_step_comm) if world is not None else [per_step_comm]
+    if paragen.is_output_rank():
+        result = {
+            "stock": args.stock, "mode": None if args.stock else args.mode, "warmup_steps": args.warmup_steps,
+            "world_size": paragen.comms.world_size(), "threads_per_rank": torch.get_num_threads(),
+            "model": args.model, "size": args.size, "steps": args.steps, "request_s": total,
+            "step_s": step_s, "comm_per_step_by_rank": comm_by_rank,
+        }
+        with open(args.out, "w") as f:
+            json.dump(result, f)
+        torch.save(image, args.out.replace(".json", ".pt"))
+    paragen.shutdown()
+
+
+if __name__ == "__main__":
+    main()
