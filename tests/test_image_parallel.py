@@ -97,7 +97,7 @@ def _record_shapes(unet: nn.Module) -> _ShapeRecorder:
             elif kind == "norm":
                 rec.norms.append((tuple(x.shape), mod.num_groups))
             elif kwargs.get("encoder_hidden_states") is None:
-                rec.attns.append((tuple(x.shape), mod.to_k.out_features))
+                rec.attns.append((tuple(x.shape), mod.to_k.in_features))
         return hook
 
     for module in unet.modules():
@@ -147,23 +147,27 @@ def test_stale_modes_differ_but_stay_close(parallel, single, model, layout):
 
 
 # ---- traffic ------------------------------------------------------------------------------------
-def _expected_bytes(shapes: dict, world: int, rank: int, batch: int, *, partial: bool) -> dict[str, int]:
+def _expected_bytes(shapes: dict, world: int, rank: int, batch: int, *, stale: bool, partial: bool = False) -> dict[str, int]:
     """One step's bytes received by `rank`, from DESIGN.md's formulas on the UNet's layer shapes."""
     neighbours = (rank > 0) + (rank < world - 1)
     halo = 0
     for (b, c, _, w), kernel, stride, padding, dilation in shapes["convs"]:
         top, bottom = conv_halo(kernel, stride, padding, dilation)
-        halo += ((top if rank > 0 else 0) + (bottom if rank < world - 1 else 0)) * w * c * batch * 4
+        if stale:  # edge rows of every other band, in the flat all-gather
+            halo += (world - 1) * (top + bottom) * w * c * batch * 4
+        else:  # P2P: the rows above from the band above, the rows below from the band below
+            halo += ((top if rank > 0 else 0) + (bottom if rank < world - 1 else 0)) * w * c * batch * 4
     norms = sum((world - 1) * batch * groups * 2 * 4 for _, groups in shapes["norms"])
     attn = 0
-    for (b, tokens, _), kv_channels in shapes["attns"]:
+    # Attention inputs (C channels) cross ranks, not K and V (2C): A(N-1)/N instead of DESIGN's 2A(N-1)/N.
+    for (b, tokens, _), channels in shapes["attns"]:
         band_tokens = tokens // world
         if partial:
             side = int(math.isqrt(tokens))  # square test images: rows = cols
             rows = partial_rows(side // world, FRACTION)
-            attn += 2 * neighbours * rows * side * kv_channels * batch * 4
-        else:  # 2A(N-1)/N: K and V of every other band
-            attn += 2 * (world - 1) * band_tokens * kv_channels * batch * 4
+            attn += neighbours * rows * side * channels * batch * 4
+        else:  # every other band's tokens
+            attn += (world - 1) * band_tokens * channels * batch * 4
     return {"unet.conv_halo": halo, "unet.norm_stats": norms, "unet.attn_kv": attn}
 
 
@@ -175,13 +179,13 @@ def test_bytes_per_rank_match_formulas(parallel, single, model, mode):
     stats = results[f"{model}/{mode}"]["stats"]
     batch = 2  # CFG batch on one rank (cfg=1)
     for rank in range(world):
-        full = _expected_bytes(shapes, world, rank, batch, partial=False)
+        full = _expected_bytes(shapes, world, rank, batch, stale=False)
         if mode == "sync":
             expected = {k: STEPS * v for k, v in full.items()}
         else:
             # fresh steps exchange everything now; stale steps publish for the next step (the last
             # step publishes nothing): WARMUP fresh + (STEPS - 1 - WARMUP) publishing steps.
-            stale = _expected_bytes(shapes, world, rank, batch, partial=mode == "partial")
+            stale = _expected_bytes(shapes, world, rank, batch, stale=True, partial=mode == "partial")
             expected = {k: WARMUP * full[k] + (STEPS - 1 - WARMUP) * stale[k] for k in full}
         got = {k: stats[rank][k]["bytes_recv"] for k in expected}
         assert got == expected, f"rank {rank}: counted {got}, formula {expected}"

@@ -27,14 +27,18 @@ def _nbytes(t: torch.Tensor) -> int:
 class GroupComm:
     """One process group (or a single process, when `group` is None and size is 1)."""
 
-    def __init__(self, group: dist.ProcessGroup | None, stats: CommStats) -> None:
+    def __init__(
+        self, group: dist.ProcessGroup | None, stats: CommStats, p2p_group: dist.ProcessGroup | None = None
+    ) -> None:
+        """`p2p_group`: the same ranks in a separate group for neighbour exchanges (default: `group`)."""
         self.group = group
+        self.p2p_group = p2p_group or group
         self.stats = stats
         self.size = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
         self._tag = 0
-        if group is not None:
-            apply_operation_timeout(group)
+        for handle in {group, self.p2p_group} - {None}:
+            apply_operation_timeout(handle)
 
     # ---- all-gather -------------------------------------------------------------------------
     def all_gather_async(self, tensor: torch.Tensor, label: str) -> Pending[torch.Tensor]:
@@ -132,19 +136,19 @@ class GroupComm:
         from_prev = from_next = None
         if has_prev and to_prev is not None and to_prev.numel():
             payload = to_prev.contiguous()
-            works.append(dist.isend(payload, group=self.group, group_dst=self.rank - 1, tag=tag))
+            works.append(dist.isend(payload, group=self.p2p_group, group_dst=self.rank - 1, tag=tag))
             sent += _nbytes(payload)
         if has_next and to_next is not None and to_next.numel():
             payload = to_next.contiguous()
-            works.append(dist.isend(payload, group=self.group, group_dst=self.rank + 1, tag=tag))
+            works.append(dist.isend(payload, group=self.p2p_group, group_dst=self.rank + 1, tag=tag))
             sent += _nbytes(payload)
         if has_prev and to_next is not None and to_next.numel():
             from_prev = torch.empty_like(to_next, memory_format=torch.contiguous_format)
-            works.append(dist.irecv(from_prev, group=self.group, group_src=self.rank - 1, tag=tag))
+            works.append(dist.irecv(from_prev, group=self.p2p_group, group_src=self.rank - 1, tag=tag))
             recv += _nbytes(from_prev)
         if has_next and to_prev is not None and to_prev.numel():
             from_next = torch.empty_like(to_prev, memory_format=torch.contiguous_format)
-            works.append(dist.irecv(from_next, group=self.group, group_src=self.rank + 1, tag=tag))
+            works.append(dist.irecv(from_next, group=self.p2p_group, group_src=self.rank + 1, tag=tag))
             recv += _nbytes(from_next)
         self.stats.record(label, sent=sent, recv=recv)
         return Pending(works, lambda: (from_prev, from_next), self.stats, label)

@@ -36,8 +36,23 @@ class ParallelMesh:
             device_type, (self.config.cfg, self.config.patch), mesh_dim_names=("cfg", "patch")
         )
         self._comms["cfg"] = GroupComm(self.device_mesh.get_group("cfg"), self.stats)
-        self._comms["patch"] = GroupComm(self.device_mesh.get_group("patch"), self.stats)
+        self._comms["patch"] = GroupComm(
+            self.device_mesh.get_group("patch"), self.stats, p2p_group=self._second_patch_group()
+        )
         self._comms["world"] = GroupComm(dist.group.WORLD, self.stats)
+
+    def _second_patch_group(self) -> dist.ProcessGroup:
+        """A second group over this rank's band group, for neighbour P2P.
+
+        Gloo serves one group's traffic over one set of connections; small halo messages queued behind
+        a multi-megabyte stale all-gather on the same connections would stall the conv that needs them.
+        """
+        patch, mine = self.config.patch, None
+        for branch in range(self.config.cfg):  # every rank must create every group, in the same order
+            group = dist.new_group(list(range(branch * patch, (branch + 1) * patch)))
+            if dist.get_rank() // patch == branch:
+                mine = group
+        return mine
 
     def comm(self, name: str) -> GroupComm:
         """The communicator of group `name` (`cfg`, `patch` or `world`)."""

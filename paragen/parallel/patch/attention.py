@@ -1,13 +1,16 @@
 """Attention processors for a model whose image rows are spread over the band group.
 
-Queries are the band's own tokens. For self-attention the keys and values are:
-- fresh steps: every band's, gathered now. The gather is started right after the K/V projection; the
+Queries are the band's own tokens. What crosses ranks is the attention *input* (the band's hidden
+states, C channels), not its keys and values (2C): every rank projects K/V for the tokens it receives.
+That halves the traffic for the price of projecting the other bands' tokens, which is small next to
+attention itself (tokens·C² against tokens²·C). The keys and values are those of:
+- fresh steps: every band, gathered now. The gather starts before the band's own projections; the
   band attends over its own keys meanwhile and merges the other bands' part with log-sum-exp, so the
   exchange hides behind that compute. Exact.
-- stale steps (displaced): this band's fresh K/V plus the other bands' K/V of the previous step;
-  this step's K/V leaves asynchronously in the flat stale buffer.
-- stale steps (partial, PCPP): this band's fresh K/V plus the nearest `partial_fraction` of the rows
-  of the band above and below from the previous step, sent point-to-point.
+- stale steps (displaced): this band's fresh inputs plus the other bands' inputs of the previous step;
+  this step's inputs leave asynchronously in the flat stale buffer.
+- stale steps (partial, PCPP): this band's fresh inputs plus the nearest `partial_fraction` of the
+  rows of the band above and below from the previous step, sent point-to-point.
 Cross-attention keys come from the text, identical on every band: they are projected once per request.
 
 The processors follow diffusers' `AttnProcessor2_0` contract (spatial norm, 4-D inputs, group norm,
@@ -109,62 +112,59 @@ class PatchSelfAttnProcessor(_PatchProcessor):
         ctx.on_reset(self.reset)
 
     def reset(self) -> None:
-        """Drop the keys/values kept for the next step."""
+        """Drop the attention inputs kept for the next step."""
         self._stale = None
 
     def attend(self, attn, hidden_states, encoder_hidden_states):
         if encoder_hidden_states is not None:
             raise ValueError("a self-attention layer was given encoder states (only_cross_attention is not supported)")
-        key = attn.to_k(hidden_states)
-        if attn.norm_k is not None:
-            key = attn.norm_k(_heads(key, attn.heads)).transpose(1, 2).reshape(key.shape)
-        kv = torch.stack([key, attn.to_v(hidden_states)])  # [2, B, tokens, inner]
         ctx = self.ctx
         if ctx.stale:
-            kv = self._with_stale(kv)
-            pending = None
-        else:
-            pending = ctx.comm.all_gather_async(kv, ctx.label("attn_kv"))
-        query = _heads(attn.to_q(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        own_k, own_v = _heads(kv[0], attn.heads), _heads(kv[1], attn.heads)
-        if pending is None:
-            return dense_attention(query, own_k, own_v)
-        return self._fresh(query, own_k, own_v, pending, attn.heads, tokens=hidden_states.shape[1])
-
-    def _fresh(self, query, own_k, own_v, pending: Pending, heads: int, tokens: int) -> torch.Tensor:
-        """Attend over own keys while the others arrive, then merge their part by log-sum-exp."""
-        ctx = self.ctx
-        out, lse = attention_with_lse(query, own_k, own_v)
-        everyone = pending.wait()  # [bands, 2, B, tokens, inner]
+            keys_from = self._with_stale(hidden_states)
+            query = self._query(attn, hidden_states)
+            return dense_attention(query, *self._key_value(attn, keys_from))
+        pending = ctx.comm.all_gather_async(hidden_states, ctx.label("attn_kv"))
+        query = self._query(attn, hidden_states)
+        out, lse = attention_with_lse(query, *self._key_value(attn, hidden_states))
+        everyone = pending.wait()  # [bands, B, tokens, channels]
         if ctx.publish:
+            tokens = hidden_states.shape[1]
             self._stale = ready(self._neighbour_rows(everyone, tokens)) if ctx.partial else ready(everyone)
         if ctx.comm.size == 1:
             return out
-        others = torch.cat([everyone[:ctx.comm.rank], everyone[ctx.comm.rank + 1 :]], dim=0)
-        remote_k = torch.cat(list(others[:, 0]), dim=1)
-        remote_v = torch.cat(list(others[:, 1]), dim=1)
-        remote_out, remote_lse = attention_with_lse(query, _heads(remote_k, heads), _heads(remote_v, heads))
-        out, _ = merge_attention_states(out, lse, remote_out, remote_lse)
-        return out
+        others = torch.cat([*everyone[: ctx.comm.rank], *everyone[ctx.comm.rank + 1 :]], dim=1)
+        remote_out, remote_lse = attention_with_lse(query, *self._key_value(attn, others))
+        return merge_attention_states(out, lse, remote_out, remote_lse)[0]
 
-    def _with_stale(self, kv: torch.Tensor) -> torch.Tensor:
-        """Own fresh K/V joined with what the other bands sent last step; publish this step's."""
+    @staticmethod
+    def _query(attn, hidden_states: torch.Tensor) -> torch.Tensor:
+        query = _heads(attn.to_q(hidden_states), attn.heads)
+        return attn.norm_q(query) if attn.norm_q is not None else query
+
+    @staticmethod
+    def _key_value(attn, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = _heads(attn.to_k(hidden_states), attn.heads)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        return key, _heads(attn.to_v(hidden_states), attn.heads)
+
+    def _with_stale(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Own fresh inputs joined with what the other bands sent last step; publish this step's."""
         ctx = self.ctx
         previous = self._stale.wait()  # type: ignore[union-attr]
         if ctx.partial:
             from_prev, from_next = previous
-            rows = self._rows_per_neighbour(kv.shape[2])
+            rows = self._rows_per_neighbour(hidden_states.shape[1])
             if ctx.publish:
-                self._stale = ctx.comm.exchange_neighbours_async(kv[:, :, :rows], kv[:, :, -rows:], ctx.label("attn_kv"))
-            parts = [p for p in (from_prev, kv, from_next) if p is not None]
-            return torch.cat(parts, dim=2)
+                self._stale = ctx.comm.exchange_neighbours_async(
+                    hidden_states[:, :rows], hidden_states[:, -rows:], ctx.label("attn_kv")
+                )
+            return torch.cat([p for p in (from_prev, hidden_states, from_next) if p is not None], dim=1)
         if ctx.publish:
-            self._stale = ctx.stale_gather.submit(kv, ctx.label("attn_kv"))
+            self._stale = ctx.stale_gather.submit(hidden_states, ctx.label("attn_kv"))
         parts = list(previous)
-        parts[ctx.comm.rank] = kv
-        return torch.cat(parts, dim=2)
+        parts[ctx.comm.rank] = hidden_states
+        return torch.cat(parts, dim=1)
 
     def _rows_per_neighbour(self, tokens: int) -> int:
         """Tokens of a neighbouring band that partial attention sees (whole image rows)."""
@@ -174,6 +174,6 @@ class PatchSelfAttnProcessor(_PatchProcessor):
     def _neighbour_rows(self, everyone: torch.Tensor, tokens: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """From a full gather, the rows partial attention would have received from the neighbours."""
         rank, size, rows = self.ctx.comm.rank, self.ctx.comm.size, self._rows_per_neighbour(tokens)
-        from_prev = everyone[rank - 1][:, :, tokens - rows :].contiguous() if rank > 0 else None
-        from_next = everyone[rank + 1][:, :, :rows].contiguous() if rank < size - 1 else None
+        from_prev = everyone[rank - 1][:, tokens - rows :].contiguous() if rank > 0 else None
+        from_next = everyone[rank + 1][:, :rows].contiguous() if rank < size - 1 else None
         return from_prev, from_next

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from paragen.comms import Pending, ready
+from paragen.comms import Pending, Slot, ready
 from paragen.parallel.partition import conv_halo
 from paragen.parallel.patch.context import PatchContext
 
@@ -17,8 +17,10 @@ class PatchConv2d(nn.Conv2d):
 
     The band is extended by `top` rows from the band above and `bottom` rows from the band below
     (zeros at the image edges, which is the conv's own zero padding), then convolved with no
-    padding along rows. Fresh steps exchange the halo by blocking P2P; stale steps use the halo of
-    the previous step and send this step's rows asynchronously.
+    padding along rows. Fresh steps exchange the halo by blocking P2P with the two neighbours. Stale
+    steps use the halo of the previous step, and publish this step's edge rows in the flat async
+    all-gather with every other stale tensor (as DistriFusion does): gloo can block for tens of
+    milliseconds while *posting* a P2P receive whose data already arrived, which would stall the conv.
     """
 
     patch_ctx: PatchContext
@@ -31,7 +33,7 @@ class PatchConv2d(nn.Conv2d):
         conv.__class__ = cls
         conv.patch_ctx = ctx
         conv.halo = conv_halo(conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0])
-        conv._stale: Pending[Halo] | None = None
+        conv._stale: Pending[Halo] | Slot | None = None
         ctx.on_reset(conv.reset)
         return conv  # type: ignore[return-value]
 
@@ -45,11 +47,21 @@ class PatchConv2d(nn.Conv2d):
         label = ctx.label("conv_halo")
         if ctx.stale:
             halo = self._stale.wait()  # type: ignore[union-attr]
-            self._stale = ctx.comm.exchange_neighbours_async(to_prev, to_next, label) if ctx.publish else None
+            if isinstance(self._stale, Slot):
+                halo = self._neighbours_edges(halo)
+            edges = torch.cat([to_prev, to_next], dim=2)
+            self._stale = ctx.stale_gather.submit(edges, label) if ctx.publish else None
             return halo
         halo = ctx.comm.exchange_neighbours_async(to_prev, to_next, label).wait()
         self._stale = ready(halo) if ctx.publish else None
         return halo
+
+    def _neighbours_edges(self, everyone: torch.Tensor) -> Halo:
+        """From every band's gathered `[first bottom rows | last top rows]`, the two neighbours' halo."""
+        rank, size, bottom = self.patch_ctx.comm.rank, self.patch_ctx.comm.size, self.halo[1]
+        from_prev = everyone[rank - 1][:, :, bottom:] if rank > 0 else None
+        from_next = everyone[rank + 1][:, :, :bottom] if rank < size - 1 else None
+        return from_prev, from_next
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         top, bottom = self.halo
