@@ -47,3 +47,16 @@ def apply_operation_timeout(group: dist.ProcessGroup | None) -> None:
     """Give `group` (None: the world group) the configured steady-state timeout, if one is set."""
     if _operation_timeout is not None and is_initialized():
         distributed_c10d._set_pg_timeout(_operation_timeout, group)
+
+
+def barrier_before_teardown() -> None:
+    """Wait until every rank is done communicating, so no rank closes connections a peer still reads.
+
+    (With gloo, a peer's background thread that loses its connection mid-read terminates the process.)
+    A failure here is ignored: teardown goes on regardless.
+    """
+    if is_initialized() and dist.get_world_size() > 1:
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from paragen.comms import is_initialized, is_output_rank, set_operation_timeout
+from paragen.comms.world import barrier_before_teardown
 from paragen.launch.env import LaunchInfo, complete_rendezvous, discover
 from paragen.log import get_logger, setup_logging
 
@@ -67,6 +68,7 @@ def init(
 def shutdown() -> None:
     """Destroy the process group if one exists (safe to call twice, and after errors)."""
     if is_initialized():
+        barrier_before_teardown()
         dist.destroy_process_group()
 
 
