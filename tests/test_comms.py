@@ -17,15 +17,12 @@ def _x(r: int) -> torch.Tensor:
     return torch.arange(6, dtype=torch.float32).view(2, 3) + 10 * r
 
 
-def test_all_gather_and_sums(observed):
+def test_all_gather_and_all_reduce(observed):
     n, seen = observed
     expected = torch.stack([_x(r) for r in range(n)])
     for r in range(n):
         assert torch.equal(seen[r]["all_gather"], expected)
-        assert torch.equal(seen[r]["sum"], expected.sum(0))
         assert torch.allclose(seen[r]["all_reduce"], expected.sum(0))
-    # sum-by-gather adds in rank order on every rank: bit-identical results everywhere
-    assert all(torch.equal(seen[0]["sum"], seen[r]["sum"]) for r in range(n))
 
 
 def test_all_to_all_routes_chunks(observed):

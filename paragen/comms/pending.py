@@ -50,11 +50,6 @@ class Pending(Generic[T]):
         self._value: T | None = None
         self._done = False
 
-    @property
-    def done(self) -> bool:
-        """True once `wait()` has returned."""
-        return self._done
-
     def wait(self) -> T:
         """Block until the data has arrived; return it."""
         if not self._done:

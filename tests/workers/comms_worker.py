@@ -16,7 +16,6 @@ def observe() -> dict:
     seen: dict = {}
     x = torch.arange(6, dtype=torch.float32).view(2, 3) + 10 * r
     seen["all_gather"] = comm.all_gather(x, "g")
-    seen["sum"] = comm.sum(x, "s")
     seen["all_reduce"] = comm.all_reduce(x.clone(), "r")
     # all-to-all: rank r sends chunk j (value 100r + j) to rank j.
     chunks = torch.cat([torch.full((1, 2), 100.0 * r + j) for j in range(n)])
