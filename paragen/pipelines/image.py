@@ -146,11 +146,15 @@ class ImageRuntime:
     # ---- the request's arguments ------------------------------------------------------------------
     def prepare_call(self, pipe, bound: inspect.BoundArguments) -> None:
         """Check the request on every rank before any collective; share the generator."""
-        args = bound.arguments
+        def arg(name: str):  # the value the pipeline will see: passed, or the signature's default
+            if name in bound.arguments:
+                return bound.arguments[name]
+            return bound.signature.parameters[name].default
+
         vae_factor = pipe.vae_scale_factor
         default = pipe.unet.config.sample_size * vae_factor
-        height, width = args.get("height") or default, args.get("width") or default
-        steps = args.get("num_inference_steps")
+        height, width = arg("height") or default, arg("width") or default
+        steps = arg("num_inference_steps")
         if steps is not None and steps <= 0:
             raise ValueError(f"num_inference_steps must be positive, got {steps}")
         check_image_size(
@@ -158,13 +162,13 @@ class ImageRuntime:
             patch=self.config.patch, decode_parts=self.vae_ctx.comm.size,
         )
         if self.config.cfg == 2:
-            guided = args.get("guidance_scale", 1.0) > 1 and pipe.unet.config.time_cond_proj_dim is None
+            guided = arg("guidance_scale") > 1 and pipe.unet.config.time_cond_proj_dim is None
             if not guided:
                 raise ValueError("cfg=2 runs the two classifier-free-guidance branches on different ranks; "
                                  "it needs guidance_scale > 1 (and a model without guidance embedding)")
-        if args.get("generator") is None and args.get("latents") is None:
+        if arg("generator") is None and arg("latents") is None:
             seed = broadcast_int(self.mesh.comm("world"), int(torch.randint(0, 2**62, (1,)).item()))
-            args["generator"] = torch.Generator(device="cpu").manual_seed(seed)
+            bound.arguments["generator"] = torch.Generator(device="cpu").manual_seed(seed)
 
 
 def _unet_factor(unet) -> int:
