@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from paragen.pipelines.image_job import git_revision
+
 ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "bench" / "image_worker.py"
 MODES = ("sync", "displaced", "partial")
@@ -137,8 +139,7 @@ def main() -> None:
     report = {
         "benchmark": "image patch parallelism",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "git_revision": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                       text=True).stdout.strip(),
+        "git_revision": git_revision(),
         "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
                     "torch": torch.__version__, "device": "cpu", "backend": "gloo"},
         "workload": {"model": args.model, "size": args.size, "steps": args.steps, "warmup_steps": args.warmup_steps,

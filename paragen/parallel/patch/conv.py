@@ -49,8 +49,9 @@ class PatchConv2d(nn.Conv2d):
             halo = self._stale.wait()  # type: ignore[union-attr]
             if isinstance(self._stale, Slot):
                 halo = self._neighbours_edges(halo)
-            edges = torch.cat([to_prev, to_next], dim=2)
-            self._stale = ctx.stale_gather.submit(edges, label) if ctx.publish else None
+            self._stale = None
+            if ctx.publish:
+                self._stale = ctx.stale_gather.submit(torch.cat([to_prev, to_next], dim=2), label)
             return halo
         halo = ctx.comm.exchange_neighbours_async(to_prev, to_next, label).wait()
         self._stale = ready(halo) if ctx.publish else None
