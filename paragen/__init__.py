@@ -22,7 +22,7 @@ __version__ = "0.1.0"
 def __getattr__(name: str) -> Any:
     # `parallelize` imports diffusers (seconds); load it on first use so launch-only code stays fast.
     if name == "parallelize":
-        from paragen.pipelines.image import parallelize
+        from paragen.pipelines.parallelize import parallelize
 
         return parallelize
     raise AttributeError(f"module 'paragen' has no attribute {name!r}")

@@ -56,11 +56,17 @@ def test_image_size_checks():
 def test_config_resolves_and_names_every_factor():
     assert ParallelConfig().resolve(4).patch == 4
     assert ParallelConfig(cfg=2).resolve(4).patch == 2
-    with pytest.raises(ValueError, match=r"cfg \(1\) × patch \(3\) = 3, but the world size is 4"):
+    with pytest.raises(ValueError, match=r"cfg \(1\) × patch \(3\) × ulysses \(1\) × ring \(1\) = 3, but the world size is 4"):
         ParallelConfig(patch=3).resolve(4)
+    resolved = ParallelConfig(ulysses=2, ring=2).resolve(4)
+    assert (resolved.patch, resolved.sequence) == (1, 4)
+    with pytest.raises(ValueError, match=r"ulysses \(2\) × ring \(1\) = 2, but the world size is 4"):
+        ParallelConfig(ulysses=2, patch=1).resolve(4)
     with pytest.raises(ValueError, match="even world size"):
         ParallelConfig(cfg=2).resolve(3)
-    for bad in (dict(cfg=3), dict(patch=0), dict(mode="fast"), dict(warmup_steps=-1), dict(partial_fraction=0)):
+    for bad in (dict(cfg=3), dict(patch=0), dict(mode="fast"), dict(warmup_steps=-1), dict(partial_fraction=0),
+                dict(ulysses=0), dict(ring=-1)):
         with pytest.raises(ValueError):
             ParallelConfig(**bad)
     assert ParallelConfig(cfg=2, patch=2, mode="displaced").layout_tag() == "patch2_cfg2_displaced"
+    assert ParallelConfig(ulysses=2, ring=2).resolve(4).layout_tag() == "ulysses2_ring2_cfg1_sync"

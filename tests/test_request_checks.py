@@ -14,7 +14,8 @@ from paragen.pipelines.image import ImageRuntime
 def _runtime(cfg: int) -> ImageRuntime:
     comm = GroupComm(None, CommStats())
     mesh = SimpleNamespace(comm=lambda name: comm)
-    return ImageRuntime(ParallelConfig(cfg=cfg, patch=1), mesh, PatchContext(comm), PatchContext(comm), unet_factor=4)
+    vae = SimpleNamespace(world=comm)  # a one-rank decode: the checks only read its size
+    return ImageRuntime(ParallelConfig(cfg=cfg, patch=1), mesh, PatchContext(comm), vae, unet_factor=4)
 
 
 def _call(*args, **kwargs) -> inspect.BoundArguments:

@@ -40,7 +40,11 @@ class Slot:
         self._read = False
 
     def wait(self) -> torch.Tensor:
-        """Block until the bucket has arrived; return this tensor from every rank `[size, *shape]`."""
+        """Block until the bucket has arrived; return this tensor from every rank `[size, *shape]`.
+
+        The result is a view of the receive buffer, valid only until the gather's next `submit` (which
+        may relaunch into the same buffer): copy out what is needed first.
+        """
         bucket = self._bucket
         if bucket.pending is None:
             self._owner.flush()

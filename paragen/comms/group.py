@@ -69,6 +69,23 @@ class GroupComm:
         self.stats.record(label, sent=0, recv=0, calls=calls)
         return Pending([work], lambda: out, self.stats, label)
 
+    def all_gather_varlen(self, tensor: torch.Tensor, dim: int, sizes: list[int], label: str) -> torch.Tensor:
+        """Concatenate every rank's `tensor` along `dim`, where rank i's has `sizes[i]` entries there.
+
+        The shards are padded to the longest for one flat all-gather (the padding is accounted).
+        """
+        if self.size == 1:
+            return tensor
+        if tensor.shape[dim] != sizes[self.rank]:
+            raise ValueError(f"{label}: this rank holds {tensor.shape[dim]} entries along dim {dim}, the layout says {sizes[self.rank]}")
+        longest = max(sizes)
+        if tensor.shape[dim] < longest:
+            pad_shape = list(tensor.shape)
+            pad_shape[dim] = longest - tensor.shape[dim]
+            tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim=dim)
+        everyone = self.all_gather(tensor, label)
+        return torch.cat([part.narrow(dim, 0, n) for part, n in zip(everyone, sizes)], dim=dim)
+
     # ---- reductions ---------------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, label: str, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         """Blocking in-place all-reduce (for large tensors, where the backend's ring wins)."""
@@ -99,6 +116,44 @@ class GroupComm:
             work = dist.all_to_all(outputs, inputs, group=self.group, async_op=True)
         Pending([work], lambda: None, self.stats, label).wait()
         return torch.cat(outputs, dim=gather_dim)
+
+    def all_to_all_flat_async(
+        self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int], label: str
+    ) -> Pending[torch.Tensor]:
+        """Send consecutive pieces of the flat `send` (`send_counts[j]` elements to rank j); the result
+        is a flat tensor of what arrived, in rank order (`recv_counts[i]` elements from rank i).
+
+        Pieces may differ in size (uneven sequence shards)."""
+        if self.size == 1:
+            return ready(send)
+        out = torch.empty(sum(recv_counts), dtype=send.dtype, device=send.device)
+        size = send.element_size()
+        self.stats.record(
+            label,
+            sent=size * (sum(send_counts) - send_counts[self.rank]),
+            recv=size * (sum(recv_counts) - recv_counts[self.rank]),
+        )
+        with backend_call(label):
+            work = dist.all_to_all_single(
+                out, send.contiguous().view(-1), output_split_sizes=recv_counts, input_split_sizes=send_counts,
+                group=self.group, async_op=True,
+            )
+        return Pending([work], lambda: out, self.stats, label)
+
+    def ring_shift_async(self, tensor: torch.Tensor, recv_shape: tuple[int, ...], label: str) -> Pending[torch.Tensor]:
+        """Send `tensor` to the next rank on the ring and receive a `recv_shape` tensor from the previous one."""
+        if self.size == 1:
+            return ready(tensor)
+        payload = tensor.contiguous()
+        incoming = torch.empty(recv_shape, dtype=payload.dtype, device=payload.device)
+        tag = self._next_tag()
+        with backend_call(label):
+            works = [
+                dist.isend(payload, group=self.p2p_group, group_dst=(self.rank + 1) % self.size, tag=tag),
+                dist.irecv(incoming, group=self.p2p_group, group_src=(self.rank - 1) % self.size, tag=tag),
+            ]
+        self.stats.record(label, sent=_nbytes(payload), recv=_nbytes(incoming))
+        return Pending(works, lambda: incoming, self.stats, label)
 
     # ---- neighbours ---------------------------------------------------------------------------
     def exchange_neighbours_async(

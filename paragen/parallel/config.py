@@ -7,16 +7,21 @@ from dataclasses import dataclass
 MODES = ("sync", "displaced", "partial")
 MODE_HELP = {
     "sync": "every exchange fresh and blocking; equals the single-device output (the reference)",
-    "displaced": "DistriFusion: after the warm-up steps, other bands' activations come from the previous "
-    "step, gathered asynchronously behind a whole step of compute",
-    "partial": "PCPP: like displaced, but attention sees only a fraction of the two neighbouring bands' "
-    "rows, sent point-to-point (far less traffic, some quality cost)",
+    "displaced": "DistriFusion: after the warm-up steps, other bands' (or token shards') activations come "
+    "from the previous step, gathered asynchronously behind a whole step of compute",
+    "partial": "PCPP (UNet models): like displaced, but attention sees only a fraction of the two "
+    "neighbouring bands' rows, sent point-to-point (far less traffic, some quality cost)",
 }
 
 
 @dataclass(frozen=True)
 class ParallelConfig:
-    """Parallel degrees and the patch-parallel mode.
+    """Parallel degrees and the exchange mode.
+
+    - `cfg`: 1, or 2 to run the classifier-free-guidance branches on different ranks;
+    - `patch`: row bands of a UNet's latent (patch parallelism);
+    - `ulysses`, `ring`: sequence parallelism of a diffusion transformer's image tokens — all-to-all
+      to head shards (Ulysses) and K/V passed around a ring (Ring); `ulysses × ring` shards in all.
 
     `patch=-1` means "the ranks left over" once the other degrees are taken. `resolve(world_size)`
     returns a copy with every degree concrete and their product checked against the world size.
@@ -27,12 +32,17 @@ class ParallelConfig:
     mode: str = "sync"
     warmup_steps: int = 4
     partial_fraction: float = 0.3
+    ulysses: int = 1
+    ring: int = 1
 
     def __post_init__(self) -> None:
         if self.cfg not in (1, 2):
             raise ValueError(f"cfg must be 1 or 2 (conditional and unconditional branch), got {self.cfg}")
         if self.patch != -1 and self.patch < 1:
             raise ValueError(f"patch must be a positive number of bands or -1 (the ranks left over), got {self.patch}")
+        for name in ("ulysses", "ring"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive degree, got {getattr(self, name)}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.warmup_steps < 0:
@@ -40,20 +50,28 @@ class ParallelConfig:
         if not 0.0 < self.partial_fraction <= 1.0:
             raise ValueError(f"partial_fraction must be in (0, 1], got {self.partial_fraction}")
 
+    @property
+    def sequence(self) -> int:
+        """Token shards of a diffusion transformer: `ulysses × ring`."""
+        return self.ulysses * self.ring
+
     def resolve(self, world_size: int) -> "ParallelConfig":
-        """Fill in `patch=-1` and check `cfg × patch == world_size`, naming every factor if not."""
+        """Fill in `patch=-1` and check `cfg × patch × ulysses × ring == world_size`, naming every factor if not."""
         if world_size < 1:
             raise ValueError(f"world size must be >= 1, got {world_size}")
         if self.cfg == 2 and world_size % 2:
             raise ValueError(f"cfg=2 splits the ranks into two branches and needs an even world size; got {world_size}")
-        patch = self.patch if self.patch != -1 else world_size // self.cfg
-        if self.cfg * patch != world_size:
+        taken = self.cfg * self.sequence
+        patch = self.patch if self.patch != -1 else max(1, world_size // taken)
+        if taken * patch != world_size:
             raise ValueError(
-                f"parallel degrees do not match the world size: cfg ({self.cfg}) × patch ({patch}) = "
-                f"{self.cfg * patch}, but the world size is {world_size}"
+                f"parallel degrees do not match the world size: cfg ({self.cfg}) × patch ({patch}) × "
+                f"ulysses ({self.ulysses}) × ring ({self.ring}) = {taken * patch}, but the world size is {world_size}"
             )
         return dataclasses.replace(self, patch=patch)
 
     def layout_tag(self) -> str:
-        """A file-name fragment naming the layout, e.g. `patch4_cfg2_displaced`."""
-        return f"patch{self.patch}_cfg{self.cfg}_{self.mode}"
+        """A file-name fragment naming the layout, e.g. `patch4_cfg2_displaced` or `ulysses2_ring2_cfg1_sync`."""
+        degrees = [f"patch{self.patch}"] if self.sequence == 1 else []
+        degrees += [f"{name}{getattr(self, name)}" for name in ("ulysses", "ring") if getattr(self, name) > 1]
+        return "_".join(degrees + [f"cfg{self.cfg}", self.mode])

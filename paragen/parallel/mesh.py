@@ -1,20 +1,35 @@
-"""The device mesh of the job and one accounted communicator per named group.
+"""The layout of the job's ranks and one accounted communicator per named group.
 
-| name    | who is in it                                   | rank_in_group means            |
-|---------|------------------------------------------------|--------------------------------|
-| `cfg`   | the ranks holding the same band, both branches | 0 = unconditional, 1 = conditional |
-| `patch` | the ranks of one CFG branch, one band each     | the band index, top to bottom  |
-| `world` | every rank                                     | the global rank                |
+Ranks are laid out row-major over `(cfg, patch, ring, ulysses)`:
+global rank = ((cfg_index × patch + patch_index) × ring + ring_index) × ulysses + ulysses_index.
+A UNet uses `patch`; a diffusion transformer uses `ring` and `ulysses` (its patch degree is 1).
 
-Global rank = cfg_index × patch + patch_index (the mesh is `(cfg, patch)`, row-major).
+| name      | who is in it                                         | rank_in_group means                 |
+|-----------|------------------------------------------------------|-------------------------------------|
+| `cfg`     | the ranks holding the same shard, both branches      | 0 = unconditional, 1 = conditional  |
+| `patch`   | the ranks of one CFG branch, one band each           | the band index, top to bottom       |
+| `ring`    | the ranks passing K/V around one ring                | the position on the ring            |
+| `ulysses` | the ranks trading sequence shards for head shards    | the head group                      |
+| `seq`     | every shard of one CFG branch (patch × ring × ulysses) | the token shard, in sequence order |
+| `world`   | every rank                                           | the global rank                     |
+
+Token shard `i` of `seq` is `ring_index × ulysses + ulysses_index`, so one Ulysses group's shards are
+contiguous in the sequence and the ring passes contiguous blocks.
 """
 from __future__ import annotations
 
+import itertools
+
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 
 from paragen.comms import CommStats, GroupComm, is_initialized, world_size
 from paragen.parallel.config import ParallelConfig
+
+DIMS = ("cfg", "patch", "ring", "ulysses")
+_GROUPS = {"cfg": ("cfg",), "patch": ("patch",), "ring": ("ring",), "ulysses": ("ulysses",),
+           "seq": ("patch", "ring", "ulysses"), "world": DIMS}
+# Groups whose neighbour/ring P2P gets connections of its own (see `_p2p_twin`).
+_P2P_TWINS = ("patch", "ring")
 
 
 class ParallelMesh:
@@ -23,37 +38,55 @@ class ParallelMesh:
     def __init__(self, config: ParallelConfig, device_type: str = "cpu") -> None:
         size = world_size()
         self.config = config.resolve(size)
+        self.device_type = device_type
         self.stats = CommStats()
-        self._comms: dict[str, GroupComm] = {}
-        if size == 1:
-            self.device_mesh = None
-            for name in ("cfg", "patch", "world"):
-                self._comms[name] = GroupComm(None, self.stats)
-            return
-        if not is_initialized():
+        self.shape = tuple(getattr(self.config, d) for d in DIMS)
+        if size > 1 and not is_initialized():
             raise RuntimeError("call paragen.init() before parallelising: no process group exists")
-        self.device_mesh = init_device_mesh(
-            device_type, (self.config.cfg, self.config.patch), mesh_dim_names=("cfg", "patch")
-        )
-        self._comms["cfg"] = GroupComm(self.device_mesh.get_group("cfg"), self.stats)
-        self._comms["patch"] = GroupComm(
-            self.device_mesh.get_group("patch"), self.stats, p2p_group=self._second_patch_group()
-        )
-        self._comms["world"] = GroupComm(dist.group.WORLD, self.stats)
+        self.rank = dist.get_rank() if size > 1 else 0
+        self._comms: dict[str, GroupComm] = {}
+        # One group per distinct rank set; the whole world is the default group.
+        made: dict[tuple[int, ...], dist.ProcessGroup] = {tuple(range(size)): dist.group.WORLD} if size > 1 else {}
+        for name, dims in _GROUPS.items():
+            group = self._group(dims, made)
+            twin = self._group(dims, {}) if name in _P2P_TWINS and group is not None else None
+            self._comms[name] = GroupComm(group, self.stats, p2p_group=twin)
 
-    def _second_patch_group(self) -> dist.ProcessGroup:
-        """A second group over this rank's band group, for neighbour P2P.
+    def _group(self, dims: tuple[str, ...], made: dict) -> dist.ProcessGroup | None:
+        """This rank's group over `dims` (None when it holds one rank).
 
-        Gloo serves one group's traffic over one set of connections; small halo messages queued behind
-        a multi-megabyte stale all-gather on the same connections would stall the conv that needs them.
+        Every rank creates every group of the partition, in the same order, as torch.distributed
+        requires. With `made` empty a new group is created even for a rank set that exists already:
+        gloo serves one group's traffic over one set of connections, so small neighbour messages
+        queued behind a multi-megabyte all-gather on the same group would stall the layer needing them.
         """
-        patch, mine = self.config.patch, None
-        for branch in range(self.config.cfg):  # every rank must create every group, in the same order
-            group = dist.new_group(list(range(branch * patch, (branch + 1) * patch)))
-            if dist.get_rank() // patch == branch:
-                mine = group
+        members = [i for i, d in enumerate(DIMS) if d in dims]
+        if all(self.shape[i] == 1 for i in members):
+            return None
+        mine = None
+        fixed = [i for i in range(len(DIMS)) if i not in members]
+        for outer in itertools.product(*(range(self.shape[i]) for i in fixed)):
+            ranks = []
+            for inner in itertools.product(*(range(self.shape[i]) for i in members)):
+                coord = [0] * len(DIMS)
+                for i, v in zip(fixed, outer):
+                    coord[i] = v
+                for i, v in zip(members, inner):
+                    coord[i] = v
+                ranks.append(self._global(coord))
+            key = tuple(ranks)
+            if key not in made:
+                made[key] = dist.new_group(ranks)
+            if self.rank in ranks:
+                mine = made[key]
         return mine
 
+    def _global(self, coord: list[int]) -> int:
+        rank = 0
+        for value, extent in zip(coord, self.shape):
+            rank = rank * extent + value
+        return rank
+
     def comm(self, name: str) -> GroupComm:
-        """The communicator of group `name` (`cfg`, `patch` or `world`)."""
+        """The communicator of group `name` (`cfg`, `patch`, `ring`, `ulysses`, `seq` or `world`)."""
         return self._comms[name]

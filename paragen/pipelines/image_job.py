@@ -12,7 +12,7 @@ import torch
 from paragen.comms import all_gather_objects, is_output_rank, world_size
 from paragen.log import get_logger
 from paragen.parallel import ParallelConfig
-from paragen.pipelines.image import parallelize
+from paragen.pipelines.parallelize import parallelize
 from paragen.pipelines.loading import load_image_pipeline
 from paragen.pipelines.outputs import save_json, save_png
 

@@ -22,6 +22,7 @@ import torch
 
 from paragen.comms import Pending, Slot, ready
 from paragen.kernels import attention_with_lse, dense_attention, merge_attention_states
+from paragen.parallel.attention_contract import AttnProcessorContract, heads_first
 from paragen.parallel.partition import partial_rows
 from paragen.parallel.patch.context import PatchContext
 
@@ -31,7 +32,7 @@ KNOWN_PROCESSORS = ("AttnProcessor", "AttnProcessor2_0")
 def check_processor(module_name: str, processor: object) -> None:
     """Refuse attention processors whose behaviour paragen would silently change."""
     name = type(processor).__name__
-    if name not in KNOWN_PROCESSORS and not isinstance(processor, _PatchProcessor):
+    if name not in KNOWN_PROCESSORS and not isinstance(processor, AttnProcessorContract):
         raise ValueError(
             f"attention processor {name} on {module_name} is not supported by patch parallelism "
             f"(supported: {', '.join(KNOWN_PROCESSORS)}); reset it with `set_default_attn_processor()` "
@@ -39,43 +40,7 @@ def check_processor(module_name: str, processor: object) -> None:
         )
 
 
-def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-    batch, tokens, inner = x.shape
-    return x.view(batch, tokens, heads, inner // heads).transpose(1, 2)
-
-
-class _PatchProcessor:
-    """The parts of diffusers' attention contract around the key/value source."""
-
-    def __init__(self, ctx: PatchContext) -> None:
-        self.ctx = ctx
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        if attention_mask is not None:
-            raise ValueError("patch-parallel attention does not support attention masks")
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch, channels, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        out = self.attend(attn, hidden_states, encoder_hidden_states)
-        out = out.transpose(1, 2).reshape(out.shape[0], -1, out.shape[1] * out.shape[3])
-        out = attn.to_out[1](attn.to_out[0](out))
-        if input_ndim == 4:
-            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
-        if attn.residual_connection:
-            out = out + residual
-        return out / attn.rescale_output_factor
-
-    def attend(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> torch.Tensor:
-        raise NotImplementedError
-
-
-class PatchCrossAttnProcessor(_PatchProcessor):
+class PatchCrossAttnProcessor(AttnProcessorContract):
     """Cross-attention whose text keys/values are projected once per request and reused."""
 
     def __init__(self, ctx: PatchContext) -> None:
@@ -93,17 +58,17 @@ class PatchCrossAttnProcessor(_PatchProcessor):
         identity = (text.data_ptr(), tuple(text.shape), text.stride(), text._version, text.dtype)
         if self._kv is None or self._key != identity:
             source = attn.norm_encoder_hidden_states(text) if attn.norm_cross else text
-            key, value = _heads(attn.to_k(source), attn.heads), _heads(attn.to_v(source), attn.heads)
+            key, value = heads_first(attn.to_k(source), attn.heads), heads_first(attn.to_v(source), attn.heads)
             if attn.norm_k is not None:
                 key = attn.norm_k(key)
             self._key, self._kv = identity, (key, value)
-        query = _heads(attn.to_q(hidden_states), attn.heads)
+        query = heads_first(attn.to_q(hidden_states), attn.heads)
         if attn.norm_q is not None:
             query = attn.norm_q(query)
         return dense_attention(query, *self._kv)
 
 
-class PatchSelfAttnProcessor(_PatchProcessor):
+class PatchSelfAttnProcessor(AttnProcessorContract):
     """Self-attention over the whole image from a band of queries; see the module docstring."""
 
     def __init__(self, ctx: PatchContext) -> None:
@@ -138,15 +103,15 @@ class PatchSelfAttnProcessor(_PatchProcessor):
 
     @staticmethod
     def _query(attn, hidden_states: torch.Tensor) -> torch.Tensor:
-        query = _heads(attn.to_q(hidden_states), attn.heads)
+        query = heads_first(attn.to_q(hidden_states), attn.heads)
         return attn.norm_q(query) if attn.norm_q is not None else query
 
     @staticmethod
     def _key_value(attn, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        key = _heads(attn.to_k(hidden_states), attn.heads)
+        key = heads_first(attn.to_k(hidden_states), attn.heads)
         if attn.norm_k is not None:
             key = attn.norm_k(key)
-        return key, _heads(attn.to_v(hidden_states), attn.heads)
+        return key, heads_first(attn.to_v(hidden_states), attn.heads)
 
     def _with_stale(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Own fresh inputs joined with what the other bands sent last step; publish this step's."""
@@ -160,11 +125,12 @@ class PatchSelfAttnProcessor(_PatchProcessor):
                     hidden_states[:, :rows], hidden_states[:, -rows:], ctx.label("attn_kv")
                 )
             return torch.cat([p for p in (from_prev, hidden_states, from_next) if p is not None], dim=1)
-        if ctx.publish:
-            self._stale = ctx.stale_gather.submit(hidden_states, ctx.label("attn_kv"))
         parts = list(previous)
         parts[ctx.comm.rank] = hidden_states
-        return torch.cat(parts, dim=1)
+        joined = torch.cat(parts, dim=1)  # copied out before publishing: a full bucket relaunches into `previous`
+        if ctx.publish:
+            self._stale = ctx.stale_gather.submit(hidden_states, ctx.label("attn_kv"))
+        return joined
 
     def _rows_per_neighbour(self, tokens: int) -> int:
         """Tokens of a neighbouring band that partial attention sees (whole image rows)."""

@@ -47,8 +47,8 @@ class PatchConv2d(nn.Conv2d):
         label = ctx.label("conv_halo")
         if ctx.stale:
             halo = self._stale.wait()  # type: ignore[union-attr]
-            if isinstance(self._stale, Slot):
-                halo = self._neighbours_edges(halo)
+            if isinstance(self._stale, Slot):  # copied: a full bucket relaunches into the gathered buffer
+                halo = tuple(None if h is None else h.clone() for h in self._neighbours_edges(halo))
             self._stale = None
             if ctx.publish:
                 self._stale = ctx.stale_gather.submit(torch.cat([to_prev, to_next], dim=2), label)

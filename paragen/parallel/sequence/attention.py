@@ -1,0 +1,136 @@
+"""Attention over a token sequence sharded across ranks: Ulysses, Ring, both, and displaced.
+
+Every rank holds the queries, keys and values of its own contiguous shard (`[B, H, L_i, D]`) and gets
+the attention output of those queries over *all* shards' keys:
+- **Ulysses** (group of U): one all-to-all turns "my tokens, all heads" into "the group's tokens,
+  H/U heads" (q, k and v in one message); attention runs on whole-group sequences; a second
+  all-to-all turns the output back. Traffic per layer and rank: 4·(U-1)/U² of the group's S·C.
+- **Ring** (group of R): the K/V block of each ring position travels around the ring by P2P; while
+  block j is on its way, the rank attends over the block it holds and merges the partial results by
+  log-sum-exp. After R-1 hops every query has seen every key. Exact; blocks may differ in length.
+- **Ulysses × Ring**: Ulysses inside each group of U consecutive shards, then Ring across the groups.
+- **displaced** (stale steps): no exchange on the critical path — the rank's fresh K/V plus the other
+  shards' K/V of the previous step, which were all-gathered asynchronously behind a whole step.
+Attention is permutation-invariant over keys (no mask; positions are already in q and k through RoPE
+or embeddings), so the order in which shards are concatenated does not matter.
+"""
+from __future__ import annotations
+
+import torch
+
+from paragen.comms import Pending, Slot
+from paragen.kernels import attention_with_lse, dense_attention, merge_attention_states
+from paragen.parallel.sequence.context import SequenceContext
+
+
+class SequenceAttention:
+    """One attention layer's sequence-parallel core (it keeps that layer's stale K/V)."""
+
+    def __init__(self, ctx: SequenceContext) -> None:
+        self.ctx = ctx
+        self._stale: Slot | None = None
+        ctx.on_reset(self.reset)
+
+    def reset(self) -> None:
+        """Drop the K/V kept for the next step."""
+        self._stale = None
+
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+        """`[B, H, L, D]` local q/k/v; `lengths[i]`: shard i's L. Returns the output as `[B, L, H, D]`."""
+        ctx = self.ctx
+        if key.shape[2] != lengths[ctx.comm.rank]:
+            raise RuntimeError(f"attention got {key.shape[2]} local tokens, the layout says {lengths[ctx.comm.rank]}")
+        if ctx.stale:
+            return self._displaced(query, key, value, lengths)
+        if ctx.publish:
+            self._publish(key, value, lengths)
+        return self._exact(query, key, value, lengths)
+
+    # ---- exact: Ulysses and/or Ring -----------------------------------------------------------------
+    def _exact(self, query, key, value, lengths):
+        ulysses, ring = self.ctx.ulysses, self.ctx.ring
+        group = lengths[ring.rank * ulysses.size : (ring.rank + 1) * ulysses.size]
+        if ulysses.size > 1:
+            query, key, value = self._to_heads(query, key, value, group)
+        if ring.size > 1:
+            blocks = [sum(lengths[r * ulysses.size : (r + 1) * ulysses.size]) for r in range(ring.size)]
+            out = self._ring(query, key, value, blocks)
+        else:
+            out = dense_attention(query, key, value)
+        if ulysses.size > 1:
+            return self._to_tokens(out, group)
+        return out.transpose(1, 2)
+
+    def _to_heads(self, query, key, value, group: list[int]):
+        """All-to-all: `[B, H, L_mine, D]` ×3 → `[B, H/U, L_group, D]` ×3 (views of one buffer)."""
+        comm = self.ctx.ulysses
+        batch, heads, tokens, dim = query.shape
+        if heads % comm.size:
+            raise ValueError(f"Ulysses degree {comm.size} does not divide the {heads} attention heads")
+        per_rank = heads // comm.size
+        send = query.new_empty(comm.size, tokens, 3, batch, per_rank, dim)  # destination-major
+        for i, x in enumerate((query, key, value)):
+            send[:, :, i] = x.view(batch, comm.size, per_rank, tokens, dim).permute(1, 3, 0, 2, 4)
+        unit = 3 * batch * per_rank * dim
+        recv = comm.all_to_all_flat_async(
+            send, [tokens * unit] * comm.size, [n * unit for n in group], self.ctx.label("ulysses_qkv")
+        ).wait()
+        full = recv.view(sum(group), 3, batch, per_rank, dim).permute(1, 2, 3, 0, 4)
+        return full.unbind(0)
+
+    def _to_tokens(self, out: torch.Tensor, group: list[int]) -> torch.Tensor:
+        """All-to-all back: `[B, H/U, L_group, D]` → `[B, L_mine, H, D]`."""
+        comm = self.ctx.ulysses
+        batch, per_rank, _, dim = out.shape
+        tokens = group[comm.rank]
+        send = out.permute(2, 0, 1, 3).contiguous()  # token-major: each rank's tokens are one piece
+        unit = batch * per_rank * dim
+        recv = comm.all_to_all_flat_async(
+            send, [n * unit for n in group], [tokens * unit] * comm.size, self.ctx.label("ulysses_out")
+        ).wait()
+        return recv.view(comm.size, tokens, batch, per_rank, dim).permute(2, 1, 0, 3, 4).reshape(
+            batch, tokens, comm.size * per_rank, dim
+        )
+
+    def _ring(self, query, key, value, blocks: list[int]) -> torch.Tensor:
+        """Attention of the local queries over every ring position's K/V block, merged by log-sum-exp."""
+        comm = self.ctx.ring
+        held = torch.stack([key, value])  # [2, B, h, L, D]: one message per hop
+        out = lse = None
+        for hop in range(comm.size):
+            pending: Pending | None = None
+            if hop < comm.size - 1:  # start the next block's transfer before computing on this one
+                incoming = blocks[(comm.rank - hop - 1) % comm.size]
+                shape = (*held.shape[:3], incoming, held.shape[4])
+                pending = comm.ring_shift_async(held, shape, self.ctx.label("ring_kv"))
+            part, part_lse = attention_with_lse(query, held[0], held[1])
+            if out is None:
+                out, lse = part.float(), part_lse
+            else:
+                out, lse = merge_attention_states(out, lse, part.float(), part_lse)
+            if pending is not None:
+                held = pending.wait()
+        return out.to(query.dtype)
+
+    # ---- displaced ------------------------------------------------------------------------------
+    def _publish(self, key: torch.Tensor, value: torch.Tensor, lengths: list[int]) -> None:
+        """Queue this shard's K/V (padded to the longest shard) for the next step's stale attention."""
+        kv = torch.stack([key, value])
+        longest = max(lengths)
+        if kv.shape[3] < longest:
+            kv = torch.cat([kv, kv.new_zeros(*kv.shape[:3], longest - kv.shape[3], kv.shape[4])], dim=3)
+        self._stale = self.ctx.stale_gather.submit(kv, self.ctx.label("stale_kv"))
+
+    def _displaced(self, query, key, value, lengths):
+        ctx = self.ctx
+        if self._stale is None:
+            raise RuntimeError("displaced attention has no K/V from the previous step (was the warm-up skipped?)")
+        previous = self._stale.wait()  # [shards, 2, B, H, L_max, D]
+        others = [previous[i, :, :, :, : lengths[i]] for i in range(ctx.comm.size) if i != ctx.comm.rank]
+        # Copy out of the receive buffer before publishing: a full bucket relaunches into it.
+        keys = torch.cat([key, *(o[0] for o in others)], dim=2)
+        values = torch.cat([value, *(o[1] for o in others)], dim=2)
+        self._stale = None
+        if ctx.publish:
+            self._publish(key, value, lengths)
+        return dense_attention(query, keys, values).transpose(1, 2)

@@ -1,0 +1,75 @@
+"""The step plan shared by all parallel layers of one model: which denoising steps are fresh or stale.
+
+Each step is either *fresh* (every exchange blocking and exact) or *stale* (layers use what the other
+ranks sent in the previous step, and publish this step's data asynchronously). A step is stale when
+the mode is not `sync`, a request is running, and the warm-up steps are over. A fresh step whose
+successor will be stale publishes its data as well, so the first stale step has something to read.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from paragen.comms import FlatAllGather, GroupComm
+
+
+class StepPlan:
+    """The shard group, the mode, and where in the request we are."""
+
+    def __init__(self, comm: GroupComm, mode: str = "sync", warmup_steps: int = 0, label_prefix: str = "") -> None:
+        """`comm`: the group whose shards exchange stale data (bands, or token shards)."""
+        self.comm = comm
+        self.mode = mode
+        self.warmup_steps = warmup_steps
+        self.label_prefix = label_prefix
+        self.stale_gather = FlatAllGather(comm, label=f"{label_prefix}stale_gather")
+        self.step = -1
+        self.total_steps: int | None = None
+        self._resets: list[Callable[[], None]] = []
+
+    # ---- request and step boundaries -----------------------------------------------------------
+    def begin_request(self, total_steps: int | None) -> None:
+        """Start counting steps; `None` means unknown length (every step is fresh)."""
+        self.end_request()
+        self.total_steps = total_steps
+
+    def begin_step(self) -> None:
+        """Called before each forward of the model on its shard."""
+        self.step += 1
+
+    def end_step(self) -> None:
+        """Launch whatever stale data is still queued."""
+        self.stale_gather.end_step()
+
+    def end_request(self) -> None:
+        """Wait for data in flight and drop every layer's stale state."""
+        self.stale_gather.drain()
+        for reset in self._resets:
+            reset()
+        self.step = -1
+        self.total_steps = None
+
+    def on_reset(self, callback: Callable[[], None]) -> None:
+        """Register a layer's `reset` to run at the end of each request."""
+        self._resets.append(callback)
+
+    # ---- the plan of the current step ------------------------------------------------------------
+    def _is_stale(self, step: int) -> bool:
+        return (
+            self.mode != "sync"
+            and self.total_steps is not None
+            and self.warmup_steps <= step < self.total_steps
+        )
+
+    @property
+    def stale(self) -> bool:
+        """This step reads the previous step's exchanged data instead of exchanging."""
+        return self._is_stale(self.step)
+
+    @property
+    def publish(self) -> bool:
+        """This step must leave data for the next one (the next step is stale)."""
+        return self._is_stale(self.step + 1)
+
+    def label(self, name: str) -> str:
+        """The accounting label of traffic `name` for this model (e.g. `vae.conv_halo`)."""
+        return self.label_prefix + name

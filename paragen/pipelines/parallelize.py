@@ -1,0 +1,26 @@
+"""`paragen.parallelize(pipe, config)`: the one entry point, for every supported diffusers pipeline."""
+from __future__ import annotations
+
+from paragen.parallel import ParallelConfig
+from paragen.pipelines.dit import FAMILIES, parallelize_dit
+from paragen.pipelines.image import parallelize_unet
+
+UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def parallelize(pipe, config: ParallelConfig | None = None):
+    """Make a diffusers pipeline run each request across all ranks, in place, and return it.
+
+    Call `paragen.init()` first. Every rank builds the same pipeline (same weights) and calls it with
+    the same arguments; each computes its share, and every rank returns the whole image. SD and SDXL
+    are split into row bands (`patch`), PixArt, SD3 and Flux along the token sequence (`ulysses`,
+    `ring`); both take `cfg=2` and the `displaced` mode.
+    """
+    name = type(pipe).__name__
+    if hasattr(pipe, "paragen"):
+        raise ValueError("this pipeline is already parallelised")
+    if name in UNET_PIPELINES:
+        return parallelize_unet(pipe, config)
+    if name in FAMILIES:
+        return parallelize_dit(pipe, config)
+    raise TypeError(f"paragen.parallelize supports {', '.join(UNET_PIPELINES + tuple(FAMILIES))}; got {name}")

@@ -1,0 +1,50 @@
+"""What every parallelised pipeline carries as `pipe.paragen`: config, mesh, step plan, VAE, timings."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from paragen.comms import CommStats
+from paragen.parallel import ParallelConfig, ParallelMesh
+from paragen.parallel.steps import StepPlan
+from paragen.pipelines.vae_decode import ParallelVaeDecoder
+
+
+@dataclass
+class PipelineRuntime:
+    """The request protocol shared by the UNet and DiT runtimes (see `call_wrapper.parallel_class`)."""
+
+    config: ParallelConfig
+    mesh: ParallelMesh
+    plan: StepPlan  # the denoiser's step plan (bands of a UNet, token shards of a DiT)
+    vae: ParallelVaeDecoder
+    step_seconds: list[float] = field(default_factory=list)
+    in_request: bool = False
+    _step_start: float = 0.0
+
+    @property
+    def stats(self) -> CommStats:
+        """The `CommStats` of every group of this pipeline."""
+        return self.mesh.stats
+
+    def begin_request(self) -> None:
+        self.plan.begin_request(None)
+        self.vae.begin_request()
+        self.step_seconds = []
+        self.in_request = True
+
+    def end_request(self) -> None:
+        self.in_request = False
+        self.plan.end_request()
+        self.vae.end_request()
+
+    def start_step(self, pipe: Any) -> None:
+        """Before a denoiser forward: learn the request's length on its first step, start the clock."""
+        if self.in_request and self.plan.step == -1:
+            self.plan.total_steps = len(pipe.scheduler.timesteps)
+        self._step_start = time.perf_counter()
+
+    def record_step(self) -> None:
+        """After a denoiser forward and its output gather: record the step time."""
+        self.step_seconds.append(time.perf_counter() - self._step_start)
