@@ -1,9 +1,11 @@
 """Load an image pipeline: an embedded tiny model or a local diffusers checkpoint directory.
 
-Real models cannot be downloaded here, so `tiny-sd` and `tiny-sdxl` stand in for them: the real
-diffusers architectures, built from the configs shipped in `configs/<name>/` with random weights
-drawn from a fixed seed, and an offline byte-level CLIP tokenizer. A local checkpoint goes through
-`DiffusionPipeline.from_pretrained` with hub access off. Nothing here ever touches the network.
+Real models cannot be downloaded here, so embedded tiny models stand in for them: `tiny-sd`,
+`tiny-sdxl` (UNets), `tiny-pixart` (PixArt-Sigma), `tiny-sd3` (SD3) and `tiny-flux` (FLUX.1-dev): the
+real diffusers architectures, built from the configs shipped in `configs/<name>/` with random weights
+drawn from a fixed seed, an offline byte-level CLIP tokenizer and an offline T5 tokenizer (written by
+`tools/make_t5_tokenizer.py`). A local checkpoint goes through `DiffusionPipeline.from_pretrained`
+with hub access off. Nothing here ever touches the network.
 diffusers and transformers (seconds to import) are imported only when a pipeline is built, so
 `check_model_source` rejects a bad argument at once.
 """
@@ -19,7 +21,7 @@ import torch
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-EMBEDDED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl")
+EMBEDDED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SAFE_WEIGHTS = "*.safetensors"
