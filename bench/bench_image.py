@@ -12,46 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from common import ROOT, machine, psnr, run_worker, spread
 
 from paragen.pipelines.image_job import git_revision
 
-ROOT = Path(__file__).resolve().parent.parent
 WORKER = ROOT / "bench" / "image_worker.py"
 MODES = ("sync", "displaced", "partial")
 
 
 def _run(name: str, args: list[str], ranks: int, threads: int, out: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
-    if ranks == 1:
-        cmd = [sys.executable, str(WORKER)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), str(WORKER)]
-    cmd += [*args, "--threads", str(threads), "--out", str(out)]
-    started = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    if proc.returncode:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
-    result = json.loads(out.read_text())
-    result["image"] = torch.load(out.with_suffix(".pt"))
-    print(f"  {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
-    return result
-
-
-def _spread(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    pick = lambda q: ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
-    return {"median": statistics.median(ordered), "p10": pick(0.1), "p90": pick(0.9), "n": len(ordered)}
+    return run_worker(WORKER, name, args, ranks, threads, out)
 
 
 def _steady(result: dict) -> list[int]:
@@ -75,11 +51,6 @@ def _comm_per_step(result: dict, prefix: str = "unet.") -> dict[str, float]:
             rows.setdefault("bytes_recv", []).append(sum(r["bytes_recv"] for k, r in step.items() if k.startswith(prefix)))
             rows.setdefault("wait_s", []).append(sum(r["wait_s"] for k, r in step.items() if k.startswith(prefix)))
     return {k: statistics.fmean(v) for k, v in rows.items()}
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = ((a - b) ** 2).mean().item()
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def main() -> None:
@@ -116,10 +87,10 @@ def main() -> None:
         steady = [r["step_s"][i] for r in results for i in _steady(r)]
         everything = [s for r in results for s in r["step_s"]]
         summary[name] = {
-            "step_s_steady": _spread(steady),
-            "step_s_all": _spread(everything),
-            "request_s": _spread([r["request_s"] for r in results]),
-            "psnr_vs_stock_1x1_db": _psnr(results[0]["image"], reference),
+            "step_s_steady": spread(steady),
+            "step_s_all": spread(everything),
+            "request_s": spread([r["request_s"] for r in results]),
+            "psnr_vs_stock_1x1_db": psnr(results[0]["image"], reference),
             "max_abs_diff_vs_stock_1x1": (results[0]["image"] - reference).abs().max().item(),
         }
         if not results[0]["stock"]:
@@ -140,8 +111,7 @@ def main() -> None:
         "benchmark": "image patch parallelism",
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "git_revision": git_revision(),
-        "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "device": "cpu", "backend": "gloo"},
+        "machine": machine(),
         "workload": {"model": args.model, "size": args.size, "steps": args.steps, "warmup_steps": args.warmup_steps,
                      "guidance": "CFG batch of 2 on each rank (cfg=1)", "rounds": args.rounds},
         "threading_gain_1x2_over_1x1": threading_gain,
@@ -155,16 +125,6 @@ def main() -> None:
         s = summary[name]
         print(f"{name:14s} step {s['step_s_steady']['median']:.3f} s  x{s['speedup_vs_1x1']:.2f} vs 1x1  "
               f"x{s['speedup_vs_1x2']:.2f} vs 1x2  PSNR {s['psnr_vs_stock_1x1_db']:.1f} dB")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 if __name__ == "__main__":

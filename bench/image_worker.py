@@ -11,24 +11,13 @@ import json
 import time
 
 import torch
+from common import step_deltas
 
 import paragen
 from paragen.comms import all_gather_objects
 from paragen.pipelines.loading import load_image_pipeline
 
 PROMPT = "a lighthouse on a cliff at dusk, oil painting"
-
-
-def _step_deltas(snapshots: list[dict]) -> list[dict]:
-    """Per-step {label: {bytes_recv, bytes_sent, wait_s}} from cumulative snapshots."""
-    out = []
-    for before, after in zip(snapshots, snapshots[1:]):
-        step = {}
-        for label, row in after.items():
-            prev = before.get(label, {"bytes_recv": 0, "bytes_sent": 0, "wait_s": 0.0, "calls": 0})
-            step[label] = {k: row[k] - prev[k] for k in ("bytes_recv", "bytes_sent", "wait_s", "calls")}
-        out.append(step)
-    return out
 
 
 def main() -> None:
@@ -75,7 +64,7 @@ def main() -> None:
     image = request(args.steps)
     total = time.perf_counter() - start
     step_s = [b - a for a, b in zip(stamps, stamps[1:])]
-    per_step_comm = _step_deltas(snapshots) if stats is not None else []
+    per_step_comm = step_deltas(snapshots) if stats is not None else []
     world = pipe.paragen.mesh.comm("world") if stats is not None else None
     comm_by_rank = all_gather_objects(world, per_step_comm) if world is not None else [per_step_comm]
     if paragen.is_output_rank():

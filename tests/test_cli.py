@@ -100,6 +100,12 @@ BAD_INPUTS = {
     "missing path": (2, ["--model", "/nonexistent/model"], "nonexistent"),
     "non-positive steps": (2, ["--steps", "0"], "steps must be positive"),
     "non-positive size": (2, ["--width", "-64"], "width must be positive"),
+    "DiT: Ulysses degree not dividing the heads": (3, ["--model", "tiny-flux", "--ulysses", "3"], "does not divide the 4 attention heads"),
+    "DiT: degrees not the world size": (2, ["--model", "tiny-flux", "--ulysses", "2", "--ring", "2"], "world size is 2"),
+    "DiT: more ranks than image tokens": (2, ["--model", "tiny-sd3", "--height", "16", "--width", "16"], "more ranks than image tokens"),
+    "DiT: size not a multiple of the patch": (2, ["--model", "tiny-pixart", "--height", "120"], "multiple of 16"),
+    "DiT: patch bands asked of a transformer": (2, ["--model", "tiny-pixart", "--patch", "2"], "token sequence"),
+    "DiT: cfg=2 for Flux": (2, ["--model", "tiny-flux", "--cfg", "2"], "guidance embedding"),
 }
 
 

@@ -11,11 +11,16 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
+from paragen.pipelines.image_job import exact_size_options
 from paragen.pipelines.loading import EMBEDDED_MODELS, ModelLoadError, check_model_source, load_image_pipeline
+
+UNET_MODELS = ("tiny-sd", "tiny-sdxl")
+CLASSES = {"tiny-sd": "StableDiffusionPipeline", "tiny-sdxl": "StableDiffusionXLPipeline",
+           "tiny-pixart": "PixArtSigmaPipeline", "tiny-sd3": "StableDiffusion3Pipeline", "tiny-flux": "FluxPipeline"}
 
 
 def generate(pipe: DiffusionPipeline, prompt: str = "a red cube on a table") -> torch.Tensor:
-    """A 2-step 64x64 image with classifier-free guidance (UNet batch 2), as a [1, 3, 64, 64] tensor."""
+    """A 2-step 64x64 image with guidance (CFG batch 2; Flux: guidance embedding), as a [1, 3, 64, 64] tensor."""
     pipe.set_progress_bar_config(disable=True)
     out = pipe(
         prompt,
@@ -25,8 +30,13 @@ def generate(pipe: DiffusionPipeline, prompt: str = "a red cube on a table") -> 
         guidance_scale=5.0,
         generator=torch.Generator().manual_seed(0),
         output_type="pt",
+        **exact_size_options(pipe),
     )
     return out.images
+
+
+def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
+    return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
 
 @pytest.fixture(scope="module", params=EMBEDDED_MODELS)
@@ -37,8 +47,7 @@ def embedded(request: pytest.FixtureRequest) -> tuple[str, DiffusionPipeline, to
 
 def test_embedded_builds_a_non_constant_image(embedded) -> None:
     name, pipe, image = embedded
-    classes = {"tiny-sd": "StableDiffusionPipeline", "tiny-sdxl": "StableDiffusionXLPipeline"}
-    assert type(pipe).__name__ == classes[name]
+    assert type(pipe).__name__ == CLASSES[name]
     assert image.shape == (1, 3, 64, 64)
     assert torch.isfinite(image).all()
     assert image.std(dim=(2, 3)).min() > 0.02, "image is flat"
@@ -49,8 +58,9 @@ def test_embedded_builds_a_non_constant_image(embedded) -> None:
             assert not module.training and module.device.type == "cpu"
 
 
-def test_embedded_unet_output_varies_in_space(embedded) -> None:
-    _, pipe, _ = embedded
+@pytest.mark.parametrize("name", UNET_MODELS)
+def test_embedded_unet_output_varies_in_space(name: str) -> None:
+    pipe = load_image_pipeline(name, seed=0)
     cfg = pipe.unet.config
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     text = torch.randn(2, 77, cfg.cross_attention_dim, generator=torch.Generator().manual_seed(2))
@@ -70,7 +80,7 @@ def test_same_seed_same_image_other_seed_other_weights(embedded) -> None:
     again = load_image_pipeline(name, seed=0)
     assert torch.equal(generate(again), image)
     other = load_image_pipeline(name, seed=1)
-    for a, b in zip(again.unet.parameters(), other.unet.parameters()):
+    for a, b in zip(denoiser(again).parameters(), denoiser(other).parameters()):
         if a.dim() > 1:
             assert not torch.equal(a, b)
     embeddings = [p.text_encoder.get_input_embeddings().weight for p in (again, other)]
@@ -92,12 +102,21 @@ def test_dtype_is_applied_to_every_module() -> None:
     assert all(p.dtype == torch.bfloat16 for m in modules for p in m.parameters())
 
 
+def _tokenizer_pairs(pipe: DiffusionPipeline) -> list[tuple]:
+    """(tokenizer, text encoder) of every text branch of the pipeline."""
+    pairs = []
+    for suffix in ("", "_2", "_3"):
+        tokenizer = getattr(pipe, f"tokenizer{suffix}", None)
+        if tokenizer is not None:
+            pairs.append((tokenizer, getattr(pipe, f"text_encoder{suffix}")))
+    return pairs
+
+
 @pytest.mark.parametrize("prompt", ["a photo of an astronaut riding a horse", "Ünïcödé 日本語 🐱 «quotes», café"])
-def test_tokenizers_round_trip_and_pad(embedded, prompt: str) -> None:
+def test_clip_tokenizers_round_trip_and_pad(embedded, prompt: str) -> None:
     _, pipe, _ = embedded
-    pairs = [(pipe.tokenizer, pipe.text_encoder)]
-    if hasattr(pipe, "tokenizer_2"):
-        pairs.append((pipe.tokenizer_2, pipe.text_encoder_2))
+    pairs = [(t, e) for t, e in _tokenizer_pairs(pipe) if "CLIP" in type(e).__name__]
+    assert pairs or type(pipe).__name__ == "PixArtSigmaPipeline"  # PixArt is T5 only
     for tokenizer, encoder in pairs:
         assert tokenizer.model_max_length == 77 == encoder.config.max_position_embeddings
         assert len(tokenizer) == encoder.config.vocab_size
@@ -112,6 +131,24 @@ def test_tokenizers_round_trip_and_pad(embedded, prompt: str) -> None:
         assert decoded.replace(" ", "") == prompt.lower().replace(" ", "")
         long = tokenizer("word " * 200, padding="max_length", max_length=77, truncation=True).input_ids
         assert len(long) == 77 and long[-1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("name", ("tiny-pixart", "tiny-sd3", "tiny-flux"))
+def test_t5_tokenizers_round_trip_and_pad(name: str) -> None:
+    pipe = load_image_pipeline(name)
+    pairs = [(t, e) for t, e in _tokenizer_pairs(pipe) if "T5" in type(e).__name__]
+    assert len(pairs) == 1
+    tokenizer, encoder = pairs[0]
+    assert len(tokenizer) <= encoder.config.vocab_size
+    assert (tokenizer.pad_token_id, tokenizer.eos_token_id) == (encoder.config.pad_token_id, encoder.config.eos_token_id)
+    prompt = "a photo of an astronaut riding a horse, 42 times."
+    ids = tokenizer(prompt, padding="max_length", max_length=40, truncation=True).input_ids
+    n = ids.index(tokenizer.eos_token_id)
+    assert len(ids) == 40 and set(ids[n + 1 :]) == {tokenizer.pad_token_id}
+    assert tokenizer.unk_token_id not in ids[:n]
+    assert tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "") == prompt.replace(" ", "")
+    odd = tokenizer("日本語 🐱 «quotes»", padding="max_length", max_length=40).input_ids
+    assert len(odd) == 40 and max(odd) < encoder.config.vocab_size
 
 
 def test_unknown_or_missing_model_is_refused(tmp_path: Path) -> None:

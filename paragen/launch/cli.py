@@ -1,6 +1,7 @@
 """`paragen` / `python -m paragen`: the command line.
 
     torchrun --nproc-per-node 2 -m paragen image --mode displaced --height 1024 --width 1024
+    torchrun --nproc-per-node 4 -m paragen image --model tiny-flux --ulysses 2 --ring 2
     paragen slurm --nodes 2 --gpus-per-node 8 -- image --model /models/sdxl --cfg 2
 """
 from __future__ import annotations
@@ -27,24 +28,30 @@ EXIT_FAILED = 1
 
 def _add_image_parser(sub: argparse._SubParsersAction) -> None:
     from paragen.pipelines.image_job import DTYPES, ImageRequest  # imports diffusers: only when needed
+    from paragen.pipelines.loading import EMBEDDED_MODELS
 
     defaults = ImageRequest()
-    p = sub.add_parser("image", help="text-to-image across ranks (patch parallelism)",
+    p = sub.add_parser("image", help="text-to-image across ranks (patch parallelism for UNets, sequence parallelism for DiTs)",
                        description="Generate one image with its work split across every rank of the job.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=defaults.model,
-                   help="embedded model name (tiny-sd, tiny-sdxl) or a local diffusers directory (safetensors)")
+                   help=f"embedded model name ({', '.join(EMBEDDED_MODELS)}) or a local diffusers directory (safetensors)")
     p.add_argument("--prompt", default=defaults.prompt, help="text prompt")
     p.add_argument("--negative-prompt", default=defaults.negative_prompt, help="negative prompt")
     p.add_argument("--height", type=int, default=defaults.height, help="image height in pixels")
     p.add_argument("--width", type=int, default=defaults.width, help="image width in pixels")
     p.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale, help="classifier-free guidance scale")
+    p.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
+                   help="guidance scale (classifier-free; Flux: its guidance embedding); default: the pipeline's")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (the same on every rank)")
     p.add_argument("--dtype", choices=list(DTYPES), default=defaults.dtype, help="weights and activations dtype")
     p.add_argument("--cfg", type=int, default=1, choices=(1, 2),
                    help="2: the conditional and unconditional branches run on different halves of the ranks")
-    p.add_argument("--patch", type=int, default=-1, help="number of row bands (-1: the ranks left over)")
+    p.add_argument("--patch", type=int, default=-1, help="UNet models: number of row bands (-1: the ranks left over)")
+    p.add_argument("--ulysses", type=int, default=1,
+                   help="DiT models: Ulysses degree (all-to-all to head shards; must divide the head count)")
+    p.add_argument("--ring", type=int, default=1,
+                   help="DiT models: Ring degree (K/V passed around a ring); with neither set, the ranks left form a ring")
     p.add_argument("--mode", choices=MODES, default="sync",
                    help="; ".join(f"{m}: {text}" for m, text in MODE_HELP.items()))
     p.add_argument("--warmup-steps", type=int, default=4, help="steps run in sync mode before displaced/partial starts")
@@ -107,7 +114,7 @@ def _run_image(args: argparse.Namespace) -> int:
         dtype=args.dtype, allow_pickle=args.allow_pickle, out_dir=args.out, name=args.name,
     )
     config = ParallelConfig(cfg=args.cfg, patch=args.patch, mode=args.mode, warmup_steps=args.warmup_steps,
-                            partial_fraction=args.partial_fraction)
+                            partial_fraction=args.partial_fraction, ulysses=args.ulysses, ring=args.ring)
     config.resolve(discover().world_size)
     check_model_source(args.model, allow_pickle=args.allow_pickle)
     init(init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads, verbose=args.verbose)

@@ -122,10 +122,15 @@ class DiTRuntime(PipelineRuntime):
         check_steps(bound)
         factor = pipe.vae_scale_factor * (2 if self.family == "flux" else pipe.transformer.config.patch_size)
         default = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
+        sides = []
         for name in ("height", "width"):
             value = request_arg(bound, name) or default * pipe.vae_scale_factor
             if value <= 0 or value % factor:
                 raise ValueError(f"{name} {value} must be a positive multiple of {factor} (VAE factor × patch size)")
+            sides.append(value // factor)
+        if sides[0] * sides[1] < self.seq.comm.size:
+            raise ValueError(f"more ranks than image tokens: {self.seq.comm.size} sequence shards for "
+                             f"{sides[0] * sides[1]} tokens ({sides[0]}×{sides[1]})")
         if self.config.cfg == 2 and not request_arg(bound, "guidance_scale") > 1:
             raise ValueError("cfg=2 runs the two classifier-free-guidance branches on different ranks; it needs guidance_scale > 1")
         share_generator(bound, self.mesh.comm("world"))

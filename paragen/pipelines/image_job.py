@@ -1,6 +1,7 @@
 """One text-to-image request from the command line: load, parallelise, generate, report, write."""
 from __future__ import annotations
 
+import inspect
 import statistics
 import subprocess
 import time
@@ -29,7 +30,7 @@ class ImageRequest:
     height: int = 512
     width: int = 512
     steps: int = 20
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the pipeline's own default
     seed: int = 0
     dtype: str = "float32"
     allow_pickle: bool = False
@@ -60,6 +61,16 @@ def git_revision() -> str:
         return "unknown"
 
 
+def exact_size_options(pipe) -> dict:
+    """Call options that make a pipeline produce exactly the asked size from the prompt as given.
+
+    PixArt snaps sizes to its aspect-ratio bins unless told not to, and cleans captions with optional
+    packages (bs4, ftfy) that are not dependencies of paragen.
+    """
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    return {name: False for name in ("use_resolution_binning", "clean_caption") if name in accepted}
+
+
 def run_image_job(request: ImageRequest, config: ParallelConfig) -> dict | None:
     """Generate the image on every rank; the output rank writes PNG + JSON and returns the report."""
     log = get_logger()
@@ -68,14 +79,16 @@ def run_image_job(request: ImageRequest, config: ParallelConfig) -> dict | None:
     parallelize(pipe, config)
     pipe.set_progress_bar_config(disable=not is_output_rank(), desc=f"{world_size()} rank(s)")
     loaded = time.perf_counter()
+    options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
     images = pipe(
         request.prompt,
         negative_prompt=request.negative_prompt or None,
         height=request.height,
         width=request.width,
         num_inference_steps=request.steps,
-        guidance_scale=request.guidance_scale,
         generator=torch.Generator().manual_seed(request.seed),
+        **options,
+        **exact_size_options(pipe),
     ).images
     generated = time.perf_counter()
     runtime = pipe.paragen
@@ -109,4 +122,4 @@ def run_image_job(request: ImageRequest, config: ParallelConfig) -> dict | None:
     return report
 
 
-__all__ = ["DTYPES", "ImageRequest", "run_image_job"]
+__all__ = ["DTYPES", "ImageRequest", "exact_size_options", "run_image_job"]

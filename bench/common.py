@@ -1,0 +1,75 @@
+"""What the benchmark drivers and workers share: running a worker, statistics, the machine's name."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_worker(worker: Path, name: str, args: list[str], ranks: int, threads: int, out: Path) -> dict:
+    """Run `worker` alone (1 rank) or under torchrun; return its JSON result with the image tensor."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    if ranks == 1:
+        cmd = [sys.executable, str(worker)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), str(worker)]
+    cmd += [*args, "--threads", str(threads), "--out", str(out)]
+    started = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-4000:]}")
+    result = json.loads(out.read_text())
+    result["image"] = torch.load(out.with_suffix(".pt"))
+    print(f"  {name}: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return result
+
+
+def step_deltas(snapshots: list[dict]) -> list[dict]:
+    """Per-step {label: {bytes_recv, bytes_sent, wait_s, calls}} from cumulative `CommStats` snapshots."""
+    out = []
+    for before, after in zip(snapshots, snapshots[1:]):
+        step = {}
+        for label, row in after.items():
+            prev = before.get(label, {"bytes_recv": 0, "bytes_sent": 0, "wait_s": 0.0, "calls": 0})
+            step[label] = {k: row[k] - prev[k] for k in ("bytes_recv", "bytes_sent", "wait_s", "calls")}
+        out.append(step)
+    return out
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median and 10th/90th percentiles of `values`."""
+    ordered = sorted(values)
+    pick = lambda q: ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+    return {"median": statistics.median(ordered), "p10": pick(0.1), "p90": pick(0.9), "n": len(ordered)}
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PSNR in dB of images in [0, 1]."""
+    mse = ((a - b) ** 2).mean().item()
+    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def machine() -> dict:
+    """This machine, for the report."""
+    return {"cpu": _cpu_name(), "cores": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "device": "cpu", "backend": "gloo"}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
