@@ -81,6 +81,17 @@ def test_torchrun_two_nodes_on_loopback(tmp_path, single_image):
     assert report["world_size"] == 2
 
 
+def test_torchrun_dit_model_equals_single_process(tmp_path):
+    single, parallel = tmp_path / "single", tmp_path / "parallel"
+    dit = [*SMALL, "--model", "tiny-sd3"]
+    _run([sys.executable, "-m", "paragen", "image", *dit, "--out", str(single)])
+    _run([str(BIN / "torchrun"), "--nproc-per-node", "2", "-m", "paragen", "image", *dit, "--ulysses", "2",
+          "--out", str(parallel)])
+    report = _check_same_image(parallel, _pixels(single))
+    assert report["config"]["ulysses"] == 2 and report["world_size"] == 2
+    assert report["comm_per_rank"]["0"]["dit.ulysses_qkv"]["bytes_sent"] > 0
+
+
 def test_mpirun_two_ranks(tmp_path, single_image):
     mpirun = shutil.which("mpirun", path=str(BIN)) or shutil.which("mpirun")
     if mpirun is None:

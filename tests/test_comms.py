@@ -25,11 +25,28 @@ def test_all_gather_and_all_reduce(observed):
         assert torch.allclose(seen[r]["all_reduce"], expected.sum(0))
 
 
-def test_all_to_all_routes_chunks(observed):
+def test_all_to_all_routes_uneven_pieces(observed):
     n, seen = observed
     for r in range(n):
-        expected = torch.cat([torch.full((1, 2), 100.0 * src + r) for src in range(n)])
+        expected = torch.cat([torch.full((src + r + 1,), 100.0 * src + r) for src in range(n)])
         assert torch.equal(seen[r]["all_to_all"], expected)
+        element = 4
+        assert seen[r]["stats"]["a2a"]["bytes_sent"] == element * sum(r + j + 1 for j in range(n) if j != r)
+        assert seen[r]["stats"]["a2a"]["bytes_recv"] == element * sum(s + r + 1 for s in range(n) if s != r)
+
+
+def test_ring_shift_passes_to_the_next_rank(observed):
+    n, seen = observed
+    for r in range(n):
+        prev = (r - 1) % n
+        assert torch.equal(seen[r]["ring"], torch.full((prev + 1, 2), float(prev)))
+
+
+def test_all_gather_of_uneven_shards(observed):
+    n, seen = observed
+    expected = torch.cat([torch.full((2, k + 1), float(k)) for k in range(n)], dim=1)
+    for r in range(n):
+        assert torch.equal(seen[r]["varlen"], expected)
 
 
 def test_neighbour_exchange(observed):
@@ -71,7 +88,8 @@ def test_bytes_accounting(observed):
         stats = seen[r]["stats"]
         x_bytes = 6 * 4
         assert stats["g"]["bytes_recv"] == (n - 1) * x_bytes and stats["g"]["calls"] == 1
-        assert stats["a2a"]["bytes_recv"] == (n - 1) * 2 * 4
+        prev = (r - 1) % n
+        assert (stats["ring"]["bytes_sent"], stats["ring"]["bytes_recv"]) == ((r + 1) * 2 * 4, (prev + 1) * 2 * 4)
         # neighbours: 1 row (3 floats) comes from below, 2 rows from above
         halo_in = (3 * 4 if r < n - 1 else 0) + (6 * 4 if r > 0 else 0)
         assert stats["halo"]["bytes_recv"] == halo_in

@@ -23,9 +23,9 @@ from tests.workers.dit_worker import generate
 MODELS = ("tiny-pixart", "tiny-sd3", "tiny-flux")
 EVEN, UNEVEN, STEPS, WARMUP, TEXT_TOKENS = 128, 144, 3, 1, 24
 EXACT_ATOL = 1e-4
-# Measured (3 steps, 1 warm-up, 144², ring or Ulysses×Ring): see PSNR_MEASURED in the closing note
-# of the DiT issue; the bound leaves a margin for other CPUs and library versions.
-PSNR_BOUND_DB = 30.0
+# Measured (3 steps, 1 warm-up, 144²): 2 ranks (ring) PixArt 99.5, SD3 62.2, Flux 71.9 dB; 4 ranks
+# (Ulysses×Ring) 96.2, 59.0, 69.1 dB. The bound leaves 9 dB for other CPUs and library versions.
+PSNR_BOUND_DB = 50.0
 
 
 def _layouts(world: int, model: str) -> dict[str, dict]:
@@ -105,13 +105,18 @@ def test_exact_layouts_equal_single_process(parallel, single):
 
 
 @pytest.mark.parametrize("model", MODELS)
-def test_displaced_differs_but_stays_close(parallel, single, model):
+def test_displaced_runs_stale_after_warmup_and_stays_close(parallel, single, model):
     world, results = parallel
-    names = [f"{model}/displaced/{UNEVEN}"] + ([f"tiny-flux/displaced_ulysses/{EVEN}"] if model == "tiny-flux" else [])
-    for name in names:
-        image, reference = results[name]["image"], single[model, int(name.rsplit("/", 1)[1])]
-        assert (image - reference).abs().max().item() > EXACT_ATOL, f"{name}: stale K/V should change the output"
-        assert _psnr(image, reference) >= PSNR_BOUND_DB, f"{name}: PSNR {_psnr(image, reference):.1f} dB"
+    exact = f"{model}/ring/{UNEVEN}" if world == 2 else f"{model}/ulysses_ring/{UNEVEN}"
+    name = f"{model}/displaced/{UNEVEN}"
+    stats, reference_stats = results[name]["stats"], results[exact]["stats"]
+    for rank in range(world):
+        # the same layout's exact ring traffic, but only in the warm-up steps; stale K/V published after
+        assert stats[rank]["dit.ring_kv"]["calls"] * STEPS == reference_stats[rank]["dit.ring_kv"]["calls"] * WARMUP
+        assert stats[rank]["dit.stale_kv"]["bytes_sent"] > 0
+    image, reference = results[name]["image"], single[model, UNEVEN]
+    assert not torch.equal(image, results[f"{model}/displaced_all_warmup/{UNEVEN}"]["image"])
+    assert _psnr(image, reference) >= PSNR_BOUND_DB, f"{name}: PSNR {_psnr(image, reference):.1f} dB"
 
 
 # ---- traffic ------------------------------------------------------------------------------------

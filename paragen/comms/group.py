@@ -98,25 +98,6 @@ class GroupComm:
         return tensor
 
     # ---- all-to-all ---------------------------------------------------------------------------
-    def all_to_all(self, tensor: torch.Tensor, label: str, scatter_dim: int, gather_dim: int) -> torch.Tensor:
-        """Split `tensor` into `size` chunks along `scatter_dim`, send chunk i to rank i, and
-        concatenate what arrives along `gather_dim` (the Ulysses re-sharding)."""
-        if self.size == 1:
-            return tensor
-        if tensor.shape[scatter_dim] % self.size:
-            raise ValueError(
-                f"all_to_all: dimension {scatter_dim} of size {tensor.shape[scatter_dim]} "
-                f"does not split over {self.size} ranks"
-            )
-        inputs = [c.contiguous() for c in tensor.chunk(self.size, dim=scatter_dim)]
-        outputs = [torch.empty_like(c) for c in inputs]
-        volume = (self.size - 1) * _nbytes(inputs[0])
-        self.stats.record(label, sent=volume, recv=volume)
-        with backend_call(label):
-            work = dist.all_to_all(outputs, inputs, group=self.group, async_op=True)
-        Pending([work], lambda: None, self.stats, label).wait()
-        return torch.cat(outputs, dim=gather_dim)
-
     def all_to_all_flat_async(
         self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int], label: str
     ) -> Pending[torch.Tensor]:

@@ -17,9 +17,16 @@ def observe() -> dict:
     x = torch.arange(6, dtype=torch.float32).view(2, 3) + 10 * r
     seen["all_gather"] = comm.all_gather(x, "g")
     seen["all_reduce"] = comm.all_reduce(x.clone(), "r")
-    # all-to-all: rank r sends chunk j (value 100r + j) to rank j.
-    chunks = torch.cat([torch.full((1, 2), 100.0 * r + j) for j in range(n)])
-    seen["all_to_all"] = comm.all_to_all(chunks, "a2a", scatter_dim=0, gather_dim=0)
+    # all-to-all of uneven pieces: rank r sends r + j + 1 values (100r + j) to rank j.
+    send = torch.cat([torch.full((r + j + 1,), 100.0 * r + j) for j in range(n)])
+    seen["all_to_all"] = comm.all_to_all_flat_async(
+        send, [r + j + 1 for j in range(n)], [src + r + 1 for src in range(n)], "a2a"
+    ).wait()
+    # ring: rank r sends r + 1 rows to the next rank and gets r rows (or n rows, on rank 0) from the previous.
+    prev = (r - 1) % n
+    seen["ring"] = comm.ring_shift_async(torch.full((r + 1, 2), float(r)), (prev + 1, 2), "ring").wait()
+    # all-gather of shards of different lengths along dim 1.
+    seen["varlen"] = comm.all_gather_varlen(torch.full((2, r + 1), float(r)), 1, [k + 1 for k in range(n)], "varlen")
     # neighbours: different row counts up and down, as a stride-2 conv would need.
     band = torch.full((1, 1, 4, 3), float(r))
     seen["neighbours"] = comm.exchange_neighbours_async(band[:, :, :1], band[:, :, -2:], "halo").wait()
