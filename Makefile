@@ -34,6 +34,8 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/bench_image.py
 	$(BIN)/python bench/plot_image.py
+	$(BIN)/python bench/bench_dit.py
+	$(BIN)/python bench/plot_dit.py
 
 clean:
 	rm -rf $(VENV) out

@@ -42,6 +42,17 @@ def test_ring_shift_passes_to_the_next_rank(observed):
         assert torch.equal(seen[r]["ring"], torch.full((prev + 1, 2), float(prev)))
 
 
+def test_share_sends_to_every_other_rank(observed):
+    n, seen = observed
+    for r in range(n):
+        got = seen[r]["share"]
+        assert got[r] is None
+        for src in range(n):
+            if src != r:
+                assert torch.equal(got[src], torch.full((src + 1,), float(src)))
+        assert seen[r]["stats"]["share"]["bytes_sent"] == (n - 1) * (r + 1) * 4
+
+
 def test_all_gather_of_uneven_shards(observed):
     n, seen = observed
     expected = torch.cat([torch.full((2, k + 1), float(k)) for k in range(n)], dim=1)

@@ -28,16 +28,27 @@ class GroupComm:
     """One process group (or a single process, when `group` is None and size is 1)."""
 
     def __init__(
-        self, group: dist.ProcessGroup | None, stats: CommStats, p2p_group: dist.ProcessGroup | None = None
+        self,
+        group: dist.ProcessGroup | None,
+        stats: CommStats,
+        p2p_group: dist.ProcessGroup | None = None,
+        stale_group: dist.ProcessGroup | None = None,
     ) -> None:
-        """`p2p_group`: the same ranks in a separate group for neighbour exchanges (default: `group`)."""
+        """`p2p_group` and `stale_group`: the same ranks in separate groups (default: `group`) for
+        neighbour/ring P2P and for the step-long stale all-gathers.
+
+        Gloo runs one group's operations in order over one set of connections: a small halo, or the
+        blocking gather at the end of a step, queued behind a multi-megabyte stale all-gather that is
+        meant to take a whole step would wait for it.
+        """
         self.group = group
         self.p2p_group = p2p_group or group
+        self.stale_group = stale_group or group
         self.stats = stats
         self.size = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
         self._tag = 0
-        for handle in {group, self.p2p_group} - {None}:
+        for handle in {group, self.p2p_group, self.stale_group} - {None}:
             apply_operation_timeout(handle)
 
     # ---- all-gather -------------------------------------------------------------------------
@@ -60,12 +71,13 @@ class GroupComm:
     def all_gather_into_async(
         self, out: torch.Tensor, flat: torch.Tensor, label: str, calls: int = 1
     ) -> Pending[torch.Tensor]:
-        """All-gather a flat buffer into a preallocated flat `out` of `size × |flat|` elements.
+        """All-gather a flat buffer into a preallocated flat `out` of `size × |flat|` elements, on the
+        stale group (this is the stale activations' path; see `FlatAllGather`).
 
-        Bytes are accounted by the caller (see `FlatAllGather`); `calls` counts the launch.
+        Bytes are accounted by the caller; `calls` counts the launch.
         """
         with backend_call(label):
-            work = _all_gather_flat(out, flat, group=self.group, async_op=True)
+            work = _all_gather_flat(out, flat, group=self.stale_group, async_op=True)
         self.stats.record(label, sent=0, recv=0, calls=calls)
         return Pending([work], lambda: out, self.stats, label)
 
@@ -135,6 +147,27 @@ class GroupComm:
             ]
         self.stats.record(label, sent=_nbytes(payload), recv=_nbytes(incoming))
         return Pending(works, lambda: incoming, self.stats, label)
+
+    def share_async(self, tensor: torch.Tensor, shapes: list[tuple[int, ...]], label: str) -> Pending[list]:
+        """Send `tensor` to every other rank by P2P and receive each one's (rank i's has `shapes[i]`).
+
+        The result lists every rank's tensor, None at this rank's place. An all-gather built from
+        point-to-point messages: shards may differ in size, and nothing runs in the backend's worker
+        threads between the sends and the wait at use.
+        """
+        payload = tensor.contiguous()
+        received: list[torch.Tensor | None] = [None] * self.size
+        works, recv = [], 0
+        tag = self._next_tag()
+        with backend_call(label):
+            for offset in range(1, self.size):
+                dst, src = (self.rank + offset) % self.size, (self.rank - offset) % self.size
+                works.append(dist.isend(payload, group=self.p2p_group, group_dst=dst, tag=tag))
+                received[src] = torch.empty(shapes[src], dtype=payload.dtype, device=payload.device)
+                works.append(dist.irecv(received[src], group=self.p2p_group, group_src=src, tag=tag))
+                recv += _nbytes(received[src])
+        self.stats.record(label, sent=(self.size - 1) * _nbytes(payload), recv=recv)
+        return Pending(works, lambda: received, self.stats, label)
 
     # ---- neighbours ---------------------------------------------------------------------------
     def exchange_neighbours_async(

@@ -28,8 +28,9 @@ from paragen.parallel.config import ParallelConfig
 DIMS = ("cfg", "patch", "ring", "ulysses")
 _GROUPS = {"cfg": ("cfg",), "patch": ("patch",), "ring": ("ring",), "ulysses": ("ulysses",),
            "seq": ("patch", "ring", "ulysses"), "world": DIMS}
-# Groups whose neighbour/ring P2P gets connections of its own (see `_p2p_twin`).
-_P2P_TWINS = ("patch", "ring")
+# Groups whose neighbour/ring P2P, and whose stale all-gathers, get connections of their own.
+_P2P_TWINS = ("patch", "ring", "seq")
+_STALE_TWINS = ("patch",)
 
 
 class ParallelMesh:
@@ -49,16 +50,16 @@ class ParallelMesh:
         made: dict[tuple[int, ...], dist.ProcessGroup] = {tuple(range(size)): dist.group.WORLD} if size > 1 else {}
         for name, dims in _GROUPS.items():
             group = self._group(dims, made)
-            twin = self._group(dims, {}) if name in _P2P_TWINS and group is not None else None
-            self._comms[name] = GroupComm(group, self.stats, p2p_group=twin)
+            p2p = self._group(dims, {}) if name in _P2P_TWINS and group is not None else None
+            stale = self._group(dims, {}) if name in _STALE_TWINS and group is not None else None
+            self._comms[name] = GroupComm(group, self.stats, p2p_group=p2p, stale_group=stale)
 
     def _group(self, dims: tuple[str, ...], made: dict) -> dist.ProcessGroup | None:
         """This rank's group over `dims` (None when it holds one rank).
 
         Every rank creates every group of the partition, in the same order, as torch.distributed
-        requires. With `made` empty a new group is created even for a rank set that exists already:
-        gloo serves one group's traffic over one set of connections, so small neighbour messages
-        queued behind a multi-megabyte all-gather on the same group would stall the layer needing them.
+        requires. With `made` empty a new group is created even for a rank set that exists already
+        (the P2P and stale twins; see `GroupComm`).
         """
         members = [i for i, d in enumerate(DIMS) if d in dims]
         if all(self.shape[i] == 1 for i in members):

@@ -25,6 +25,8 @@ def observe() -> dict:
     # ring: rank r sends r + 1 rows to the next rank and gets r rows (or n rows, on rank 0) from the previous.
     prev = (r - 1) % n
     seen["ring"] = comm.ring_shift_async(torch.full((r + 1, 2), float(r)), (prev + 1, 2), "ring").wait()
+    # P2P share: every rank gets every other rank's tensor of its own length (r + 1).
+    seen["share"] = comm.share_async(torch.full((r + 1,), float(r)), [(k + 1,) for k in range(n)], "share").wait()
     # all-gather of shards of different lengths along dim 1.
     seen["varlen"] = comm.all_gather_varlen(torch.full((2, r + 1), float(r)), 1, [k + 1 for k in range(n)], "varlen")
     # neighbours: different row counts up and down, as a stride-2 conv would need.

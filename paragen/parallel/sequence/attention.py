@@ -10,7 +10,8 @@ the attention output of those queries over *all* shards' keys:
   log-sum-exp. After R-1 hops every query has seen every key. Exact; blocks may differ in length.
 - **Ulysses × Ring**: Ulysses inside each group of U consecutive shards, then Ring across the groups.
 - **displaced** (stale steps): no exchange on the critical path — the rank's fresh K/V plus the other
-  shards' K/V of the previous step, which were all-gathered asynchronously behind a whole step.
+  shards' K/V of the previous step, sent point-to-point to every other shard as soon as they exist
+  and waited for only where the next step uses them, a whole step later.
 Attention is permutation-invariant over keys (no mask; positions are already in q and k through RoPE
 or embeddings), so the order in which shards are concatenated does not matter.
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from paragen.comms import Pending, Slot
+from paragen.comms import Pending
 from paragen.kernels import attention_with_lse, dense_attention, merge_attention_states
 from paragen.parallel.sequence.context import SequenceContext
 
@@ -28,7 +29,7 @@ class SequenceAttention:
 
     def __init__(self, ctx: SequenceContext) -> None:
         self.ctx = ctx
-        self._stale: Slot | None = None
+        self._stale: Pending[list] | None = None
         ctx.on_reset(self.reset)
 
     def reset(self) -> None:
@@ -114,23 +115,24 @@ class SequenceAttention:
 
     # ---- displaced ------------------------------------------------------------------------------
     def _publish(self, key: torch.Tensor, value: torch.Tensor, lengths: list[int]) -> None:
-        """Queue this shard's K/V (padded to the longest shard) for the next step's stale attention."""
-        kv = torch.stack([key, value])
-        longest = max(lengths)
-        if kv.shape[3] < longest:
-            kv = torch.cat([kv, kv.new_zeros(*kv.shape[:3], longest - kv.shape[3], kv.shape[4])], dim=3)
-        self._stale = self.ctx.stale_gather.submit(kv, self.ctx.label("stale_kv"))
+        """Send this shard's K/V to every other shard for the next step's stale attention."""
+        batch, heads, _, dim = key.shape
+        shapes = [(2, batch, heads, n, dim) for n in lengths]
+        self._stale = self.ctx.comm.share_async(torch.stack([key, value]), shapes, self.ctx.label("stale_kv"))
 
     def _displaced(self, query, key, value, lengths):
+        """Fresh own K/V plus every other shard's K/V of the previous step, merged by log-sum-exp."""
         ctx = self.ctx
         if self._stale is None:
             raise RuntimeError("displaced attention has no K/V from the previous step (was the warm-up skipped?)")
-        previous = self._stale.wait()  # [shards, 2, B, H, L_max, D]
-        others = [previous[i, :, :, :, : lengths[i]] for i in range(ctx.comm.size) if i != ctx.comm.rank]
-        # Copy out of the receive buffer before publishing: a full bucket relaunches into it.
-        keys = torch.cat([key, *(o[0] for o in others)], dim=2)
-        values = torch.cat([value, *(o[1] for o in others)], dim=2)
+        previous = self._stale.wait()  # every other shard's [2, B, H, L_i, D]
         self._stale = None
         if ctx.publish:
             self._publish(key, value, lengths)
-        return dense_attention(query, keys, values).transpose(1, 2)
+        out, lse = attention_with_lse(query, key, value)
+        out = out.float()
+        for kv in previous:
+            if kv is not None:
+                part, part_lse = attention_with_lse(query, kv[0], kv[1])
+                out, lse = merge_attention_states(out, lse, part.float(), part_lse)
+        return out.to(query.dtype).transpose(1, 2)
