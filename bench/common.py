@@ -34,6 +34,39 @@ def run_worker(worker: Path, name: str, args: list[str], ranks: int, threads: in
     return result
 
 
+class StepRecorder:
+    """Diffusers' step-end callback that stamps every denoising step and snapshots `CommStats` there
+    (the same clock for the stock pipeline and for paragen)."""
+
+    def __init__(self, stats=None) -> None:
+        self.stats = stats
+        self.stamps: list[float] = []
+        self.snapshots: list[dict] = []
+
+    def start(self) -> None:
+        """Forget the previous request and stamp the start of the next."""
+        self.stamps.clear()
+        self.snapshots.clear()
+        self._mark()
+
+    def __call__(self, pipeline, step, timestep, callback_kwargs):
+        self._mark()
+        return callback_kwargs
+
+    def _mark(self) -> None:
+        self.stamps.append(time.perf_counter())
+        if self.stats is not None:
+            self.snapshots.append(self.stats.snapshot())
+
+    @property
+    def step_s(self) -> list[float]:
+        return [b - a for a, b in zip(self.stamps, self.stamps[1:])]
+
+    @property
+    def comm_per_step(self) -> list[dict]:
+        return step_deltas(self.snapshots) if self.stats is not None else []
+
+
 def step_deltas(snapshots: list[dict]) -> list[dict]:
     """Per-step {label: {bytes_recv, bytes_sent, wait_s, calls}} from cumulative `CommStats` snapshots."""
     out = []

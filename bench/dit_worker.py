@@ -12,7 +12,7 @@ import json
 import time
 
 import torch
-from common import step_deltas
+from common import StepRecorder
 
 import paragen
 from paragen.comms import all_gather_objects, world_size
@@ -64,31 +64,19 @@ def main() -> None:
         mode = "displaced" if args.variant == "displaced" else "sync"
         paragen.parallelize(pipe, paragen.ParallelConfig(mode=mode, warmup_steps=args.warmup_steps, **degrees))
         stats = pipe.paragen.stats
-    stamps: list[float] = []
-    snapshots: list[dict] = []
-
-    def on_step_end(pipeline, step, timestep, callback_kwargs):
-        stamps.append(time.perf_counter())
-        if stats is not None:
-            snapshots.append(stats.snapshot())
-        return callback_kwargs
+    recorder = StepRecorder(stats)
 
     def request(steps: int) -> torch.Tensor:
-        stamps.clear()
-        snapshots.clear()
-        stamps.append(time.perf_counter())
-        if stats is not None:
-            snapshots.append(stats.snapshot())
+        recorder.start()
         return pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=steps,
                     max_sequence_length=args.text_tokens, generator=torch.Generator().manual_seed(0),
-                    output_type="pt", callback_on_step_end=on_step_end, **exact_size_options(pipe)).images
+                    output_type="pt", callback_on_step_end=recorder, **exact_size_options(pipe)).images
 
     request(args.warmup_request_steps)
     start = time.perf_counter()
     image = request(args.steps)
     total = time.perf_counter() - start
-    step_s = [b - a for a, b in zip(stamps, stamps[1:])]
-    per_step_comm = step_deltas(snapshots) if stats is not None else []
+    step_s, per_step_comm = recorder.step_s, recorder.comm_per_step
     comm_by_rank = all_gather_objects(pipe.paragen.mesh.comm("world"), per_step_comm) if stats is not None else []
     if paragen.is_output_rank():
         result = {

@@ -11,7 +11,7 @@ import json
 import time
 
 import torch
-from common import step_deltas
+from common import StepRecorder
 
 import paragen
 from paragen.comms import all_gather_objects
@@ -40,31 +40,19 @@ def main() -> None:
     if not args.stock:
         paragen.parallelize(pipe, paragen.ParallelConfig(mode=args.mode, warmup_steps=args.warmup_steps))
     stats = None if args.stock else pipe.paragen.stats
-    stamps: list[float] = []
-    snapshots: list[dict] = []
-
-    def on_step_end(pipeline, step, timestep, callback_kwargs):
-        stamps.append(time.perf_counter())
-        if stats is not None:
-            snapshots.append(stats.snapshot())
-        return callback_kwargs
+    recorder = StepRecorder(stats)
 
     def request(steps: int) -> torch.Tensor:
-        stamps.clear()
-        snapshots.clear()
-        stamps.append(time.perf_counter())
-        if stats is not None:
-            snapshots.append(stats.snapshot())
+        recorder.start()
         return pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=steps, guidance_scale=7.5,
                     generator=torch.Generator().manual_seed(0), output_type="pt",
-                    callback_on_step_end=on_step_end).images
+                    callback_on_step_end=recorder).images
 
     request(args.warmup_request_steps)
     start = time.perf_counter()
     image = request(args.steps)
     total = time.perf_counter() - start
-    step_s = [b - a for a, b in zip(stamps, stamps[1:])]
-    per_step_comm = step_deltas(snapshots) if stats is not None else []
+    step_s, per_step_comm = recorder.step_s, recorder.comm_per_step
     world = pipe.paragen.mesh.comm("world") if stats is not None else None
     comm_by_rank = all_gather_objects(world, per_step_comm) if world is not None else [per_step_comm]
     if paragen.is_output_rank():

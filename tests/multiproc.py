@@ -78,3 +78,14 @@ def check_all_ok(results: list[RankResult]) -> None:
     if bad:
         details = "\n".join(f"--- rank {r.rank} exit {r.returncode}\n{r.stderr[-3000:]}" for r in bad)
         raise AssertionError(f"{len(bad)} rank(s) failed:\n{details}")
+
+
+def run_spec_worker(worker: str, specs: list[dict], world_size: int, folder: Path, timeout: float) -> dict:
+    """Run `worker SPEC.json OUT.pt` (see `tests/workers/specs.py`) as `world_size` ranks; return OUT.pt."""
+    import json
+
+    import torch
+
+    (folder / "spec.json").write_text(json.dumps(specs))
+    check_all_ok(run_ranks([worker, str(folder / "spec.json"), str(folder / "out.pt")], world_size, timeout=timeout))
+    return torch.load(folder / "out.pt", weights_only=False)

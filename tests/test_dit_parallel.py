@@ -10,14 +10,13 @@
 """
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
 import torch
 
 from paragen.pipelines.loading import load_image_pipeline
-from tests.multiproc import check_all_ok, run_ranks
+from tests.multiproc import run_spec_worker
 from tests.workers.dit_worker import generate
 
 MODELS = ("tiny-pixart", "tiny-sd3", "tiny-flux")
@@ -62,11 +61,7 @@ def _specs(world: int) -> list[dict]:
 def parallel(request, tmp_path_factory):
     world = request.param
     folder = tmp_path_factory.mktemp(f"dit{world}")
-    (folder / "spec.json").write_text(json.dumps(_specs(world)))
-    results = run_ranks(["tests/workers/dit_worker.py", str(folder / "spec.json"), str(folder / "out.pt")],
-                        world, timeout=1500)
-    check_all_ok(results)
-    return world, torch.load(folder / "out.pt", weights_only=False)
+    return world, run_spec_worker("tests/workers/dit_worker.py", _specs(world), world, folder, timeout=1500)
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import json
 import math
 
 import pytest
@@ -17,7 +16,7 @@ from diffusers.models.attention_processor import Attention
 
 from paragen.parallel.partition import conv_halo, partial_rows
 from paragen.pipelines.loading import load_image_pipeline
-from tests.multiproc import check_all_ok, run_ranks
+from tests.multiproc import run_spec_worker
 
 SIZE, STEPS, WARMUP, FRACTION = 128, 4, 1, 0.3
 PROMPT, GUIDANCE, SEED = "a red fox in the snow", 5.0, 7
@@ -49,11 +48,7 @@ def _specs(world: int) -> list[dict]:
 def parallel(request, tmp_path_factory):
     world = request.param
     folder = tmp_path_factory.mktemp(f"image{world}")
-    (folder / "spec.json").write_text(json.dumps(_specs(world)))
-    results = run_ranks(["tests/workers/image_worker.py", str(folder / "spec.json"), str(folder / "out.pt")],
-                        world, timeout=1200)
-    check_all_ok(results)
-    return world, torch.load(folder / "out.pt", weights_only=False)
+    return world, run_spec_worker("tests/workers/image_worker.py", _specs(world), world, folder, timeout=1200)
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,12 @@
 usage: dit_worker.py SPEC.json OUT.pt   (SPEC: a list of runs, see tests/test_dit_parallel.py)
 Each run builds its pipeline afresh; a spec without parallel degrees runs unparallelised (the reference).
 """
-import json
-import sys
-
 import torch
 
 import paragen
 from paragen.comms import all_gather_objects
 from paragen.pipelines.loading import load_image_pipeline
+from tests.workers.specs import serve_specs
 
 
 def generate(pipe, spec: dict) -> torch.Tensor:
@@ -35,14 +33,5 @@ def run(spec: dict) -> dict:
     return result
 
 
-def main() -> None:
-    specs = json.loads(open(sys.argv[1]).read())
-    paragen.init()
-    results = {spec["name"]: run(spec) for spec in specs}
-    if paragen.is_output_rank():
-        torch.save(results, sys.argv[2])
-    paragen.shutdown()
-
-
 if __name__ == "__main__":
-    main()
+    serve_specs(run)

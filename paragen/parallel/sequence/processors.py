@@ -25,6 +25,16 @@ FLUX_PROCESSORS = ("FluxAttnProcessor", "FluxAttnProcessor2_0")
 CROSS_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 
 
+def _project(attn, states: torch.Tensor, to_q, to_k, to_v, norm_q, norm_k) -> tuple[torch.Tensor, ...]:
+    """q, k, v of `states` as `[B, H, L, D]`, with the optional q/k norms (diffusers' order)."""
+    query, key, value = (heads_first(proj(states), attn.heads) for proj in (to_q, to_k, to_v))
+    if norm_q is not None:
+        query = norm_q(query)
+    if norm_k is not None:
+        key = norm_k(key)
+    return query, key, value
+
+
 class SeqSelfAttnProcessor(AttnProcessorContract):
     """Self-attention over the image tokens of every shard."""
 
@@ -35,13 +45,7 @@ class SeqSelfAttnProcessor(AttnProcessorContract):
     def attend(self, attn, hidden_states, encoder_hidden_states):
         if encoder_hidden_states is not None:
             raise ValueError("a self-attention layer was given encoder states (only_cross_attention is not supported)")
-        query = heads_first(attn.to_q(hidden_states), attn.heads)
-        key = heads_first(attn.to_k(hidden_states), attn.heads)
-        value = heads_first(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _project(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
         return self.core(query, key, value, self.ctx.lengths(text=False)).transpose(1, 2)
 
 
@@ -56,22 +60,13 @@ class SeqJointAttnProcessor:
         if attention_mask is not None:
             raise ValueError("sequence-parallel joint attention does not support attention masks")
         image_tokens = hidden_states.shape[1]
-        query = heads_first(attn.to_q(hidden_states), attn.heads)
-        key = heads_first(attn.to_k(hidden_states), attn.heads)
-        value = heads_first(attn.to_v(hidden_states), attn.heads)
-        if attn.norm_q is not None:
-            query = attn.norm_q(query)
-        if attn.norm_k is not None:
-            key = attn.norm_k(key)
+        query, key, value = _project(attn, hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k)
         text = encoder_hidden_states is not None
         if text:
-            text_query = heads_first(attn.add_q_proj(encoder_hidden_states), attn.heads)
-            text_key = heads_first(attn.add_k_proj(encoder_hidden_states), attn.heads)
-            text_value = heads_first(attn.add_v_proj(encoder_hidden_states), attn.heads)
-            if attn.norm_added_q is not None:
-                text_query = attn.norm_added_q(text_query)
-            if attn.norm_added_k is not None:
-                text_key = attn.norm_added_k(text_key)
+            text_query, text_key, text_value = _project(
+                attn, encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+                attn.norm_added_q, attn.norm_added_k,
+            )
             query = torch.cat([query, text_query], dim=2)
             key = torch.cat([key, text_key], dim=2)
             value = torch.cat([value, text_value], dim=2)
