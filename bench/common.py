@@ -67,6 +67,20 @@ class StepRecorder:
         return step_deltas(self.snapshots) if self.stats is not None else []
 
 
+def timed_request(request, warmup_steps: int, steps: int):
+    """Run `request(warmup_steps)` to warm up, then `request(steps)`; return (its output, its seconds)."""
+    request(warmup_steps)
+    start = time.perf_counter()
+    output = request(steps)
+    return output, time.perf_counter() - start
+
+
+def write_result(out: str, result: dict, image: torch.Tensor) -> None:
+    """The worker's JSON result at `out` and its image tensor next to it (`.pt`)."""
+    Path(out).write_text(json.dumps(result))
+    torch.save(image, str(Path(out).with_suffix(".pt")))
+
+
 def step_deltas(snapshots: list[dict]) -> list[dict]:
     """Per-step {label: {bytes_recv, bytes_sent, wait_s, calls}} from cumulative `CommStats` snapshots."""
     out = []

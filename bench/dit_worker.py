@@ -8,11 +8,9 @@ clock for all variants, after a warm-up request. Rank 0 writes a JSON result and
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import torch
-from common import StepRecorder
+from common import StepRecorder, timed_request, write_result
 
 import paragen
 from paragen.comms import all_gather_objects, world_size
@@ -72,10 +70,7 @@ def main() -> None:
                     max_sequence_length=args.text_tokens, generator=torch.Generator().manual_seed(0),
                     output_type="pt", callback_on_step_end=recorder, **exact_size_options(pipe)).images
 
-    request(args.warmup_request_steps)
-    start = time.perf_counter()
-    image = request(args.steps)
-    total = time.perf_counter() - start
+    image, total = timed_request(request, args.warmup_request_steps, args.steps)
     step_s, per_step_comm = recorder.step_s, recorder.comm_per_step
     comm_by_rank = all_gather_objects(pipe.paragen.mesh.comm("world"), per_step_comm) if stats is not None else []
     if paragen.is_output_rank():
@@ -87,9 +82,7 @@ def main() -> None:
             "transformer": {k: pipe.transformer.config[k] for k in ("num_layers", "num_single_layers",
                                                                     "num_attention_heads", "attention_head_dim")},
         }
-        with open(args.out, "w") as f:
-            json.dump(result, f)
-        torch.save(image, args.out.replace(".json", ".pt"))
+        write_result(args.out, result, image)
     paragen.shutdown()
 
 

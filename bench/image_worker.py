@@ -7,11 +7,9 @@ Rank 0 writes a JSON result and the image tensor.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 
 import torch
-from common import StepRecorder
+from common import StepRecorder, timed_request, write_result
 
 import paragen
 from paragen.comms import all_gather_objects
@@ -48,10 +46,7 @@ def main() -> None:
                     generator=torch.Generator().manual_seed(0), output_type="pt",
                     callback_on_step_end=recorder).images
 
-    request(args.warmup_request_steps)
-    start = time.perf_counter()
-    image = request(args.steps)
-    total = time.perf_counter() - start
+    image, total = timed_request(request, args.warmup_request_steps, args.steps)
     step_s, per_step_comm = recorder.step_s, recorder.comm_per_step
     world = pipe.paragen.mesh.comm("world") if stats is not None else None
     comm_by_rank = all_gather_objects(world, per_step_comm) if world is not None else [per_step_comm]
@@ -62,9 +57,7 @@ def main() -> None:
             "model": args.model, "size": args.size, "steps": args.steps, "request_s": total,
             "step_s": step_s, "comm_per_step_by_rank": comm_by_rank,
         }
-        with open(args.out, "w") as f:
-            json.dump(result, f)
-        torch.save(image, args.out.replace(".json", ".pt"))
+        write_result(args.out, result, image)
     paragen.shutdown()
 
 

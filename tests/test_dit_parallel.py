@@ -66,7 +66,7 @@ def parallel(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single():
-    """Single-process images of each model and size (no process group), and the model shapes."""
+    """Single-process images of each model and size (no process group), and each transformer config."""
     out = {}
     for model in MODELS:
         pipe = load_image_pipeline(model)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from paragen.comms import FlatAllGather, GroupComm
+from paragen.comms import GroupComm
 
 
 class StepPlan:
@@ -21,7 +21,6 @@ class StepPlan:
         self.mode = mode
         self.warmup_steps = warmup_steps
         self.label_prefix = label_prefix
-        self.stale_gather = FlatAllGather(comm, label=f"{label_prefix}stale_gather")
         self.step = -1
         self.total_steps: int | None = None
         self._resets: list[Callable[[], None]] = []
@@ -36,13 +35,8 @@ class StepPlan:
         """Called before each forward of the model on its shard."""
         self.step += 1
 
-    def end_step(self) -> None:
-        """Launch whatever stale data is still queued."""
-        self.stale_gather.end_step()
-
     def end_request(self) -> None:
-        """Wait for data in flight and drop every layer's stale state."""
-        self.stale_gather.drain()
+        """Drop every layer's stale state."""
         for reset in self._resets:
             reset()
         self.step = -1

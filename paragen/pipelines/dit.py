@@ -94,7 +94,6 @@ class DiTRuntime(PipelineRuntime):
 
     def gather_tokens(self, tokens):
         """All-gather the image-token shards of both CFG branches into `[cfg·B, N, C]`."""
-        self.plan.end_step()  # launch the queued stale K/V before the blocking gather
         cfg = self.config.cfg
         full = self.mesh.comm("world").all_gather_varlen(tokens, 1, self.seq.image_sizes * cfg, "dit.output")
         if cfg == 1:

@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import math
 
-from paragen.comms import GroupComm
+from paragen.comms import FlatAllGather, GroupComm
 from paragen.parallel.steps import StepPlan
 
 
 class PatchContext(StepPlan):
-    """A `StepPlan` over the band group, plus the full latent size and the partial (PCPP) fraction."""
+    """A `StepPlan` over the band group, plus the flat async gather that carries the bands' stale
+    data, the full latent size and the partial (PCPP) fraction."""
 
     def __init__(
         self,
@@ -19,6 +20,7 @@ class PatchContext(StepPlan):
         label_prefix: str = "",
     ) -> None:
         super().__init__(comm, mode, warmup_steps, label_prefix)
+        self.stale_gather = FlatAllGather(comm, label=f"{label_prefix}stale_gather")
         self.partial_fraction = partial_fraction
         self.latent_shape: tuple[int, int] = (0, 0)  # full (rows, cols) of the model's input
 
@@ -26,6 +28,15 @@ class PatchContext(StepPlan):
         """Called before each forward of the model on its band, with the full latent size."""
         super().begin_step()
         self.latent_shape = (latent_rows, latent_cols)
+
+    def end_step(self) -> None:
+        """Launch whatever stale data is still queued."""
+        self.stale_gather.end_step()
+
+    def end_request(self) -> None:
+        """Wait for data in flight, then drop every layer's stale state."""
+        self.stale_gather.drain()
+        super().end_request()
 
     @property
     def partial(self) -> bool:
