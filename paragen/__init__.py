@@ -13,9 +13,9 @@ from typing import Any
 
 from paragen.comms import is_output_rank
 from paragen.launch.process_group import init, shutdown
-from paragen.parallel import ParallelConfig
+from paragen.parallel import HiresConfig, ParallelConfig
 
-__all__ = ["ParallelConfig", "init", "is_output_rank", "parallelize", "shutdown"]
+__all__ = ["HiresConfig", "ParallelConfig", "init", "is_output_rank", "parallelize", "shutdown"]
 __version__ = "0.1.0"
 
 

@@ -98,6 +98,20 @@ class GroupComm:
         everyone = self.all_gather(tensor, label)
         return torch.cat([part.narrow(dim, 0, n) for part, n in zip(everyone, sizes)], dim=dim)
 
+    # ---- broadcast ----------------------------------------------------------------------------
+    def broadcast_async(self, tensor: torch.Tensor, src: int, label: str, stale: bool = False) -> Pending[torch.Tensor]:
+        """Start sending rank `src`'s `tensor` to every rank; the others receive into their `tensor`
+        (same shape and dtype on every rank). `stale=True` runs it on the stale group, so a broadcast
+        meant to arrive a whole step later does not hold up this step's blocking collectives."""
+        if self.size == 1:
+            return ready(tensor)
+        size = _nbytes(tensor)
+        sent, recv = ((self.size - 1) * size, 0) if self.rank == src else (0, size)
+        self.stats.record(label, sent=sent, recv=recv)
+        with backend_call(label):
+            work = dist.broadcast(tensor, group=self.stale_group if stale else self.group, group_src=src, async_op=True)
+        return Pending([work], lambda: tensor, self.stats, label)
+
     # ---- reductions ---------------------------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, label: str, op: dist.ReduceOp = dist.ReduceOp.SUM) -> torch.Tensor:
         """Blocking in-place all-reduce (for large tensors, where the backend's ring wins)."""

@@ -21,6 +21,7 @@ from paragen.launch.process_group import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT
 from paragen.launch.slurm import sbatch_script
 from paragen.log import get_logger, setup_logging
 from paragen.parallel.config import MODE_HELP, MODES, ParallelConfig
+from paragen.parallel.hires import GUIDANCE_MODES, PLACEMENTS, HiresConfig
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
@@ -31,6 +32,7 @@ def _add_image_parser(sub: argparse._SubParsersAction) -> None:
     from paragen.pipelines.loading import EMBEDDED_MODELS
 
     defaults = ImageRequest()
+    hires_defaults = HiresConfig()
     p = sub.add_parser("image", help="text-to-image across ranks (patch parallelism for UNets, sequence parallelism for DiTs)",
                        description="Generate one image with its work split across every rank of the job.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -57,6 +59,29 @@ def _add_image_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup-steps", type=int, default=4, help="steps run in sync mode before displaced/partial starts")
     p.add_argument("--partial-fraction", type=float, default=0.3,
                    help="partial mode: fraction of each neighbouring band's rows that attention sees")
+    h = p.add_argument_group("beyond the training size (--hires, SD/SDXL)")
+    h.add_argument("--hires", action="store_true",
+                   help="denoise training-size windows spread over the ranks, steered by a low-resolution view")
+    h.add_argument("--window", type=int, default=None, help="window side in latent pixels (default: the UNet's sample_size)")
+    h.add_argument("--stride", type=int, default=None, help="latent pixels between windows (default: half the window)")
+    h.add_argument("--guidance", choices=GUIDANCE_MODES, default="async",
+                   help="async: mix in the previous step's low-resolution guidance (no waiting); sync: wait for this step's")
+    h.add_argument("--guidance-weight", type=float, default=hires_defaults.guidance_weight,
+                   help="structure guidance weight w0, in [0, 1]")
+    h.add_argument("--guidance-decay", type=float, default=hires_defaults.guidance_decay,
+                   help="exponent of the cosine decay of the weight over the steps (0: constant)")
+    h.add_argument("--map-layers", default=",".join(hires_defaults.map_layers),
+                   help="comma-separated UNet module prefixes whose cross-attention maps form the guidance mask")
+    h.add_argument("--structure-fraction", type=float, default=hires_defaults.structure_fraction,
+                   help="share of the steps run at low resolution before it seeds the large latent (0: none)")
+    h.add_argument("--placement", choices=PLACEMENTS, default=hires_defaults.placement,
+                   help="interleaved: the low-resolution pass is one more unit of a window rank; dedicated: a rank of its own")
+    h.add_argument("--window-batch", type=int, default=hires_defaults.window_batch, help="windows per UNet call")
+    h.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="save every rank's state in DIR every --checkpoint-every steps (must not hold a checkpoint)")
+    h.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps between checkpoints")
+    h.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run checkpointed in DIR (same request, layout and number of ranks)")
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pickle (.bin/.ckpt) checkpoints, which can run arbitrary code")
     p.add_argument("--out", default=defaults.out_dir, help="folder for the PNG and the JSON run report")
@@ -104,7 +129,7 @@ def _run_slurm(args: argparse.Namespace) -> int:
 
 
 def _run_image(args: argparse.Namespace) -> int:
-    from paragen.pipelines.image_job import ImageRequest, run_image_job
+    from paragen.pipelines.image_job import ImageRequest, open_checkpoints, run_image_job
     from paragen.pipelines.loading import check_model_source
 
     # Everything that can be checked without the other ranks is checked here, on every rank.
@@ -112,14 +137,34 @@ def _run_image(args: argparse.Namespace) -> int:
         model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
         width=args.width, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
         dtype=args.dtype, allow_pickle=args.allow_pickle, out_dir=args.out, name=args.name,
+        checkpoint_dir=args.resume or args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume is not None,
     )
+    if args.resume and args.checkpoint and args.resume != args.checkpoint:
+        raise ValueError("--resume continues the run in its folder and keeps checkpointing there; drop --checkpoint")
     config = ParallelConfig(cfg=args.cfg, patch=args.patch, mode=args.mode, warmup_steps=args.warmup_steps,
-                            partial_fraction=args.partial_fraction, ulysses=args.ulysses, ring=args.ring)
-    config.resolve(discover().world_size)
+                            partial_fraction=args.partial_fraction, ulysses=args.ulysses, ring=args.ring,
+                            hires=_hires_config(args))
+    launch = discover()
+    config.resolve(launch.world_size)
     check_model_source(args.model, allow_pickle=args.allow_pickle)
+    checkpoints = open_checkpoints(request, config, launch.rank, launch.world_size)
     init(init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads, verbose=args.verbose)
-    run_image_job(request, config)
+    run_image_job(request, config, checkpoints)
     return 0
+
+
+def _hires_config(args: argparse.Namespace) -> HiresConfig | None:
+    """The --hires options as a `HiresConfig` (None without --hires; its options alone are refused)."""
+    if not args.hires:
+        given = [flag for flag, value in (("--window", args.window), ("--stride", args.stride)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --hires")
+        return None
+    return HiresConfig(
+        window=args.window, stride=args.stride, guidance=args.guidance, guidance_weight=args.guidance_weight,
+        guidance_decay=args.guidance_decay, map_layers=tuple(p.strip() for p in args.map_layers.split(",") if p.strip()),
+        structure_fraction=args.structure_fraction, placement=args.placement, window_batch=args.window_batch,
+    )
 
 
 def _quiet_third_party() -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from paragen.parallel.hires.config import HiresConfig
+
 MODES = ("sync", "displaced", "partial")
 MODE_HELP = {
     "sync": "every exchange fresh and blocking; equals the single-device output (the reference)",
@@ -21,7 +23,9 @@ class ParallelConfig:
     - `cfg`: 1, or 2 to run the classifier-free-guidance branches on different ranks;
     - `patch`: row bands of a UNet's latent (patch parallelism);
     - `ulysses`, `ring`: sequence parallelism of a diffusion transformer's image tokens — all-to-all
-      to head shards (Ulysses) and K/V passed around a ring (Ring); `ulysses × ring` shards in all.
+      to head shards (Ulysses) and K/V passed around a ring (Ring); `ulysses × ring` shards in all;
+    - `hires`: a UNet latent beyond the training size, as overlapping training-size windows spread over
+      the ranks (`patch` of them) and steered by a low-resolution view (see `HiresConfig`).
 
     `patch=-1` means "the ranks left over" once the other degrees are taken. `resolve(world_size)`
     returns a copy with every degree concrete and their product checked against the world size.
@@ -34,6 +38,7 @@ class ParallelConfig:
     partial_fraction: float = 0.3
     ulysses: int = 1
     ring: int = 1
+    hires: HiresConfig | None = None
 
     def __post_init__(self) -> None:
         if self.cfg not in (1, 2):
@@ -49,6 +54,9 @@ class ParallelConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 < self.partial_fraction <= 1.0:
             raise ValueError(f"partial_fraction must be in (0, 1], got {self.partial_fraction}")
+        if self.hires is not None and (self.cfg, self.sequence, self.mode) != (1, 1, "sync"):
+            raise ValueError("hires spreads the windows of one image over every rank; it does not combine with "
+                             "cfg=2, ulysses, ring or a displaced/partial mode (its own option is guidance=async|sync)")
 
     @property
     def sequence(self) -> int:
@@ -71,7 +79,9 @@ class ParallelConfig:
         return dataclasses.replace(self, patch=patch)
 
     def layout_tag(self) -> str:
-        """A file-name fragment naming the layout, e.g. `patch4_cfg2_displaced` or `ulysses2_ring2_cfg1_sync`."""
+        """A file-name fragment naming the layout, e.g. `patch4_cfg2_displaced`, `ulysses2_ring2_cfg1_sync`, `hires2_async`."""
+        if self.hires is not None:
+            return f"hires{self.patch}_{self.hires.guidance}"
         degrees = [f"patch{self.patch}"] if self.sequence == 1 else []
         degrees += [f"{name}{getattr(self, name)}" for name in ("ulysses", "ring") if getattr(self, name) > 1]
         return "_".join(degrees + [f"cfg{self.cfg}", self.mode])

@@ -1,4 +1,4 @@
-"""Cut a model call's batched inputs down to one classifier-free-guidance branch."""
+"""Cut a model call's batched inputs down to one classifier-free-guidance branch, or repeat them for several inputs."""
 from __future__ import annotations
 
 from typing import Any
@@ -24,3 +24,17 @@ def split_batch(args: tuple, kwargs: dict, batch: int, index: int, parts: int) -
         return value
 
     return [cut(a) for a in args], {k: cut(v) for k, v in kwargs.items()}
+
+
+def repeat_batch(args: tuple, kwargs: dict, batch: int, times: int) -> tuple[list, dict]:
+    """Repeat every tensor whose first dimension is `batch` (also inside dicts) `times` times along it,
+    so one model call can run `times` inputs that share the same conditioning."""
+
+    def grow(value: Any) -> Any:
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == batch:
+            return value.repeat(times, *([1] * (value.ndim - 1)))
+        if isinstance(value, dict):
+            return {k: grow(v) for k, v in value.items()}
+        return value
+
+    return [grow(a) for a in args], {k: grow(v) for k, v in kwargs.items()}

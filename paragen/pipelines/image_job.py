@@ -13,6 +13,7 @@ import torch
 from paragen.comms import all_gather_objects, is_output_rank, world_size
 from paragen.log import get_logger
 from paragen.parallel import ParallelConfig
+from paragen.pipelines.checkpoint import Checkpoints, first_step
 from paragen.pipelines.parallelize import parallelize
 from paragen.pipelines.loading import load_image_pipeline
 from paragen.pipelines.outputs import save_json, save_png
@@ -36,11 +37,18 @@ class ImageRequest:
     allow_pickle: bool = False
     out_dir: str = "out"
     name: str | None = None
+    checkpoint_dir: str | None = None  # hires runs: save every rank's state here ...
+    checkpoint_every: int = 5  # ... every this many steps
+    resume: bool = False  # continue the run saved in checkpoint_dir
 
     def __post_init__(self) -> None:
         for field_name in ("height", "width", "steps"):
             if getattr(self, field_name) <= 0:
                 raise ValueError(f"{field_name} must be positive, got {getattr(self, field_name)}")
+        if self.checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every must be positive, got {self.checkpoint_every}")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume needs the checkpoint folder of the run to continue")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
@@ -48,6 +56,21 @@ class ImageRequest:
         """File name (without extension) encoding the request and the layout."""
         model = Path(self.model).name if Path(self.model).exists() else self.model
         return self.name or f"{model}_{self.height}x{self.width}_{config.layout_tag()}_seed{self.seed}"
+
+
+def open_checkpoints(request: ImageRequest, config: ParallelConfig, rank: int, world: int) -> Checkpoints | None:
+    """The request's checkpoint folder, checked on this rank before any collective: a fresh run refuses a
+    folder holding a checkpoint, a resumed run one saved by a different request, layout or world size."""
+    if request.checkpoint_dir is None:
+        return None
+    if config.hires is None:
+        raise ValueError("checkpoints are taken by hires runs (--hires); other image runs are short")
+    skip = ("out_dir", "name", "checkpoint_dir", "checkpoint_every", "resume")
+    fingerprint = {f"request.{k}": v for k, v in asdict(request).items() if k not in skip}
+    fingerprint.update({f"config.{k}": v for k, v in asdict(config.resolve(world)).items()})
+    checkpoints = Checkpoints(request.checkpoint_dir, fingerprint, rank, world)
+    first_step(checkpoints, request.resume)
+    return checkpoints
 
 
 def git_revision() -> str:
@@ -71,12 +94,17 @@ def exact_size_options(pipe) -> dict:
     return {name: False for name in ("use_resolution_binning", "clean_caption") if name in accepted}
 
 
-def run_image_job(request: ImageRequest, config: ParallelConfig) -> dict | None:
-    """Generate the image on every rank; the output rank writes PNG + JSON and returns the report."""
+def run_image_job(request: ImageRequest, config: ParallelConfig, checkpoints: Checkpoints | None = None) -> dict | None:
+    """Generate the image on every rank; the output rank writes PNG + JSON and returns the report.
+
+    `checkpoints` (from `open_checkpoints`, hires only): save every `request.checkpoint_every` steps,
+    and continue from the newest complete checkpoint when `request.resume`."""
     log = get_logger()
     start = time.perf_counter()
     pipe = load_image_pipeline(request.model, dtype=DTYPES[request.dtype], allow_pickle=request.allow_pickle)
     parallelize(pipe, config)
+    if checkpoints is not None:
+        pipe.paragen.enable_checkpoints(checkpoints, request.checkpoint_every, request.resume)
     pipe.set_progress_bar_config(disable=not is_output_rank(), desc=f"{world_size()} rank(s)")
     loaded = time.perf_counter()
     options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
@@ -122,4 +150,4 @@ def run_image_job(request: ImageRequest, config: ParallelConfig) -> dict | None:
     return report
 
 
-__all__ = ["DTYPES", "ImageRequest", "exact_size_options", "run_image_job"]
+__all__ = ["DTYPES", "ImageRequest", "exact_size_options", "open_checkpoints", "run_image_job"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from paragen.parallel import ParallelConfig
 from paragen.pipelines.dit import FAMILIES, parallelize_dit
+from paragen.pipelines.hires import parallelize_hires
 from paragen.pipelines.image import parallelize_unet
 
 UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
@@ -14,11 +15,16 @@ def parallelize(pipe, config: ParallelConfig | None = None):
     Call `paragen.init()` first. Every rank builds the same pipeline (same weights) and calls it with
     the same arguments; each computes its share, and every rank returns the whole image. SD and SDXL
     are split into row bands (`patch`), PixArt, SD3 and Flux along the token sequence (`ulysses`,
-    `ring`); both take `cfg=2` and the `displaced` mode.
+    `ring`); both take `cfg=2` and the `displaced` mode. With `hires=HiresConfig(...)`, SD and SDXL go
+    beyond their training size: training-size windows over the ranks, steered by a low-resolution view.
     """
     name = type(pipe).__name__
     if hasattr(pipe, "paragen"):
         raise ValueError("this pipeline is already parallelised")
+    if config is not None and config.hires is not None:
+        if name not in UNET_PIPELINES:
+            raise TypeError(f"hires supports {', '.join(UNET_PIPELINES)}; got {name}")
+        return parallelize_hires(pipe, config)
     if name in UNET_PIPELINES:
         return parallelize_unet(pipe, config)
     if name in FAMILIES:

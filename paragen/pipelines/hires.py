@@ -1,0 +1,370 @@
+"""`parallelize_hires(pipe, config)`: SD / SDXL beyond the training size, windows over the ranks, with
+asynchronous structure guidance (ASGDiffusion), in place.
+
+The pipeline's own loop and scheduler run unchanged on every rank, on the whole high-resolution (HR)
+latent. What changes is the UNet call: `unet.forward` is replaced on the instance by `HiresRuntime`,
+which, each step,
+1. runs the low-resolution (LR) branch on its rank: one pass over a training-size view of the whole
+   image with its own scheduler copy, which yields ε_LR and the normalised cross-attention map M of the
+   up-blocks; they are broadcast to every rank (`sync`: waited for now; `async`: waited for at the
+   next step, so each step mixes in the previous step's guidance);
+2. denoises this rank's training-size windows of the HR latent and mixes the guidance into each:
+   `ε̃ = ε + w_t · M ⊙ (up(ε_LR) − ε)` (M and ε_LR upsampled to the HR grid, then cropped);
+3. sums the windows' predictions over the ranks (one all-reduce) and divides by the coverage: the
+   overlaps are averaged (MultiDiffusion). Averaging ε equals averaging the windows' next latents,
+   because a scheduler step is per-pixel affine in ε.
+
+Structure seeding: the first `structure_fraction` of the steps run the LR branch alone (the HR
+latent follows the upsampled LR prediction meanwhile). After them the LR branch's predicted clean
+latent, upsampled and re-noised to the next step's noise level with the HR run's own initial noise,
+replaces the HR latent (through `callback_on_step_end`), and the windows take over.
+
+The HR latent's windows are balanced over the ranks in units of one UNet pass; the LR pass is one unit
+on the last rank (`interleaved`) or that rank's only work (`dedicated`). Checkpoints (`enable_checkpoints`)
+save every rank's state every K steps; a resumed run skips the finished steps without computing and
+restores the state at the last one, so it gives the same image as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from paragen.comms import Pending, ready
+from paragen.parallel import ParallelConfig, ParallelMesh
+from paragen.parallel.hires import HiresConfig
+from paragen.parallel.hires.attention_map import MapRecorder, install_map_processors
+from paragen.parallel.hires.guidance import low_res_size, mix, pooled_noise, resize, weight
+from paragen.parallel.hires.windows import Assignment, Window, assign, coverage, window_grid
+from paragen.parallel.partition import check_image_size
+from paragen.parallel.steps import StepPlan
+from paragen.pipelines.batch_split import repeat_batch
+from paragen.pipelines.call_wrapper import check_steps, parallel_class, request_arg, share_generator
+from paragen.pipelines.checkpoint import Checkpoints, first_step, load_scheduler_state, scheduler_state
+from paragen.pipelines.runtime import PipelineRuntime
+from paragen.pipelines.scheduler_math import predicted_original
+from paragen.pipelines.vae_decode import ParallelVaeDecoder
+
+LR_SEED = 0x5EED  # the LR branch's own generator (only stochastic schedulers draw from it)
+
+
+@dataclass
+class Guidance:
+    """The LR branch's output of one step: ε_LR `[N, C, h, w]` (the UNet's raw batch) and M `[B, 1, h, w]`."""
+
+    step: int
+    eps: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class Layout:
+    """One request's geometry: the HR and LR latent sizes, the windows and who denoises which."""
+
+    rows: int
+    cols: int
+    lr_size: tuple[int, int]
+    windows: list[Window]
+    assignment: Assignment
+    coverage: torch.Tensor
+    tokens: slice
+
+
+@dataclass
+class HiresRuntime(PipelineRuntime):
+    """What `parallelize` attaches to a pipeline in hires mode as `pipe.paragen`."""
+
+    hires: HiresConfig = field(default_factory=HiresConfig)
+    window: int = 64
+    unet_factor: int = 8
+    recorder: MapRecorder = field(default_factory=MapRecorder)
+    unet_forward: Any = None  # the UNet's own forward
+    checkpoints: Checkpoints | None = None
+    checkpoint_every: int = 0
+    resume_step: int = 0
+    trace: list[tuple[int, int]] = field(default_factory=list)  # (HR step, LR step whose guidance it used)
+    # per request
+    layout: Layout | None = None
+    seed_step: int = 0
+    noise: torch.Tensor | None = None
+    lr_scheduler: Any = None
+    lr_latent: torch.Tensor | None = None
+    lr_generator: torch.Generator | None = None
+    guidance: Pending[Guidance] | None = None
+    x0_lr: torch.Tensor | None = None
+    generator: Any = None
+
+    @property
+    def comm(self):
+        """The ranks sharing the windows."""
+        return self.mesh.comm("patch")
+
+    @property
+    def owns_lr(self) -> bool:
+        return self.comm.rank == self.layout.assignment.lr_rank
+
+    def enable_checkpoints(self, checkpoints: Checkpoints, every: int, resume: bool) -> None:
+        """Save every rank's state every `every` steps into `checkpoints`; with `resume`, continue from
+        its newest complete checkpoint (checked before any collective)."""
+        if every < 1:
+            raise ValueError(f"checkpoint interval must be >= 1 step, got {every}")
+        self.resume_step = first_step(checkpoints, resume)
+        self.checkpoints, self.checkpoint_every = checkpoints, every
+
+    # ---- the request ---------------------------------------------------------------------------
+    def prepare_call(self, pipe, bound: inspect.BoundArguments) -> None:
+        """Check the request and lay out the windows on every rank before any collective."""
+        vae_factor = pipe.vae_scale_factor
+        trained = pipe.unet.config.sample_size * vae_factor
+        height, width = request_arg(bound, "height") or trained, request_arg(bound, "width") or trained
+        check_steps(bound)
+        check_image_size(height, width, vae_factor=vae_factor, unet_factor=1, patch=1, decode_parts=1)
+        if min(height, width) < self.window * vae_factor:
+            raise ValueError(f"hires needs a size of at least the window ({self.window * vae_factor} px on each "
+                             f"side); got {height}x{width} (for smaller images run without --hires)")
+        rows, cols = height // vae_factor, width // vae_factor
+        windows = window_grid(rows, cols, self.window, self.hires.stride or max(1, self.window // 2))
+        self.layout = Layout(
+            rows, cols, low_res_size(rows, cols, self.window, self.unet_factor), windows,
+            assign(len(windows), self.comm.size, self.hires.placement), coverage(rows, cols, windows),
+            _prompt_tokens(pipe, request_arg(bound, "prompt")),
+        )
+        _chain_callback(bound, self.on_step_end)
+        share_generator(bound, self.mesh.comm("world"))
+        self.generator = request_arg(bound, "generator")
+
+    def begin_request(self) -> None:
+        super().begin_request()
+        self.trace, self.guidance, self.x0_lr, self.noise = [], None, None, None
+
+    def capture_noise(self, latents: torch.Tensor, sigma: float) -> torch.Tensor:
+        """`prepare_latents`' result passes here: keep the HR run's unit initial noise."""
+        self.noise = latents / sigma
+        return latents
+
+    # ---- the UNet call ---------------------------------------------------------------------------
+    def unet_call(self, pipe, *args, **kwargs):
+        """The HR noise prediction of one step: LR branch, guided windows, overlaps averaged."""
+        args, kwargs = list(args), dict(kwargs)
+        sample = args.pop(0) if args else kwargs.pop("sample")
+        timestep = args.pop(0) if args else kwargs.pop("timestep")
+        return_dict = kwargs.pop("return_dict", True)
+        self.start_step(pipe)
+        self.plan.begin_step()
+        step = self.plan.step
+        if step == 0:
+            self._start_lr(pipe)
+        if step < self.resume_step:  # done before the interruption; restored at its last step
+            eps = torch.zeros_like(sample)
+        elif step < self.seed_step:
+            guide = self._lr_step(pipe, step, timestep, args, kwargs, sample.shape[0], stale=False).wait()
+            self.guidance = ready(guide)  # what an async first HR step mixes in
+            eps = resize(guide.eps, sample.shape[-2:])
+        else:
+            eps = self._hr_step(pipe, step, sample, timestep, args, kwargs)
+        self.record_step()
+        if return_dict:
+            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+
+            return UNet2DConditionOutput(sample=eps)
+        return (eps,)
+
+    def _start_lr(self, pipe) -> None:
+        """At the request's first step: the LR branch's scheduler copy, latent and generator."""
+        total = self.plan.total_steps
+        self.seed_step = min(round(self.hires.structure_fraction * total), total - 1)
+        if self.noise is None:
+            raise ValueError("hires needs the pipeline to create its latents with prepare_latents")
+        self.lr_scheduler = copy.deepcopy(pipe.scheduler)
+        self.lr_latent = pooled_noise(self.noise, self.layout.lr_size) * self.lr_scheduler.init_noise_sigma
+        self.lr_generator = torch.Generator(device=self.noise.device).manual_seed(LR_SEED)
+
+    def _lr_step(self, pipe, step: int, timestep, args: list, kwargs: dict, batch: int, stale: bool) -> Pending[Guidance]:
+        """Run the LR pass of `step` on its rank and start broadcasting it (on the stale group if `stale`)."""
+        layout = self.layout
+        channels = pipe.unet.config.out_channels
+        eps = torch.empty(batch, channels, *layout.lr_size, dtype=self.noise.dtype, device=self.noise.device)
+        cfg = pipe.do_classifier_free_guidance
+        mask = torch.zeros(batch // 2 if cfg else batch, 1, *layout.lr_size, dtype=eps.dtype, device=eps.device)
+        seeding = step == self.seed_step - 1
+        x0 = torch.empty(mask.shape[0], channels, *layout.lr_size, dtype=eps.dtype, device=eps.device) if seeding else None
+        if self.owns_lr:
+            eps, mask, x0_now = self._lr_pass(pipe, timestep, args, kwargs, cfg, seeding)
+            x0 = x0_now if seeding else None
+        parts = [eps, mask] + ([x0] if seeding else [])
+        sent = self.comm.broadcast_async(torch.cat([p.reshape(-1) for p in parts]), self.layout.assignment.lr_rank,
+                                         "hires.guidance", stale=stale)
+
+        def unpack() -> Guidance:
+            pieces = [piece.view_as(p) for piece, p in zip(torch.split(sent.wait(), [p.numel() for p in parts]), parts)]
+            if seeding:
+                self.x0_lr = pieces[2]
+            return Guidance(step, pieces[0], pieces[1])
+
+        return Pending([], unpack)
+
+    def _lr_pass(self, pipe, timestep, args: list, kwargs: dict, cfg: bool, seeding: bool):
+        """One step of the LR branch (its owner only): ε_LR, M, and x̂0 when the HR latent is seeded next."""
+        sched, latent = self.lr_scheduler, self.lr_latent
+        model_input = sched.scale_model_input(torch.cat([latent] * 2) if cfg else latent, timestep)
+        record = self.hires.guidance_weight > 0
+        if record:
+            half = latent.shape[0]
+            self.recorder.start(self.layout.lr_size, self.layout.tokens, slice(half, 2 * half) if cfg else slice(None))
+        eps = self.unet_forward(model_input, timestep, *args, return_dict=False, **kwargs)[0]
+        mask = self.recorder.stop() if record else torch.zeros(latent.shape[0], 1, *latent.shape[-2:])
+        guided = eps
+        if cfg:
+            uncond, cond = eps.chunk(2)
+            guided = uncond + pipe.guidance_scale * (cond - uncond)
+        x0 = predicted_original(sched, latent, guided, timestep) if seeding else None
+        step_kwargs = {"generator": self.lr_generator} if "generator" in inspect.signature(sched.step).parameters else {}
+        self.lr_latent = sched.step(guided, timestep, latent, return_dict=False, **step_kwargs)[0]
+        return eps, mask.to(eps.dtype), x0
+
+    def _hr_step(self, pipe, step: int, sample: torch.Tensor, timestep, args: list, kwargs: dict) -> torch.Tensor:
+        """Guided windows of this rank, summed over the ranks, divided by the coverage."""
+        total, asynchronous = self.plan.total_steps, self.hires.guidance == "async"
+        if not asynchronous or self.guidance is None:  # sync, or nothing from an earlier step
+            guide = self._lr_step(pipe, step, timestep, args, kwargs, sample.shape[0], stale=False).wait()
+        else:
+            guide = self.guidance.wait()
+        if asynchronous and step + 1 < total:  # the next step's guidance, computed now, used then
+            self.guidance = self._lr_step(pipe, step, timestep, args, kwargs, sample.shape[0], stale=True)
+        self.trace.append((step, guide.step))
+        w = weight(step, self.seed_step, total, self.hires.guidance_weight, self.hires.guidance_decay)
+        layout = self.layout
+        eps_lr = resize(guide.eps, (layout.rows, layout.cols))
+        mask = resize(guide.mask, (layout.rows, layout.cols)).repeat(sample.shape[0] // guide.mask.shape[0], 1, 1, 1)
+        total_eps = torch.zeros(sample.shape, dtype=torch.float32, device=sample.device)
+        mine = [layout.windows[i] for i in layout.assignment.windows[self.comm.rank]]
+        size = self.hires.window_batch
+        for first in range(0, len(mine), size):
+            group = mine[first : first + size]
+            crops = torch.cat([w_.crop(sample) for w_ in group])
+            call_args, call_kwargs = repeat_batch(args, kwargs, sample.shape[0], len(group))
+            out = self.unet_forward(crops, timestep, *call_args, return_dict=False, **call_kwargs)[0]
+            for win, eps in zip(group, out.chunk(len(group))):
+                win.crop(total_eps).add_(mix(eps, win.crop(eps_lr), win.crop(mask), w).float())
+        self.comm.all_reduce(total_eps, "hires.eps")
+        return (total_eps / layout.coverage.to(total_eps.device)).to(sample.dtype)
+
+    # ---- step ends: seeding, checkpoints, resume ----------------------------------------------------
+    def on_step_end(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
+        """After the scheduler step `i`: restore a resumed run, seed the HR latent, save a checkpoint."""
+        latents = callback_kwargs["latents"]
+        if self.resume_step and i == self.resume_step - 1:
+            latents = self._restore(pipe, latents)
+        elif i == self.seed_step - 1 and i >= self.resume_step:
+            t_next = pipe.scheduler.timesteps[i + 1 : i + 2]
+            up = resize(self.x0_lr, latents.shape[-2:])
+            latents = pipe.scheduler.add_noise(up, self.noise.to(up.dtype), t_next)
+            self.x0_lr = None
+        total = self.plan.total_steps
+        if self.checkpoints is not None and (i + 1) % self.checkpoint_every == 0 and i + 1 < total and i + 1 > self.resume_step:
+            self._save(pipe, i + 1, latents)
+        return {"latents": latents}
+
+    def _state(self, pipe, latents: torch.Tensor) -> dict:
+        state: dict[str, Any] = {"latents": latents, "scheduler": scheduler_state(pipe.scheduler),
+                                 "generator": _generator_states(self.generator)}
+        if self.guidance is not None:
+            guide = self.guidance.wait()
+            state["guidance"] = {"step": guide.step, "eps": guide.eps, "mask": guide.mask}
+        if self.owns_lr:
+            state["lr"] = {"latent": self.lr_latent, "scheduler": scheduler_state(self.lr_scheduler),
+                           "generator": self.lr_generator.get_state()}
+        return state
+
+    def _save(self, pipe, step: int, latents: torch.Tensor) -> None:
+        self.checkpoints.save(step, self._state(pipe, latents))
+
+    def _restore(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        state = self.checkpoints.load(self.resume_step)
+        load_scheduler_state(pipe.scheduler, state["scheduler"])
+        _set_generator_states(self.generator, state["generator"])
+        if "guidance" in state:
+            g = state["guidance"]
+            self.guidance = ready(Guidance(g["step"], g["eps"], g["mask"]))
+        if self.owns_lr:
+            lr = state["lr"]
+            self.lr_latent = lr["latent"]
+            load_scheduler_state(self.lr_scheduler, lr["scheduler"])
+            self.lr_generator.set_state(lr["generator"])
+        return state["latents"].to(latents.dtype)
+
+
+def _prompt_tokens(pipe, prompt) -> slice:
+    """The prompt's own tokens (after the start token) whose attention makes the guidance mask."""
+    texts = [prompt] if isinstance(prompt, str) else list(prompt or [])
+    if not texts or getattr(pipe, "tokenizer", None) is None:
+        return slice(1, None)
+    longest = max(len(pipe.tokenizer(text).input_ids) for text in texts)
+    limit = pipe.tokenizer.model_max_length
+    return slice(1, max(2, min(longest - 1, limit - 1)))
+
+
+def _chain_callback(bound: inspect.BoundArguments, ours) -> None:
+    """Run `ours` after the user's `callback_on_step_end` (if any), with the latents among its inputs."""
+    user = request_arg(bound, "callback_on_step_end")
+    inputs = list(getattr(user, "tensor_inputs", None) or request_arg(bound, "callback_on_step_end_tensor_inputs") or [])
+    if "latents" not in inputs:
+        inputs.append("latents")
+
+    def on_step_end(pipe, i, t, callback_kwargs):
+        outputs = dict(user(pipe, i, t, callback_kwargs) or {}) if user is not None else {}
+        merged = {**callback_kwargs, **outputs}
+        outputs.update(ours(pipe, i, t, merged))
+        return outputs
+
+    bound.arguments["callback_on_step_end"] = on_step_end
+    bound.arguments["callback_on_step_end_tensor_inputs"] = inputs
+
+
+def _generator_states(generator) -> Any:
+    if generator is None:
+        return None
+    if isinstance(generator, list):
+        return [g.get_state() for g in generator]
+    return generator.get_state()
+
+
+def _set_generator_states(generator, states) -> None:
+    if isinstance(generator, list):
+        for g, s in zip(generator, states):
+            g.set_state(s)
+    elif generator is not None:
+        generator.set_state(states)
+
+
+def _unet_factor(unet) -> int:
+    return 2 ** (len(unet.config.block_out_channels) - 1)
+
+
+def parallelize_hires(pipe, config: ParallelConfig):
+    """Make an SD or SDXL pipeline generate beyond its training size across all ranks, in place."""
+    mesh = ParallelMesh(config, device_type=pipe.device.type)
+    resolved = mesh.config
+    hires = resolved.hires
+    window = hires.window or pipe.unet.config.sample_size
+    factor = _unet_factor(pipe.unet)
+    if window % factor:
+        raise ValueError(f"the hires window ({window} latent pixels) must be a multiple of the UNet's "
+                         f"down-sampling factor {factor}")
+    if hires.stride is not None and hires.stride > window:
+        raise ValueError(f"hires stride ({hires.stride}) is larger than the window ({window}): the windows would leave gaps")
+    runtime = HiresRuntime(resolved, mesh, StepPlan(mesh.comm("patch"), label_prefix="hires."),
+                           ParallelVaeDecoder(pipe.vae, mesh.comm("world")),
+                           hires=hires, window=window, unet_factor=factor)
+    install_map_processors(pipe.unet, hires.map_layers, runtime.recorder)
+    runtime.unet_forward = pipe.unet.forward
+    pipe.unet.forward = functools.partial(runtime.unet_call, pipe)
+    prepare = pipe.prepare_latents
+    pipe.prepare_latents = lambda *a, **k: runtime.capture_noise(prepare(*a, **k), pipe.scheduler.init_noise_sigma)
+    pipe.paragen = runtime
+    pipe.__class__ = parallel_class(type(pipe))
+    return pipe
