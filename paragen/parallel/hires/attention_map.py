@@ -67,10 +67,13 @@ class MapAttnProcessor(AttnProcessorContract):
         query = heads_first(attn.to_q(hidden_states), attn.heads)
         key, value = heads_first(attn.to_k(context), attn.heads), heads_first(attn.to_v(context), attn.heads)
         if attn.norm_q is not None:
-            query, key = attn.norm_q(query), attn.norm_k(key)
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
         if not self.ctx.recording:
-            return F.scaled_dot_product_attention(query, key, value, scale=attn.scale)
-        probs = torch.softmax((query @ key.transpose(-1, -2)).float() * attn.scale, dim=-1)
+            return F.scaled_dot_product_attention(query, key, value)
+        # SDPA's default scale, as diffusers' processor uses it
+        probs = torch.softmax((query @ key.transpose(-1, -2)).float() * query.shape[-1] ** -0.5, dim=-1)
         self.ctx.add(probs)
         return probs.to(value.dtype) @ value
 
