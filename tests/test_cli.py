@@ -117,6 +117,13 @@ BAD_INPUTS = {
     "DiT: size not a multiple of the patch": (2, ["--model", "tiny-pixart", "--height", "120"], "multiple of 16"),
     "DiT: patch bands asked of a transformer": (2, ["--model", "tiny-pixart", "--patch", "2"], "token sequence"),
     "DiT: cfg=2 for Flux": (2, ["--model", "tiny-flux", "--cfg", "2"], "guidance embedding"),
+    "hires: below the training size": (2, ["--hires"], "at least the window"),
+    "hires: stride larger than the window": (2, ["--hires", "--window", "16", "--stride", "20"], "larger than the window"),
+    "hires: more ranks than windows": (4, ["--hires", "--window", "16"], "no work"),
+    "hires: guidance weight out of range": (2, ["--hires", "--guidance-weight", "1.5"], "[0, 1]"),
+    "hires: size not a multiple of the VAE factor": (2, ["--hires", "--height", "516", "--width", "512"], "VAE factor"),
+    "hires: window options without --hires": (2, ["--stride", "8"], "only apply with --hires"),
+    "hires: DiT model": (2, ["--model", "tiny-pixart", "--hires"], "hires supports"),
 }
 
 

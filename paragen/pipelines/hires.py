@@ -6,8 +6,8 @@ latent. What changes is the UNet call: `unet.forward` is replaced on the instanc
 which, each step,
 1. runs the low-resolution (LR) branch on its rank: one pass over a training-size view of the whole
    image with its own scheduler copy, which yields ε_LR and the normalised cross-attention map M of the
-   up-blocks; they are broadcast to every rank (`sync`: waited for now; `async`: waited for at the
-   next step, so each step mixes in the previous step's guidance);
+   up-blocks; they are broadcast to every rank (`sync`: mixed in this step; `async`: at the next
+   step, so each step mixes in the previous step's guidance and nobody ever waits for the LR pass);
 2. denoises this rank's training-size windows of the HR latent and mixes the guidance into each:
    `ε̃ = ε + w_t · M ⊙ (up(ε_LR) − ε)` (M and ε_LR upsampled to the HR grid, then cropped);
 3. sums the windows' predictions over the ranks (one all-reduce) and divides by the coverage: the
@@ -227,31 +227,38 @@ class HiresRuntime(PipelineRuntime):
         return eps, mask.to(eps.dtype), x0
 
     def _hr_step(self, pipe, step: int, sample: torch.Tensor, timestep, args: list, kwargs: dict) -> torch.Tensor:
-        """Guided windows of this rank, summed over the ranks, divided by the coverage."""
+        """Guided windows of this rank, summed over the ranks, divided by the coverage.
+
+        The guidance enters only at the windows' outputs, so every rank denoises its windows first and
+        waits for the guidance after them: in `sync` the LR pass of this step overlaps the windows of
+        the other ranks, and the wait is for whatever of it is left; `async` does not wait at all."""
         total, asynchronous = self.plan.total_steps, self.hires.guidance == "async"
-        if not asynchronous or self.guidance is None:  # sync, or nothing from an earlier step
-            guide = self._lr_step(pipe, step, timestep, args, kwargs, sample.shape[0], stale=False).wait()
-        else:
-            guide = self.guidance.wait()
+        batch = sample.shape[0]
+        if asynchronous and self.guidance is not None:
+            guidance = self.guidance
+        else:  # sync, or an async request's first step with nothing earlier to use
+            guidance = self._lr_step(pipe, step, timestep, args, kwargs, batch, stale=False)
         if asynchronous and step + 1 < total:  # the next step's guidance, computed now, used then
-            self.guidance = self._lr_step(pipe, step, timestep, args, kwargs, sample.shape[0], stale=True)
+            self.guidance = self._lr_step(pipe, step, timestep, args, kwargs, batch, stale=True)
+        layout = self.layout
+        mine = [layout.windows[i] for i in layout.assignment.windows[self.comm.rank]]
+        predictions = []
+        for first in range(0, len(mine), self.hires.window_batch):
+            group = mine[first : first + self.hires.window_batch]
+            call_args, call_kwargs = repeat_batch(args, kwargs, batch, len(group))
+            crops = torch.cat([win.crop(sample) for win in group])
+            out = self.unet_forward(crops, timestep, *call_args, return_dict=False, **call_kwargs)[0]
+            predictions += zip(group, out.chunk(len(group)))
+        guide = guidance.wait()
         self.trace.append((step, guide.step))
         w = weight(step, self.seed_step, total, self.hires.guidance_weight, self.hires.guidance_decay)
-        layout = self.layout
         eps_lr = resize(guide.eps, (layout.rows, layout.cols))
-        mask = resize(guide.mask, (layout.rows, layout.cols)).repeat(sample.shape[0] // guide.mask.shape[0], 1, 1, 1)
-        total_eps = torch.zeros(sample.shape, dtype=torch.float32, device=sample.device)
-        mine = [layout.windows[i] for i in layout.assignment.windows[self.comm.rank]]
-        size = self.hires.window_batch
-        for first in range(0, len(mine), size):
-            group = mine[first : first + size]
-            crops = torch.cat([w_.crop(sample) for w_ in group])
-            call_args, call_kwargs = repeat_batch(args, kwargs, sample.shape[0], len(group))
-            out = self.unet_forward(crops, timestep, *call_args, return_dict=False, **call_kwargs)[0]
-            for win, eps in zip(group, out.chunk(len(group))):
-                win.crop(total_eps).add_(mix(eps, win.crop(eps_lr), win.crop(mask), w).float())
-        self.comm.all_reduce(total_eps, "hires.eps")
-        return (total_eps / layout.coverage.to(total_eps.device)).to(sample.dtype)
+        mask = resize(guide.mask, (layout.rows, layout.cols)).repeat(batch // guide.mask.shape[0], 1, 1, 1)
+        summed = torch.zeros(sample.shape, dtype=torch.float32, device=sample.device)
+        for win, eps in predictions:
+            win.crop(summed).add_(mix(eps, win.crop(eps_lr), win.crop(mask), w).float())
+        self.comm.all_reduce(summed, "hires.eps")
+        return (summed / layout.coverage.to(summed.device)).to(sample.dtype)
 
     # ---- step ends: seeding, checkpoints, resume ----------------------------------------------------
     def on_step_end(self, pipe, i: int, t, callback_kwargs: dict) -> dict:

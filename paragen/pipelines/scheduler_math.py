@@ -12,6 +12,14 @@ def predicted_original(scheduler, sample: torch.Tensor, model_output: torch.Tens
     sigma-scaled ones (Euler, LMS, Heun; `init_noise_sigma > 1`), where x_t = x0 + σ·ε. The sigma-scaled
     ones must already have been given this step's `scale_model_input` (that sets their step index).
     """
+    x0 = _from_prediction(scheduler, sample, model_output, timestep)
+    if getattr(scheduler.config, "clip_sample", False):  # as the scheduler's own step does
+        limit = scheduler.config.clip_sample_range
+        x0 = x0.clamp(-limit, limit)
+    return x0
+
+
+def _from_prediction(scheduler, sample: torch.Tensor, model_output: torch.Tensor, timestep) -> torch.Tensor:
     kind = scheduler.config.prediction_type
     if kind == "sample":
         return model_output
