@@ -36,6 +36,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/plot_image.py
 	$(BIN)/python bench/bench_dit.py
 	$(BIN)/python bench/plot_dit.py
+	$(BIN)/python bench/bench_hires.py
+	$(BIN)/python bench/plot_hires.py
 
 clean:
 	rm -rf $(VENV) out

@@ -15,12 +15,10 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import ROOT, machine, psnr, run_worker, spread
+from common import ROOT, psnr, report_header, run_worker, spread
 
-from paragen.pipelines.image_job import git_revision
 
 WORKER = ROOT / "bench" / "dit_worker.py"
 CONFIGS = {  # name -> (variant, ranks, threads)
@@ -106,10 +104,7 @@ def main() -> None:
     displaced_wait = summary["displaced_2x1"]["comm_per_step_per_rank"]["wait_s"]
     first = runs["ulysses_2x1"][0]
     report = {
-        "benchmark": "DiT sequence parallelism vs diffusers context parallelism",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "git_revision": git_revision(),
-        "machine": machine(),
+        **report_header("DiT sequence parallelism vs diffusers context parallelism"),
         "workload": {"model": args.model, "size": args.size, "image_tokens": (args.size // 16) ** 2,
                      "text_tokens": args.text_tokens, "steps": args.steps, "warmup_steps": args.warmup_steps,
                      "rounds": args.rounds, "transformer": first["transformer"]},

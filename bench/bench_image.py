@@ -15,12 +15,10 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from common import ROOT, machine, psnr, run_worker, spread
+from common import ROOT, psnr, report_header, run_worker, spread
 
-from paragen.pipelines.image_job import git_revision
 
 WORKER = ROOT / "bench" / "image_worker.py"
 MODES = ("sync", "displaced", "partial")
@@ -108,10 +106,7 @@ def main() -> None:
         summary[f"{mode}_2x1"]["comm_hidden_share_vs_sync"] = 1 - exposed / sync_wait if sync_wait else None
     attn = {m: summary[f"{m}_4x1"]["comm_per_step_per_rank"]["unet.attn_kv.bytes_recv"] for m in ("displaced", "partial")}
     report = {
-        "benchmark": "image patch parallelism",
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "git_revision": git_revision(),
-        "machine": machine(),
+        **report_header("image patch parallelism"),
         "workload": {"model": args.model, "size": args.size, "steps": args.steps, "warmup_steps": args.warmup_steps,
                      "guidance": "CFG batch of 2 on each rank (cfg=1)", "rounds": args.rounds},
         "threading_gain_1x2_over_1x1": threading_gain,

@@ -120,3 +120,37 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def open_pipeline(model: str, threads: int):
+    """A worker's start: the process group (if launched as ranks), its threads, the embedded pipeline."""
+    import paragen
+    from paragen.pipelines.loading import load_image_pipeline
+
+    paragen.init(threads=threads)
+    torch.set_num_threads(threads)
+    pipe = load_image_pipeline(model)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def report_header(benchmark: str) -> dict:
+    """The fields every benchmark report starts with: what, when, from which revision, on what machine."""
+    from paragen.pipelines.image_job import git_revision
+
+    return {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_revision": git_revision(),
+            "machine": machine()}
+
+
+PROMPT = "a lighthouse on a cliff at dusk, oil painting"
+
+
+def square_image_request(pipe, recorder: StepRecorder, size: int, guidance_scale: float = 7.5):
+    """`request(steps)` for `timed_request`: one square image of `PROMPT`, seed 0, steps stamped by `recorder`."""
+
+    def request(steps: int) -> torch.Tensor:
+        recorder.start()
+        return pipe(PROMPT, height=size, width=size, num_inference_steps=steps, guidance_scale=guidance_scale,
+                    generator=torch.Generator().manual_seed(0), output_type="pt", callback_on_step_end=recorder).images
+
+    return request

@@ -10,14 +10,12 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import StepRecorder, timed_request, write_result
+from common import PROMPT, StepRecorder, open_pipeline, timed_request, write_result
 
 import paragen
 from paragen.comms import all_gather_objects, world_size
 from paragen.pipelines.image_job import exact_size_options
-from paragen.pipelines.loading import load_image_pipeline
 
-PROMPT = "a lighthouse on a cliff at dusk, oil painting"
 VARIANTS = ("stock", "diffusers_ulysses", "ulysses", "ring", "displaced")
 
 
@@ -50,10 +48,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    paragen.init(threads=args.threads)
-    torch.set_num_threads(args.threads)
-    pipe = load_image_pipeline(args.model)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = open_pipeline(args.model, args.threads)
     stats = None
     if args.variant == "diffusers_ulysses":
         enable_diffusers_context_parallelism(pipe.transformer, world_size())

@@ -9,14 +9,10 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import StepRecorder, timed_request, write_result
+from common import StepRecorder, open_pipeline, square_image_request, timed_request, write_result
 
 import paragen
 from paragen.comms import all_gather_objects
-from paragen.pipelines.loading import load_image_pipeline
-
-PROMPT = "a lighthouse on a cliff at dusk, oil painting"
-
 
 def main() -> None:
     p = argparse.ArgumentParser()
@@ -31,21 +27,13 @@ def main() -> None:
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
-    paragen.init(threads=args.threads)
-    torch.set_num_threads(args.threads)
-    pipe = load_image_pipeline(args.model)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = open_pipeline(args.model, args.threads)
     if not args.stock:
         paragen.parallelize(pipe, paragen.ParallelConfig(mode=args.mode, warmup_steps=args.warmup_steps))
     stats = None if args.stock else pipe.paragen.stats
     recorder = StepRecorder(stats)
 
-    def request(steps: int) -> torch.Tensor:
-        recorder.start()
-        return pipe(PROMPT, height=args.size, width=args.size, num_inference_steps=steps, guidance_scale=7.5,
-                    generator=torch.Generator().manual_seed(0), output_type="pt",
-                    callback_on_step_end=recorder).images
-
+    request = square_image_request(pipe, recorder, args.size)
     image, total = timed_request(request, args.warmup_request_steps, args.steps)
     step_s, per_step_comm = recorder.step_s, recorder.comm_per_step
     world = pipe.paragen.mesh.comm("world") if stats is not None else None

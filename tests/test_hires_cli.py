@@ -2,7 +2,6 @@
 never overwritten by a fresh start or by a resume of a different request."""
 from __future__ import annotations
 
-import subprocess
 import time
 from pathlib import Path
 

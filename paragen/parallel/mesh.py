@@ -7,7 +7,7 @@ A UNet uses `patch`; a diffusion transformer uses `ring` and `ulysses` (its patc
 | name      | who is in it                                         | rank_in_group means                 |
 |-----------|------------------------------------------------------|-------------------------------------|
 | `cfg`     | the ranks holding the same shard, both branches      | 0 = unconditional, 1 = conditional  |
-| `patch`   | the ranks of one CFG branch, one band each           | the band index, top to bottom       |
+| `patch`   | the ranks of one CFG branch, one band each (hires: one share of the windows) | the band index, top to bottom |
 | `ring`    | the ranks passing K/V around one ring                | the position on the ring            |
 | `ulysses` | the ranks trading sequence shards for head shards    | the head group                      |
 | `seq`     | every shard of one CFG branch (patch × ring × ulysses) | the token shard, in sequence order |

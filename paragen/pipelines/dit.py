@@ -23,7 +23,7 @@ from typing import Any
 
 from paragen.comms import world_size
 from paragen.parallel import ParallelConfig, ParallelMesh
-from paragen.parallel.sequence import SequenceContext, shard_bounds
+from paragen.parallel.sequence import SequenceContext
 from paragen.parallel.sequence.processors import (
     CROSS_PROCESSORS, FLUX_PROCESSORS, JOINT_PROCESSORS, SELF_PROCESSORS,
     SeqFluxAttnProcessor, SeqJointAttnProcessor, SeqSelfAttnProcessor,

@@ -44,6 +44,7 @@ from paragen.parallel.partition import check_image_size
 from paragen.parallel.steps import StepPlan
 from paragen.pipelines.batch_split import repeat_batch
 from paragen.pipelines.call_wrapper import check_steps, parallel_class, request_arg, share_generator
+from paragen.pipelines.image import unet_downsampling
 from paragen.pipelines.checkpoint import Checkpoints, first_step, load_scheduler_state, scheduler_state
 from paragen.pipelines.runtime import PipelineRuntime
 from paragen.pipelines.scheduler_math import predicted_original
@@ -348,17 +349,13 @@ def _set_generator_states(generator, states) -> None:
         generator.set_state(states)
 
 
-def _unet_factor(unet) -> int:
-    return 2 ** (len(unet.config.block_out_channels) - 1)
-
-
 def parallelize_hires(pipe, config: ParallelConfig):
     """Make an SD or SDXL pipeline generate beyond its training size across all ranks, in place."""
     mesh = ParallelMesh(config, device_type=pipe.device.type)
     resolved = mesh.config
     hires = resolved.hires
     window = hires.window or pipe.unet.config.sample_size
-    factor = _unet_factor(pipe.unet)
+    factor = unet_downsampling(pipe.unet)
     if window % factor:
         raise ValueError(f"the hires window ({window} latent pixels) must be a multiple of the UNet's "
                          f"down-sampling factor {factor}")

@@ -92,11 +92,16 @@ class ImageRuntime(PipelineRuntime):
         share_generator(bound, self.mesh.comm("world"))
 
 
+def unet_downsampling(unet) -> int:
+    """How much a diffusers UNet down-samples its latent (2 per block after the first)."""
+    return 2 ** (len(unet.config.block_out_channels) - 1)
+
+
 def _unet_factor(unet) -> int:
     """How much the UNet down-samples (a band must be a multiple of this many latent rows)."""
     if getattr(unet.config, "downsample_padding", 1) != 1:
         raise ValueError("patch parallelism needs UNet down-samplers with padding 1 (downsample_padding=1)")
-    return 2 ** (len(unet.config.block_out_channels) - 1)
+    return unet_downsampling(unet)
 
 
 def parallelize_unet(pipe, config: ParallelConfig | None = None):
