@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-from plotting import load_report, step_time_bars, timing_cells
+from plotting import load_report, save_figure, step_time_bars, timing_cells
 ORDER = ("stock_1x1", "stock_1x2", "diffusers_ulysses_2x1", "ulysses_2x1", "ring_2x1", "displaced_2x1")
 LABELS = {"stock_1x1": "stock\n1 proc x 1 thr", "stock_1x2": "stock\n1 proc x 2 thr",
           "diffusers_ulysses_2x1": "diffusers CP\nUlysses, 2 ranks", "ulysses_2x1": "paragen\nUlysses, 2 ranks",
@@ -37,10 +37,7 @@ def main() -> None:
     w = report["workload"]
     ax.set_title(f"{w['model']} {w['size']}² ({w['image_tokens']} image + {w['text_tokens']} text tokens) on "
                  f"{report['machine']['cores']} CPU cores (gloo); x = speedup vs 1 thread")
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}\n")
+    save_figure(fig, path)
     print(table(report))
 
 

@@ -7,7 +7,7 @@ the time waited for the guidance broadcast and in the windows' all-reduce (who w
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-from plotting import load_report, step_time_bars, timing_cells
+from plotting import load_report, save_figure, step_time_bars, timing_cells
 
 ORDER = ("direct", "guided_1t", "guided_2t", "sync_2r", "async_2r", "async_dedicated_2r", "sync_4r", "async_4r")
 LABELS = {"direct": "direct\n1 proc x 1 thr", "guided_1t": "guided\n1 proc x 1 thr", "guided_2t": "guided\n1 proc x 2 thr",
@@ -61,10 +61,7 @@ def main() -> None:
     ax_time.set_title(f"{w['model']} {w['size']}², {w['steps']} steps on {report['machine']['cores']} CPU cores (gloo); "
                       "x = speedup vs guided 1 thread", fontsize=10)
     timeline_bars(ax_ranks, configs)
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}\n")
+    save_figure(fig, path)
     print(table(report))
     print("\nPSNR: " + ", ".join(f"{k} {v:.1f} dB" for k, v in report["psnr_db"].items()))
     print("targets: " + ", ".join(f"{k} {v}" for k, v in report["targets"].items()))

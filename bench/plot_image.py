@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
-from plotting import load_report, step_time_bars, timing_cells
+from plotting import load_report, save_figure, step_time_bars, timing_cells
 ORDER = ("stock_1x1", "stock_1x2", "sync_2x1", "displaced_2x1", "partial_2x1")
 LABELS = {"stock_1x1": "stock\n1 proc x 1 thr", "stock_1x2": "stock\n1 proc x 2 thr", "sync_2x1": "sync\n2 ranks",
           "displaced_2x1": "displaced\n2 ranks", "partial_2x1": "partial\n2 ranks"}
@@ -41,10 +41,7 @@ def main() -> None:
     ax_bytes.set_ylabel("MiB received per step per rank")
     ax_bytes.set_title("traffic at 4 ranks")
     ax_bytes.legend()
-    fig.tight_layout()
-    out = path.with_suffix(".png")
-    fig.savefig(out, dpi=110)
-    print(f"wrote {out}\n")
+    save_figure(fig, path)
     print(table(report))
 
 

@@ -1,4 +1,5 @@
-"""What the plot scripts share: the step-time bar chart and the timing cells of the README tables."""
+"""What the plot scripts share: loading the report, the step-time bar chart, the timing cells of the
+README tables, and writing the figure next to the report."""
 from __future__ import annotations
 
 import json
@@ -35,3 +36,12 @@ def step_time_bars(ax, configs: dict, order: tuple[str, ...], labels: dict[str, 
         ax.annotate(f"{configs[name]['speedup_vs_1x1']:.2f}x", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                     ha="center", va="bottom", xytext=(0, 6), textcoords="offset points")
     ax.set_ylabel("seconds per denoising step (median, p10–p90)")
+
+
+def save_figure(fig, report_path: Path) -> Path:
+    """Lay out `fig` and write it as PNG next to the report (same name); returns the path."""
+    fig.tight_layout()
+    out = report_path.with_suffix(".png")
+    fig.savefig(out, dpi=110)
+    print(f"wrote {out}\n")
+    return out
