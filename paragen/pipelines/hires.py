@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 
 from paragen.comms import Pending, ready
 from paragen.parallel import ParallelConfig, ParallelMesh
@@ -169,8 +170,6 @@ class HiresRuntime(PipelineRuntime):
             eps = self._hr_step(pipe, step, sample, timestep, args, kwargs)
         self.record_step()
         if return_dict:
-            from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
-
             return UNet2DConditionOutput(sample=eps)
         return (eps,)
 
@@ -217,7 +216,7 @@ class HiresRuntime(PipelineRuntime):
             half = latent.shape[0]
             self.recorder.start(self.layout.lr_size, self.layout.tokens, slice(half, 2 * half) if cfg else slice(None))
         eps = self.unet_forward(model_input, timestep, *args, return_dict=False, **kwargs)[0]
-        mask = self.recorder.stop() if record else torch.zeros(latent.shape[0], 1, *latent.shape[-2:])
+        mask = self.recorder.stop() if record else latent.new_zeros(latent.shape[0], 1, *latent.shape[-2:])
         guided = eps
         if cfg:
             uncond, cond = eps.chunk(2)

@@ -30,7 +30,7 @@ def pooled_noise(noise: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     unit normals has variance 1/n, so each pooled cell is scaled by sqrt(n)."""
     pooled = F.adaptive_avg_pool2d(noise.float(), size)
     counts = _pool_sizes(noise.shape[-2], size[0])[:, None] * _pool_sizes(noise.shape[-1], size[1])[None, :]
-    return (pooled * counts.sqrt()).to(noise.dtype)
+    return (pooled * counts.sqrt().to(pooled.device)).to(noise.dtype)
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
