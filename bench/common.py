@@ -125,11 +125,11 @@ def _cpu_name() -> str:
 def open_pipeline(model: str, threads: int):
     """A worker's start: the process group (if launched as ranks), its threads, the embedded pipeline."""
     import paragen
-    from paragen.pipelines.loading import load_image_pipeline
+    from paragen.pipelines.loading import load_pipeline
 
     paragen.init(threads=threads)
     torch.set_num_threads(threads)
-    pipe = load_image_pipeline(model)
+    pipe = load_pipeline(model)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

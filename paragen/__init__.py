@@ -11,11 +11,12 @@
 """
 from typing import Any
 
-from paragen.comms import is_output_rank
+from paragen.comms import is_output_rank, world_size
 from paragen.launch.process_group import init, shutdown
-from paragen.parallel import HiresConfig, ParallelConfig
+from paragen.parallel import HiresConfig, ParallelConfig, TemporalAttention
 
-__all__ = ["HiresConfig", "ParallelConfig", "init", "is_output_rank", "parallelize", "shutdown"]
+__all__ = ["HiresConfig", "ParallelConfig", "TemporalAttention", "init", "is_output_rank", "parallelize", "shutdown",
+           "world_size"]
 __version__ = "0.1.0"
 
 

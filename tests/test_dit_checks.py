@@ -4,7 +4,7 @@ import torch
 
 import paragen
 from paragen.parallel.sequence import shard_bounds, shard_sizes
-from paragen.pipelines.loading import load_image_pipeline
+from paragen.pipelines.loading import load_pipeline
 
 
 class HomemadeProcessor:
@@ -18,7 +18,7 @@ class HomemadeProcessor:
                                            ("tiny-pixart", "transformer_blocks.1.attn1"),
                                            ("tiny-sd3", "transformer_blocks.0.attn")])
 def test_unknown_attention_processor_is_named(model, module):
-    pipe = load_image_pipeline(model)
+    pipe = load_pipeline(model)
     pipe.transformer.get_submodule(module).processor = HomemadeProcessor()
     with pytest.raises(ValueError, match=f"HomemadeProcessor on {module} is not supported"):
         paragen.parallelize(pipe, paragen.ParallelConfig())
@@ -26,18 +26,18 @@ def test_unknown_attention_processor_is_named(model, module):
 
 
 def test_refusals_name_the_problem():
-    pipe = load_image_pipeline("tiny-pixart")
+    pipe = load_pipeline("tiny-pixart")
     with pytest.raises(ValueError, match="partial.*UNet pipelines"):
         paragen.parallelize(pipe, paragen.ParallelConfig(mode="partial"))
     with pytest.raises(ValueError, match="ulysses and ring shard a diffusion transformer"):
-        paragen.parallelize(load_image_pipeline("tiny-sd"), paragen.ParallelConfig(ulysses=2, patch=1))
+        paragen.parallelize(load_pipeline("tiny-sd"), paragen.ParallelConfig(ulysses=2, patch=1))
     with pytest.raises(TypeError, match="supports StableDiffusionPipeline"):
         paragen.parallelize(object())
 
 
 def test_single_rank_parallelize_keeps_the_output():
-    reference = load_image_pipeline("tiny-flux")
-    pipe = paragen.parallelize(load_image_pipeline("tiny-flux"), paragen.ParallelConfig())
+    reference = load_pipeline("tiny-flux")
+    pipe = paragen.parallelize(load_pipeline("tiny-flux"), paragen.ParallelConfig())
     kwargs = dict(height=64, width=64, num_inference_steps=2, max_sequence_length=16, output_type="pt")
     expected = reference("a cat", generator=torch.Generator().manual_seed(1), **kwargs).images
     got = pipe("a cat", generator=torch.Generator().manual_seed(1), **kwargs).images

@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from paragen.pipelines.loading import load_image_pipeline
+from paragen.pipelines.loading import load_pipeline
 from tests.multiproc import run_spec_worker
 from tests.workers.dit_worker import generate
 
@@ -69,7 +69,7 @@ def single():
     """Single-process images of each model and size (no process group), and each transformer config."""
     out = {}
     for model in MODELS:
-        pipe = load_image_pipeline(model)
+        pipe = load_pipeline(model)
         pipe.set_progress_bar_config(disable=True)
         for size in (EVEN, UNEVEN):
             spec = {"model": model, "size": size, "steps": STEPS, "text_tokens": TEXT_TOKENS}

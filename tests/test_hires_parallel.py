@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from paragen.pipelines.loading import load_image_pipeline
+from paragen.pipelines.loading import load_pipeline
 from tests.hires_reference import reference_hires
 from tests.multiproc import run_spec_worker
 
@@ -56,7 +56,7 @@ def oracle():
     out = {}
     for key in set(ORACLES.values()):
         model, w0, fraction, lag = key
-        pipe = load_image_pipeline(model)
+        pipe = load_pipeline(model)
         pipe.set_progress_bar_config(disable=True)
         out[key] = reference_hires(
             pipe, prompt=BASE["prompt"], height=BASE["height"], width=BASE["width"], steps=BASE["steps"],

@@ -15,7 +15,7 @@ import torch.nn as nn
 from diffusers.models.attention_processor import Attention
 
 from paragen.parallel.partition import conv_halo, partial_rows
-from paragen.pipelines.loading import load_image_pipeline
+from paragen.pipelines.loading import load_pipeline
 from tests.multiproc import run_spec_worker
 
 SIZE, STEPS, WARMUP, FRACTION = 128, 4, 1, 0.3
@@ -56,7 +56,7 @@ def single():
     """Single-process output, decode and layer shapes of each model (no process group)."""
     out = {}
     for model in MODELS:
-        pipe = load_image_pipeline(model)
+        pipe = load_pipeline(model)
         pipe.set_progress_bar_config(disable=True)
         shapes = _record_shapes(pipe.unet)
         image = pipe(PROMPT, height=SIZE, width=SIZE, num_inference_steps=STEPS, guidance_scale=GUIDANCE,

@@ -12,7 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from paragen.pipelines.image_job import exact_size_options
-from paragen.pipelines.loading import EMBEDDED_MODELS, ModelLoadError, check_model_source, load_image_pipeline
+from paragen.pipelines.loading import EMBEDDED_MODELS, ModelLoadError, check_model_source, load_pipeline
 
 UNET_MODELS = ("tiny-sd", "tiny-sdxl")
 CLASSES = {"tiny-sd": "StableDiffusionPipeline", "tiny-sdxl": "StableDiffusionXLPipeline",
@@ -41,7 +41,7 @@ def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
 
 @pytest.fixture(scope="module", params=EMBEDDED_MODELS)
 def embedded(request: pytest.FixtureRequest) -> tuple[str, DiffusionPipeline, torch.Tensor]:
-    pipe = load_image_pipeline(request.param, seed=0)
+    pipe = load_pipeline(request.param, seed=0)
     return request.param, pipe, generate(pipe)
 
 
@@ -60,7 +60,7 @@ def test_embedded_builds_a_non_constant_image(embedded) -> None:
 
 @pytest.mark.parametrize("name", UNET_MODELS)
 def test_embedded_unet_output_varies_in_space(name: str) -> None:
-    pipe = load_image_pipeline(name, seed=0)
+    pipe = load_pipeline(name, seed=0)
     cfg = pipe.unet.config
     latents = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1))
     text = torch.randn(2, 77, cfg.cross_attention_dim, generator=torch.Generator().manual_seed(2))
@@ -77,9 +77,9 @@ def test_embedded_unet_output_varies_in_space(name: str) -> None:
 
 def test_same_seed_same_image_other_seed_other_weights(embedded) -> None:
     name, _, image = embedded
-    again = load_image_pipeline(name, seed=0)
+    again = load_pipeline(name, seed=0)
     assert torch.equal(generate(again), image)
-    other = load_image_pipeline(name, seed=1)
+    other = load_pipeline(name, seed=1)
     for a, b in zip(denoiser(again).parameters(), denoiser(other).parameters()):
         if a.dim() > 1:
             assert not torch.equal(a, b)
@@ -91,12 +91,12 @@ def test_loading_leaves_the_callers_rng_alone() -> None:
     torch.manual_seed(123)
     expected = torch.rand(4)
     torch.manual_seed(123)
-    load_image_pipeline("tiny-sd", seed=7)
+    load_pipeline("tiny-sd", seed=7)
     assert torch.equal(torch.rand(4), expected)
 
 
 def test_dtype_is_applied_to_every_module() -> None:
-    pipe = load_image_pipeline("tiny-sdxl", dtype=torch.bfloat16)
+    pipe = load_pipeline("tiny-sdxl", dtype=torch.bfloat16)
     modules = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
     assert len(modules) == 4
     assert all(p.dtype == torch.bfloat16 for m in modules for p in m.parameters())
@@ -135,7 +135,7 @@ def test_clip_tokenizers_round_trip_and_pad(embedded, prompt: str) -> None:
 
 @pytest.mark.parametrize("name", ("tiny-pixart", "tiny-sd3", "tiny-flux"))
 def test_t5_tokenizers_round_trip_and_pad(name: str) -> None:
-    pipe = load_image_pipeline(name)
+    pipe = load_pipeline(name)
     pairs = [(t, e) for t, e in _tokenizer_pairs(pipe) if "T5" in type(e).__name__]
     assert len(pairs) == 1
     tokenizer, encoder = pairs[0]
@@ -155,7 +155,7 @@ def test_unknown_or_missing_model_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="tiny-sd, tiny-sdxl"):
         check_model_source("no-such-model")
     with pytest.raises(ModelLoadError, match="no such local path"):
-        load_image_pipeline(str(tmp_path / "missing"))
+        load_pipeline(str(tmp_path / "missing"))
     (tmp_path / "file.safetensors").write_bytes(b"")
     with pytest.raises(ModelLoadError, match="not a directory"):
         check_model_source(str(tmp_path / "file.safetensors"))
@@ -199,16 +199,16 @@ def test_safetensors_component_passes_and_missing_weights_fail(tmp_path: Path) -
 
 
 def test_local_checkpoint_loads_like_the_embedded_model(tmp_path: Path) -> None:
-    embedded = load_image_pipeline("tiny-sd", seed=3)
+    embedded = load_pipeline("tiny-sd", seed=3)
     embedded.save_pretrained(tmp_path / "safe")
     assert not list((tmp_path / "safe").rglob("*.bin"))
-    local = load_image_pipeline(str(tmp_path / "safe"))
+    local = load_pipeline(str(tmp_path / "safe"))
     assert type(local) is type(embedded) and local.safety_checker is None
     assert all(not m.training for m in local.components.values() if isinstance(m, torch.nn.Module))
     assert torch.equal(generate(local), generate(embedded))
 
     embedded.save_pretrained(tmp_path / "pickle", safe_serialization=False)
     with pytest.raises(ModelLoadError, match="--allow-pickle"):
-        load_image_pipeline(str(tmp_path / "pickle"))
-    trusted = load_image_pipeline(str(tmp_path / "pickle"), allow_pickle=True)
+        load_pipeline(str(tmp_path / "pickle"))
+    trusted = load_pipeline(str(tmp_path / "pickle"), allow_pickle=True)
     assert torch.equal(trusted.unet.conv_in.weight, embedded.unet.conv_in.weight)

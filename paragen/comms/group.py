@@ -98,6 +98,35 @@ class GroupComm:
         everyone = self.all_gather(tensor, label)
         return torch.cat([part.narrow(dim, 0, n) for part, n in zip(everyone, sizes)], dim=dim)
 
+    def gather_varlen(self, tensor: torch.Tensor, dim: int, sizes: list[int], dst: int, label: str) -> torch.Tensor | None:
+        """Concatenate every rank's `tensor` along `dim` on rank `dst` only (rank i's has `sizes[i]` entries
+        there), by P2P; the other ranks send theirs and get None."""
+        if tensor.shape[dim] != sizes[self.rank]:
+            raise ValueError(f"{label}: this rank holds {tensor.shape[dim]} entries along dim {dim}, the layout says {sizes[self.rank]}")
+        if self.size == 1:
+            return tensor
+        payload = tensor.contiguous()
+        tag = self._next_tag()
+        if self.rank != dst:
+            with backend_call(label):
+                work = dist.isend(payload, group=self.p2p_group, group_dst=dst, tag=tag)
+            self.stats.record(label, sent=_nbytes(payload), recv=0)
+            Pending([work], lambda: None, self.stats, label).wait()
+            return None
+        parts: list[torch.Tensor] = []
+        works = []
+        with backend_call(label):
+            for src, n in enumerate(sizes):
+                if src == dst:
+                    parts.append(payload)
+                    continue
+                shape = list(payload.shape)
+                shape[dim] = n
+                parts.append(torch.empty(shape, dtype=payload.dtype, device=payload.device))
+                works.append(dist.irecv(parts[-1], group=self.p2p_group, group_src=src, tag=tag))
+        self.stats.record(label, sent=0, recv=sum(_nbytes(p) for i, p in enumerate(parts) if i != dst))
+        return Pending(works, lambda: torch.cat(parts, dim=dim), self.stats, label).wait()
+
     # ---- broadcast ----------------------------------------------------------------------------
     def broadcast_async(self, tensor: torch.Tensor, src: int, label: str, stale: bool = False) -> Pending[torch.Tensor]:
         """Start sending rank `src`'s `tensor` to every rank; the others receive into their `tensor`
@@ -176,9 +205,11 @@ class GroupComm:
         with backend_call(label):
             for offset in range(1, self.size):
                 dst, src = (self.rank + offset) % self.size, (self.rank - offset) % self.size
-                works.append(dist.isend(payload, group=self.p2p_group, group_dst=dst, tag=tag))
+                if payload.numel():  # an empty tensor is not sent: its receiver knows its shape
+                    works.append(dist.isend(payload, group=self.p2p_group, group_dst=dst, tag=tag))
                 received[src] = torch.empty(shapes[src], dtype=payload.dtype, device=payload.device)
-                works.append(dist.irecv(received[src], group=self.p2p_group, group_src=src, tag=tag))
+                if received[src].numel():
+                    works.append(dist.irecv(received[src], group=self.p2p_group, group_src=src, tag=tag))
                 recv += _nbytes(received[src])
         self.stats.record(label, sent=(self.size - 1) * _nbytes(payload), recv=recv)
         return Pending(works, lambda: received, self.stats, label)

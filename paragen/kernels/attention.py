@@ -60,3 +60,19 @@ def merge_attention_states(
 def dense_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """Non-causal attention without the log-sum-exp (the fused backend of the device)."""
     return F.scaled_dot_product_attention(query, key, value)
+
+
+def masked_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention over `[B, H, L, D]` with an additive `[Lq, Lk]` mask (-inf: not seen); returns (out, lse fp32).
+
+    A query that sees no key gets a zero output and lse -inf, so that merging it with another part's
+    attention (`merge_attention_states`) gives that part's attention unchanged.
+    """
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)).mul_(scale).add_(mask)
+    lse = torch.logsumexp(scores, dim=-1)
+    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    weights = torch.exp(scores - finite.unsqueeze(-1))
+    return torch.matmul(weights, value.float()).to(query.dtype), lse

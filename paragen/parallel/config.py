@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from paragen.parallel.clip.config import TemporalAttention
 from paragen.parallel.hires.config import HiresConfig
 
 MODES = ("sync", "displaced", "partial")
@@ -25,7 +26,9 @@ class ParallelConfig:
     - `ulysses`, `ring`: sequence parallelism of a diffusion transformer's image tokens — all-to-all
       to head shards (Ulysses) and K/V passed around a ring (Ring); `ulysses × ring` shards in all;
     - `hires`: a UNet latent beyond the training size, as overlapping training-size windows spread over
-      the ranks (`patch` of them) and steered by a low-resolution view (see `HiresConfig`).
+      the ranks (`patch` of them) and steered by a low-resolution view (see `HiresConfig`);
+    - `clip`: contiguous clips of a video's frames, one per rank (video pipelines), whose temporal
+      attention sees the other clips as `temporal` says (see `TemporalAttention`).
 
     `patch=-1` means "the ranks left over" once the other degrees are taken. `resolve(world_size)`
     returns a copy with every degree concrete and their product checked against the world size.
@@ -39,13 +42,15 @@ class ParallelConfig:
     ulysses: int = 1
     ring: int = 1
     hires: HiresConfig | None = None
+    clip: int = 1
+    temporal: TemporalAttention = TemporalAttention()
 
     def __post_init__(self) -> None:
         if self.cfg not in (1, 2):
             raise ValueError(f"cfg must be 1 or 2 (conditional and unconditional branch), got {self.cfg}")
         if self.patch != -1 and self.patch < 1:
             raise ValueError(f"patch must be a positive number of bands or -1 (the ranks left over), got {self.patch}")
-        for name in ("ulysses", "ring"):
+        for name in ("ulysses", "ring", "clip"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive degree, got {getattr(self, name)}")
         if self.mode not in MODES:
@@ -54,6 +59,8 @@ class ParallelConfig:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 < self.partial_fraction <= 1.0:
             raise ValueError(f"partial_fraction must be in (0, 1], got {self.partial_fraction}")
+        if self.clip > 1 and (self.sequence > 1 or self.patch not in (-1, 1) or self.hires is not None):
+            raise ValueError("clip parallelism splits a video's frames; it does not combine with patch, ulysses, ring or hires")
         if self.hires is not None and (self.cfg, self.sequence, self.mode) != (1, 1, "sync"):
             raise ValueError("hires spreads the windows of one image over every rank; it does not combine with "
                              "cfg=2, ulysses, ring or a displaced/partial mode (its own option is guidance=async|sync)")
@@ -64,24 +71,27 @@ class ParallelConfig:
         return self.ulysses * self.ring
 
     def resolve(self, world_size: int) -> "ParallelConfig":
-        """Fill in `patch=-1` and check `cfg × patch × ulysses × ring == world_size`, naming every factor if not."""
+        """Fill in `patch=-1` and check `cfg × clip × patch × ulysses × ring == world_size`, naming every factor if not."""
         if world_size < 1:
             raise ValueError(f"world size must be >= 1, got {world_size}")
         if self.cfg == 2 and world_size % 2:
             raise ValueError(f"cfg=2 splits the ranks into two branches and needs an even world size; got {world_size}")
-        taken = self.cfg * self.sequence
+        taken = self.cfg * self.clip * self.sequence
         patch = self.patch if self.patch != -1 else max(1, world_size // taken)
         if taken * patch != world_size:
             raise ValueError(
-                f"parallel degrees do not match the world size: cfg ({self.cfg}) × patch ({patch}) × "
+                f"parallel degrees do not match the world size: cfg ({self.cfg}) × clip ({self.clip}) × patch ({patch}) × "
                 f"ulysses ({self.ulysses}) × ring ({self.ring}) = {taken * patch}, but the world size is {world_size}"
             )
         return dataclasses.replace(self, patch=patch)
 
     def layout_tag(self) -> str:
-        """A file-name fragment naming the layout, e.g. `patch4_cfg2_displaced`, `ulysses2_ring2_cfg1_sync`, `hires2_async`."""
+        """A file-name fragment naming the layout, e.g. `patch4_cfg2_displaced`, `ulysses2_ring2_cfg1_sync`,
+        `hires2_async`, `clip4_dual`."""
         if self.hires is not None:
             return f"hires{self.patch}_{self.hires.guidance}"
+        if self.clip > 1:
+            return f"clip{self.clip}_{self.temporal.scope}"
         degrees = [f"patch{self.patch}"] if self.sequence == 1 else []
         degrees += [f"{name}{getattr(self, name)}" for name in ("ulysses", "ring") if getattr(self, name) > 1]
         return "_".join(degrees + [f"cfg{self.cfg}", self.mode])

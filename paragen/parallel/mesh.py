@@ -1,12 +1,14 @@
 """The layout of the job's ranks and one accounted communicator per named group.
 
-Ranks are laid out row-major over `(cfg, patch, ring, ulysses)`:
-global rank = ((cfg_index × patch + patch_index) × ring + ring_index) × ulysses + ulysses_index.
-A UNet uses `patch`; a diffusion transformer uses `ring` and `ulysses` (its patch degree is 1).
+Ranks are laid out row-major over `(cfg, clip, patch, ring, ulysses)`:
+global rank = (((cfg_index × clip + clip_index) × patch + patch_index) × ring + ring_index) × ulysses + ulysses_index.
+A UNet uses `patch`; a diffusion transformer uses `ring` and `ulysses` (its patch degree is 1); a video
+model uses `clip`.
 
 | name      | who is in it                                         | rank_in_group means                 |
 |-----------|------------------------------------------------------|-------------------------------------|
 | `cfg`     | the ranks holding the same shard, both branches      | 0 = unconditional, 1 = conditional  |
+| `clip`    | the ranks holding one video's clips                  | the clip index, in frame order      |
 | `patch`   | the ranks of one CFG branch, one band each (hires: one share of the windows) | the band index, top to bottom |
 | `ring`    | the ranks passing K/V around one ring                | the position on the ring            |
 | `ulysses` | the ranks trading sequence shards for head shards    | the head group                      |
@@ -25,11 +27,11 @@ import torch.distributed as dist
 from paragen.comms import CommStats, GroupComm, is_initialized, world_size
 from paragen.parallel.config import ParallelConfig
 
-DIMS = ("cfg", "patch", "ring", "ulysses")
-_GROUPS = {"cfg": ("cfg",), "patch": ("patch",), "ring": ("ring",), "ulysses": ("ulysses",),
+DIMS = ("cfg", "clip", "patch", "ring", "ulysses")
+_GROUPS = {"cfg": ("cfg",), "clip": ("clip",), "patch": ("patch",), "ring": ("ring",), "ulysses": ("ulysses",),
            "seq": ("patch", "ring", "ulysses"), "world": DIMS}
 # Groups whose neighbour/ring P2P, and whose stale all-gathers, get connections of their own.
-_P2P_TWINS = ("patch", "ring", "seq")
+_P2P_TWINS = ("clip", "patch", "ring", "seq")
 _STALE_TWINS = ("patch",)
 
 
@@ -89,5 +91,5 @@ class ParallelMesh:
         return rank
 
     def comm(self, name: str) -> GroupComm:
-        """The communicator of group `name` (`cfg`, `patch`, `ring`, `ulysses`, `seq` or `world`)."""
+        """The communicator of group `name` (`cfg`, `clip`, `patch`, `ring`, `ulysses`, `seq` or `world`)."""
         return self._comms[name]

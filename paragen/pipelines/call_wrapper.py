@@ -44,8 +44,9 @@ def parallel_class(cls: type) -> type:
         signature = inspect.signature(original)
 
         def __call__(self, *args, **kwargs):
+            options = self.paragen.take_options(kwargs)  # paragen's own call options, if the runtime has any
             bound = signature.bind(self, *args, **kwargs)
-            self.paragen.prepare_call(self, bound)
+            self.paragen.prepare_call(self, bound, **options)
             self.paragen.begin_request()
             try:
                 return original(*bound.args, **bound.kwargs)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from paragen.pipelines.outputs import save_json, write_atomic
 
 STEP_DIR = re.compile(r"step-(\d+)")
 SCHEDULER_CONFIG = ("config", "_internal_dict")
+# Request fields a resumed run may change: where the outputs and checkpoints go, how often it saves.
+RESUMABLE_CHANGES = ("out_dir", "name", "checkpoint_dir", "checkpoint_every", "resume")
 
 
 class CheckpointError(ValueError):
@@ -93,9 +96,10 @@ def unpack_state(tensors: dict[str, torch.Tensor], skeleton: dict) -> dict[str, 
 
 def scheduler_state(scheduler) -> dict[str, Any]:
     """The mutable state of a diffusers scheduler: every attribute in vars(scheduler) except its config
-    ('config', '_internal_dict'), as a copy that later steps of the scheduler do not change.
-    Unsupported attribute types raise TypeError naming the attribute."""
-    state = {name: value for name, value in vars(scheduler).items() if name not in SCHEDULER_CONFIG}
+    ('config', '_internal_dict') and functions set on the instance (wrappers), as a copy that later steps of
+    the scheduler do not change. Unsupported attribute types raise TypeError naming the attribute."""
+    state = {name: value for name, value in vars(scheduler).items()
+             if name not in SCHEDULER_CONFIG and not callable(value)}
     return unpack_state(*pack_state(state))
 
 
@@ -200,3 +204,58 @@ def first_step(checkpoints: Checkpoints, resume: bool) -> int:
         return checkpoints.resume()
     checkpoints.check_fresh()
     return 0
+
+
+def run_fingerprint(request: dict[str, Any], config: dict[str, Any], skip: tuple[str, ...]) -> dict[str, Any]:
+    """What a resumed run must share with the saved one: the request (less the keys in `skip`, which may
+    change between the two) and the resolved parallel config, as flat `request.*` / `config.*` keys."""
+    fingerprint = {f"request.{k}": v for k, v in request.items() if k not in skip}
+    fingerprint.update({f"config.{k}": v for k, v in config.items()})
+    return fingerprint
+
+
+@dataclass
+class StepCheckpoints:
+    """When a denoising loop saves and restores: every `every` steps, and from `resume_step` on a resume."""
+
+    checkpoints: Checkpoints
+    every: int
+    resume_step: int
+
+    @classmethod
+    def open(cls, checkpoints: Checkpoints, every: int, resume: bool) -> "StepCheckpoints":
+        """Check the folder (fresh, or a complete checkpoint of this run) before any collective."""
+        if every < 1:
+            raise ValueError(f"checkpoint interval must be >= 1 step, got {every}")
+        return cls(checkpoints, every, first_step(checkpoints, resume))
+
+    def skipped(self, step: int) -> bool:
+        """Step `step` was done before the interruption: its result is restored, not computed."""
+        return step < self.resume_step
+
+    def restores_after(self, step: int) -> bool:
+        """The state saved after step `step` is loaded at its end (the last skipped step)."""
+        return self.resume_step > 0 and step == self.resume_step - 1
+
+    def saves_after(self, step: int, total: int) -> bool:
+        """A checkpoint is written after step `step` of `total` (not after the last, nor one already saved)."""
+        done = step + 1
+        return done % self.every == 0 and done < total and done > self.resume_step
+
+
+def generator_states(generator) -> Any:
+    """The state of a torch generator, or of each of a list of them (None for None)."""
+    if generator is None:
+        return None
+    if isinstance(generator, list):
+        return [g.get_state() for g in generator]
+    return generator.get_state()
+
+
+def set_generator_states(generator, states) -> None:
+    """Inverse of `generator_states`."""
+    if isinstance(generator, list):
+        for g, state in zip(generator, states):
+            g.set_state(state)
+    elif generator is not None:
+        generator.set_state(states)

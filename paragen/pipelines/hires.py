@@ -46,7 +46,9 @@ from paragen.parallel.steps import StepPlan
 from paragen.pipelines.batch_split import repeat_batch
 from paragen.pipelines.call_wrapper import check_steps, parallel_class, request_arg, share_generator
 from paragen.pipelines.image import unet_downsampling
-from paragen.pipelines.checkpoint import Checkpoints, first_step, load_scheduler_state, scheduler_state
+from paragen.pipelines.checkpoint import (
+    Checkpoints, StepCheckpoints, generator_states, load_scheduler_state, scheduler_state, set_generator_states,
+)
 from paragen.pipelines.runtime import PipelineRuntime
 from paragen.pipelines.scheduler_math import predicted_original
 from paragen.pipelines.vae_decode import ParallelVaeDecoder
@@ -85,9 +87,7 @@ class HiresRuntime(PipelineRuntime):
     unet_factor: int = 8
     recorder: MapRecorder = field(default_factory=MapRecorder)
     unet_forward: Any = None  # the UNet's own forward
-    checkpoints: Checkpoints | None = None
-    checkpoint_every: int = 0
-    resume_step: int = 0
+    checkpoints: StepCheckpoints | None = None
     trace: list[tuple[int, int]] = field(default_factory=list)  # (HR step, LR step whose guidance it used)
     # per request
     layout: Layout | None = None
@@ -112,10 +112,7 @@ class HiresRuntime(PipelineRuntime):
     def enable_checkpoints(self, checkpoints: Checkpoints, every: int, resume: bool) -> None:
         """Save every rank's state every `every` steps into `checkpoints`; with `resume`, continue from
         its newest complete checkpoint (checked before any collective)."""
-        if every < 1:
-            raise ValueError(f"checkpoint interval must be >= 1 step, got {every}")
-        self.resume_step = first_step(checkpoints, resume)
-        self.checkpoints, self.checkpoint_every = checkpoints, every
+        self.checkpoints = StepCheckpoints.open(checkpoints, every, resume)
 
     # ---- the request ---------------------------------------------------------------------------
     def prepare_call(self, pipe, bound: inspect.BoundArguments) -> None:
@@ -160,7 +157,7 @@ class HiresRuntime(PipelineRuntime):
         step = self.plan.step
         if step == 0:
             self._start_lr(pipe)
-        if step < self.resume_step:  # done before the interruption; restored at its last step
+        if self.checkpoints is not None and self.checkpoints.skipped(step):  # restored at its last step
             eps = torch.zeros_like(sample)
         elif step < self.seed_step:
             guide = self._lr_step(pipe, step, timestep, args, kwargs, sample.shape[0], stale=False).wait()
@@ -264,21 +261,21 @@ class HiresRuntime(PipelineRuntime):
     def on_step_end(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
         """After the scheduler step `i`: restore a resumed run, seed the HR latent, save a checkpoint."""
         latents = callback_kwargs["latents"]
-        if self.resume_step and i == self.resume_step - 1:
+        saved = self.checkpoints
+        if saved is not None and saved.restores_after(i):
             latents = self._restore(pipe, latents)
-        elif i == self.seed_step - 1 and i >= self.resume_step:
+        elif i == self.seed_step - 1 and not (saved is not None and saved.skipped(i)):
             t_next = pipe.scheduler.timesteps[i + 1 : i + 2]
             up = resize(self.x0_lr, latents.shape[-2:])
             latents = pipe.scheduler.add_noise(up, self.noise.to(up.dtype), t_next)
             self.x0_lr = None
-        total = self.plan.total_steps
-        if self.checkpoints is not None and (i + 1) % self.checkpoint_every == 0 and i + 1 < total and i + 1 > self.resume_step:
-            self._save(pipe, i + 1, latents)
+        if saved is not None and saved.saves_after(i, self.plan.total_steps):
+            saved.checkpoints.save(i + 1, self._state(pipe, latents))
         return {"latents": latents}
 
     def _state(self, pipe, latents: torch.Tensor) -> dict:
         state: dict[str, Any] = {"latents": latents, "scheduler": scheduler_state(pipe.scheduler),
-                                 "generator": _generator_states(self.generator)}
+                                 "generator": generator_states(self.generator)}
         if self.guidance is not None:
             guide = self.guidance.wait()
             state["guidance"] = {"step": guide.step, "eps": guide.eps, "mask": guide.mask}
@@ -287,13 +284,10 @@ class HiresRuntime(PipelineRuntime):
                            "generator": self.lr_generator.get_state()}
         return state
 
-    def _save(self, pipe, step: int, latents: torch.Tensor) -> None:
-        self.checkpoints.save(step, self._state(pipe, latents))
-
     def _restore(self, pipe, latents: torch.Tensor) -> torch.Tensor:
-        state = self.checkpoints.load(self.resume_step)
+        state = self.checkpoints.checkpoints.load(self.checkpoints.resume_step)
         load_scheduler_state(pipe.scheduler, state["scheduler"])
-        _set_generator_states(self.generator, state["generator"])
+        set_generator_states(self.generator, state["generator"])
         if "guidance" in state:
             g = state["guidance"]
             self.guidance = ready(Guidance(g["step"], g["eps"], g["mask"]))
@@ -330,22 +324,6 @@ def _chain_callback(bound: inspect.BoundArguments, ours) -> None:
 
     bound.arguments["callback_on_step_end"] = on_step_end
     bound.arguments["callback_on_step_end_tensor_inputs"] = inputs
-
-
-def _generator_states(generator) -> Any:
-    if generator is None:
-        return None
-    if isinstance(generator, list):
-        return [g.get_state() for g in generator]
-    return generator.get_state()
-
-
-def _set_generator_states(generator, states) -> None:
-    if isinstance(generator, list):
-        for g, s in zip(generator, states):
-            g.set_state(s)
-    elif generator is not None:
-        generator.set_state(states)
 
 
 def parallelize_hires(pipe, config: ParallelConfig):

@@ -13,9 +13,9 @@ import torch
 from paragen.comms import all_gather_objects, is_output_rank, world_size
 from paragen.log import get_logger
 from paragen.parallel import ParallelConfig
-from paragen.pipelines.checkpoint import Checkpoints, first_step
+from paragen.pipelines.checkpoint import RESUMABLE_CHANGES, Checkpoints, first_step, run_fingerprint
 from paragen.pipelines.parallelize import parallelize
-from paragen.pipelines.loading import load_image_pipeline
+from paragen.pipelines.loading import load_pipeline
 from paragen.pipelines.outputs import save_json, save_png
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -65,9 +65,7 @@ def open_checkpoints(request: ImageRequest, config: ParallelConfig, rank: int, w
         return None
     if config.hires is None:
         raise ValueError("checkpoints are taken by hires runs (--hires); other image runs are short")
-    skip = ("out_dir", "name", "checkpoint_dir", "checkpoint_every", "resume")
-    fingerprint = {f"request.{k}": v for k, v in asdict(request).items() if k not in skip}
-    fingerprint.update({f"config.{k}": v for k, v in asdict(config.resolve(world)).items()})
+    fingerprint = run_fingerprint(asdict(request), asdict(config.resolve(world)), RESUMABLE_CHANGES)
     checkpoints = Checkpoints(request.checkpoint_dir, fingerprint, rank, world)
     first_step(checkpoints, request.resume)
     return checkpoints
@@ -101,7 +99,7 @@ def run_image_job(request: ImageRequest, config: ParallelConfig, checkpoints: Ch
     and continue from the newest complete checkpoint when `request.resume`."""
     log = get_logger()
     start = time.perf_counter()
-    pipe = load_image_pipeline(request.model, dtype=DTYPES[request.dtype], allow_pickle=request.allow_pickle)
+    pipe = load_pipeline(request.model, dtype=DTYPES[request.dtype], allow_pickle=request.allow_pickle)
     parallelize(pipe, config)
     if checkpoints is not None:
         pipe.paragen.enable_checkpoints(checkpoints, request.checkpoint_every, request.resume)

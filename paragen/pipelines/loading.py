@@ -1,7 +1,8 @@
-"""Load an image pipeline: an embedded tiny model or a local diffusers checkpoint directory.
+"""Load a diffusers pipeline: an embedded tiny model or a local diffusers checkpoint directory.
 
 Real models cannot be downloaded here, so embedded tiny models stand in for them: `tiny-sd`,
-`tiny-sdxl` (UNets), `tiny-pixart` (PixArt-Sigma), `tiny-sd3` (SD3) and `tiny-flux` (FLUX.1-dev): the
+`tiny-sdxl` (UNets), `tiny-pixart` (PixArt-Sigma), `tiny-sd3` (SD3), `tiny-flux` (FLUX.1-dev), `tiny-t2v`
+(ModelScope text-to-video, UNet3D) and `tiny-animatediff` (AnimateDiff, UNetMotionModel): the
 real diffusers architectures, built from the configs shipped in `configs/<name>/` with random weights
 drawn from a fixed seed, an offline byte-level CLIP tokenizer and an offline T5 tokenizer (written by
 `tools/make_t5_tokenizer.py`). A local checkpoint goes through `DiffusionPipeline.from_pretrained`
@@ -21,7 +22,7 @@ import torch
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-EMBEDDED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux")
+EMBEDDED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-t2v", "tiny-animatediff")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SAFE_WEIGHTS = "*.safetensors"
@@ -99,6 +100,15 @@ def _build_component(library: str, class_name: str, folder: Path) -> Any:
     return cls(cls.config_class.from_pretrained(folder, local_files_only=True))
 
 
+def _redraw_zero_layers(model: torch.nn.Module) -> None:
+    """Give layers that a class initialises to zero (UNet3D's last temporal conv, which makes the block an
+    identity until trained) their default random initialisation, so that an embedded model exercises them."""
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.nn.Parameter) and weight.dim() > 1 and not weight.any():
+            module.reset_parameters()
+
+
 def _build_embedded(name: str, seed: int, dtype: torch.dtype) -> DiffusionPipeline:
     """Build an embedded pipeline; the same seed gives the same weights in every process."""
     import diffusers
@@ -111,7 +121,10 @@ def _build_embedded(name: str, seed: int, dtype: torch.dtype) -> DiffusionPipeli
         torch.manual_seed(seed)
         for comp, spec in components.items():
             parts[comp] = None if spec is None else _build_component(spec[0], spec[1], root / comp)
-    # No layer of these classes is zero-initialised, so random weights give non-constant outputs
+        for part in parts.values():
+            if isinstance(part, torch.nn.Module):
+                _redraw_zero_layers(part)
+    # Random weights now give non-constant outputs through every layer
     # (tests/test_loading.py checks the UNet output and the decoded image).
     for part in parts.values():
         if isinstance(part, torch.nn.Module):
@@ -121,7 +134,7 @@ def _build_embedded(name: str, seed: int, dtype: torch.dtype) -> DiffusionPipeli
     return getattr(diffusers, index["_class_name"])(**parts, **settings)
 
 
-def load_image_pipeline(
+def load_pipeline(
     model: str, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False, seed: int = 0
 ) -> DiffusionPipeline:
     """The pipeline for an embedded name or a local checkpoint directory, in eval mode on CPU in `dtype`.

@@ -5,6 +5,7 @@ from paragen.parallel import ParallelConfig
 from paragen.pipelines.dit import FAMILIES, parallelize_dit
 from paragen.pipelines.hires import parallelize_hires
 from paragen.pipelines.image import parallelize_unet
+from paragen.pipelines.video import VIDEO_PIPELINES, parallelize_video
 
 UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
@@ -17,6 +18,7 @@ def parallelize(pipe, config: ParallelConfig | None = None):
     are split into row bands (`patch`), PixArt, SD3 and Flux along the token sequence (`ulysses`,
     `ring`); both take `cfg=2` and the `displaced` mode. With `hires=HiresConfig(...)`, SD and SDXL go
     beyond their training size: training-size windows over the ranks, steered by a low-resolution view.
+    TextToVideoSD and AnimateDiff split a video's frames into clips (`clip`), one per rank.
     """
     name = type(pipe).__name__
     if hasattr(pipe, "paragen"):
@@ -25,8 +27,12 @@ def parallelize(pipe, config: ParallelConfig | None = None):
         if name not in UNET_PIPELINES:
             raise TypeError(f"hires supports {', '.join(UNET_PIPELINES)}; got {name}")
         return parallelize_hires(pipe, config)
+    if name in VIDEO_PIPELINES:
+        return parallelize_video(pipe, config)
+    if config is not None and config.clip > 1:
+        raise TypeError(f"clip parallelism splits videos ({', '.join(VIDEO_PIPELINES)}); got {name}")
     if name in UNET_PIPELINES:
         return parallelize_unet(pipe, config)
     if name in FAMILIES:
         return parallelize_dit(pipe, config)
-    raise TypeError(f"paragen.parallelize supports {', '.join(UNET_PIPELINES + tuple(FAMILIES))}; got {name}")
+    raise TypeError(f"paragen.parallelize supports {', '.join(UNET_PIPELINES + tuple(FAMILIES) + VIDEO_PIPELINES)}; got {name}")

@@ -18,7 +18,7 @@ class PipelineRuntime:
     config: ParallelConfig
     mesh: ParallelMesh
     plan: StepPlan  # the denoiser's step plan (bands of a UNet, token shards of a DiT)
-    vae: ParallelVaeDecoder
+    vae: ParallelVaeDecoder | None  # None: the runtime decodes its own way (video: per clip)
     step_seconds: list[float] = field(default_factory=list)
     in_request: bool = False
     _step_start: float = 0.0
@@ -28,16 +28,22 @@ class PipelineRuntime:
         """The `CommStats` of every group of this pipeline."""
         return self.mesh.stats
 
+    def take_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Remove and return the call options that are paragen's, not the pipeline's (none by default)."""
+        return {}
+
     def begin_request(self) -> None:
         self.plan.begin_request(None)
-        self.vae.begin_request()
+        if self.vae is not None:
+            self.vae.begin_request()
         self.step_seconds = []
         self.in_request = True
 
     def end_request(self) -> None:
         self.in_request = False
         self.plan.end_request()
-        self.vae.end_request()
+        if self.vae is not None:
+            self.vae.end_request()
 
     def start_step(self, pipe: Any) -> None:
         """Before a denoiser forward: learn the request's length on its first step, start the clock."""

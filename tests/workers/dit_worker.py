@@ -7,7 +7,7 @@ import torch
 
 import paragen
 from paragen.comms import all_gather_objects
-from paragen.pipelines.loading import load_image_pipeline
+from paragen.pipelines.loading import load_pipeline
 from tests.workers.specs import serve_specs
 
 
@@ -20,7 +20,7 @@ def generate(pipe, spec: dict) -> torch.Tensor:
 
 
 def run(spec: dict) -> dict:
-    pipe = load_image_pipeline(spec["model"])
+    pipe = load_pipeline(spec["model"])
     pipe.set_progress_bar_config(disable=True)
     if spec.get("parallel", True):
         config = paragen.ParallelConfig(cfg=spec.get("cfg", 1), ulysses=spec.get("ulysses", 1), ring=spec.get("ring", 1),

@@ -5,12 +5,12 @@ usage: hires_worker.py SPEC.json OUT.pt   (SPEC: a list of runs, see tests/test_
 import torch
 
 import paragen
-from paragen.pipelines.loading import load_image_pipeline
+from paragen.pipelines.loading import load_pipeline
 from tests.workers.specs import serve_specs
 
 
 def run(spec: dict) -> dict:
-    pipe = load_image_pipeline(spec["model"])
+    pipe = load_pipeline(spec["model"])
     pipe.set_progress_bar_config(disable=True)
     hires = paragen.HiresConfig(window=spec["window"], stride=spec["stride"], guidance=spec["guidance"],
                                 guidance_weight=spec["w0"], guidance_decay=spec["decay"],

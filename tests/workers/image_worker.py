@@ -6,12 +6,12 @@ import torch
 
 import paragen
 from paragen.comms import all_gather_objects
-from paragen.pipelines.loading import load_image_pipeline
+from paragen.pipelines.loading import load_pipeline
 from tests.workers.specs import serve_specs
 
 
 def run(spec: dict) -> dict:
-    pipe = load_image_pipeline(spec["model"])
+    pipe = load_pipeline(spec["model"])
     pipe.set_progress_bar_config(disable=True)
     config = paragen.ParallelConfig(cfg=spec.get("cfg", 1), mode=spec.get("mode", "sync"),
                                     warmup_steps=spec.get("warmup", 1), partial_fraction=spec.get("fraction", 0.3))

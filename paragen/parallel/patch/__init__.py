@@ -6,9 +6,9 @@ from paragen.parallel.patch.attention import (
 )
 from paragen.parallel.patch.context import PatchContext
 from paragen.parallel.patch.conv import PatchConv2d
-from paragen.parallel.patch.norm import PatchGroupNorm, combine_band_stats
+from paragen.parallel.patch.norm import PatchGroupNorm
 
 __all__ = [
     "PatchConv2d", "PatchContext", "PatchCrossAttnProcessor", "PatchGroupNorm",
-    "PatchSelfAttnProcessor", "check_processor", "combine_band_stats",
+    "PatchSelfAttnProcessor", "check_processor",
 ]

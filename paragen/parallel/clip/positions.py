@@ -1,0 +1,43 @@
+"""`ClipFramePositions`: the sinusoidal frame-position table (AnimateDiff's motion modules) that
+adds each frame's position in the whole video, not in the clip a rank holds (see `ClipContext.frame_positions`)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from paragen.parallel.clip.context import ClipContext
+
+
+def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """`[len(positions), dim]` sin/cos embedding at (possibly fractional) positions, the table's own formula."""
+    div_term = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+    angles = positions.unsqueeze(1) * div_term
+    table = torch.zeros(len(positions), dim)
+    table[:, 0::2] = torch.sin(angles)
+    table[:, 1::2] = torch.cos(angles)
+    return table
+
+
+class ClipFramePositions(nn.Module):
+    """In-place replacement of the class of diffusers' `SinusoidalPositionalEmbedding` (same `pe` buffer)."""
+
+    clip_ctx: ClipContext
+    pe: torch.Tensor
+
+    @classmethod
+    def convert(cls, module: nn.Module, ctx: ClipContext) -> "ClipFramePositions":
+        """Turn `module` (with a `pe` buffer `[1, positions, dim]`) into a ClipFramePositions in place."""
+        module.__class__ = cls
+        module.clip_ctx = ctx
+        return module  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        trained = self.pe.shape[1]
+        positions = self.clip_ctx.frame_positions(trained)
+        if x.shape[1] != len(positions):
+            raise ValueError(f"frame positions: {x.shape[1]} frames in, the clip holds {len(positions)}")
+        if self.clip_ctx.layout.frames <= trained:
+            return x + self.pe[:, positions.long()]
+        return x + sinusoid(positions, self.pe.shape[2]).to(x)

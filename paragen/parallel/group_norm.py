@@ -1,0 +1,43 @@
+"""GroupNorm over a tensor whose elements are spread over ranks (row bands, or clips of frames).
+
+Each rank takes its part's per-(sample, group) mean and centred sum of squares; the parts' statistics
+are combined with Chan's parallel formula (accurate in fp32, where `E[x²] - E[x]²` would not be), and one
+fused multiply-add per element applies the global normalisation and the affine transform.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+
+
+def combine_group_stats(stats: torch.Tensor, counts: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global (mean, variance) from per-part `[parts, ..., 2]` (mean, centred sum of squares), where part i
+    holds `counts[i]` elements of each group."""
+    means, m2 = stats[..., 0], stats[..., 1]
+    n = torch.tensor(counts, dtype=means.dtype, device=means.device).view((-1,) + (1,) * (means.dim() - 1))
+    total = float(sum(counts))
+    mean = (means * n).sum(dim=0) / total
+    total_m2 = m2.sum(dim=0) + (n * (means - mean) ** 2).sum(dim=0)
+    return mean, total_m2 / total
+
+
+def part_stats(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
+    """`[batch, groups, 2]` (mean, centred sum of squares) of a part, and its elements per (sample, group)."""
+    grouped = x.reshape(x.shape[0], num_groups, -1).float()
+    var, mean = torch.var_mean(grouped, dim=-1, correction=0)
+    return torch.stack([mean, var * grouped.shape[-1]], dim=-1), grouped.shape[-1]
+
+
+def normalise_with(norm: nn.GroupNorm, x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    """`norm` applied to `x` [batch, channels, ...] with given per-(sample, group) statistics."""
+    batch, channels = x.shape[:2]
+    per_channel = channels // norm.num_groups
+    scale = torch.rsqrt(var + norm.eps).repeat_interleave(per_channel, dim=1)
+    shift = -mean.repeat_interleave(per_channel, dim=1) * scale
+    if norm.affine:
+        scale = scale * norm.weight
+        shift = shift * norm.weight + norm.bias
+    view = (batch, channels) + (1,) * (x.dim() - 2)
+    return torch.addcmul(shift.view(view).to(x.dtype), x, scale.view(view).to(x.dtype))

@@ -1,0 +1,288 @@
+"""Clip-parallel text-to-video: `parallelize(pipe, ParallelConfig(clip=N))` for diffusers'
+`TextToVideoSDPipeline` (UNet3DConditionModel) and `AnimateDiffPipeline` (UNetMotionModel).
+
+Every rank runs the pipeline's own loop and scheduler on the whole latent `[B, C, F, H, W]` (cheap), but
+its UNet call denoises only the rank's clip of frames: `unet.forward` is replaced on the instance. Spatial
+layers are per frame and need nothing; the temporal ones are converted in place
+(`parallel/clip`): temporal attention processors (full or dual scope), GroupNorms over frames with the
+whole video's statistics, temporal conv stacks with a frame halo, and AnimateDiff's frame positions taken
+in the whole video. The clips' noise predictions are all-gathered (the latent is small), so every rank
+steps the same latent. `decode_latents` is wrapped: each rank decodes its own frames, and the frames are
+gathered on the output rank (rank 0 of the clip group); the other ranks get a video of zero frames.
+
+Call options of paragen's own: `segment_prompts=[...]` gives each of that many consecutive segments of
+the video its own prompt (`segment_frames=[...]` sets their lengths; default: as even as possible).
+Checkpoints (`enable_checkpoints`) save every rank's clip of the latent, the scheduler and the generator
+every K steps; a resumed run skips the finished steps without computing and restores the last one.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from paragen.parallel import ParallelConfig, ParallelMesh
+from paragen.parallel.clip import ClipLayout, plan_clips
+from paragen.parallel.clip.attention import ClipTemporalAttnProcessor
+from paragen.parallel.clip.context import ClipContext
+from paragen.parallel.clip.conv import ClipTemporalConv
+from paragen.parallel.clip.norm import ClipGroupNorm
+from paragen.parallel.clip.positions import ClipFramePositions
+from paragen.parallel.partition import check_image_size
+from paragen.parallel.steps import StepPlan
+from paragen.pipelines.call_wrapper import check_steps, parallel_class, request_arg, share_generator
+from paragen.pipelines.checkpoint import (
+    Checkpoints, StepCheckpoints, generator_states, load_scheduler_state, scheduler_state, set_generator_states,
+)
+from paragen.pipelines.image import unet_downsampling
+from paragen.pipelines.runtime import PipelineRuntime
+
+VIDEO_PIPELINES = ("TextToVideoSDPipeline", "AnimateDiffPipeline")
+TEMPORAL_TRANSFORMERS = ("TransformerTemporalModel", "AnimateDiffTransformer3D")
+MAX_SIDE = 16384  # pixels; beyond this a request is a typo, not a video
+MAX_FRAMES = 1_000_000
+
+
+def segment_bounds(frames: int, segments: int, lengths: list[int] | None) -> list[int]:
+    """The segment index of every frame; ValueError if the prompts and the segment lengths do not match."""
+    if lengths is None:
+        if segments > frames:
+            raise ValueError(f"{segments} segment prompts for {frames} frames: a segment needs at least one frame")
+        lengths = [frames // segments + (i < frames % segments) for i in range(segments)]
+    if len(lengths) != segments:
+        raise ValueError(f"{segments} segment prompts but {len(lengths)} segment lengths: give one length per prompt")
+    if any(n < 1 for n in lengths) or sum(lengths) != frames:
+        raise ValueError(f"segment lengths {lengths} must be positive and add up to num_frames ({frames})")
+    return [i for i, n in enumerate(lengths) for _ in range(n)]
+
+
+def check_video_size(frames: int, height: int, width: int, vae_factor: int, unet_factor: int) -> None:
+    """ValueError for a non-positive or absurd video size, or one the UNet cannot take."""
+    if not 0 < frames <= MAX_FRAMES:
+        raise ValueError(f"num_frames must be in [1, {MAX_FRAMES}], got {frames}")
+    for name, value in (("height", height), ("width", width)):
+        if value > MAX_SIDE:
+            raise ValueError(f"{name} {value} is beyond {MAX_SIDE} pixels")
+    check_image_size(height, width, vae_factor=vae_factor, unet_factor=1, patch=1, decode_parts=1)
+    for name, value in (("height", height), ("width", width)):
+        if (value // vae_factor) % unet_factor:
+            raise ValueError(f"{name} {value}: the latent must be a multiple of {unet_factor} (the UNet's "
+                             f"down-sampling); use a multiple of {vae_factor * unet_factor} pixels")
+
+
+class SegmentPromptProcessor:
+    """Wraps a spatial cross-attention processor: each frame of the conditional batch half attends to its
+    segment's prompt instead of the pipeline's one prompt."""
+
+    def __init__(self, inner: Any, runtime: "VideoRuntime") -> None:
+        self.inner = inner
+        self.runtime = runtime
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, *args, **kwargs):
+        texts = self.runtime.frame_text
+        if texts is not None and encoder_hidden_states is not None:
+            frames = texts.shape[0]
+            per_frame = encoder_hidden_states.reshape((-1, frames) + encoder_hidden_states.shape[1:]).clone()
+            per_frame[-1] = texts.to(per_frame)  # the conditional half is the last (diffusers: [uncond, cond])
+            encoder_hidden_states = per_frame.reshape(encoder_hidden_states.shape)
+        return self.inner(attn, hidden_states, encoder_hidden_states, *args, **kwargs)
+
+
+def install_clip_layers(unet: torch.nn.Module, ctx: ClipContext) -> int:
+    """Convert the UNet's temporal layers in place; return the temporal convs' stacked halo (0 if none)."""
+    halo = 0
+    found = 0
+    for module in list(unet.modules()):
+        kind = type(module).__name__
+        if kind in TEMPORAL_TRANSFORMERS:
+            found += 1
+            ClipGroupNorm.convert(module.norm, ctx)
+            for block in module.transformer_blocks:
+                for attn in (block.attn1, block.attn2):
+                    if attn is None:
+                        continue
+                    if attn.is_cross_attention:
+                        raise ValueError(f"{kind} has cross-attention in a temporal block; clip parallelism "
+                                         "supports temporal self-attention only")
+                    attn.set_processor(ClipTemporalAttnProcessor(ctx))
+                if block.pos_embed is not None:
+                    ClipFramePositions.convert(block.pos_embed, ctx)
+        elif kind == "TemporalConvLayer":
+            halo = max(halo, ClipTemporalConv.convert(module, ctx).halo)
+    if not found:
+        raise ValueError(f"{type(unet).__name__} has no temporal transformer ({', '.join(TEMPORAL_TRANSFORMERS)})")
+    return halo
+
+
+def install_segment_prompts(unet: torch.nn.Module, runtime: "VideoRuntime") -> None:
+    """Wrap the processors of the UNet's spatial cross-attention layers (see `SegmentPromptProcessor`)."""
+    processors = unet.attn_processors
+    for name, processor in processors.items():
+        module = unet.get_submodule(name.removesuffix(".processor"))
+        if module.is_cross_attention:
+            processors[name] = SegmentPromptProcessor(processor, runtime)
+    unet.set_attn_processor(processors)
+
+
+def _output_class(unet) -> type:
+    """The UNet's own output dataclass (UNet3DConditionOutput or UNetMotionOutput)."""
+    from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
+    from diffusers.models.unets.unet_motion_model import UNetMotionOutput
+
+    return UNetMotionOutput if type(unet).__name__ == "UNetMotionModel" else UNet3DConditionOutput
+
+
+@dataclass
+class VideoRuntime(PipelineRuntime):
+    """What `parallelize` attaches to a video pipeline as `pipe.paragen`."""
+
+    ctx: ClipContext = None  # type: ignore[assignment]
+    conv_halo: int = 0
+    unet_forward: Any = None  # the UNet's own forward
+    output_class: type = None  # type: ignore[assignment]
+    checkpoints: StepCheckpoints | None = None
+    # per request
+    generator: Any = None
+    segment_text: torch.Tensor | None = None  # [segments, tokens, dim]
+    segment_of_frame: list[int] = field(default_factory=list)
+    frame_text: torch.Tensor | None = None  # this clip's frames' prompt embeddings
+
+    @property
+    def comm(self):
+        """The clip group."""
+        return self.ctx.comm
+
+    @property
+    def layout(self) -> ClipLayout:
+        return self.ctx.layout
+
+    def enable_checkpoints(self, checkpoints: Checkpoints, every: int, resume: bool) -> None:
+        """Save every rank's state every `every` steps into `checkpoints`; with `resume`, continue from its
+        newest complete checkpoint (checked before any collective)."""
+        self.checkpoints = StepCheckpoints.open(checkpoints, every, resume)
+
+    # ---- the request ---------------------------------------------------------------------------
+    def take_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        return {name: kwargs.pop(name) for name in ("segment_prompts", "segment_frames") if name in kwargs}
+
+    def prepare_call(self, pipe, bound: inspect.BoundArguments, segment_prompts: list[str] | None = None,
+                     segment_frames: list[int] | None = None) -> None:
+        """Check the request and lay out the clips on every rank before any collective."""
+        check_steps(bound)
+        if getattr(pipe, "free_noise_enabled", False):
+            raise ValueError("clip parallelism replaces FreeNoise's sliding windows; disable free noise first")
+        vae_factor = pipe.vae_scale_factor
+        default = pipe.unet.config.sample_size * vae_factor
+        frames = request_arg(bound, "num_frames")
+        height, width = request_arg(bound, "height") or default, request_arg(bound, "width") or default
+        check_video_size(frames, height, width, vae_factor, unet_downsampling(pipe.unet))
+        self.ctx.layout = plan_clips(frames, self.comm.size, self.config.temporal, self.conv_halo)
+        self.ctx.train_timesteps = pipe.scheduler.config.num_train_timesteps
+        self._prepare_segments(pipe, bound, segment_prompts, segment_frames)
+        if self.checkpoints is not None:
+            self._wrap_scheduler(pipe.scheduler)
+        share_generator(bound, self.mesh.comm("world"))
+        self.generator = request_arg(bound, "generator")
+
+    def _prepare_segments(self, pipe, bound, prompts: list[str] | None, lengths: list[int] | None) -> None:
+        self.segment_text, self.frame_text = None, None
+        if prompts is None:
+            if lengths is not None:
+                raise ValueError("segment_frames needs segment_prompts (one prompt per segment)")
+            return
+        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("segment_prompts must be a non-empty list of prompts, one per segment")
+        if request_arg(bound, "prompt") is not None or request_arg(bound, "prompt_embeds") is not None:
+            raise ValueError("give either prompt (one for the whole video) or segment_prompts, not both")
+        if (request_arg(bound, "num_videos_per_prompt") if "num_videos_per_prompt" in bound.signature.parameters else 1) != 1:
+            raise ValueError("segment prompts make one video per call (num_videos_per_prompt=1)")
+        self.segment_of_frame = segment_bounds(self.layout.frames, len(prompts), lengths)
+        bound.arguments["prompt"] = prompts[0]  # the pipeline's own batch and unconditional embedding
+        with torch.no_grad():
+            self.segment_text = torch.cat([pipe.encode_prompt(p, pipe.device, 1, False)[0] for p in prompts])
+
+    def begin_request(self) -> None:
+        super().begin_request()
+        if self.segment_text is not None:
+            own = self.segment_of_frame[self.ctx.start : self.ctx.stop]
+            self.frame_text = self.segment_text[own]
+
+    def end_request(self) -> None:
+        super().end_request()
+        self.frame_text = None
+
+    # ---- the UNet call ---------------------------------------------------------------------------
+    def unet_call(self, pipe, *args, **kwargs):
+        """The noise prediction of one step: this clip denoised, every clip's prediction gathered."""
+        args, kwargs = list(args), dict(kwargs)
+        sample = args.pop(0) if args else kwargs.pop("sample")
+        timestep = args.pop(0) if args else kwargs.pop("timestep")
+        text = args.pop(0) if args else kwargs.pop("encoder_hidden_states")
+        return_dict = kwargs.pop("return_dict", True)
+        self.start_step(pipe)
+        self.plan.begin_step()
+        self.ctx.timestep = float(timestep)
+        if self.checkpoints is not None and self.checkpoints.skipped(self.plan.step):
+            eps = torch.zeros_like(sample)  # done before the interruption; restored at its last step
+        else:
+            start, stop, frames = self.ctx.start, self.ctx.stop, self.layout.frames
+            if text.shape[0] == sample.shape[0] * frames:  # per-frame text (AnimateDiff repeats it per frame)
+                text = text.reshape((sample.shape[0], frames) + text.shape[1:])[:, start:stop].flatten(0, 1)
+            own = self.unet_forward(sample[:, :, start:stop], timestep, text, *args, return_dict=False, **kwargs)[0]
+            eps = self.comm.all_gather_varlen(own, 2, list(self.layout.sizes), "clip.eps")
+        self.record_step()
+        return self.output_class(sample=eps) if return_dict else (eps,)
+
+    def decode_call(self, decode, latents: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """This clip's frames decoded, gathered on the output rank (the others get zero frames)."""
+        own = decode(latents[:, :, self.ctx.start : self.ctx.stop], *args, **kwargs)
+        video = self.comm.gather_varlen(own, 2, list(self.layout.sizes), 0, "clip.frames")
+        return own[:, :, :0] if video is None else video
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def _wrap_scheduler(self, scheduler) -> None:
+        if "step" not in vars(scheduler):
+            scheduler.step = functools.partial(self._scheduler_step, type(scheduler).step.__get__(scheduler))
+
+    def _scheduler_step(self, step, *args, **kwargs):
+        """The scheduler's step, then: restore a resumed run, or save a checkpoint."""
+        out = step(*args, **kwargs)
+        latents = out.prev_sample if hasattr(out, "prev_sample") else out[0]
+        i, saved = self.plan.step, self.checkpoints
+        if saved.restores_after(i):
+            state = saved.checkpoints.load(saved.resume_step)
+            load_scheduler_state(step.__self__, state["scheduler"])
+            set_generator_states(self.generator, state["generator"])
+            latents.copy_(self.comm.all_gather_varlen(state["latents"].to(latents), 2, list(self.layout.sizes), "clip.resume"))
+        elif saved.saves_after(i, self.plan.total_steps):
+            saved.checkpoints.save(i + 1, {
+                "latents": latents[:, :, self.ctx.start : self.ctx.stop],
+                "scheduler": scheduler_state(step.__self__),
+                "generator": generator_states(self.generator),
+            })
+        return out
+
+
+def parallelize_video(pipe, config: ParallelConfig | None = None):
+    """Make a TextToVideoSD or AnimateDiff pipeline split each video's frames over the ranks, in place."""
+    config = config or ParallelConfig()
+    if config.cfg != 1 or config.sequence != 1 or config.hires is not None:
+        raise ValueError("video pipelines split the frames into clips (clip=N); cfg=2, ulysses, ring and hires do not apply")
+    mesh = ParallelMesh(config, device_type=pipe.device.type)
+    if mesh.config.patch != 1:
+        raise ValueError(f"video pipelines split the frames into clips: set clip to the number of ranks "
+                         f"(got clip={config.clip}, leaving {mesh.config.patch} ranks to patch)")
+    ctx = ClipContext(mesh.comm("clip"), mesh.config.temporal)
+    runtime = VideoRuntime(mesh.config, mesh, StepPlan(mesh.comm("clip"), label_prefix="clip."), None, ctx=ctx,
+                           output_class=_output_class(pipe.unet))
+    runtime.conv_halo = install_clip_layers(pipe.unet, ctx)
+    install_segment_prompts(pipe.unet, runtime)
+    runtime.unet_forward = pipe.unet.forward
+    pipe.unet.forward = functools.partial(runtime.unet_call, pipe)
+    pipe.decode_latents = functools.partial(runtime.decode_call, pipe.decode_latents)
+    pipe.paragen = runtime
+    pipe.__class__ = parallel_class(type(pipe))
+    return pipe
