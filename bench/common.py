@@ -136,7 +136,7 @@ def open_pipeline(model: str, threads: int):
 
 def report_header(benchmark: str) -> dict:
     """The fields every benchmark report starts with: what, when, from which revision, on what machine."""
-    from paragen.pipelines.image_job import git_revision
+    from paragen.pipelines.report import git_revision
 
     return {"benchmark": benchmark, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "git_revision": git_revision(),
             "machine": machine()}

@@ -39,7 +39,7 @@ def denoiser(pipe: DiffusionPipeline) -> torch.nn.Module:
     return pipe.unet if hasattr(pipe, "unet") else pipe.transformer
 
 
-@pytest.fixture(scope="module", params=EMBEDDED_MODELS)
+@pytest.fixture(scope="module", params=list(CLASSES))
 def embedded(request: pytest.FixtureRequest) -> tuple[str, DiffusionPipeline, torch.Tensor]:
     pipe = load_pipeline(request.param, seed=0)
     return request.param, pipe, generate(pipe)

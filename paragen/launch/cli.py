@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 -m paragen image --mode displaced --height 1024 --width 1024
     torchrun --nproc-per-node 4 -m paragen image --model tiny-flux --ulysses 2 --ring 2
+    torchrun --nproc-per-node 2 -m paragen video --frames 64 --prompt "a fox" --prompt "a forest at night"
     paragen slurm --nodes 2 --gpus-per-node 8 -- image --model /models/sdxl --cfg 2
 """
 from __future__ import annotations
@@ -21,6 +22,7 @@ from paragen.launch.process_group import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT
 from paragen.launch.slurm import sbatch_script
 from paragen.log import get_logger, setup_logging
 from paragen.parallel.config import MODE_HELP, MODES, ParallelConfig
+from paragen.parallel.clip import SCOPE_HELP, SCOPES, TemporalAttention
 from paragen.parallel.hires import GUIDANCE_MODES, PLACEMENTS, HiresConfig
 
 EXIT_BAD_INPUT = 2
@@ -77,17 +79,110 @@ def _add_image_parser(sub: argparse._SubParsersAction) -> None:
     h.add_argument("--placement", choices=PLACEMENTS, default=hires_defaults.placement,
                    help="interleaved: the low-resolution pass is one more unit of a window rank; dedicated: a rank of its own")
     h.add_argument("--window-batch", type=int, default=hires_defaults.window_batch, help="windows per UNet call")
-    h.add_argument("--checkpoint", default=None, metavar="DIR",
-                   help="save every rank's state in DIR every --checkpoint-every steps (must not hold a checkpoint)")
-    h.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every, help="steps between checkpoints")
-    h.add_argument("--resume", default=None, metavar="DIR",
-                   help="continue the run checkpointed in DIR (same request, layout and number of ranks)")
+    _add_checkpoint_arguments(h, defaults.checkpoint_every)
     p.add_argument("--allow-pickle", action="store_true",
                    help="allow loading pickle (.bin/.ckpt) checkpoints, which can run arbitrary code")
     p.add_argument("--out", default=defaults.out_dir, help="folder for the PNG and the JSON run report")
     p.add_argument("--name", default=None, help="output file name without extension (default: encodes the layout)")
     _add_runtime_arguments(p)
     p.set_defaults(handler=_run_image)
+
+
+def _add_checkpoint_arguments(p, every: int) -> None:
+    p.add_argument("--checkpoint", default=None, metavar="DIR",
+                   help="save every rank's state in DIR every --checkpoint-every steps (must not hold a checkpoint)")
+    p.add_argument("--checkpoint-every", type=int, default=every, help="steps between checkpoints")
+    p.add_argument("--resume", default=None, metavar="DIR",
+                   help="continue the run checkpointed in DIR (same request, layout and number of ranks)")
+
+
+def _checkpoint_folder(args: argparse.Namespace) -> str | None:
+    """The folder of --checkpoint / --resume (a resumed run keeps checkpointing where it was)."""
+    if args.resume and args.checkpoint and args.resume != args.checkpoint:
+        raise ValueError("--resume continues the run in its folder and keeps checkpointing there; drop --checkpoint")
+    return args.resume or args.checkpoint
+
+
+def _add_video_parser(sub: argparse._SubParsersAction) -> None:
+    from paragen.pipelines.image_job import DTYPES
+    from paragen.pipelines.loading import EMBEDDED_MODELS
+    from paragen.pipelines.outputs import VIDEO_FORMATS
+    from paragen.pipelines.video_job import VideoRequest
+
+    defaults, temporal = VideoRequest(), TemporalAttention()
+    p = sub.add_parser("video", help="text-to-video across ranks (clip parallelism with dual-scope temporal attention)",
+                       description="Generate one video with its frames split into clips, one per rank.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=defaults.model,
+                   help=f"embedded model name ({', '.join(m for m in EMBEDDED_MODELS if m in ('tiny-t2v', 'tiny-animatediff'))}) "
+                        "or a local diffusers TextToVideoSD/AnimateDiff directory (safetensors)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help=f"text prompt; repeat it for one prompt per consecutive segment of the video (default: {defaults.prompts[0]!r})")
+    p.add_argument("--segment-frames", default=None,
+                   help="comma-separated frames of each prompt's segment, adding up to --frames (default: even)")
+    p.add_argument("--negative-prompt", default=defaults.negative_prompt, help="negative prompt")
+    p.add_argument("--frames", type=int, default=defaults.frames, help="frames of the video")
+    p.add_argument("--height", type=int, default=defaults.height, help="frame height in pixels")
+    p.add_argument("--width", type=int, default=defaults.width, help="frame width in pixels")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale; default: the pipeline's")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (the same on every rank)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=defaults.dtype, help="weights and activations dtype")
+    p.add_argument("--clip", type=int, default=-1, help="clips (ranks) the frames are split into (-1: every rank)")
+    p.add_argument("--scope", choices=SCOPES, default=temporal.scope,
+                   help="; ".join(f"{s}: {text}" for s, text in SCOPE_HELP.items()))
+    p.add_argument("--local", type=int, default=temporal.local, help="dual scope: local window half width p, in frames")
+    p.add_argument("--global-frames", type=int, default=temporal.global_frames,
+                   help="dual scope: frames sampled evenly over the video that every frame also attends to")
+    p.add_argument("--bias", type=float, default=temporal.bias,
+                   help="dual scope: logit bias for the global frames at timesteps >= --bias-switch, for the local window below")
+    p.add_argument("--bias-switch", type=int, default=temporal.bias_switch, help="dual scope: timestep (of 1000) where the bias switches")
+    p.add_argument("--blocking", action="store_true",
+                   help="exchange, wait, then attend (Video-Infinity's released code), instead of overlapping the exchange")
+    p.add_argument("--fps", type=int, default=defaults.fps, help="frames per second of the written video")
+    p.add_argument("--format", choices=VIDEO_FORMATS, default=defaults.format,
+                   help="mp4 (needs imageio-ffmpeg: pip install 'paragen[video]'; GIF if missing) or gif")
+    _add_checkpoint_arguments(p, defaults.checkpoint_every)
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickle (.bin/.ckpt) checkpoints, which can run arbitrary code")
+    p.add_argument("--out", default=defaults.out_dir, help="folder for the video and the JSON run report")
+    p.add_argument("--name", default=None, help="output file name without extension (default: encodes the layout)")
+    _add_runtime_arguments(p)
+    p.set_defaults(handler=_run_video)
+
+
+def _run_video(args: argparse.Namespace) -> int:
+    from paragen.pipelines.loading import check_model_source
+    from paragen.pipelines.video_job import VideoRequest, check_video_request, open_checkpoints, run_video_job
+
+    folder = _checkpoint_folder(args)
+    segments = None if args.segment_frames is None else tuple(_int_list(args.segment_frames, "--segment-frames"))
+    request = VideoRequest(
+        model=args.model, prompts=tuple(args.prompt or VideoRequest().prompts), segment_frames=segments,
+        negative_prompt=args.negative_prompt, frames=args.frames, height=args.height, width=args.width,
+        steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, dtype=args.dtype,
+        allow_pickle=args.allow_pickle, fps=args.fps, format=args.format, out_dir=args.out, name=args.name,
+        checkpoint_dir=folder, checkpoint_every=args.checkpoint_every, resume=args.resume is not None,
+    )
+    temporal = TemporalAttention(scope=args.scope, local=args.local, global_frames=args.global_frames, bias=args.bias,
+                                 bias_switch=args.bias_switch, overlap=not args.blocking)
+    launch = discover()
+    if args.clip != -1 and args.clip != launch.world_size:
+        raise ValueError(f"--clip {args.clip} does not match the {launch.world_size} ranks of the job (one clip per rank)")
+    config = ParallelConfig(clip=launch.world_size, patch=1, temporal=temporal)
+    video_format = check_video_request(request, config, launch.world_size)
+    check_model_source(args.model, allow_pickle=args.allow_pickle)
+    checkpoints = open_checkpoints(request, config, launch.rank, launch.world_size)
+    init(init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads, verbose=args.verbose)
+    run_video_job(request, config, checkpoints, video_format)
+    return 0
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
 
 
 def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
@@ -115,8 +210,9 @@ def _add_slurm_parser(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The `paragen` argument parser with its sub-commands."""
     parser = argparse.ArgumentParser(prog="paragen", description="paragen: one generation request, many ranks.")
-    sub = parser.add_subparsers(dest="workload", required=True, metavar="{image,slurm}")
+    sub = parser.add_subparsers(dest="workload", required=True, metavar="{image,video,slurm}")
     _add_image_parser(sub)
+    _add_video_parser(sub)
     _add_slurm_parser(sub)
     return parser
 
@@ -133,14 +229,13 @@ def _run_image(args: argparse.Namespace) -> int:
     from paragen.pipelines.loading import check_model_source
 
     # Everything that can be checked without the other ranks is checked here, on every rank.
+    folder = _checkpoint_folder(args)
     request = ImageRequest(
         model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
         width=args.width, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
         dtype=args.dtype, allow_pickle=args.allow_pickle, out_dir=args.out, name=args.name,
-        checkpoint_dir=args.resume or args.checkpoint, checkpoint_every=args.checkpoint_every, resume=args.resume is not None,
+        checkpoint_dir=folder, checkpoint_every=args.checkpoint_every, resume=args.resume is not None,
     )
-    if args.resume and args.checkpoint and args.resume != args.checkpoint:
-        raise ValueError("--resume continues the run in its folder and keeps checkpointing there; drop --checkpoint")
     config = ParallelConfig(cfg=args.cfg, patch=args.patch, mode=args.mode, warmup_steps=args.warmup_steps,
                             partial_fraction=args.partial_fraction, ulysses=args.ulysses, ring=args.ring,
                             hires=_hires_config(args))

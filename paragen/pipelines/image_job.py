@@ -2,21 +2,20 @@
 from __future__ import annotations
 
 import inspect
-import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from paragen.comms import all_gather_objects, is_output_rank, world_size
+from paragen.comms import is_output_rank, world_size
 from paragen.log import get_logger
 from paragen.parallel import ParallelConfig
 from paragen.pipelines.checkpoint import RESUMABLE_CHANGES, Checkpoints, first_step, run_fingerprint
 from paragen.pipelines.parallelize import parallelize
 from paragen.pipelines.loading import load_pipeline
 from paragen.pipelines.outputs import save_json, save_png
+from paragen.pipelines.report import job_report
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -71,17 +70,6 @@ def open_checkpoints(request: ImageRequest, config: ParallelConfig, rank: int, w
     return checkpoints
 
 
-def git_revision() -> str:
-    """The source revision the run came from ('unknown' outside a git checkout)."""
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=Path(__file__).parent,
-        ).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def exact_size_options(pipe) -> dict:
     """Call options that make a pipeline produce exactly the asked size from the prompt as given.
 
@@ -117,27 +105,10 @@ def run_image_job(request: ImageRequest, config: ParallelConfig, checkpoints: Ch
         **exact_size_options(pipe),
     ).images
     generated = time.perf_counter()
-    runtime = pipe.paragen
-    per_rank = all_gather_objects(runtime.mesh.comm("world"), runtime.stats.snapshot())
-    if not is_output_rank():
+    report = job_report("image", asdict(request), pipe, load_s=loaded - start, generate_s=generated - loaded)
+    if report is None:
         return None
-    steps = runtime.step_seconds
-    report = {
-        "workload": "image",
-        "request": asdict(request),
-        "config": asdict(runtime.config),
-        "world_size": world_size(),
-        "device": str(pipe.device),
-        "threads_per_rank": torch.get_num_threads(),
-        "git_revision": git_revision(),
-        "timings": {
-            "load_s": loaded - start,
-            "generate_s": generated - loaded,
-            "step_s": steps,
-            "step_median_s": statistics.median(steps) if steps else None,
-        },
-        "comm_per_rank": {str(rank): stats for rank, stats in enumerate(per_rank)},
-    }
+    runtime = pipe.paragen
     stem = request.output_stem(runtime.config)
     out_dir = Path(request.out_dir)
     image_path = save_png(images[0], out_dir / f"{stem}.png")

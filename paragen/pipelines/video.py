@@ -248,9 +248,12 @@ class VideoRuntime(PipelineRuntime):
             scheduler.step = functools.partial(self._scheduler_step, type(scheduler).step.__get__(scheduler))
 
     def _scheduler_step(self, step, *args, **kwargs):
-        """The scheduler's step, then: restore a resumed run, or save a checkpoint."""
+        """The scheduler's step, then: restore a resumed run, or save a checkpoint (of the latent as a
+        `[B, C, F, H, W]` view, whichever layout the pipeline steps)."""
         out = step(*args, **kwargs)
         latents = out.prev_sample if hasattr(out, "prev_sample") else out[0]
+        if latents.dim() == 4:  # TextToVideoSD steps the scheduler on [B·F, C, H, W]
+            latents = latents.view((-1, self.layout.frames) + latents.shape[1:]).transpose(1, 2)
         i, saved = self.plan.step, self.checkpoints
         if saved.restores_after(i):
             state = saved.checkpoints.load(saved.resume_step)

@@ -1,0 +1,117 @@
+"""`paragen video` end to end on real ranks: the MP4/GIF and report, bad input, and checkpoints (a killed run
+resumes to the same frames; a checkpoint folder is never overwritten by a bad start)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+from PIL import Image, ImageSequence
+
+from tests.multiproc import check_all_ok, run_ranks, start_ranks
+
+VIDEO = ["-m", "paragen", "video", "--height", "64", "--width", "64", "--seed", "3", "--timeout", "30"]
+
+
+def _gif_frames(folder: Path) -> np.ndarray:
+    (gif,) = folder.glob("*.gif")
+    return np.stack([np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(Image.open(gif))])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _complete(folder: Path, step: int, world: int) -> bool:
+    return all((folder / f"step-{step:06d}" / f"rank-{r}.safetensors").exists() for r in range(world))
+
+
+def test_writes_an_mp4_and_a_report(tmp_path):
+    check_all_ok(run_ranks([*VIDEO, "--frames", "20", "--steps", "2", "--prompt", "a fox", "--prompt", "a forest",
+                            "--local", "4", "--out", str(tmp_path)], 2))
+    (mp4,) = tmp_path.glob("*.mp4")
+    frames = iio.imread(mp4)
+    assert frames.shape == (20, 64, 64, 3) and frames.std() > 5
+    (report,) = tmp_path.glob("*.json")
+    data = json.loads(report.read_text())
+    assert data["world_size"] == 2 and data["config"]["clip"] == 2 and data["request"]["prompts"] == ["a fox", "a forest"]
+    assert data["comm_per_rank"]["1"]["clip.halo_kv"]["bytes_sent"] > 0
+
+
+BAD_INPUTS = {
+    "more ranks than frames": (4, ["--frames", "3"], "more ranks than frames"),
+    "clips shorter than the attention halo": (2, ["--frames", "12"], "clips shorter than the halo"),
+    "clips shorter than the conv halo": (2, ["--frames", "6", "--scope", "full"], "clips shorter than the halo"),
+    "non-positive frames": (2, ["--frames", "0"], "frames must be positive"),
+    "absurd size": (2, ["--height", "100000"], "absurd size"),
+    "prompts do not match the segments": (2, ["--prompt", "a", "--prompt", "b", "--segment-frames", "10,10,12"],
+                                          "2 segment prompts but 3 segment lengths"),
+    "segments do not add up": (2, ["--prompt", "a", "--prompt", "b", "--segment-frames", "10,10"], "add up to"),
+    "image model": (2, ["--model", "tiny-sd"], "paragen video runs"),
+    "clip not the world size": (2, ["--clip", "4"], "does not match the 2 ranks"),
+    "bad bias switch": (2, ["--bias-switch", "2000"], "bias_switch"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_fails_fast_on_every_rank(tmp_path, case):
+    world, args, message = BAD_INPUTS[case]
+    start = time.monotonic()
+    procs = start_ranks([*VIDEO, "--frames", "32", "--steps", "2", *args, "--out", str(tmp_path / "out")], world)
+    for rank, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, f"rank {rank}: exit {proc.returncode}\n{err[-2000:]}"
+        assert message in err, f"rank {rank} did not say {message!r}:\n{err[-2000:]}"
+    assert time.monotonic() - start < 60
+    assert not (tmp_path / "out").exists(), "a failed run must leave no output file"
+
+
+RUN = [*VIDEO, "--frames", "32", "--format", "gif", "--checkpoint-every", "3"]
+
+
+def test_killed_run_resumes_to_the_same_frames(tmp_path):
+    steps = ["--steps", "12"]
+    check_all_ok(run_ranks([*RUN, *steps, "--out", str(tmp_path / "whole")], 2))
+
+    killed_out, ck = tmp_path / "killed", tmp_path / "ck"
+    procs = start_ranks([*RUN, *steps, "--out", str(killed_out), "--checkpoint", str(ck)], 2)
+    deadline = time.monotonic() + 120
+    while not _complete(ck, 3, 2):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no checkpoint before the end"
+        time.sleep(0.02)
+    procs[1].kill()
+    for proc in procs:
+        proc.communicate(timeout=90)
+    assert procs[0].returncode not in (0, None) and procs[1].returncode != 0
+    assert not killed_out.exists() or not any(killed_out.glob("*.gif")), "a killed run must not write a video"
+    saved = max(int(p.name.split("-")[1]) for p in ck.glob("step-*") if _complete(ck, int(p.name.split("-")[1]), 2))
+    assert 3 <= saved < 12
+
+    check_all_ok(run_ranks([*RUN, *steps, "--out", str(killed_out), "--resume", str(ck)], 2))
+    assert np.array_equal(_gif_frames(killed_out), _gif_frames(tmp_path / "whole"))
+
+
+@pytest.fixture(scope="module")
+def used_folder(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("used")
+    check_all_ok(run_ranks([*RUN, "--steps", "4", "--out", str(folder / "out"), "--checkpoint", str(folder / "ck")], 2))
+    return folder / "ck"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--steps", "4", "--checkpoint"], "already holds"),
+    (["--steps", "5", "--resume"], "request.steps"),
+    (["--steps", "4", "--scope", "full", "--resume"], "config.temporal"),
+])
+def test_a_checkpoint_is_never_overwritten_by_a_bad_start(tmp_path, used_folder, args, message):
+    before = _snapshot(used_folder)
+    procs = start_ranks([*RUN, *args, str(used_folder), "--out", str(tmp_path / "out")], 2)
+    for rank, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 2, f"rank {rank}: exit {proc.returncode}\n{err[-2000:]}"
+        assert message in err, f"rank {rank} did not say {message!r}:\n{err[-2000:]}"
+    assert _snapshot(used_folder) == before
+    assert not (tmp_path / "out").exists()
