@@ -75,7 +75,7 @@ def bytes_bars(ax, configs: dict) -> None:
             ax.bar([i + offset for i in range(len(labels))], [v / 2**20 for v in values], width, color=COLOURS[name],
                    hatch="//" if kind == "formula" else None, edgecolor="white" if kind == "formula" else None,
                    label=f"{name} {kind}")
-    ax.set_xticks(range(len(labels)), [label.removeprefix("clip.") for label in labels], fontsize=8)
+    ax.set_xticks(range(len(labels)), [label.removeprefix("clip.") for label in labels], fontsize=8, rotation=30)
     ax.set_yscale("log")
     ax.set_ylabel("MiB sent per step and rank (mean over ranks)")
     ax.set_title("bytes per step: measured vs formula", fontsize=10)

@@ -212,3 +212,8 @@ def test_local_checkpoint_loads_like_the_embedded_model(tmp_path: Path) -> None:
         load_pipeline(str(tmp_path / "pickle"))
     trusted = load_pipeline(str(tmp_path / "pickle"), allow_pickle=True)
     assert torch.equal(trusted.unet.conv_in.weight, embedded.unet.conv_in.weight)
+
+
+def test_every_embedded_model_is_tested_somewhere() -> None:
+    """Image models here; the video models in tests/test_video_parts.py."""
+    assert set(EMBEDDED_MODELS) == set(CLASSES) | {"tiny-t2v", "tiny-animatediff"}
