@@ -56,7 +56,7 @@ def test_image_size_checks():
 def test_config_resolves_and_names_every_factor():
     assert ParallelConfig().resolve(4).patch == 4
     assert ParallelConfig(cfg=2).resolve(4).patch == 2
-    with pytest.raises(ValueError, match=r"cfg \(1\) × patch \(3\) × ulysses \(1\) × ring \(1\) = 3, but the world size is 4"):
+    with pytest.raises(ValueError, match=r"cfg \(1\) × clip \(1\) × patch \(3\) × ulysses \(1\) × ring \(1\) = 3, but the world size is 4"):
         ParallelConfig(patch=3).resolve(4)
     resolved = ParallelConfig(ulysses=2, ring=2).resolve(4)
     assert (resolved.patch, resolved.sequence) == (1, 4)
