@@ -38,6 +38,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/plot_dit.py
 	$(BIN)/python bench/bench_hires.py
 	$(BIN)/python bench/plot_hires.py
+	$(BIN)/python bench/bench_video.py
+	$(BIN)/python bench/plot_video.py
 
 clean:
 	rm -rf $(VENV) out

@@ -9,44 +9,53 @@ paragen's clip parallelism with clip = the world size, so the 1-process baseline
   full_2r           2 ranks x 1 thread, full scope (every frame sees every frame; exact)
 
 Default request: tiny-t2v (random weights), 64 frames of 128x128 px (a 16x16 latent), 8 steps, CFG
-(a UNet batch of 2), temporal options local 8, global 16. 64 frames is the smallest length at which
-each of 2 clips (32 frames) is twice the local window's width (2·8 + 1 frames) and holds 8 of the 16
-global frames, so the halo is a minority of what a clip attends to, as in a long video; 128 px keeps a
-1-thread step near 6 s and the VAE decode of the whole video near 8 s, so a round of the five
-configurations takes about 5 minutes on 2 cores and the default 2 rounds about 11.
+(a UNet batch of 2), temporal options local 8, global 16. At 64 frames each of the 2 clips (32 frames)
+is four times the local reach p = 8 and holds 8 of the 16 global frames, so the halo a clip fetches is a
+quarter of its own frames, as in a long video rather than a clip made mostly of halo; 128 px keeps a
+1-thread step near 6.3 s (2.5 s per step on 2 ranks) and the VAE decode of the whole video near 6 s,
+so a round of the five configurations takes about 4–5 minutes on 2 cores and the default 2 rounds
+about 9–10 (3 rounds about 14).
+
+The 1-process baselines run dual scope at clip=1: the local window is then a band-masked attention over
+all F frames, computed as a dense F×F score matrix (`masked_attention_with_lse`), so its cost grows with
+the square of the clip length; each of 2 clips pays a quarter of it (plus the halo and global parts).
+The speedup of dual_2r over 1x1 can therefore exceed 2 (full scope at clip=1, on the flash kernel, is
+faster than dual scope at clip=1 on this model).
 
 Each configuration runs in fresh processes, in rounds (the order repeats, so slow drifts of the machine
 hit all alike), after a warm-up request. Step times are the intervals between the pipeline's step
 callbacks on rank 0; they are pooled over rounds from the second step on (the first also carries the
-prompt encoding and the latents' preparation). The request time is the whole
-call: text encoding, steps, the VAE decode of every clip and the gather of the frames on rank 0;
-frames/s = frames / request seconds.
+prompt encoding and the latents' preparation). The request time is the whole call: text encoding,
+steps, the VAE decode of every clip and the gather of the frames on rank 0; frames/s = frames /
+request seconds.
 
 Bytes per step and rank, per label (b = 4 bytes per fp32 element; P ranks; rank r holds F_r frames and
-g_r of the G global frames, has n_r ∈ {0, 1, 2} neighbours; N = batch × pixels of the attention input
-`[N, frames, channels]` at that block's resolution; D = the K/V width, `to_k.out_features`). Sent and
-received are equal except where noted; what `paragen/comms/group.py` counts is what goes on the wire:
+g_r of the G global frames and has n_r ∈ {0, 1, 2} neighbours; B = 2, the CFG batch; N = B × the latent
+pixels at the block's resolution, the sequences of the attention input `[N, frames, channels]`; D = the
+K/V width, `to_k.out_features`; C, hw = channels and latent pixels of a layer's input). Sent and
+received are equal except where noted; it is what `paragen/comms/group.py` counts and puts on the wire:
 
   clip.halo_kv    per temporal attention call (dual): n_r × 2 (K and V) × p × N × D × b
                   (`exchange_neighbours_async`: the first/last p = local frames to each neighbour)
   clip.global_kv  per call (dual): sent (P−1) × 2 × g_r × N × D × b; received Σ_{i≠r} 2 × g_i × N × D × b
                   (`share_async`: P2P to every other rank; a clip holding no global frame sends nothing)
   clip.full_kv    per call (full): sent (P−1) × 2 × F_r × N × D × b; received Σ_{i≠r} 2 × F_i × N × D × b
-  clip.conv_halo  per temporal conv stack: n_r × B × C × h × H·W × b (h = 4: the four (3,1,1) convs'
-                  stacked reach, sent once per stack; B, C, H·W of the stack's input)
+  clip.conv_halo  per temporal conv stack: n_r × B × C × 4 × hw × b (4 edge frames: the four (3,1,1)
+                  convs' stacked reach, fetched once per stack)
   clip.norm_stats per `ClipGroupNorm` statistics call: (P−1) × B × groups × 2 × 4 (an all-gather of fp32
                   (mean, M2) per sample and group; 1 call per temporal transformer, 4 per conv stack)
-  clip.eps        per step: (P−1) × B × C × max_i F_i × h × w × b (all-gather padded to the longest clip)
-  clip.frames     per request (not per step): rank r > 0 sends 3 × F_r × H × W × 4 (decoded fp32 frames);
-                  rank 0 receives the sum of the others'
+  clip.eps        per step: (P−1) × B × C × max_i F_i × hw × b (the UNet output's all-gather, padded to
+                  the longest clip)
+  clip.frames     per request (not per step): rank r > 0 sends 3 × F_r × H × W × 4 (its decoded fp32
+                  frames of H×W px); rank 0 receives the others'
 
 The driver evaluates the formula on the shapes the worker's probes recorded during the timed request
 and compares it to `CommStats`, step by step and rank by rank.
 
 Share of communication hidden by overlap: hidden = 1 − W_overlap / W_blocking, W = seconds per step
 blocked in `clip.halo_kv` + `clip.global_kv`, summed over ranks and averaged over the steps (from the
-second on) and rounds, from
-dual_2r and dual_blocking_2r of the same invocation. On CPU with gloo a blocking wait also absorbs
+second on) and rounds, of dual_2r and dual_blocking_2r of the same invocation (with --only: recomputed when both
+rerun, kept when neither does). On CPU with gloo a blocking wait also absorbs
 the time the neighbour is still computing its K/V (skew between the ranks), so this is the share of
 *exposed* attention-exchange time that overlap removes, not of transfer time alone.
 
@@ -73,7 +82,7 @@ CONFIGS = {  # name -> (worker args, ranks, threads per rank)
     "full_2r": (["--scope", "full"], 2, 1),
 }
 PER_STEP_LABELS = ("clip.halo_kv", "clip.global_kv", "clip.full_kv", "clip.conv_halo", "clip.norm_stats", "clip.eps")
-ATTENTION_LABELS = ("clip.halo_kv", "clip.global_kv")
+ATTENTION_LABELS = ("clip.halo_kv", "clip.global_kv", "clip.full_kv")  # dual runs have the first two only
 FRAME_PAIRS = (  # (a, b): what comparing their frames shows
     ("dual_2r", "dual_blocking_2r"),  # overlap only reorders waits: must be bit-identical
     ("dual_2r", "1x1"),  # the same algorithm on 2 ranks vs 1 (only summation order differs)
@@ -90,7 +99,6 @@ def formula_step(result: dict, rank: int, shapes: dict) -> dict[str, dict[str, i
     layout, local = result["layout"], result["local"]
     sizes, held = layout["sizes"], layout["global_in"]
     ranks = len(sizes)
-    others = range(ranks)
     neighbours = (rank > 0) + (rank < ranks - 1)
     out: dict[str, dict[str, int]] = {}
 
@@ -103,10 +111,9 @@ def formula_step(result: dict, rank: int, shapes: dict) -> dict[str, dict[str, i
         kv_frame = 2 * call["pixels"] * call["kv_width"] * call["itemsize"]  # K and V of one frame
         if result["scope"] == "dual":
             add("clip.halo_kv", neighbours * local * kv_frame, neighbours * local * kv_frame)
-            add("clip.global_kv", (ranks - 1) * held[rank] * kv_frame,
-                sum(held[i] for i in others if i != rank) * kv_frame)
+            add("clip.global_kv", (ranks - 1) * held[rank] * kv_frame, (sum(held) - held[rank]) * kv_frame)
         else:
-            add("clip.full_kv", (ranks - 1) * sizes[rank] * kv_frame, sum(sizes[i] for i in others if i != rank) * kv_frame)
+            add("clip.full_kv", (ranks - 1) * sizes[rank] * kv_frame, (sum(sizes) - sizes[rank]) * kv_frame)
     for call in shapes["conv"]:
         edge = neighbours * call["batch"] * call["channels"] * call["halo"] * call["pixels"] * call["itemsize"]
         add("clip.conv_halo", edge, edge)
@@ -149,12 +156,13 @@ def bytes_check(result: dict) -> list[dict]:
         labels = {}
         for label, row in rows.items():
             labels[label] = {k: statistics.fmean(v) for k, v in row.items()}
-            labels[label]["match"] = row["measured_sent"] == row["formula_sent"] and row["measured_recv"] == row["formula_recv"]
+            labels[label]["match"] = (row["measured_sent"], row["measured_recv"]) == (row["formula_sent"], row["formula_recv"])
         frames = rank["request_comm"].get("clip.frames", {"bytes_sent": 0, "bytes_recv": 0})
         want = formula_frames(result, r)
         labels["clip.frames (per request)"] = {
             "measured_sent": frames["bytes_sent"], "formula_sent": want["sent"], "measured_recv": frames["bytes_recv"],
-            "formula_recv": want["recv"], "match": (frames["bytes_sent"], frames["bytes_recv"]) == (want["sent"], want["recv"])}
+            "formula_recv": want["recv"],
+            "match": (frames["bytes_sent"], frames["bytes_recv"]) == (want["sent"], want["recv"])}
         report.append({"rank": r, "frames": [rank["start"], rank["stop"]], "labels": labels})
     return report
 
@@ -254,8 +262,9 @@ def _compare_frames(runs: dict, previous: dict) -> dict:
         if a in runs and b in runs:
             x, y = runs[a][0]["image"], runs[b][0]["image"]
             same = x.shape == y.shape
+            db = psnr(x, y) if same else None
             kept[f"{a}_vs_{b}"] = {"max_abs_diff": (x - y).abs().max().item() if same else None,
-                                   "psnr_db": psnr(x, y) if same else None}
+                                   "psnr_db": None if db == float("inf") else db}  # None: identical (strict JSON)
     return kept
 
 

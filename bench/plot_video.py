@@ -28,8 +28,8 @@ def _sent(config: dict, label: str, kind: str) -> float | None:
 
 def table(report: dict) -> str:
     """Markdown table of every configuration that ran."""
-    rows = ["| configuration | step (median, p10–p90) | vs 1×1 | vs 1×2 | request | frames/s | attention waits / step | peak RSS / rank |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| configuration | step (median, p10–p90) | vs 1×1 | vs 1×2 | request | frames/s | "
+            "attention waits / step (Σ ranks) | peak RSS / rank |", "|---|---|---|---|---|---|---|---|"]
     for name in (n for n in ORDER if n in report["configs"]):
         c = report["configs"][name]
         memory = " / ".join(f"{r['peak_rss_mib']:.0f}" for r in c["per_rank"])
@@ -40,12 +40,13 @@ def table(report: dict) -> str:
 
 def bytes_table(report: dict) -> str:
     """Markdown table of bytes per step and rank, measured vs formula, for every multi-rank configuration."""
-    rows = ["| configuration | rank | label | sent measured | sent formula | received measured | received formula | match |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| configuration | rank | label | sent measured | sent formula | received measured | received formula | "
+            "match |", "|---|---|---|---|---|---|---|---|"]
     for name in (n for n in ORDER if n in report["configs"] and report["configs"][n]["ranks"] > 1):
         for rank in report["configs"][name]["bytes_per_step"]:
             for label, row in rank["labels"].items():
-                cells = " | ".join(f"{row[k] / 2**20:.3f} MiB" for k in ("measured_sent", "formula_sent", "measured_recv", "formula_recv"))
+                cells = " | ".join(f"{row[k] / 2**20:.3f} MiB"
+                                   for k in ("measured_sent", "formula_sent", "measured_recv", "formula_recv"))
                 rows.append(f"| {name} | {rank['rank']} | {label} | {cells} | {'yes' if row['match'] else 'NO'} |")
     return "\n".join(rows)
 
@@ -94,6 +95,7 @@ def main() -> None:
     frames_per_s_bars(ax_fps, configs, tuple(n for n in ORDER if n in configs))
     for ax in (ax_time, ax_fps):
         ax.tick_params(axis="x", labelsize=8)
+        ax.set_ylim(top=ax.get_ylim()[1] * 1.1)  # room for the annotations above the bars
     bytes_bars(ax_bytes, configs)
     save_figure(fig, path)
     print(table(report))
@@ -101,10 +103,12 @@ def main() -> None:
     print(bytes_table(report))
     hidden = report.get("overlap_hidden")
     if hidden and hidden.get("hidden") is not None:
+        blocking, overlapped = (hidden[k] * 1000 for k in ("blocking_wait_s_per_step", "overlapped_wait_s_per_step"))
         print(f"\noverlap hides {100 * hidden['hidden']:.0f}% of the attention exchanges' blocked time "
-              f"({hidden['blocking_wait_s_per_step'] * 1000:.0f} → {hidden['overlapped_wait_s_per_step'] * 1000:.0f} ms per step, summed over ranks)")
+              f"({blocking:.0f} → {overlapped:.0f} ms per step, summed over ranks)")
     for pair, diff in report["frames_compared"].items():
-        print(f"{pair}: max abs diff {diff['max_abs_diff']:.2e}, PSNR {diff['psnr_db']:.1f} dB")
+        db = "identical" if diff["max_abs_diff"] == 0 else f"{diff['psnr_db']:.1f} dB"
+        print(f"{pair}: max abs diff {diff['max_abs_diff']:.2e}, PSNR {db}")
     print("targets: " + ", ".join(f"{k} {v}" for k, v in report["targets"].items()))
 
 

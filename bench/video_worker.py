@@ -12,6 +12,7 @@ peak resident memory; rank 0 writes them with the decoded frames.
 from __future__ import annotations
 
 import argparse
+import inspect
 import resource
 import time
 from collections import defaultdict
@@ -126,6 +127,8 @@ def main() -> None:
     args = p.parse_args()
 
     pipe = open_pipeline(args.model, args.threads)
+    # TextToVideoSD (deprecated in diffusers) has only the old per-step `callback(i, t, latents)`; AnimateDiff the new one
+    new_callback = "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
     temporal = paragen.TemporalAttention(scope=args.scope, local=args.local_window, global_frames=args.global_frames,
                                          overlap=not args.blocking)
     paragen.parallelize(pipe, paragen.ParallelConfig(clip=world_size(), temporal=temporal))
@@ -134,9 +137,9 @@ def main() -> None:
 
     def request(steps: int) -> np.ndarray:
         recorder.start()
+        stamp = {"callback_on_step_end": recorder} if new_callback else {"callback": lambda i, t, _: recorder(pipe, i, t, {})}
         return pipe(PROMPT, num_frames=args.frames, height=args.size, width=args.size, num_inference_steps=steps,
-                    generator=torch.Generator().manual_seed(0), output_type="np",
-                    callback=lambda i, t, latents: recorder(pipe, i, t, {})).frames
+                    generator=torch.Generator().manual_seed(0), output_type="np", **stamp).frames
 
     request(args.warmup_request_steps)
     probe = ShapeProbe(pipe)
