@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import time
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,3 +90,28 @@ def run_spec_worker(worker: str, specs: list[dict], world_size: int, folder: Pat
     (folder / "spec.json").write_text(json.dumps(specs))
     check_all_ok(run_ranks([worker, str(folder / "spec.json"), str(folder / "out.pt")], world_size, timeout=timeout))
     return torch.load(folder / "out.pt", weights_only=False)
+
+
+def folder_snapshot(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder` (relative path -> bytes), to check that nothing there changed."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _complete(folder: Path, step: int, world: int) -> bool:
+    return all((folder / f"step-{step:06d}" / f"rank-{r}.safetensors").exists() for r in range(world))
+
+
+def kill_after_checkpoint(procs: list[subprocess.Popen], folder: Path, step: int, timeout: float = 120) -> int:
+    """Wait until checkpoint `step` is complete on every rank of a running job, SIGKILL its last rank, let the
+    others fail, and return the newest complete step left in `folder`."""
+    world = len(procs)
+    deadline = time.monotonic() + timeout
+    while not _complete(folder, step, world):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no checkpoint before the end"
+        time.sleep(0.02)
+    procs[-1].kill()
+    for proc in procs:
+        proc.communicate(timeout=90)
+    assert procs[0].returncode not in (0, None) and procs[-1].returncode != 0
+    steps = [int(p.name.split("-")[1]) for p in folder.glob("step-*")]
+    return max(s for s in steps if _complete(folder, s, world))

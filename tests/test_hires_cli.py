@@ -2,14 +2,13 @@
 never overwritten by a fresh start or by a resume of a different request."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.multiproc import check_all_ok, run_ranks, start_ranks
+from tests.multiproc import check_all_ok, folder_snapshot, kill_after_checkpoint, run_ranks, start_ranks
 
 HIRES = ["-m", "paragen", "image", "--hires", "--window", "16", "--height", "192", "--width", "256", "--seed", "3",
          "--timeout", "20"]
@@ -20,30 +19,14 @@ def _pixels(folder: Path) -> np.ndarray:
     return np.asarray(Image.open(png), dtype=np.int16)
 
 
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _complete(folder: Path, step: int, world: int) -> bool:
-    return all((folder / f"step-{step:06d}" / f"rank-{r}.safetensors").exists() for r in range(world))
-
-
 def test_killed_run_resumes_to_the_same_image(tmp_path):
     steps = ["--steps", "12", "--checkpoint-every", "3"]
     check_all_ok(run_ranks([*HIRES, *steps, "--out", str(tmp_path / "whole"), "--checkpoint", str(tmp_path / "ck_whole")], 2))
 
     killed_out, ck = tmp_path / "killed", tmp_path / "ck"
     procs = start_ranks([*HIRES, *steps, "--out", str(killed_out), "--checkpoint", str(ck)], 2)
-    deadline = time.monotonic() + 120
-    while not _complete(ck, 3, 2):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no checkpoint before the end"
-        time.sleep(0.02)
-    procs[1].kill()
-    for proc in procs:
-        proc.communicate(timeout=90)
-    assert procs[0].returncode not in (0, None) and procs[1].returncode != 0
+    saved = kill_after_checkpoint(procs, ck, 3)
     assert not killed_out.exists() or not any(killed_out.glob("*.png")), "a killed run must not write an image"
-    saved = max(int(p.name.split("-")[1]) for p in ck.glob("step-*") if _complete(ck, int(p.name.split("-")[1]), 2))
     assert 3 <= saved < 12
 
     check_all_ok(run_ranks([*HIRES, *steps, "--out", str(killed_out), "--resume", str(ck)], 2))
@@ -64,11 +47,11 @@ def used_folder(tmp_path_factory) -> Path:
     (["--steps", "4", "--guidance", "sync", "--resume"], "config.hires"),
 ])
 def test_a_checkpoint_is_never_overwritten_by_a_bad_start(tmp_path, used_folder, args, message):
-    before = _snapshot(used_folder)
+    before = folder_snapshot(used_folder)
     procs = start_ranks([*HIRES, *args, str(used_folder), "--out", str(tmp_path / "out")], 2)
     for rank, proc in enumerate(procs):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, f"rank {rank}: exit {proc.returncode}\n{err[-2000:]}"
         assert message in err, f"rank {rank} did not say {message!r}:\n{err[-2000:]}"
-    assert _snapshot(used_folder) == before
+    assert folder_snapshot(used_folder) == before
     assert not (tmp_path / "out").exists()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageSequence
 
-from tests.multiproc import check_all_ok, run_ranks, start_ranks
+from tests.multiproc import check_all_ok, folder_snapshot, kill_after_checkpoint, run_ranks, start_ranks
 
 VIDEO = ["-m", "paragen", "video", "--height", "64", "--width", "64", "--seed", "3", "--timeout", "30"]
 
@@ -19,14 +19,6 @@ VIDEO = ["-m", "paragen", "video", "--height", "64", "--width", "64", "--seed", 
 def _gif_frames(folder: Path) -> np.ndarray:
     (gif,) = folder.glob("*.gif")
     return np.stack([np.asarray(frame.convert("RGB")) for frame in ImageSequence.Iterator(Image.open(gif))])
-
-
-def _snapshot(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def _complete(folder: Path, step: int, world: int) -> bool:
-    return all((folder / f"step-{step:06d}" / f"rank-{r}.safetensors").exists() for r in range(world))
 
 
 def test_writes_an_mp4_and_a_report(tmp_path):
@@ -78,16 +70,8 @@ def test_killed_run_resumes_to_the_same_frames(tmp_path):
 
     killed_out, ck = tmp_path / "killed", tmp_path / "ck"
     procs = start_ranks([*RUN, *steps, "--out", str(killed_out), "--checkpoint", str(ck)], 2)
-    deadline = time.monotonic() + 120
-    while not _complete(ck, 3, 2):
-        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "no checkpoint before the end"
-        time.sleep(0.02)
-    procs[1].kill()
-    for proc in procs:
-        proc.communicate(timeout=90)
-    assert procs[0].returncode not in (0, None) and procs[1].returncode != 0
+    saved = kill_after_checkpoint(procs, ck, 3)
     assert not killed_out.exists() or not any(killed_out.glob("*.gif")), "a killed run must not write a video"
-    saved = max(int(p.name.split("-")[1]) for p in ck.glob("step-*") if _complete(ck, int(p.name.split("-")[1]), 2))
     assert 3 <= saved < 12
 
     check_all_ok(run_ranks([*RUN, *steps, "--out", str(killed_out), "--resume", str(ck)], 2))
@@ -107,11 +91,11 @@ def used_folder(tmp_path_factory) -> Path:
     (["--steps", "4", "--scope", "full", "--resume"], "config.temporal"),
 ])
 def test_a_checkpoint_is_never_overwritten_by_a_bad_start(tmp_path, used_folder, args, message):
-    before = _snapshot(used_folder)
+    before = folder_snapshot(used_folder)
     procs = start_ranks([*RUN, *args, str(used_folder), "--out", str(tmp_path / "out")], 2)
     for rank, proc in enumerate(procs):
         _, err = proc.communicate(timeout=120)
         assert proc.returncode == 2, f"rank {rank}: exit {proc.returncode}\n{err[-2000:]}"
         assert message in err, f"rank {rank} did not say {message!r}:\n{err[-2000:]}"
-    assert _snapshot(used_folder) == before
+    assert folder_snapshot(used_folder) == before
     assert not (tmp_path / "out").exists()
