@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, psnr, report_header, run_worker, spread
+from common import ROOT, median_ratio, psnr, report_header, run_worker, spread
 
 
 WORKER = ROOT / "bench" / "hires_worker.py"
@@ -106,18 +106,11 @@ def _summarise(results: list[dict], ranks: int, threads: int) -> dict:
     }
 
 
-def _ratio(summary: dict, slow: str, fast: str, key: str) -> float | None:
-    """Median of `slow` over median of `fast` (`key`: a spread); None if either did not run."""
-    if slow not in summary or fast not in summary:
-        return None
-    return summary[slow][key]["median"] / summary[fast][key]["median"]
-
-
 def _speedups(summary: dict) -> dict:
     """async_2r against the single-process guided runs and against sync_2r, by HR step and by request."""
     out = {}
     for other in ("guided_1t", "guided_2t", "sync_2r", "async_dedicated_2r"):
-        step, request = (_ratio(summary, other, "async_2r", k) for k in ("step_s_steady", "request_s"))
+        step, request = (median_ratio(summary, other, "async_2r", k) for k in ("step_s_steady", "request_s"))
         row = {"hr_step": step, "request": request}
         if other == "sync_2r" and step is not None:
             row.update(hr_step_time_saved_pct=100 * (1 - 1 / step), request_time_saved_pct=100 * (1 - 1 / request))
@@ -186,8 +179,8 @@ def main() -> None:
     summary.update({n: _summarise(r, *CONFIGS[n][1:]) for n, r in runs.items()})
     summary = {n: summary[n] for n in CONFIGS if n in summary}
     for name, c in summary.items():
-        c["speedup_vs_1x1"] = _ratio(summary, "guided_1t", name, "step_s_steady")
-        c["speedup_vs_1x2"] = _ratio(summary, "guided_2t", name, "step_s_steady")
+        c["speedup_vs_1x1"] = median_ratio(summary, "guided_1t", name, "step_s_steady")
+        c["speedup_vs_1x2"] = median_ratio(summary, "guided_2t", name, "step_s_steady")
     psnrs = dict(previous.get("psnr_db", {}))
     psnrs.update({f"{a}_vs_{b}": psnr(runs[a][0]["image"], runs[b][0]["image"])
                   for a, b in PSNR_PAIRS if a in runs and b in runs})
@@ -200,7 +193,7 @@ def main() -> None:
                      "baselines": "1x1 = guided_1t, 1x2 = guided_2t", "step_times": "HR steps (index >= seed_step)",
                      "oversubscribed": "4-rank runs put 4 ranks on the machine's cores: balance, not speed"},
         "rerun": names if previous else None,
-        "threading_gain_guided_2t_over_1t": _ratio(summary, "guided_1t", "guided_2t", "step_s_steady"),
+        "threading_gain_guided_2t_over_1t": median_ratio(summary, "guided_1t", "guided_2t", "step_s_steady"),
         "speedups": speedups,
         "targets": _targets(speedups),
         "psnr_db": psnrs,

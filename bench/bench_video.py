@@ -71,7 +71,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, psnr, report_header, run_worker, spread
+from common import ROOT, median_ratio, psnr, report_header, run_worker, spread
 
 WORKER = ROOT / "bench" / "video_worker.py"
 CONFIGS = {  # name -> (worker args, ranks, threads per rank)
@@ -220,19 +220,12 @@ def _summarise(results: list[dict], ranks: int, threads: int) -> dict:
     }
 
 
-def _ratio(summary: dict, slow: str, fast: str, key: str) -> float | None:
-    """Median of `slow` over median of `fast` (`key`: a spread); None if either did not run."""
-    if slow not in summary or fast not in summary:
-        return None
-    return summary[slow][key]["median"] / summary[fast][key]["median"]
-
-
 def _speedups(summary: dict) -> dict:
     """dual_2r against the 1-process runs and the other 2-rank runs, by step and by whole request."""
     out = {}
     for other in ("1x1", "1x2", "dual_blocking_2r", "full_2r"):
-        out[f"dual_2r_over_{other}"] = {"step": _ratio(summary, other, "dual_2r", "step_s_steady"),
-                                        "request": _ratio(summary, other, "dual_2r", "request_s")}
+        out[f"dual_2r_over_{other}"] = {"step": median_ratio(summary, other, "dual_2r", "step_s_steady"),
+                                        "request": median_ratio(summary, other, "dual_2r", "request_s")}
     return out
 
 
@@ -310,8 +303,8 @@ def main() -> None:
     summary.update({n: _summarise(r, *CONFIGS[n][1:]) for n, r in runs.items()})
     summary = {n: summary[n] for n in CONFIGS if n in summary}
     for name, c in summary.items():
-        c["speedup_vs_1x1"] = _ratio(summary, "1x1", name, "step_s_steady")
-        c["speedup_vs_1x2"] = _ratio(summary, "1x2", name, "step_s_steady")
+        c["speedup_vs_1x1"] = median_ratio(summary, "1x1", name, "step_s_steady")
+        c["speedup_vs_1x2"] = median_ratio(summary, "1x2", name, "step_s_steady")
     speedups = _speedups(summary)
     frames = _compare_frames(runs, previous)
     pair = frames.get("dual_2r_vs_dual_blocking_2r")
@@ -323,7 +316,7 @@ def main() -> None:
                      "cfg": "batch of 2 on every rank", "baselines": "1x1 and 1x2: clip=1 (dual scope) in one process",
                      "step_times": f"steps >= {FIRST_STEADY_STEP} (rank 0's step callback)"},
         "rerun": names if previous else None,
-        "threading_gain_1x2_over_1x1": _ratio(summary, "1x1", "1x2", "step_s_steady"),
+        "threading_gain_1x2_over_1x1": median_ratio(summary, "1x1", "1x2", "step_s_steady"),
         "speedups": speedups,
         "targets": _targets(speedups),
         "overlap_hidden": _hidden(runs, previous),

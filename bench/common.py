@@ -93,6 +93,13 @@ def step_deltas(snapshots: list[dict]) -> list[dict]:
     return out
 
 
+def median_ratio(summary: dict, slow: str, fast: str, key: str) -> float | None:
+    """Median of configuration `slow` over median of `fast` (`key`: a spread); None if either did not run."""
+    if slow not in summary or fast not in summary:
+        return None
+    return summary[slow][key]["median"] / summary[fast][key]["median"]
+
+
 def spread(values: list[float]) -> dict[str, float]:
     """Median and 10th/90th percentiles of `values`."""
     ordered = sorted(values)

@@ -115,3 +115,11 @@ def kill_after_checkpoint(procs: list[subprocess.Popen], folder: Path, step: int
     assert procs[0].returncode not in (0, None) and procs[-1].returncode != 0
     steps = [int(p.name.split("-")[1]) for p in folder.glob("step-*")]
     return max(s for s in steps if _complete(folder, s, world))
+
+
+def expect_bad_input(procs: list[subprocess.Popen], message: str, timeout: float = 120) -> None:
+    """Every rank of a started job exits with status 2 (bad input) and says `message`."""
+    for rank, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=timeout)
+        assert proc.returncode == 2, f"rank {rank}: exit {proc.returncode}\n{err[-2000:]}"
+        assert message in err, f"rank {rank} did not say {message!r}:\n{err[-2000:]}"

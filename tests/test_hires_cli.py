@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.multiproc import check_all_ok, folder_snapshot, kill_after_checkpoint, run_ranks, start_ranks
+from tests.multiproc import check_all_ok, expect_bad_input, folder_snapshot, kill_after_checkpoint, run_ranks, start_ranks
 
 HIRES = ["-m", "paragen", "image", "--hires", "--window", "16", "--height", "192", "--width", "256", "--seed", "3",
          "--timeout", "20"]
@@ -49,9 +49,6 @@ def used_folder(tmp_path_factory) -> Path:
 def test_a_checkpoint_is_never_overwritten_by_a_bad_start(tmp_path, used_folder, args, message):
     before = folder_snapshot(used_folder)
     procs = start_ranks([*HIRES, *args, str(used_folder), "--out", str(tmp_path / "out")], 2)
-    for rank, proc in enumerate(procs):
-        _, err = proc.communicate(timeout=120)
-        assert proc.returncode == 2, f"rank {rank}: exit {proc.returncode}\n{err[-2000:]}"
-        assert message in err, f"rank {rank} did not say {message!r}:\n{err[-2000:]}"
+    expect_bad_input(procs, message)
     assert folder_snapshot(used_folder) == before
     assert not (tmp_path / "out").exists()

@@ -197,7 +197,7 @@ class VideoRuntime(PipelineRuntime):
             raise ValueError("segment_prompts must be a non-empty list of prompts, one per segment")
         if request_arg(bound, "prompt") is not None or request_arg(bound, "prompt_embeds") is not None:
             raise ValueError("give either prompt (one for the whole video) or segment_prompts, not both")
-        if (request_arg(bound, "num_videos_per_prompt") if "num_videos_per_prompt" in bound.signature.parameters else 1) != 1:
+        if bound.arguments.get("num_videos_per_prompt") not in (None, 1):
             raise ValueError("segment prompts make one video per call (num_videos_per_prompt=1)")
         self.segment_of_frame = segment_bounds(self.layout.frames, len(prompts), lengths)
         bound.arguments["prompt"] = prompts[0]  # the pipeline's own batch and unconditional embedding

@@ -30,6 +30,17 @@ def window_mask(query_frames: torch.Tensor, key_frames: torch.Tensor, reach: int
     return torch.zeros(near.shape).masked_fill_(~near, float("-inf"))
 
 
+def _dual_masks(ctx: ClipContext) -> tuple[torch.Tensor, torch.Tensor]:
+    """The local-window masks of this clip's queries over its own frames and over the halo frames it
+    receives (the neighbours' last / first p frames, for the neighbours it has, in that order)."""
+    reach, rank = ctx.temporal.local, ctx.comm.rank
+    frames = torch.arange(ctx.start, ctx.stop)
+    halo = [torch.arange(first, first + reach) for first, present in
+            ((ctx.start - reach, rank > 0), (ctx.stop, rank < ctx.comm.size - 1)) if present]
+    halo_frames = torch.cat(halo) if halo else frames[:0]
+    return window_mask(frames, frames, reach), window_mask(frames, halo_frames, reach)
+
+
 class ClipTemporalAttnProcessor(AttnProcessorContract):
     """Processor for the temporal self-attention modules of a clip-parallel video UNet."""
 
@@ -68,22 +79,19 @@ class ClipTemporalAttnProcessor(AttnProcessorContract):
         reach, layout, rank = ctx.temporal.local, ctx.layout, ctx.comm.rank
         size = kv.shape[3]
         halo: Pending = ctx.comm.exchange_neighbours_async(kv[:, :, :, :reach], kv[:, :, :, size - reach :], "clip.halo_kv")
-        mine = layout.global_in(rank)
-        shared = ctx.comm.share_async(kv[:, :, :, mine], self._shapes(kv, [len(layout.global_in(i)) for i in range(ctx.comm.size)]),
-                                      "clip.global_kv")
+        held = ctx.per_request("global_held", lambda: [layout.global_in(i) for i in range(ctx.comm.size)])
+        mine = held[rank]
+        shared = ctx.comm.share_async(kv[:, :, :, mine], self._shapes(kv, [len(h) for h in held]), "clip.global_kv")
         if not ctx.temporal.overlap:
             halo.wait()
             shared.wait()
         local_bias, global_bias = ctx.biases()
-        frames = torch.arange(ctx.start, ctx.stop)
-        out, lse = masked_attention_with_lse(query, kv[0], kv[1], window_mask(frames, frames, reach), scale)
-        from_prev, from_next = halo.wait()
-        edges = [(part, torch.arange(first, first + reach)) for part, first in
-                 ((from_prev, ctx.start - reach), (from_next, ctx.stop)) if part is not None]
+        own_mask, halo_mask = ctx.per_request("dual_masks", lambda: _dual_masks(ctx))
+        out, lse = masked_attention_with_lse(query, kv[0], kv[1], own_mask, scale)
+        edges = [part for part in halo.wait() if part is not None]
         if edges:
-            near = torch.cat([part for part, _ in edges], dim=3)
-            mask = window_mask(frames, torch.cat([index for _, index in edges]), reach)
-            out, lse = merge_attention_states(out, lse, *masked_attention_with_lse(query, near[0], near[1], mask, scale))
+            near = torch.cat(edges, dim=3)
+            out, lse = merge_attention_states(out, lse, *masked_attention_with_lse(query, near[0], near[1], halo_mask, scale))
         received = shared.wait()
         received[rank] = kv[:, :, :, mine]
         glob = torch.cat(received, dim=3)  # in frame order: clips are contiguous

@@ -1,6 +1,8 @@
 """`ClipContext`: what every clip-parallel layer of one model reads — the group, the layout, the step."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from paragen.comms import GroupComm
@@ -15,8 +17,25 @@ class ClipContext:
         self.comm = comm
         self.temporal = temporal
         self.train_timesteps = train_timesteps
-        self.layout: ClipLayout | None = None
+        self._layout: ClipLayout | None = None
+        self._cache: dict[Any, Any] = {}
         self.timestep: float = float(train_timesteps)
+
+    @property
+    def layout(self) -> ClipLayout | None:
+        """This request's clips (set once per request, before the first step)."""
+        return self._layout
+
+    @layout.setter
+    def layout(self, layout: ClipLayout) -> None:
+        self._layout = layout
+        self._cache = {}
+
+    def per_request(self, key: Any, make: Callable[[], Any]) -> Any:
+        """`make()`, computed once per layout: what every layer would otherwise rebuild at every step."""
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
     @property
     def start(self) -> int:

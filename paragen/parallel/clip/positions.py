@@ -34,10 +34,15 @@ class ClipFramePositions(nn.Module):
         return module  # type: ignore[return-value]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        table = self.clip_ctx.per_request(("frame_positions", id(self)), self._table)
+        if x.shape[1] != table.shape[1]:
+            raise ValueError(f"frame positions: {x.shape[1]} frames in, the clip holds {table.shape[1]}")
+        return x + table.to(x)
+
+    def _table(self) -> torch.Tensor:
+        """`[1, clip frames, dim]`: the embedding of this clip's frames."""
         trained = self.pe.shape[1]
         positions = self.clip_ctx.frame_positions(trained)
-        if x.shape[1] != len(positions):
-            raise ValueError(f"frame positions: {x.shape[1]} frames in, the clip holds {len(positions)}")
         if self.clip_ctx.layout.frames <= trained:
-            return x + self.pe[:, positions.long()]
-        return x + sinusoid(positions, self.pe.shape[2]).to(x)
+            return self.pe[:, positions.long()]
+        return sinusoid(positions, self.pe.shape[2]).unsqueeze(0)
