@@ -76,3 +76,58 @@ def masked_attention_with_lse(
     finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
     weights = torch.exp(scores - finite.unsqueeze(-1))
     return torch.matmul(weights, value.float()).to(query.dtype), lse
+
+
+def causal_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention of `[B, H, L, D]` queries over keys at the same positions; returns (out, lse fp32)."""
+    if query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16, torch.float16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, 0.0, True, attn_mask=None, scale=scale
+        )
+        return out, lse.float()
+    if query.device.type == "cuda":
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            query, key, value, None, True, is_causal=True, scale=scale
+        )[:2]
+        return out, lse.float()
+    length = query.shape[-2]
+    future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
+    mask = torch.zeros(length, length, device=query.device).masked_fill(future, float("-inf"))
+    return masked_attention_with_lse(query, key, value, mask, scale)
+
+
+def merge_attention_partials(outs: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact combination of N partial attentions `outs [N, …, D]`, `lses [N, …]` over disjoint key sets.
+
+    A part with lse -inf (it saw no key) gets weight 0. The result does not depend on which rank
+    computes it: every rank that merges the same gathered parts gets bit-identical output.
+    """
+    lse = torch.logsumexp(lses, dim=0)
+    finite = torch.where(torch.isinf(lse), torch.zeros_like(lse), lse)
+    weights = torch.exp(lses - finite.unsqueeze(0)).unsqueeze(-1)
+    return (outs.float() * weights).sum(dim=0).to(outs.dtype), lse
+
+
+def repeat_kv(states: torch.Tensor, groups: int) -> torch.Tensor:
+    """`[B, Hkv, L, D]` → `[B, Hkv·groups, L, D]`: each key/value head serves `groups` query heads."""
+    if groups == 1:
+        return states
+    batch, heads, length, dim = states.shape
+    return states[:, :, None].expand(batch, heads, groups, length, dim).reshape(batch, heads * groups, length, dim)
+
+
+def grouped_query_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal attention of `[B, Hq, Lq, D]` queries over `[B, Hkv, Lk, D]` keys (Hq a multiple of Hkv).
+
+    The query heads sharing one key head are folded into the query length, so the keys are read once
+    per key head instead of being repeated (decode: `Lq` = 1).
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    folded = query.reshape(batch, kv_heads, (heads // kv_heads) * length, dim)
+    out, lse = attention_with_lse(folded, key, value, scale)
+    return out.reshape(batch, heads, length, dim), lse.reshape(batch, heads, length)

@@ -1,17 +1,20 @@
 """The layout of the job's ranks and one accounted communicator per named group.
 
-Ranks are laid out row-major over `(cfg, clip, patch, ring, ulysses)`:
-global rank = (((cfg_index × clip + clip_index) × patch + patch_index) × ring + ring_index) × ulysses + ulysses_index.
+Ranks are laid out row-major over `(cfg, clip, patch, ring, ulysses, tp)`:
+global rank = ((((cfg_index × clip + clip_index) × patch + patch_index) × ring + ring_index) × ulysses
++ ulysses_index) × tp + tp_index.
 A UNet uses `patch`; a diffusion transformer uses `ring` and `ulysses` (its patch degree is 1); a video
-model uses `clip`.
+model uses `clip`; a causal LM puts its `seq` shards on `ring` and its tensor-parallel ranks on `tp`
+(innermost, so the ranks splitting one shard's weights are neighbours — on one node).
 
 | name      | who is in it                                         | rank_in_group means                 |
 |-----------|------------------------------------------------------|-------------------------------------|
 | `cfg`     | the ranks holding the same shard, both branches      | 0 = unconditional, 1 = conditional  |
 | `clip`    | the ranks holding one video's clips                  | the clip index, in frame order      |
 | `patch`   | the ranks of one CFG branch, one band each (hires: one share of the windows) | the band index, top to bottom |
-| `ring`    | the ranks passing K/V around one ring                | the position on the ring            |
+| `ring`    | the ranks passing K/V around one ring (a causal LM's sequence shards) | the position on the ring |
 | `ulysses` | the ranks trading sequence shards for head shards    | the head group                      |
+| `tp`      | the ranks splitting one shard's weights (tensor parallelism) | the weight shard          |
 | `seq`     | every shard of one CFG branch (patch × ring × ulysses) | the token shard, in sequence order |
 | `world`   | every rank                                           | the global rank                     |
 
@@ -27,8 +30,8 @@ import torch.distributed as dist
 from paragen.comms import CommStats, GroupComm, is_initialized, world_size
 from paragen.parallel.config import ParallelConfig
 
-DIMS = ("cfg", "clip", "patch", "ring", "ulysses")
-_GROUPS = {"cfg": ("cfg",), "clip": ("clip",), "patch": ("patch",), "ring": ("ring",), "ulysses": ("ulysses",),
+DIMS = ("cfg", "clip", "patch", "ring", "ulysses", "tp")
+_GROUPS = {"cfg": ("cfg",), "clip": ("clip",), "patch": ("patch",), "ring": ("ring",), "ulysses": ("ulysses",), "tp": ("tp",),
            "seq": ("patch", "ring", "ulysses"), "world": DIMS}
 # Groups whose neighbour/ring P2P, and whose stale all-gathers, get connections of their own.
 _P2P_TWINS = ("clip", "patch", "ring", "seq")
@@ -43,7 +46,7 @@ class ParallelMesh:
         self.config = config.resolve(size)
         self.device_type = device_type
         self.stats = CommStats()
-        self.shape = tuple(getattr(self.config, d) for d in DIMS)
+        self.shape = tuple(self.config.ring_positions if d == "ring" else getattr(self.config, d) for d in DIMS)
         if size > 1 and not is_initialized():
             raise RuntimeError("call paragen.init() before parallelising: no process group exists")
         self.rank = dist.get_rank() if size > 1 else 0
@@ -91,5 +94,5 @@ class ParallelMesh:
         return rank
 
     def comm(self, name: str) -> GroupComm:
-        """The communicator of group `name` (`cfg`, `clip`, `patch`, `ring`, `ulysses`, `seq` or `world`)."""
+        """The communicator of group `name` (`cfg`, `clip`, `patch`, `ring`, `ulysses`, `tp`, `seq` or `world`)."""
         return self._comms[name]

@@ -1,0 +1,168 @@
+"""`ShardedKVCache`: a transformers `Cache` whose layers each hold this rank's sequence shard.
+
+`model.generate(..., past_key_values=cache)` works as with any cache: the model's forward (wrapped by
+`paragen.pipelines.llm`) feeds each rank its shard of the prompt, and the attention modules (replaced
+by `paragen.parallel.llm.attention`) hand every layer's queries, keys and values to `attend`:
+- prefill: ring attention over the shards (exact causal attention), then the shard's K/V go into a
+  store — `DenseStore` (exact) or `OffloadStore` (ShadowKV), per `KVConfig.mode`;
+- decode: each rank attends over its own shard and returns `(out, lse)`; the partial results of the
+  ring's ranks are all-gathered and merged by log-sum-exp into exact attention over the whole context.
+  A generated token's K/V is stored by the last rank only: it holds the sequence's tail, so every
+  shard stays one contiguous range of positions and the recent window stays in one place.
+`get_seq_length` reports the whole sequence's length, so `generate` positions new tokens correctly.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache
+
+from paragen.comms import GroupComm
+from paragen.kernels.attention import merge_attention_partials
+from paragen.kernels.chunk_fetch import ChunkFetcher
+from paragen.parallel.llm.config import KVConfig
+from paragen.parallel.llm.dense_store import DenseStore
+from paragen.parallel.llm.offload_store import OffloadStore, RopeTable
+from paragen.parallel.llm.ring import ring_causal_attention
+from paragen.parallel.llm.shards import shard_bounds
+
+MERGE_LABEL = "llm_decode_merge"
+
+
+class ShardedKVCache(Cache):
+    """The KV cache of one request on one rank: `layers` stores of this rank's shard of the sequence."""
+
+    def __init__(self, num_layers: int, comm: GroupComm, kv: KVConfig, rope: RopeTable, device: torch.device) -> None:
+        super().__init__(layers=[])
+        self.num_layers, self.comm, self.kv, self.rope = num_layers, comm, kv, rope
+        self.stores: list[DenseStore | OffloadStore | None] = [None] * num_layers
+        self.bounds: list[tuple[int, int]] = []
+        self.total = 0
+        self._pending = 0
+        self._phase = "idle"
+        self.fetcher = ChunkFetcher(device) if kv.mode == "offload" else None
+
+    # ---- what the wrapped model forward calls -----------------------------------------------------
+    def begin_prefill(self, length: int) -> tuple[int, int]:
+        """Start the prompt's forward; returns this rank's `[start, end)` of the prompt."""
+        if self.total:
+            raise RuntimeError("this cache already holds a prompt; make a new one per request")
+        self.bounds = shard_bounds(length, self.comm.size)
+        self._phase, self._pending = "prefill", length
+        return self.bounds[self.comm.rank]
+
+    def begin_decode(self, count: int) -> int:
+        """Start the forward of `count` new tokens (one at a time); returns the position of the first."""
+        if not self.total:
+            raise RuntimeError("decode before prefill: the cache is empty")
+        self._phase, self._pending = "decode", count
+        return self.total
+
+    def end_forward(self) -> None:
+        """The forward finished: the sequence is longer by the tokens it carried."""
+        self.total += self._pending
+        self._phase, self._pending = "idle", 0
+
+    @property
+    def owns_new_tokens(self) -> bool:
+        """Whether this rank stores generated tokens (the last rank of the ring)."""
+        return self.comm.rank == self.comm.size - 1
+
+    # ---- what the attention modules call -------------------------------------------------------------
+    def attend(
+        self, layer: int, query: torch.Tensor, key_pre: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention output `[B, Hq, L, D]` of this rank's queries over the whole sequence so far.
+
+        `query`, `key` are post-RoPE, `key_pre` the same keys before RoPE (the offload store factorises
+        those); `key_pre`, `key`, `value` are `[B, Hkv, L, D]`.
+        """
+        if self._phase == "prefill":
+            lengths = [end - start for start, end in self.bounds]
+            out = ring_causal_attention(query, key, value, self.comm, lengths, scale)
+            self.stores[layer] = self._store(key_pre, key, value)
+            return out
+        if self._phase != "decode":
+            raise RuntimeError("attend called outside a forward of the paragen-wrapped model")
+        store = self.stores[layer]
+        if self.owns_new_tokens:
+            store.append(key, value)
+        out, lse = store.attend(query, scale)
+        if self.comm.size == 1:
+            return out
+        packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)
+        parts = self.comm.all_gather(packed, MERGE_LABEL)
+        merged, _ = merge_attention_partials(parts[..., :-1], parts[..., -1])
+        return merged.to(query.dtype)
+
+    def _store(self, key_pre: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> DenseStore | OffloadStore:
+        if self.kv.mode == "dense":
+            return DenseStore(key, value)
+        start = self.bounds[self.comm.rank][0]
+        return OffloadStore(key_pre, key, value, start, self.rope, self.kv, self.owns_new_tokens, self.fetcher)
+
+    # ---- accounting ---------------------------------------------------------------------------------
+    def device_bytes(self) -> int:
+        """KV bytes this rank holds on its device, summed over layers."""
+        return sum(s.device_bytes() for s in self.stores if s is not None)
+
+    def host_bytes(self) -> int:
+        """KV bytes this rank holds in host memory."""
+        return sum(s.host_bytes() for s in self.stores if s is not None)
+
+    def fetched_bytes(self) -> int:
+        """Host→device bytes of value chunks fetched so far (offload)."""
+        return sum(getattr(s, "fetched_bytes", 0) for s in self.stores if s is not None)
+
+    def close(self) -> None:
+        """Stop the fetch worker (offload)."""
+        if self.fetcher is not None:
+            self.fetcher.close()
+
+    # ---- the transformers Cache interface -----------------------------------------------------------
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.total
+
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.total + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        raise RuntimeError("ShardedKVCache is filled by paragen's attention: parallelise the model with "
+                           "paragen.parallelize_llm before generating with it")
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.total > 0
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def reset(self) -> None:
+        raise NotImplementedError("a ShardedKVCache serves one request: make a new one")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported with a sequence-sharded cache")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("assisted decoding (crop) is not supported with a sequence-sharded cache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("expanding the batch (num_return_sequences > 1) is not supported with a sharded cache")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("selecting batch rows is not supported with a sequence-sharded cache")

@@ -1,0 +1,190 @@
+"""Tensor parallelism for a causal LM through DeepSpeed's automatic tensor parallelism (AutoTP).
+
+`shard_weights` cuts every decoder layer of a Hugging Face model across the ranks of one tensor-parallel
+group, in place: each rank keeps its own attention heads and a slice of the MLP, and the output
+projections sum the partial results over the group. The caller creates the process group itself
+(`torch.distributed.init_process_group`, gloo on CPU); the tp group may be any subgroup of the world.
+
+What AutoTP leaves on a Llama-style attention module (DeepSpeed 0.19):
+
+- `q_proj`, `k_proj`, `v_proj` become `deepspeed.module_inject.layers.LinearLayer` holding this rank's
+  rows: `num_attention_heads / tp` query heads and `num_key_value_heads / tp` key/value heads.
+- `o_proj` becomes `LinearAllreduce`: it holds this rank's input columns and all-reduces its output over
+  the group inside its own `forward`, so a replacement attention forward must still call `self.o_proj`.
+- `head_dim`, `num_key_value_groups` and `scaling` are untouched and stay right (the query/kv ratio is
+  unchanged); the model config still holds the *global* head counts, so reshape with `-1` heads.
+- `lm_head` becomes `LmHeadLinearAllreduce` (weights split along the hidden size, cloned first, so a tied
+  embedding is untied); the embedding and the norms are replicated.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import io
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from paragen.log import get_logger
+
+# How to get DeepSpeed into an environment that already has torch (CPU or CUDA), without replacing it.
+DEEPSPEED_INSTALL_HINT = "pip install 'paragen[deepspeed]' (or: pip install --no-build-isolation 'deepspeed>=0.19')"
+
+
+def check_tensor_parallel(config: Any, tp: int) -> None:
+    """Raise `ValueError` unless `tp` ranks can split the model's attention heads evenly.
+
+    `config` is a `transformers.PretrainedConfig`; both the query heads and the key/value heads must be
+    divisible by `tp`, so that every rank owns whole heads and whole grouped-query groups.
+    """
+    if tp < 1:
+        raise ValueError(f"tensor parallel degree must be >= 1, got {tp}")
+    heads = getattr(config, "num_attention_heads", None)
+    if heads is None:
+        raise ValueError(f"{type(config).__name__} has no num_attention_heads; cannot check tensor parallelism")
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads % tp:
+        raise ValueError(f"tensor parallel degree {tp} does not divide the model's {heads} attention heads; "
+                         f"choose a tp that divides {heads}")
+    if kv_heads % tp:
+        raise ValueError(f"tensor parallel degree {tp} does not divide the model's {kv_heads} key-value heads "
+                         f"({heads} attention heads); choose a tp that divides {kv_heads}")
+
+
+def shard_weights(model: torch.nn.Module, group: dist.ProcessGroup | None, tp: int) -> torch.nn.Module:
+    """Shard `model` across the `tp` ranks of `group` with DeepSpeed AutoTP and return the module to use.
+
+    The returned object is `model` itself, changed in place (not a DeepSpeed `InferenceEngine`): its
+    `generate`, its submodules and their instance attributes are the usual Hugging Face ones, with the
+    linear layers swapped as described in this module's docstring. `group=None` means the world group.
+
+    Every rank of the world must call this together, even ranks of other tp groups: DeepSpeed broadcasts
+    rank 0's RNG state over the world while sharding. `tp == 1` returns `model` unchanged.
+    """
+    if tp == 1:
+        return model
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("tensor parallelism needs torch.distributed initialised first "
+                           "(torch.distributed.init_process_group) before shard_weights is called")
+    group = dist.group.WORLD if group is None else group
+    group_size = dist.get_world_size(group)
+    if group_size != tp:
+        raise ValueError(f"the tensor parallel group has {group_size} ranks but tp={tp}")
+    if dist.get_rank(group) < 0:
+        raise ValueError(f"rank {dist.get_rank()} is not a member of the tensor parallel group it was given")
+    config = getattr(model, "config", None)
+    if config is not None:
+        check_tensor_parallel(config, tp)
+    first = next(model.parameters())
+    _prepare_environment(first.device.type)
+    deepspeed = _import_deepspeed()
+    _check_accelerator(first.device.type)
+    _attach_comm_backend(deepspeed)
+    engine = _init_inference(deepspeed, model, group, tp, first.dtype)
+    _check_group_all_reduce(group, tp, first.dtype)
+    return engine.module
+
+
+def _prepare_environment(device_type: str) -> None:
+    """Set what DeepSpeed reads from the environment when it is first imported and initialised.
+
+    `DS_ACCELERATOR` pins DeepSpeed to the model's device (it otherwise probes the hardware and, with a
+    GPU present, would move a CPU model onto it). `LOCAL_SIZE` is DeepSpeed's name for the ranks on this
+    node; torchrun calls it `LOCAL_WORLD_SIZE`, and its shared-memory all-reduce crashes without it.
+    Values the user already set are kept.
+    """
+    if device_type in ("cpu", "cuda"):
+        os.environ.setdefault("DS_ACCELERATOR", device_type)
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local:
+        os.environ.setdefault("LOCAL_SIZE", local)
+
+
+def _import_deepspeed() -> Any:
+    """Import DeepSpeed, or explain how to install it."""
+    try:
+        return importlib.import_module("deepspeed")
+    except ImportError as exc:
+        raise RuntimeError(f"tensor parallelism (tp > 1) needs DeepSpeed, which is not installed: "
+                           f"{DEEPSPEED_INSTALL_HINT}") from exc
+
+
+def _check_accelerator(device_type: str) -> None:
+    """Refuse to go on if DeepSpeed picked an accelerator other than the model's device."""
+    from deepspeed.accelerator import get_accelerator
+
+    chosen = get_accelerator().device_name()
+    if chosen != device_type:
+        raise RuntimeError(f"DeepSpeed uses the '{chosen}' accelerator but the model is on '{device_type}'; "
+                           f"set DS_ACCELERATOR={device_type} before DeepSpeed is first imported")
+
+
+def _attach_comm_backend(deepspeed: Any) -> None:
+    """Make `deepspeed.comm` wrap the process group that already exists, without its shared-memory path.
+
+    On CPU, DeepSpeed would JIT-compile a shared-memory all-reduce (about a minute of g++) whose
+    `inference_all_reduce` ignores the group it is given and sums over every rank of the node: wrong for
+    a tp group smaller than the world. Without that op, DeepSpeed's inference all-reduce falls back to
+    `torch.distributed.all_reduce` over the tp group.
+    """
+    ds_comm = importlib.import_module("deepspeed.comm.comm")
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    if ds_comm.cdb is None:
+        build_shm_op = ds_torch.build_shm_op
+        ds_torch.build_shm_op = lambda: None
+        try:
+            deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+        finally:
+            ds_torch.build_shm_op = build_shm_op
+    if getattr(ds_comm.cdb, "shm_comm_op", None) is not None:
+        # Someone initialised DeepSpeed's comm with the shared-memory op already: disable its use.
+        ds_comm.cdb.shm_vector_kernel_level = 0
+
+
+class _TensorParallelUnit:
+    """The model-parallel unit DeepSpeed asks for: one tensor-parallel group, no data parallelism."""
+
+    def __init__(self, group: dist.ProcessGroup) -> None:
+        self.group = group
+
+    def get_model_parallel_group(self) -> dist.ProcessGroup:
+        return self.group
+
+    def get_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.group)
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(self.group)
+
+
+def _init_inference(deepspeed: Any, model: torch.nn.Module, group: dist.ProcessGroup, tp: int,
+                    dtype: torch.dtype) -> Any:
+    """Run AutoTP and return the DeepSpeed engine.
+
+    Both `tp_group` and `mpu` are passed: with `tp_group` alone DeepSpeed replaces the group by ranks
+    `0..tp-1`, and with `mpu` alone it shards nothing. `dtype` is the model's own (DeepSpeed's default
+    would convert it to float16). AutoTP prints its layer plan on every rank; it goes to the debug log.
+    """
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        engine = deepspeed.init_inference(model,
+                                          tensor_parallel={"tp_size": tp, "tp_group": group,
+                                                           "mpu": _TensorParallelUnit(group)},
+                                          dtype=dtype,
+                                          replace_with_kernel_inject=False)
+    for line in printed.getvalue().splitlines():
+        get_logger().debug("deepspeed: %s", line)
+    return engine
+
+
+def _check_group_all_reduce(group: dist.ProcessGroup, tp: int, dtype: torch.dtype) -> None:
+    """Check that DeepSpeed's inference all-reduce sums over the tp group and nothing more."""
+    from deepspeed import comm as ds_dist
+
+    probe = torch.ones(1, dtype=dtype)
+    ds_dist.inference_all_reduce(probe, group=group)
+    if probe.item() != tp:
+        raise RuntimeError(f"DeepSpeed's all-reduce over a tensor parallel group of {tp} ranks summed "
+                           f"{probe.item():g} ranks; its shared-memory all-reduce is in use")

@@ -1,0 +1,135 @@
+"""`parallelize_llm(model, config, kv)`: one causal-LM request across ranks, in place.
+
+Every rank builds the same model and calls `model.generate(input_ids, past_key_values=cache, ...)`
+with the same arguments and a cache from `runtime.new_cache()`. The model's forward is replaced on
+the instance: with a `ShardedKVCache` it runs the decoder on this rank's shard of the prompt (prefill)
+or on the new token (decode), with every attention module routed through the cache (see
+`paragen.parallel.llm.cache`); the next-token logits of the prompt come from the last shard and are
+broadcast, so every rank holds the same logits and `generate` picks the same token everywhere (greedy,
+or sampled with the same seed). With any other cache the model runs as before.
+"""
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from paragen.parallel import ParallelConfig, ParallelMesh
+from paragen.parallel.llm.attention import shard_attention
+from paragen.parallel.llm.cache import ShardedKVCache
+from paragen.parallel.llm.config import KVConfig
+from paragen.pipelines.llm_loading import SUPPORTED_LLMS
+
+LOGITS_LABEL = "llm_prefill_logits"
+
+
+@dataclass
+class LLMRuntime:
+    """What a parallelised causal LM carries as `model.paragen`."""
+
+    model: nn.Module
+    config: ParallelConfig
+    kv: KVConfig
+    mesh: ParallelMesh
+
+    def new_cache(self) -> ShardedKVCache:
+        """A fresh cache for one request."""
+        inner = self.model.model
+        device = next(self.model.parameters()).device
+        probe = torch.empty(0, dtype=next(self.model.parameters()).dtype, device=device)
+
+        def rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            cos, sin = inner.rotary_emb(probe, positions.reshape(1, -1))
+            return cos.reshape(*positions.shape, -1), sin.reshape(*positions.shape, -1)
+
+        return ShardedKVCache(len(inner.layers), self.mesh.comm("ring"), self.kv, rope, device)
+
+    def check_prompt(self, length: int) -> None:
+        """Refuse a prompt the model's positions or the shards cannot hold (same answer on every rank)."""
+        limit = self.model.config.max_position_embeddings
+        if length > limit:
+            raise ValueError(f"the prompt has {length} tokens, more than the model's {limit} positions")
+        if length < self.config.seq:
+            raise ValueError(f"a prompt of {length} tokens cannot be cut into {self.config.seq} sequence shards")
+
+    def forward_tokens(self, input_ids: torch.Tensor, start: int, cache: ShardedKVCache) -> torch.Tensor:
+        """Run the decoder on `input_ids [B, L]` at positions `start…start+L-1`; logits of the last one `[B, 1, V]`."""
+        inner = self.model.model
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
+        hidden = inner.embed_tokens(input_ids)
+        embeddings = inner.rotary_emb(hidden, positions)
+        for layer in inner.layers:
+            hidden = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=positions,
+                           past_key_values=cache, use_cache=True)
+        return self.model.lm_head(inner.norm(hidden[:, -1:])).float()
+
+
+def _sharded_generate_forward(self: nn.Module, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
+    if not isinstance(past_key_values, ShardedKVCache):
+        return self._paragen_original_forward(input_ids=input_ids, attention_mask=attention_mask,
+                                              past_key_values=past_key_values, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    runtime: LLMRuntime = self.paragen
+    cache = past_key_values
+    if input_ids is None or kwargs.get("inputs_embeds") is not None:
+        raise ValueError("a sequence-sharded model takes input_ids, not inputs_embeds")
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise ValueError("padded batches are not supported by the sequence-sharded cache: give every row the same length")
+    if cache.total == 0:
+        runtime.check_prompt(input_ids.shape[1])
+        start, end = cache.begin_prefill(input_ids.shape[1])
+        logits = runtime.forward_tokens(input_ids[:, start:end], start, cache)
+        cache.end_forward()
+        comm = cache.comm
+        logits = comm.broadcast_async(logits.contiguous(), comm.size - 1, LOGITS_LABEL).wait()
+    else:
+        runtime.check_prompt(cache.total + input_ids.shape[1])
+        for i in range(input_ids.shape[1]):
+            logits = runtime.forward_tokens(input_ids[:, i:i + 1], cache.begin_decode(1), cache)
+            cache.end_forward()
+    return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+
+
+def check_llm_parallel(model_config, config: ParallelConfig, kv: KVConfig) -> None:
+    """Refuse what the sharded runtime cannot run, before any collective: heads not divisible by `tp`,
+    sliding-window layers, or a key rank larger than the key width allows."""
+    from paragen.parallel.llm.tensor_parallel import check_tensor_parallel
+
+    check_tensor_parallel(model_config, config.tp)
+    layer_types = getattr(model_config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types) or getattr(model_config, "use_sliding_window", False):
+        raise ValueError("sliding-window attention layers are not supported by the sequence-sharded cache")
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    if kv.mode == "offload":
+        kv.key_rank(model_config.num_key_value_heads // config.tp * head_dim)
+
+
+def parallelize_llm(model: nn.Module, config: ParallelConfig | None = None, kv: KVConfig | None = None) -> LLMRuntime:
+    """Shard `model`'s requests over the ranks (`seq` prompt shards × `tp` weight shards), in place.
+
+    Call `paragen.init()` first; returns the runtime (also `model.paragen`), whose `new_cache()` makes
+    the `past_key_values` of each request.
+    """
+    config = config or ParallelConfig()
+    kv = kv or KVConfig()
+    name = type(model).__name__
+    if name not in SUPPORTED_LLMS:
+        raise TypeError(f"paragen.parallelize_llm supports {', '.join(SUPPORTED_LLMS)}; got {name}")
+    if hasattr(model, "paragen"):
+        raise ValueError("this model is already parallelised")
+    check_llm_parallel(model.config, config, kv)
+    mesh = ParallelMesh(config, next(model.parameters()).device.type)
+    if config.tp > 1:
+        from paragen.parallel.llm.tensor_parallel import shard_weights
+
+        model = shard_weights(model, mesh.comm("tp").group, config.tp)
+    for layer in model.model.layers:
+        shard_attention(layer.self_attn)
+    runtime = LLMRuntime(model=model, config=mesh.config, kv=kv, mesh=mesh)
+    model.paragen = runtime
+    model._paragen_original_forward = model.forward
+    model.forward = types.MethodType(_sharded_generate_forward, model)
+    return runtime
