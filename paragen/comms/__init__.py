@@ -9,6 +9,7 @@ from paragen.comms.group import GroupComm, all_gather_objects, broadcast_int
 from paragen.comms.pending import CommError, Pending, ready
 from paragen.comms.stats import CommStats, OpStats
 from paragen.comms.world import (
+    backend_name,
     is_initialized,
     is_output_rank,
     set_operation_timeout,
@@ -18,5 +19,5 @@ from paragen.comms.world import (
 
 __all__ = [
     "CommError", "CommStats", "FlatAllGather", "GroupComm", "all_gather_objects", "broadcast_int", "OpStats", "Pending", "Slot", "ready",
-    "is_initialized", "is_output_rank", "set_operation_timeout", "world_rank", "world_size",
+    "backend_name", "is_initialized", "is_output_rank", "set_operation_timeout", "world_rank", "world_size",
 ]

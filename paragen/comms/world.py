@@ -19,6 +19,11 @@ def world_rank() -> int:
     return dist.get_rank() if is_initialized() else 0
 
 
+def backend_name() -> str:
+    """The default process group's backend (`gloo`, `nccl`, …)."""
+    return str(dist.get_backend())
+
+
 def world_size() -> int:
     """Number of processes in the job (1 without a process group)."""
     return dist.get_world_size() if is_initialized() else 1

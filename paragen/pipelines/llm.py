@@ -20,6 +20,7 @@ from paragen.parallel import ParallelConfig, ParallelMesh
 from paragen.parallel.llm.attention import shard_attention
 from paragen.parallel.llm.cache import ShardedKVCache
 from paragen.parallel.llm.config import KVConfig
+from paragen.parallel.llm.tensor_parallel import check_tensor_parallel, shard_weights
 from paragen.pipelines.llm_loading import SUPPORTED_LLMS
 
 LOGITS_LABEL = "llm_prefill_logits"
@@ -96,8 +97,6 @@ def _sharded_generate_forward(self: nn.Module, input_ids=None, attention_mask=No
 def check_llm_parallel(model_config, config: ParallelConfig, kv: KVConfig) -> None:
     """Refuse what the sharded runtime cannot run, before any collective: heads not divisible by `tp`,
     sliding-window layers, or a key rank larger than the key width allows."""
-    from paragen.parallel.llm.tensor_parallel import check_tensor_parallel
-
     check_tensor_parallel(model_config, config.tp)
     layer_types = getattr(model_config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types) or getattr(model_config, "use_sliding_window", False):
@@ -123,9 +122,7 @@ def parallelize_llm(model: nn.Module, config: ParallelConfig | None = None, kv: 
     check_llm_parallel(model.config, config, kv)
     mesh = ParallelMesh(config, next(model.parameters()).device.type)
     if config.tp > 1:
-        from paragen.parallel.llm.tensor_parallel import shard_weights
-
-        model = shard_weights(model, mesh.comm("tp").group, config.tp)
+        model = shard_weights(model, mesh.comm("tp"), config.tp)
     for layer in model.model.layers:
         shard_attention(layer.self_attn)
     runtime = LLMRuntime(model=model, config=mesh.config, kv=kv, mesh=mesh)

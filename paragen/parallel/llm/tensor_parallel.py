@@ -3,7 +3,7 @@
 `shard_weights` cuts every decoder layer of a Hugging Face model across the ranks of one tensor-parallel
 group, in place: each rank keeps its own attention heads and a slice of the MLP, and the output
 projections sum the partial results over the group. The caller creates the process group itself
-(`torch.distributed.init_process_group`, gloo on CPU); the tp group may be any subgroup of the world.
+(`paragen.init()`, gloo on CPU); the tp group may be any subgroup of the world.
 
 What AutoTP leaves on a Llama-style attention module (DeepSpeed 0.19):
 
@@ -25,8 +25,8 @@ import os
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
+from paragen.comms import GroupComm, backend_name
 from paragen.log import get_logger
 
 # How to get DeepSpeed into an environment that already has torch (CPU or CUDA), without replacing it.
@@ -53,27 +53,20 @@ def check_tensor_parallel(config: Any, tp: int) -> None:
                          f"({heads} attention heads); choose a tp that divides {kv_heads}")
 
 
-def shard_weights(model: torch.nn.Module, group: dist.ProcessGroup | None, tp: int) -> torch.nn.Module:
-    """Shard `model` across the `tp` ranks of `group` with DeepSpeed AutoTP and return the module to use.
+def shard_weights(model: torch.nn.Module, comm: GroupComm, tp: int) -> torch.nn.Module:
+    """Shard `model` across the `tp` ranks of `comm`'s group with DeepSpeed AutoTP and return the module to use.
 
     The returned object is `model` itself, changed in place (not a DeepSpeed `InferenceEngine`): its
     `generate`, its submodules and their instance attributes are the usual Hugging Face ones, with the
-    linear layers swapped as described in this module's docstring. `group=None` means the world group.
+    linear layers swapped as described in this module's docstring.
 
     Every rank of the world must call this together, even ranks of other tp groups: DeepSpeed broadcasts
     rank 0's RNG state over the world while sharding. `tp == 1` returns `model` unchanged.
     """
     if tp == 1:
         return model
-    if not dist.is_available() or not dist.is_initialized():
-        raise RuntimeError("tensor parallelism needs torch.distributed initialised first "
-                           "(torch.distributed.init_process_group) before shard_weights is called")
-    group = dist.group.WORLD if group is None else group
-    group_size = dist.get_world_size(group)
-    if group_size != tp:
-        raise ValueError(f"the tensor parallel group has {group_size} ranks but tp={tp}")
-    if dist.get_rank(group) < 0:
-        raise ValueError(f"rank {dist.get_rank()} is not a member of the tensor parallel group it was given")
+    if comm.group is None or comm.size != tp:
+        raise ValueError(f"the tensor parallel group has {comm.size} ranks but tp={tp}")
     config = getattr(model, "config", None)
     if config is not None:
         check_tensor_parallel(config, tp)
@@ -82,8 +75,8 @@ def shard_weights(model: torch.nn.Module, group: dist.ProcessGroup | None, tp: i
     deepspeed = _import_deepspeed()
     _check_accelerator(first.device.type)
     _attach_comm_backend(deepspeed)
-    engine = _init_inference(deepspeed, model, group, tp, first.dtype)
-    _check_group_all_reduce(group, tp, first.dtype)
+    engine = _init_inference(deepspeed, model, comm, tp, first.dtype)
+    _check_group_all_reduce(comm, tp, first.dtype)
     return engine.module
 
 
@@ -135,7 +128,7 @@ def _attach_comm_backend(deepspeed: Any) -> None:
         build_shm_op = ds_torch.build_shm_op
         ds_torch.build_shm_op = lambda: None
         try:
-            deepspeed.init_distributed(dist_backend=dist.get_backend(), verbose=False)
+            deepspeed.init_distributed(dist_backend=backend_name(), verbose=False)
         finally:
             ds_torch.build_shm_op = build_shm_op
     if getattr(ds_comm.cdb, "shm_comm_op", None) is not None:
@@ -146,20 +139,20 @@ def _attach_comm_backend(deepspeed: Any) -> None:
 class _TensorParallelUnit:
     """The model-parallel unit DeepSpeed asks for: one tensor-parallel group, no data parallelism."""
 
-    def __init__(self, group: dist.ProcessGroup) -> None:
-        self.group = group
+    def __init__(self, comm: GroupComm) -> None:
+        self.comm = comm
 
-    def get_model_parallel_group(self) -> dist.ProcessGroup:
-        return self.group
+    def get_model_parallel_group(self) -> Any:
+        return self.comm.group
 
     def get_model_parallel_world_size(self) -> int:
-        return dist.get_world_size(self.group)
+        return self.comm.size
 
     def get_model_parallel_rank(self) -> int:
-        return dist.get_rank(self.group)
+        return self.comm.rank
 
 
-def _init_inference(deepspeed: Any, model: torch.nn.Module, group: dist.ProcessGroup, tp: int,
+def _init_inference(deepspeed: Any, model: torch.nn.Module, comm: GroupComm, tp: int,
                     dtype: torch.dtype) -> Any:
     """Run AutoTP and return the DeepSpeed engine.
 
@@ -170,8 +163,8 @@ def _init_inference(deepspeed: Any, model: torch.nn.Module, group: dist.ProcessG
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         engine = deepspeed.init_inference(model,
-                                          tensor_parallel={"tp_size": tp, "tp_group": group,
-                                                           "mpu": _TensorParallelUnit(group)},
+                                          tensor_parallel={"tp_size": tp, "tp_group": comm.group,
+                                                           "mpu": _TensorParallelUnit(comm)},
                                           dtype=dtype,
                                           replace_with_kernel_inject=False)
     for line in printed.getvalue().splitlines():
@@ -179,12 +172,12 @@ def _init_inference(deepspeed: Any, model: torch.nn.Module, group: dist.ProcessG
     return engine
 
 
-def _check_group_all_reduce(group: dist.ProcessGroup, tp: int, dtype: torch.dtype) -> None:
+def _check_group_all_reduce(comm: GroupComm, tp: int, dtype: torch.dtype) -> None:
     """Check that DeepSpeed's inference all-reduce sums over the tp group and nothing more."""
     from deepspeed import comm as ds_dist
 
     probe = torch.ones(1, dtype=dtype)
-    ds_dist.inference_all_reduce(probe, group=group)
+    ds_dist.inference_all_reduce(probe, group=comm.group)
     if probe.item() != tp:
         raise RuntimeError(f"DeepSpeed's all-reduce over a tensor parallel group of {tp} ranks summed "
                            f"{probe.item():g} ranks; its shared-memory all-reduce is in use")
