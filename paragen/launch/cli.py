@@ -3,6 +3,7 @@
     torchrun --nproc-per-node 2 -m paragen image --mode displaced --height 1024 --width 1024
     torchrun --nproc-per-node 4 -m paragen image --model tiny-flux --ulysses 2 --ring 2
     torchrun --nproc-per-node 2 -m paragen video --frames 64 --prompt "a fox" --prompt "a forest at night"
+    torchrun --nproc-per-node 2 -m paragen llm --context 16384 --kv offload
     paragen slurm --nodes 2 --gpus-per-node 8 -- image --model /models/sdxl --cfg 2
 """
 from __future__ import annotations
@@ -178,6 +179,71 @@ def _run_video(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_llm_parser(sub: argparse._SubParsersAction) -> None:
+    from paragen.parallel.llm import KV_MODES, KVConfig
+    from paragen.pipelines.image_job import DTYPES
+    from paragen.pipelines.llm_job import LLMRequest
+    from paragen.pipelines.llm_loading import EMBEDDED_LLMS
+
+    defaults, kv = LLMRequest(), KVConfig()
+    p = sub.add_parser("llm", help="long-context causal-LM generation across ranks (sequence-sharded prefill and KV cache)",
+                       description="Generate from one long prompt with its sequence cut into shards, one per ring position, "
+                                   "each shard's weights optionally split by tensor parallelism.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=defaults.model,
+                   help=f"embedded model ({', '.join(EMBEDDED_LLMS)}: passkey prompts) or a local transformers "
+                        "Llama/Qwen2/Mistral directory (safetensors) with its tokenizer")
+    p.add_argument("--prompt", default=None, help="text prompt (local checkpoints)")
+    p.add_argument("--prompt-file", default=None, help="read the text prompt from this file (local checkpoints)")
+    p.add_argument("--context", type=int, default=defaults.context, help="embedded models: tokens of the passkey prompt")
+    p.add_argument("--depth", type=float, default=defaults.depth, help="embedded models: where the key sits, 0 (start) to 1 (end)")
+    p.add_argument("--new-tokens", type=int, default=defaults.new_tokens, help="tokens to generate")
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (same seed on every rank)")
+    p.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (prompt and sampling)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=defaults.dtype, help="weights and activations dtype")
+    p.add_argument("--seq", type=int, default=-1, help="sequence shards (-1: the ranks / --tp)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per shard (DeepSpeed AutoTP)")
+    p.add_argument("--kv", choices=KV_MODES, default=kv.mode,
+                   help="dense: exact K/V on the device; offload: ShadowKV — low-rank keys, values in host memory, "
+                        "top-k chunks fetched per token")
+    p.add_argument("--budget", type=float, default=kv.budget, help="offload: fraction of the context fetched per token")
+    p.add_argument("--rank", type=int, default=None, help="offload: SVD rank of the keys (default: 160/1024 of the key width)")
+    p.add_argument("--chunk", type=int, default=kv.chunk, help="offload: tokens per chunk")
+    p.add_argument("--window", type=int, default=kv.window, help="offload: most recent prompt tokens kept exact")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights, which can run arbitrary code")
+    p.add_argument("--allow-remote-code", action="store_true",
+                   help="allow a checkpoint whose config names remote code (auto_map), which runs arbitrary Python")
+    p.add_argument("--out", default=defaults.out_dir, help="folder for the JSON run report")
+    p.add_argument("--name", default=None, help="report file name without extension (default: encodes the layout)")
+    _add_runtime_arguments(p)
+    p.set_defaults(handler=_run_llm)
+
+
+def _run_llm(args: argparse.Namespace) -> int:
+    from paragen.parallel.llm import KVConfig
+    from paragen.pipelines.llm_job import LLMRequest, prepare_prompt, run_llm_job
+
+    request = LLMRequest(
+        model=args.model, prompt=args.prompt, prompt_file=args.prompt_file, context=args.context, depth=args.depth,
+        new_tokens=args.new_tokens, sample=args.sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
+        dtype=args.dtype, allow_pickle=args.allow_pickle, allow_remote_code=args.allow_remote_code, out_dir=args.out,
+        name=args.name,
+    )
+    kv = KVConfig(mode=args.kv, budget=args.budget, rank=args.rank, chunk=args.chunk, window=args.window)
+    launch = discover()
+    if args.tp < 1 or launch.world_size % args.tp:
+        raise ValueError(f"--tp {args.tp} does not divide the {launch.world_size} ranks of the job")
+    seq = launch.world_size // args.tp if args.seq == -1 else args.seq
+    config = ParallelConfig(seq=seq, tp=args.tp)
+    config.resolve(launch.world_size)
+    prompt = prepare_prompt(request, config, kv)
+    init(init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads, verbose=args.verbose)
+    run_llm_job(request, config, kv, prompt)
+    return 0
+
+
 def _int_list(text: str, flag: str) -> list[int]:
     try:
         return [int(part) for part in text.split(",")]
@@ -210,9 +276,10 @@ def _add_slurm_parser(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The `paragen` argument parser with its sub-commands."""
     parser = argparse.ArgumentParser(prog="paragen", description="paragen: one generation request, many ranks.")
-    sub = parser.add_subparsers(dest="workload", required=True, metavar="{image,video,slurm}")
+    sub = parser.add_subparsers(dest="workload", required=True, metavar="{image,video,llm,slurm}")
     _add_image_parser(sub)
     _add_video_parser(sub)
+    _add_llm_parser(sub)
     _add_slurm_parser(sub)
     return parser
 

@@ -10,12 +10,14 @@ or sampled with the same seed). With any other cache the model runs as before.
 """
 from __future__ import annotations
 
+import time
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from paragen.comms import CommStats
 from paragen.parallel import ParallelConfig, ParallelMesh
 from paragen.parallel.llm.attention import shard_attention
 from paragen.parallel.llm.cache import ShardedKVCache
@@ -34,6 +36,13 @@ class LLMRuntime:
     config: ParallelConfig
     kv: KVConfig
     mesh: ParallelMesh
+    prefill_s: float = 0.0  # the last request's prompt forward
+    step_seconds: list[float] = field(default_factory=list)  # its decode forwards, one per token
+
+    @property
+    def stats(self) -> CommStats:
+        """Bytes, calls and waits of every group, per label."""
+        return self.mesh.stats
 
     def new_cache(self) -> ShardedKVCache:
         """A fresh cache for one request."""
@@ -81,16 +90,20 @@ def _sharded_generate_forward(self: nn.Module, input_ids=None, attention_mask=No
         raise ValueError("padded batches are not supported by the sequence-sharded cache: give every row the same length")
     if cache.total == 0:
         runtime.check_prompt(input_ids.shape[1])
+        began = time.perf_counter()
         start, end = cache.begin_prefill(input_ids.shape[1])
         logits = runtime.forward_tokens(input_ids[:, start:end], start, cache)
         cache.end_forward()
         comm = cache.comm
         logits = comm.broadcast_async(logits.contiguous(), comm.size - 1, LOGITS_LABEL).wait()
+        runtime.prefill_s, runtime.step_seconds = time.perf_counter() - began, []
     else:
         runtime.check_prompt(cache.total + input_ids.shape[1])
         for i in range(input_ids.shape[1]):
+            began = time.perf_counter()
             logits = runtime.forward_tokens(input_ids[:, i:i + 1], cache.begin_decode(1), cache)
             cache.end_forward()
+            runtime.step_seconds.append(time.perf_counter() - began)
     return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
 
 

@@ -1,17 +1,39 @@
-"""Generate with a sequence-sharded causal LM on real ranks; rank 0 saves the results.
+"""Run sequence-sharded causal-LM specs on real ranks; rank 0 saves the results.
 
 usage: llm_worker.py SPEC.json OUT.pt   (SPEC: a list of runs, see tests/test_llm_parallel.py)
+A `generate` spec runs `model.generate` through the sharded cache; a `ring` spec runs ring attention
+on random shards and returns every rank's output.
 """
 import torch
 
 import paragen
+from paragen.comms import all_gather_objects
+from paragen.parallel import ParallelMesh
 from paragen.parallel.llm import KVConfig
+from paragen.parallel.llm.ring import ring_causal_attention
+from paragen.parallel.llm.shards import shard_bounds
 from paragen.pipelines.llm import parallelize_llm
 from paragen.pipelines.llm_loading import load_llm
 from tests.workers.specs import serve_specs
 
 
-def run(spec: dict) -> dict:
+def ring_inputs(seed: int, length: int) -> tuple[torch.Tensor, ...]:
+    """The random q [1,4,L,16], k and v [1,2,L,16] of a `ring` spec (the test builds the same)."""
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(1, heads, length, 16, generator=g) for heads in (4, 2, 2))
+
+
+def run_ring(spec: dict) -> dict:
+    mesh = ParallelMesh(paragen.ParallelConfig(seq=paragen.world_size()))
+    comm = mesh.comm("ring")
+    bounds = shard_bounds(spec["length"], comm.size)
+    start, end = bounds[comm.rank]
+    q, k, v = (t[:, :, start:end] for t in ring_inputs(spec["seed"], spec["length"]))
+    out = ring_causal_attention(q, k, v, comm, [b - a for a, b in bounds], 0.25)
+    return {"parts": all_gather_objects(mesh.comm("world"), out), "stats": mesh.stats.snapshot()}
+
+
+def run_generate(spec: dict) -> dict:
     model = load_llm(spec["model"])
     config = paragen.ParallelConfig(seq=spec["seq"], tp=spec.get("tp", 1))
     kv = KVConfig(mode=spec.get("kv", "dense"), rank=spec.get("rank"), budget=spec.get("budget", 1 / 64))
@@ -19,11 +41,16 @@ def run(spec: dict) -> dict:
     ids = torch.tensor(spec["prompt"]).unsqueeze(0)
     cache = runtime.new_cache()
     torch.manual_seed(spec.get("seed", 0))
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=spec["new_tokens"], do_sample=spec.get("sample", False),
-                         top_k=None, top_p=None, output_logits=True, return_dict_in_generate=True)
+    sampling = {"do_sample": True, "top_k": None} if spec.get("sample") else {"do_sample": False, "top_k": None}
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=spec["new_tokens"], top_p=None,
+                         output_logits=True, return_dict_in_generate=True, **sampling)
     cache.close()
     return {"tokens": out.sequences[0, ids.shape[1]:], "logits": torch.stack(out.logits),
             "stats": runtime.mesh.stats.snapshot()}
+
+
+def run(spec: dict) -> dict:
+    return run_ring(spec) if spec["kind"] == "ring" else run_generate(spec)
 
 
 if __name__ == "__main__":
