@@ -7,7 +7,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS      ?= mpi,video,test
+EXTRAS      ?= mpi,video,deepspeed,test
 NPROC       ?= 2
 DEMO_ARGS   ?= --mode displaced --height 512 --width 512 --steps 20
 
@@ -40,6 +40,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/plot_hires.py
 	$(BIN)/python bench/bench_video.py
 	$(BIN)/python bench/plot_video.py
+	$(BIN)/python bench/bench_llm.py
+	$(BIN)/python bench/plot_llm.py
 
 clean:
 	rm -rf $(VENV) out

@@ -8,22 +8,30 @@
     if paragen.is_output_rank():
         image.save("out.png")
     paragen.shutdown()
+
+Causal LMs (Llama, Qwen2, Mistral) take `paragen.parallelize_llm(model, ParallelConfig(seq=N, tp=M),
+KVConfig(mode="offload"))` and generate with `model.generate(ids, past_key_values=runtime.new_cache())`.
 """
 from typing import Any
 
 from paragen.comms import is_output_rank, world_size
 from paragen.launch.process_group import init, shutdown
 from paragen.parallel import HiresConfig, ParallelConfig, TemporalAttention
+from paragen.parallel.llm.config import KVConfig
 
-__all__ = ["HiresConfig", "ParallelConfig", "TemporalAttention", "init", "is_output_rank", "parallelize", "shutdown",
-           "world_size"]
+__all__ = ["HiresConfig", "KVConfig", "ParallelConfig", "TemporalAttention", "init", "is_output_rank", "parallelize",
+           "parallelize_llm", "shutdown", "world_size"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # `parallelize` imports diffusers (seconds); load it on first use so launch-only code stays fast.
+    # `parallelize` and `parallelize_llm` import diffusers/transformers (seconds); load it on first use so launch-only code stays fast.
     if name == "parallelize":
         from paragen.pipelines.parallelize import parallelize
 
         return parallelize
+    if name == "parallelize_llm":
+        from paragen.pipelines.llm import parallelize_llm
+
+        return parallelize_llm
     raise AttributeError(f"module 'paragen' has no attribute {name!r}")

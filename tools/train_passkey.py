@@ -125,7 +125,7 @@ def main() -> None:
         if step % args.eval_every == 0:
             model.eval()
             row = {"step": step, "minutes": round(elapsed / 60, 2), "length": length, "span": span,
-                   "loss": round(float(loss), 4), "acc_1k": digit_accuracy(model, 1024, 8, 7),
+                   "loss": round(loss.item(), 4), "acc_1k": digit_accuracy(model, 1024, 8, 7),
                    "acc_4k": digit_accuracy(model, 4096, 4, 8)}
             model.train()
             log.append(row)

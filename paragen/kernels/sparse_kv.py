@@ -20,13 +20,14 @@ def chunk_landmarks(keys: torch.Tensor, chunk: int) -> torch.Tensor:
     return chunked(keys, chunk).mean(dim=3)
 
 
-def chunk_min_cosine(keys: torch.Tensor, landmarks: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Lowest cosine similarity between a chunk's keys and its landmark, `[B, H, n]`.
+def chunk_max_deviation(keys: torch.Tensor, landmarks: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Largest distance between a chunk's keys and its landmark, `[B, H, n]`.
 
-    A chunk whose keys are far from their mean is poorly summarised by the landmark (an *outlier*).
+    It bounds how far the landmark's score can be from the score of the chunk's best key:
+    |q·k − q·landmark| ≤ |q|·‖k − landmark‖. A chunk with a large deviation is poorly summarised by its
+    landmark (an *outlier*).
     """
-    cosine = torch.nn.functional.cosine_similarity(chunked(keys, chunk), landmarks.unsqueeze(3), dim=-1)
-    return cosine.amin(dim=-1)
+    return (chunked(keys, chunk) - landmarks.unsqueeze(3)).norm(dim=-1).amax(dim=-1)
 
 
 def low_rank_factors(keys: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

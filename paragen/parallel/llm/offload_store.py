@@ -5,7 +5,11 @@ Built once from the shard's prefill K/V:
   factorised by SVD to rank r (`left [S, r]`, `right = diag(s)·Vᵀ [r, Hkv·D]`, both on the device) and
   their values go to host memory (pinned on CUDA);
 - per chunk and key head a landmark, the mean post-RoPE key, stays on the device; the chunks whose keys
-  stray furthest from their landmark (lowest minimum cosine) are *outliers*, kept exact on the device;
+  stray furthest from their landmark (largest distance ‖k − landmark‖, in any head) are *outliers*,
+  kept exact on the device in every head. ShadowKV ranks chunks by their lowest cosine to the landmark;
+  the distance bounds the error of the landmark's score instead (|q·k − q·landmark| ≤ |q|·‖k − landmark‖)
+  and, unlike the cosine, sees a needle whose key is long: on the passkey model the cosine ranked the
+  chunk holding the key behind dozens of periodic filler chunks;
 - the tokens after the last whole chunk (on the last shard at least the `window` most recent ones) and
   every generated token stay exact on the device, in a `DenseStore`.
 Each decode step, per layer and key head: score the landmarks against the query, take the top-k
@@ -25,7 +29,7 @@ from paragen.kernels.chunk_fetch import ChunkFetcher, to_host
 from paragen.kernels.rope import apply_rope
 from paragen.kernels.sparse_kv import (
     chunk_landmarks,
-    chunk_min_cosine,
+    chunk_max_deviation,
     chunked,
     gather_chunks,
     low_rank_factors,
@@ -68,8 +72,10 @@ class OffloadStore:
         self.left, self.right = low_rank_factors(flat_keys, rank)
         self.landmarks = chunk_landmarks(key_rot[:, :, :sparse], size)
         outliers = min(self.chunks, math.ceil(config.outliers * self.chunks))
-        stray = chunk_min_cosine(key_rot[:, :, :sparse], self.landmarks, size)
-        picked = stray.topk(outliers, dim=-1, largest=False).indices.sort(dim=-1).values
+        # A chunk that strays in any head is kept exact in every head.
+        stray = chunk_max_deviation(key_rot[:, :, :sparse], self.landmarks, size).amax(dim=1)
+        picked = stray.topk(outliers, dim=-1).indices.sort(dim=-1).values
+        picked = picked.unsqueeze(1).expand(batch, heads, outliers).contiguous()
         self.outlier_keys = gather_chunks(chunked(key_rot[:, :, :sparse], size), picked).flatten(2, 3)
         self.outlier_values = gather_chunks(chunked(values[:, :, :sparse], size), picked).flatten(2, 3)
         self.excluded = torch.zeros(batch, heads, self.chunks, dtype=torch.bool, device=key_rot.device)

@@ -1,0 +1,62 @@
+"""`paragen llm` end to end on real ranks: a passkey answered through the offloaded cache, and bad input
+refused with one clear error on every rank, before any collective, with no report written."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from tests.multiproc import check_all_ok, expect_bad_input, run_ranks, start_ranks
+
+LLM = ["-m", "paragen", "llm", "--timeout", "30"]
+
+
+def test_answers_the_passkey_through_the_offloaded_cache(tmp_path):
+    check_all_ok(run_ranks([*LLM, "--context", "4096", "--depth", "0.3", "--kv", "offload", "--new-tokens", "8",
+                            "--out", str(tmp_path)], 2))
+    (report,) = tmp_path.glob("*.json")
+    data = json.loads(report.read_text())
+    assert data["correct"] is True and data["answer"] == data["passkey"]
+    assert data["config"]["seq"] == 2 and data["kv"]["mode"] == "offload" and data["prompt_tokens"] == 4096
+    assert data["comm_per_rank"]["0"]["llm_ring_kv"]["bytes_sent"] > 0
+    ranks = data["kv_per_rank"]
+    assert ranks["0"]["host_bytes"] > ranks["0"]["device_bytes"] > 0 and ranks["1"]["fetched_bytes_per_token"] > 0
+
+
+def _checkpoint(folder: Path, *, remote: bool = False, pickle: bool = False) -> Path:
+    config = json.loads((Path("paragen/pipelines/configs/tiny-passkey/config.json")).read_text())
+    if remote:
+        config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    if pickle:
+        torch.save({"w": torch.zeros(1)}, folder / "pytorch_model.bin")
+    else:
+        save_file({"w": torch.zeros(1)}, str(folder / "model.safetensors"))
+    return folder
+
+
+BAD_INPUTS = {
+    "prompt longer than the positions": (2, ["--context", "200000"], "exceeds the model's 131072 positions"),
+    "budget zero": (2, ["--kv", "offload", "--budget", "0"], "in (0, 1]"),
+    "budget above one": (1, ["--kv", "offload", "--budget", "1.5"], "in (0, 1]"),
+    "rank too large": (2, ["--kv", "offload", "--rank", "65"], "larger than the key width allows"),
+    "seq x tp not the world": (2, ["--seq", "3"], "seq (3) × tp (1) = 3, but the world size is 2"),
+    "heads not divisible by tp": (4, ["--tp", "4"], "does not divide the model's 2 key-value heads"),
+    "depth outside [0, 1]": (1, ["--depth", "1.5"], "depth must be in [0, 1]"),
+    "remote code": (2, ["--model", "{remote}", "--prompt", "hi"], "needs remote code"),
+    "pickle weights": (2, ["--model", "{pickle}", "--prompt", "hi"], "pickle weights"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
+def test_bad_input_fails_fast_on_every_rank(tmp_path, case):
+    world, args, message = BAD_INPUTS[case]
+    folders = {"remote": _checkpoint(tmp_path / "remote", remote=True), "pickle": _checkpoint(tmp_path / "pickle", pickle=True)}
+    args = [a.format(**folders) for a in args]
+    procs = start_ranks([*LLM, *args, "--out", str(tmp_path / "out")], world)
+    expect_bad_input(procs, message)
+    assert not (tmp_path / "out").exists()
