@@ -65,7 +65,9 @@ def _check_ring(result: dict, seed: int, length: int) -> None:
     want = F.scaled_dot_product_attention(q, repeat_kv(k, 2), repeat_kv(v, 2), is_causal=True, scale=0.25)
     got = torch.cat(result["parts"], dim=2)
     assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
-    assert result["stats"]["llm_ring_kv"]["calls"] == len(result["parts"]) - 1
+    ring = result["stats"]["llm_ring_kv"]  # rank 0's: it sends its own block once and needs nothing
+    assert ring["calls"] == len(result["parts"]) - 1 and ring["bytes_recv"] == 0
+    assert ring["bytes_sent"] == result["parts"][0].numel() * 4  # K and V of 2 kv heads = 4 query heads' out
 
 
 def _check_generate(result: dict, reference) -> None:

@@ -72,7 +72,7 @@ def _stores(keys_pre, values, kv: KVConfig, start=100):
     cos, sin = rope(torch.arange(start, start + keys_pre.shape[2]))
     keys = apply_rope(keys_pre, cos, sin)
     fetcher = ChunkFetcher(torch.device("cpu"))
-    return DenseStore(keys, values), OffloadStore(keys_pre, keys, values, start, rope, kv, True, fetcher), fetcher
+    return DenseStore(keys, values, grows=True), OffloadStore(keys_pre, keys, values, start, rope, kv, True, fetcher), fetcher
 
 
 def test_offload_store_at_full_rank_and_budget_equals_dense():

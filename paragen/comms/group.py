@@ -176,19 +176,26 @@ class GroupComm:
             )
         return Pending([work], lambda: out, self.stats, label)
 
-    def ring_shift_async(self, tensor: torch.Tensor, recv_shape: tuple[int, ...], label: str) -> Pending[torch.Tensor]:
-        """Send `tensor` to the next rank on the ring and receive a `recv_shape` tensor from the previous one."""
+    def ring_shift_async(
+        self, tensor: torch.Tensor, recv_shape: tuple[int, ...], label: str, *, send: bool = True, recv: bool = True
+    ) -> Pending[torch.Tensor | None]:
+        """Send `tensor` to the next rank on the ring and receive a `recv_shape` tensor (same dtype) from the previous one.
+
+        `send=False` or `recv=False` skips that side (nothing received: the result is None); the call still
+        takes its message tag, so ranks that skip a side in some steps stay matched in later calls.
+        """
+        tag = self._next_tag()
         if self.size == 1:
             return ready(tensor)
         payload = tensor.contiguous()
-        incoming = torch.empty(recv_shape, dtype=payload.dtype, device=payload.device)
-        tag = self._next_tag()
+        incoming = torch.empty(recv_shape, dtype=payload.dtype, device=payload.device) if recv else None
+        works = []
         with backend_call(label):
-            works = [
-                dist.isend(payload, group=self.p2p_group, group_dst=(self.rank + 1) % self.size, tag=tag),
-                dist.irecv(incoming, group=self.p2p_group, group_src=(self.rank - 1) % self.size, tag=tag),
-            ]
-        self.stats.record(label, sent=_nbytes(payload), recv=_nbytes(incoming))
+            if send:
+                works.append(dist.isend(payload, group=self.p2p_group, group_dst=(self.rank + 1) % self.size, tag=tag))
+            if recv:
+                works.append(dist.irecv(incoming, group=self.p2p_group, group_src=(self.rank - 1) % self.size, tag=tag))
+        self.stats.record(label, sent=_nbytes(payload) if send else 0, recv=_nbytes(incoming) if recv else 0)
         return Pending(works, lambda: incoming, self.stats, label)
 
     def share_async(self, tensor: torch.Tensor, shapes: list[tuple[int, ...]], label: str) -> Pending[list]:

@@ -47,12 +47,17 @@ class LLMRuntime:
     def new_cache(self) -> ShardedKVCache:
         """A fresh cache for one request."""
         inner = self.model.model
+        rotary = inner.rotary_emb
         device = next(self.model.parameters()).device
-        probe = torch.empty(0, dtype=next(self.model.parameters()).dtype, device=device)
+        dtype = next(self.model.parameters()).dtype
 
         def rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            cos, sin = inner.rotary_emb(probe, positions.reshape(1, -1))
-            return cos.reshape(*positions.shape, -1), sin.reshape(*positions.shape, -1)
+            # What the model's rotary embedding computes (angles from its inv_freq, scaled), for any shape
+            # of positions; read at each call, so a rotary embedding that updates inv_freq is followed.
+            angles = positions.to(torch.float32).unsqueeze(-1) * rotary.inv_freq.to(torch.float32)
+            angles = torch.cat([angles, angles], dim=-1)
+            scale = rotary.attention_scaling
+            return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
 
         return ShardedKVCache(len(inner.layers), self.mesh.comm("ring"), self.kv, rope, device)
 

@@ -97,7 +97,7 @@ class ShardedKVCache(Cache):
 
     def _store(self, key_pre: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> DenseStore | OffloadStore:
         if self.kv.mode == "dense":
-            return DenseStore(key, value)
+            return DenseStore(key, value, grows=self.owns_new_tokens)
         start = self.bounds[self.comm.rank][0]
         return OffloadStore(key_pre, key, value, start, self.rope, self.kv, self.owns_new_tokens, self.fetcher)
 

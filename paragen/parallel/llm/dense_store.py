@@ -5,22 +5,28 @@ import torch
 
 from paragen.kernels.attention import grouped_query_attention_with_lse
 
-# Generated tokens are appended into spare capacity grown by this many slots at a time, not by a
-# copy of the whole cache per token.
-GROWTH = 256
+
+
+def _room(length: int) -> int:
+    """Spare slots for generated tokens: 64 plus 1/64 of what is held, so a copy of the store happens
+    once per that many tokens rather than per token, and the spare capacity stays a small fraction."""
+    return 64 + length // 64
 
 
 class DenseStore:
-    """Keys and values `[B, Hkv, S, D]` of one layer's shard, with room to append generated tokens."""
+    """Keys and values `[B, Hkv, S, D]` of one layer's shard. `grows`: this rank stores generated tokens,
+    so it keeps spare capacity for them (the others hold exactly their tokens)."""
 
-    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, grows: bool) -> None:
         self.length = keys.shape[2]
-        self._keys = self._with_room(keys)
-        self._values = self._with_room(values)
+        room = _room(self.length) if grows else 0
+        self._keys = self._with_room(keys, room)
+        self._values = self._with_room(values, room)
 
-    def _with_room(self, states: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _with_room(states: torch.Tensor, room: int) -> torch.Tensor:
         batch, heads, length, dim = states.shape
-        grown = states.new_empty(batch, heads, length + GROWTH, dim)
+        grown = states.new_empty(batch, heads, length + room, dim)
         grown[:, :, :length] = states
         return grown
 
@@ -28,8 +34,9 @@ class DenseStore:
         """Add the post-RoPE keys and values of new tokens at the end."""
         count = keys.shape[2]
         if self.length + count > self._keys.shape[2]:
-            self._keys = self._with_room(self._keys[:, :, : self.length])
-            self._values = self._with_room(self._values[:, :, : self.length])
+            room = _room(self.length) + count
+            self._keys = self._with_room(self._keys[:, :, : self.length], room)
+            self._values = self._with_room(self._values[:, :, : self.length], room)
         self._keys[:, :, self.length: self.length + count] = keys
         self._values[:, :, self.length: self.length + count] = values
         self.length += count

@@ -49,19 +49,20 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 
 class OffloadStore:
     """One layer's shard: `key_pre`, `key_rot` (post-RoPE), `values` are `[B, Hkv, S, D]`; the shard's
-    first token sits at absolute position `start`."""
+    first token sits at absolute position `start`. `holds_tail`: the shard ends the sequence, so it keeps
+    the recent window exact and stores the generated tokens."""
 
     def __init__(
         self, key_pre: torch.Tensor, key_rot: torch.Tensor, values: torch.Tensor, start: int, rope: RopeTable,
-        config: KVConfig, keep_window: bool, fetcher: ChunkFetcher,
+        config: KVConfig, holds_tail: bool, fetcher: ChunkFetcher,
     ) -> None:
         batch, heads, length, dim = key_rot.shape
         size = config.chunk
-        window = config.window if keep_window else 0
+        window = config.window if holds_tail else 0
         self.chunks = max(0, length - window) // size
         sparse = self.chunks * size
         self.head_dim, self.size, self.start, self.rope, self.fetcher = dim, size, start, rope, fetcher
-        self.exact = DenseStore(key_rot[:, :, sparse:], values[:, :, sparse:])
+        self.exact = DenseStore(key_rot[:, :, sparse:], values[:, :, sparse:], grows=holds_tail)
         self.fetched_bytes = 0
         self._resident: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.count = 0
