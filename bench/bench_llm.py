@@ -34,7 +34,8 @@ KV bytes are read from the caches at the end of each request (after its last dec
   DynamicCache  keys and values of every layer: exactly the tokens held (prompt + new − 1), all "device";
                 every decode step concatenates one token onto each layer's K and V, a copy of the whole cache
   DenseStore    (`paragen/parallel/llm/dense_store.py`) the allocated capacity of the shard's exact post-RoPE
-                K and V: the shard's tokens plus up to 256 spare slots (`GROWTH`) for generated tokens
+                K and V: the shard's tokens, plus on the last rank (which stores generated tokens) 64 + L/64
+                spare slots for them
   OffloadStore  (`paragen/parallel/llm/offload_store.py`) on the device: the SVD factors of the pre-RoPE keys
                 of the chunked part (left [S_c, r], right [r, Hkv·D]), one landmark per chunk and key head,
                 the outlier mask, the outlier chunks' exact K and V, last step's selected chunks (rebuilt K,
@@ -47,8 +48,9 @@ Fetched bytes per decoded token = a request's fetched bytes / its decode steps (
 Bytes per request and rank, per label (b = 4 bytes per fp32 element; N ranks; B = 1 prompt; Hq, Hkv
 query and key/value heads, D their width, V the vocabulary, ℓ layers; shard i holds L_i prompt tokens,
 rank r is shard r; `paragen/comms/group.py` counts what it puts on the wire):
-  llm_ring_kv         prefill, per layer: sent Σ_{s=0}^{N−2} 2·B·Hkv·L_{(r−s) mod N}·D·b (the block in hand
-                      passed on N−1 times), received Σ_{s=1}^{N−1} 2·B·Hkv·L_{(r−s) mod N}·D·b
+  llm_ring_kv         prefill, per layer: rank r < N−1 sends Σ_{i≤r} 2·B·Hkv·L_i·D·b (its own block, then
+                      each earlier block it received, forwarded once), the last rank sends nothing; rank r
+                      receives Σ_{i<r} 2·B·Hkv·L_i·D·b (only the earlier shards, which causal attention uses)
   llm_prefill_logits  once: the last rank sends (N−1)·B·V·b, every other rank receives B·V·b
   llm_decode_merge    per decode step and layer: sent = received = (N−1)·B·Hq·(D+1)·b (the all-gather of each
                       rank's partial output and its log-sum-exp; 528 bytes for N = 2 here, 1056 per token
@@ -110,8 +112,8 @@ def formula_request(shape: dict, bounds: list[list[int]], rank: int, decode_step
     last = rank == ranks - 1
     merge = decode_steps * layers * (ranks - 1) * batch * shape["q_heads"] * (shape["head_dim"] + 1) * b
     return {
-        "llm_ring_kv": {"sent": layers * sum(lengths[(rank - s) % ranks] for s in range(ranks - 1)) * kv_token,
-                        "recv": layers * sum(lengths[(rank - s) % ranks] for s in range(1, ranks)) * kv_token},
+        "llm_ring_kv": {"sent": 0 if last else layers * sum(lengths[: rank + 1]) * kv_token,
+                        "recv": layers * sum(lengths[:rank]) * kv_token},
         "llm_prefill_logits": {"sent": (ranks - 1) * logits if last else 0, "recv": 0 if last else logits},
         "llm_decode_merge": {"sent": merge, "recv": merge},
     }
