@@ -161,3 +161,31 @@ def test_generate_through_the_sharded_cache_equals_dynamic_cache(kv):
     # without a sharded cache the model is the stock one
     again = model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=5, do_sample=False, top_k=None, top_p=None)
     assert torch.equal(again, want.sequences)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_qwen2_and_mistral_share_the_path(family):
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = dict(vocab_size=92, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=4096)
+    torch.manual_seed(0)
+    model = (Qwen2ForCausalLM(Qwen2Config(**shape)) if family == "qwen2"
+             else MistralForCausalLM(MistralConfig(sliding_window=None, **shape))).eval()
+    ids = torch.randint(3, 92, (1, 150), generator=torch.Generator().manual_seed(6))
+    want = model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=4, do_sample=False, top_k=None,
+                          top_p=None, output_logits=True, return_dict_in_generate=True)
+    runtime = parallelize_llm(model, ParallelConfig(), KVConfig())
+    got = model.generate(ids, past_key_values=runtime.new_cache(), max_new_tokens=4, do_sample=False, top_k=None,
+                         top_p=None, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(got.sequences, want.sequences)
+    assert torch.allclose(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4)
+
+
+def test_sliding_window_models_are_refused():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model = MistralForCausalLM(MistralConfig(vocab_size=92, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2, sliding_window=64))
+    with pytest.raises(ValueError, match="sliding-window"):
+        parallelize_llm(model, ParallelConfig(), KVConfig())

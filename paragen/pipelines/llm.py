@@ -117,7 +117,9 @@ def check_llm_parallel(model_config, config: ParallelConfig, kv: KVConfig) -> No
     sliding-window layers, or a key rank larger than the key width allows."""
     check_tensor_parallel(model_config, config.tp)
     layer_types = getattr(model_config, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types) or getattr(model_config, "use_sliding_window", False):
+    window = getattr(model_config, "sliding_window", None)
+    windowed = window is not None and getattr(model_config, "use_sliding_window", True)  # Qwen2 names a window it may not use
+    if any(t != "full_attention" for t in layer_types) or windowed:
         raise ValueError("sliding-window attention layers are not supported by the sequence-sharded cache")
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     if kv.mode == "offload":
