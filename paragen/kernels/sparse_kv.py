@@ -43,30 +43,33 @@ def select_chunks(
 
     `query [B, Hq, 1, D]`, `landmarks [B, Hkv, n, D]`; a chunk scores the largest `q · landmark` over the
     group's query heads. `excluded [B, Hkv, n]` (True: never chosen, e.g. outliers kept exactly).
-    Returns sorted indices `[B, Hkv, count]`.
+    Returns indices `[B, Hkv, count]`, best first.
     """
     batch, heads, _, dim = query.shape
     kv_heads = landmarks.shape[1]
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).float()
-    scores = torch.matmul(grouped, landmarks.float().transpose(-1, -2)).amax(dim=2)
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).to(landmarks.dtype)
+    scores = torch.matmul(grouped, landmarks.transpose(-1, -2)).amax(dim=2)
     if excluded is not None:
-        scores = scores.masked_fill(excluded, float("-inf"))
-    return scores.topk(count, dim=-1).indices.sort(dim=-1).values
+        scores.masked_fill_(excluded, float("-inf"))
+    return scores.topk(count, dim=-1, sorted=False).indices
+
+
+def per_head_factor(right: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """`right [B, r, Hkv·D]` → `[B, Hkv, r, D]`: each key head's `D` columns of the low-rank factor."""
+    batch, rank, _ = right.shape
+    return right.view(batch, rank, -1, head_dim).permute(0, 2, 1, 3).contiguous()
 
 
 def rebuild_keys(
-    left: torch.Tensor, right: torch.Tensor, batch_index: torch.Tensor, head_index: torch.Tensor, rows: torch.Tensor,
-    head_dim: int,
+    left: torch.Tensor, right_heads: torch.Tensor, batch_index: torch.Tensor, head_index: torch.Tensor,
+    rows: torch.Tensor,
 ) -> torch.Tensor:
-    """Pre-RoPE keys of M chunks from `left [B, S, r]` and `right [B, r, Hkv·D]` → `[M, c, D]`.
+    """Pre-RoPE keys of M chunks from `left [B, S, r]` and `right_heads [B, Hkv, r, D]` → `[M, c, D]`.
 
     Chunk m belongs to batch row `batch_index[m]` and key head `head_index[m]` and covers token
-    `rows [M, c]`; each multiplies its own rows of `left` by its head's `D` columns of `right`, in one
-    batched matmul.
+    `rows [M, c]`; each multiplies its own rows of `left` by its head's factor, in one batched matmul.
     """
-    batch, rank, _ = right.shape
-    per_head = right.view(batch, rank, -1, head_dim).permute(0, 2, 1, 3)  # [B, Hkv, r, D]
-    return torch.matmul(left[batch_index.unsqueeze(-1), rows], per_head[batch_index, head_index])
+    return torch.matmul(left[batch_index.unsqueeze(-1), rows], right_heads[batch_index, head_index])
 
 
 def gather_chunks(chunks: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

@@ -54,10 +54,12 @@ class LLMRuntime:
         def rope(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             # What the model's rotary embedding computes (angles from its inv_freq, scaled), for any shape
             # of positions; read at each call, so a rotary embedding that updates inv_freq is followed.
-            angles = positions.to(torch.float32).unsqueeze(-1) * rotary.inv_freq.to(torch.float32)
-            angles = torch.cat([angles, angles], dim=-1)
+            angles = positions.unsqueeze(-1) * rotary.inv_freq
+            cos, sin = angles.cos(), angles.sin()
             scale = rotary.attention_scaling
-            return (angles.cos() * scale).to(dtype), (angles.sin() * scale).to(dtype)
+            if scale != 1.0:
+                cos, sin = cos * scale, sin * scale
+            return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([sin, sin], dim=-1).to(dtype)
 
         return ShardedKVCache(len(inner.layers), self.mesh.comm("ring"), self.kv, rope, device)
 

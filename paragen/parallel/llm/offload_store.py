@@ -33,6 +33,7 @@ from paragen.kernels.sparse_kv import (
     chunked,
     gather_chunks,
     low_rank_factors,
+    per_head_factor,
     rebuild_keys,
     select_chunks,
 )
@@ -70,7 +71,8 @@ class OffloadStore:
             return
         rank = config.key_rank(heads * dim)
         flat_keys = key_pre[:, :, :sparse].transpose(1, 2).reshape(batch, sparse, heads * dim)
-        self.left, self.right = low_rank_factors(flat_keys, rank)
+        self.left, right = low_rank_factors(flat_keys, rank)
+        self.right = per_head_factor(right, dim)
         self.landmarks = chunk_landmarks(key_rot[:, :, :sparse], size)
         outliers = min(self.chunks, math.ceil(config.outliers * self.chunks))
         # A chunk that strays in any head is kept exact in every head.
@@ -124,7 +126,7 @@ class OffloadStore:
             pending = self.fetcher.start(self.host_values, (batch_index, head_index, chunk))
             rows = chunk.unsqueeze(-1) * self.size + torch.arange(self.size, device=chunk.device)
             cos, sin = self.rope(self.start + rows)
-            rebuilt = rebuild_keys(self.left, self.right, batch_index, head_index, rows, self.head_dim)
+            rebuilt = rebuild_keys(self.left, self.right, batch_index, head_index, rows)
             keys[batch_index, head_index, slot] = apply_rope(rebuilt, cos, sin).to(keys.dtype)
             fetched = self.fetcher.wait(pending)
             values[batch_index, head_index, slot] = fetched.to(values.dtype)
