@@ -44,6 +44,9 @@ KV bytes are read from the caches at the end of each request (after its last dec
                 on the host: the values of the chunked part. Fetched bytes = host→device value chunks.
 On this CPU machine "device" and "host" are the same memory: the split is what would sit on a GPU.
 Fetched bytes per decoded token = a request's fetched bytes / its decode steps (new tokens − 1).
+Overlap of the fetch (offload): per rank, the milliseconds per decoded token spent rebuilding keys (and
+applying RoPE) while the value fetch was in flight, and the milliseconds then left waiting for the fetch
+(`OffloadStore.rebuild_s`, `fetch_wait_s`); a wait near zero means the fetch hid behind the rebuild.
 
 Bytes per request and rank, per label (b = 4 bytes per fp32 element; N ranks; B = 1 prompt; Hq, Hkv
 query and key/value heads, D their width, V the vocabulary, ℓ layers; shard i holds L_i prompt tokens,
@@ -161,6 +164,9 @@ def _summarise(results: list[dict], ranks: int, threads: int) -> dict:
             "device_bytes_after_prefill": max(req["device_bytes_after_prefill"] for req in reqs),
             "host_bytes": max(req["host_bytes"] for req in reqs),
             "fetched_bytes_per_token": statistics.fmean(req["fetched_bytes"] / max(1, len(req["decode_s"]))
+                                                        for req in reqs),
+            "rebuild_ms_per_token": statistics.fmean(1000 * req["rebuild_s"] / max(1, len(req["decode_s"])) for req in reqs),
+            "fetch_wait_ms_per_token": statistics.fmean(1000 * req["fetch_wait_s"] / max(1, len(req["decode_s"]))
                                                         for req in reqs),
             "comm_wait_s_per_request": waits,
             "peak_rss_mib": max(res["ranks"][r]["peak_rss_mib"] for res in results),

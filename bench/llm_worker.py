@@ -93,10 +93,12 @@ class Runner:
     def close(cache) -> dict:
         """The cache's host and fetched bytes; stops its fetch worker."""
         if isinstance(cache, DynamicCache):
-            return {"host_bytes": 0, "fetched_bytes": 0, "bounds": [[0, cache.get_seq_length()]]}
+            return {"host_bytes": 0, "fetched_bytes": 0, "rebuild_s": 0.0, "fetch_wait_s": 0.0,
+                    "bounds": [[0, cache.get_seq_length()]]}
         cache.close()
-        return {"host_bytes": cache.host_bytes(), "fetched_bytes": cache.fetched_bytes(),
-                "bounds": [list(b) for b in cache.bounds]}
+        rebuild_s, fetch_wait_s = cache.fetch_overlap_s()
+        return {"host_bytes": cache.host_bytes(), "fetched_bytes": cache.fetched_bytes(), "rebuild_s": rebuild_s,
+                "fetch_wait_s": fetch_wait_s, "bounds": [list(b) for b in cache.bounds]}
 
     def request(self, tokens: torch.Tensor, new_tokens: int) -> dict:
         """Generate greedily after `tokens`; this rank's times, bytes and new tokens."""

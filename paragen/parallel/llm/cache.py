@@ -114,6 +114,11 @@ class ShardedKVCache(Cache):
         """Host→device bytes of value chunks fetched so far (offload)."""
         return sum(getattr(s, "fetched_bytes", 0) for s in self.stores if s is not None)
 
+    def fetch_overlap_s(self) -> tuple[float, float]:
+        """(seconds rebuilding keys while value fetches were in flight, seconds then left waiting for them)."""
+        stores = [s for s in self.stores if isinstance(s, OffloadStore)]
+        return sum(s.rebuild_s for s in stores), sum(s.fetch_wait_s for s in stores)
+
     def close(self) -> None:
         """Stop the fetch worker (offload)."""
         if self.fetcher is not None:

@@ -20,6 +20,7 @@ fetch runs, then attend over outliers + selected chunks + exact tokens.
 from __future__ import annotations
 
 import math
+import time
 from typing import Callable
 
 import torch
@@ -65,6 +66,8 @@ class OffloadStore:
         self.head_dim, self.size, self.start, self.rope, self.fetcher = dim, size, start, rope, fetcher
         self.exact = DenseStore(key_rot[:, :, sparse:], values[:, :, sparse:], grows=holds_tail)
         self.fetched_bytes = 0
+        self.rebuild_s = 0.0  # time spent rebuilding keys while a fetch was in flight ...
+        self.fetch_wait_s = 0.0  # ... and time then spent waiting for the fetch to finish
         self._resident: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.count = 0
         if self.chunks == 0:
@@ -123,12 +126,16 @@ class OffloadStore:
         batch_index, head_index, slot = missing.nonzero(as_tuple=True)
         if len(slot):
             chunk = chosen[batch_index, head_index, slot]
+            began = time.perf_counter()
             pending = self.fetcher.start(self.host_values, (batch_index, head_index, chunk))
             rows = chunk.unsqueeze(-1) * self.size + torch.arange(self.size, device=chunk.device)
             cos, sin = self.rope(self.start + rows)
             rebuilt = rebuild_keys(self.left, self.right, batch_index, head_index, rows)
             keys[batch_index, head_index, slot] = apply_rope(rebuilt, cos, sin).to(keys.dtype)
+            rebuilt_at = time.perf_counter()
             fetched = self.fetcher.wait(pending)
+            self.rebuild_s += rebuilt_at - began
+            self.fetch_wait_s += time.perf_counter() - rebuilt_at
             values[batch_index, head_index, slot] = fetched.to(values.dtype)
             self.fetched_bytes += _nbytes(fetched)
         self._resident = (chosen, keys, values)
