@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, median_ratio, psnr, report_header, run_worker, spread
+from common import ROOT, median_ratio, psnr, report_header, rerun_plan, run_worker, spread
 
 
 WORKER = ROOT / "bench" / "hires_worker.py"
@@ -153,16 +153,8 @@ def main() -> None:
     p.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "hires_cpu.json"))
     args = p.parse_args()
-    names = [n for n in CONFIGS if n != "async_dedicated_2r" or args.placement == "both"]
-    if args.only:
-        names = args.only.split(",")
-        unknown = set(names) - set(CONFIGS)
-        if unknown:
-            p.error(f"unknown configurations: {', '.join(sorted(unknown))}")
-    previous = json.loads(Path(args.out).read_text()) if args.only and Path(args.out).exists() else {}
-    same = ("model", "size", "steps", "window")
-    if previous and any(previous["workload"][k] != getattr(args, k) for k in same):
-        sys.exit(f"{args.out} holds another workload ({', '.join(same)}); rerun all configurations or pick another --out")
+    default = [n for n in CONFIGS if n != "async_dedicated_2r" or args.placement == "both"]
+    names, previous = rerun_plan(p, args, CONFIGS, default, ("model", "size", "steps", "window"))
     common = ["--model", args.model, "--size", str(args.size), "--steps", str(args.steps),
               "--warmup-request-steps", str(args.warmup_request_steps)]
     common += ["--window", str(args.window)] if args.window else []

@@ -83,7 +83,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, median_ratio, report_header, run_worker, spread
+from common import ROOT, median_ratio, report_header, rerun_plan, run_worker, spread
 
 from paragen.pipelines.llm_loading import llm_config_dict
 
@@ -295,16 +295,7 @@ def main() -> None:
     p.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "llm_cpu.json"))
     args = p.parse_args()
-    names = list(CONFIGS)
-    if args.only:
-        names = args.only.split(",")
-        unknown = set(names) - set(CONFIGS)
-        if unknown:
-            p.error(f"unknown configurations: {', '.join(sorted(unknown))}")
-    previous = json.loads(Path(args.out).read_text()) if args.only and Path(args.out).exists() else {}
-    same = ("model", "new_tokens", "warmup_tokens")
-    if previous and any(previous["workload"][k] != getattr(args, k) for k in same):
-        sys.exit(f"{args.out} holds another workload ({', '.join(same)}); rerun all configurations or pick another --out")
+    names, previous = rerun_plan(p, args, CONFIGS, list(CONFIGS), ("model", "new_tokens", "warmup_tokens"))
 
     longest = longest_context(llm_config_dict(args.model))
     positions = longest["model_positions"]

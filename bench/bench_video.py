@@ -71,7 +71,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import ROOT, median_ratio, psnr, report_header, run_worker, spread
+from common import ROOT, median_ratio, psnr, report_header, rerun_plan, run_worker, spread
 
 WORKER = ROOT / "bench" / "video_worker.py"
 CONFIGS = {  # name -> (worker args, ranks, threads per rank)
@@ -274,16 +274,8 @@ def main() -> None:
     p.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "video_cpu.json"))
     args = p.parse_args()
-    names = list(CONFIGS)
-    if args.only:
-        names = args.only.split(",")
-        unknown = set(names) - set(CONFIGS)
-        if unknown:
-            p.error(f"unknown configurations: {', '.join(sorted(unknown))}")
-    previous = json.loads(Path(args.out).read_text()) if args.only and Path(args.out).exists() else {}
-    same = ("model", "frames", "size", "steps", "local", "global_frames")
-    if previous and any(previous["workload"][k] != getattr(args, k) for k in same):
-        sys.exit(f"{args.out} holds another workload ({', '.join(same)}); rerun all configurations or pick another --out")
+    names, previous = rerun_plan(p, args, CONFIGS, list(CONFIGS),
+                                 ("model", "frames", "size", "steps", "local", "global_frames"))
     common = ["--model", args.model, "--frames", str(args.frames), "--size", str(args.size), "--steps", str(args.steps),
               "--local-window", str(args.local), "--global-frames", str(args.global_frames),
               "--warmup-request-steps", str(args.warmup_request_steps)]

@@ -161,3 +161,18 @@ def square_image_request(pipe, recorder: StepRecorder, size: int, guidance_scale
                     generator=torch.Generator().manual_seed(0), output_type="pt", callback_on_step_end=recorder).images
 
     return request
+
+
+def rerun_plan(parser, args, configs, default: list[str], same: tuple[str, ...]) -> tuple[list[str], dict]:
+    """The configurations to run (`--only` or `default`) and the previous report to merge into (with
+    `--only`, when `--out` exists); refuses a previous report of another workload (the `same` fields)."""
+    names = default
+    if args.only:
+        names = args.only.split(",")
+        unknown = set(names) - set(configs)
+        if unknown:
+            parser.error(f"unknown configurations: {', '.join(sorted(unknown))}")
+    previous = json.loads(Path(args.out).read_text()) if args.only and Path(args.out).exists() else {}
+    if previous and any(previous["workload"][k] != getattr(args, k) for k in same):
+        sys.exit(f"{args.out} holds another workload ({', '.join(same)}); rerun all configurations or pick another --out")
+    return names, previous

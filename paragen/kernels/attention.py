@@ -15,21 +15,29 @@ import torch.nn.functional as F
 _REFERENCE_QUERY_CHUNK = 1024
 
 
-def attention_with_lse(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Non-causal attention over `[B, H, L, D]` tensors; returns `(out [B,H,Lq,D], lse [B,H,Lq] fp32)`."""
+def _fused_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The device's fused attention kernel that also returns the log-sum-exp; None where there is none."""
     if query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16, torch.float16):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, False, attn_mask=None, scale=scale
+            query, key, value, 0.0, causal, attn_mask=None, scale=scale
         )
         return out, lse.float()
     if query.device.type == "cuda":
         out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, None, True, scale=scale
+            query, key, value, None, True, is_causal=causal, scale=scale
         )[:2]
         return out, lse.float()
-    return reference_attention_with_lse(query, key, value, scale)
+    return None
+
+
+def attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-causal attention over `[B, H, L, D]` tensors; returns `(out [B,H,Lq,D], lse [B,H,Lq] fp32)`."""
+    fused = _fused_attention_with_lse(query, key, value, scale, causal=False)
+    return fused if fused is not None else reference_attention_with_lse(query, key, value, scale)
 
 
 def reference_attention_with_lse(
@@ -82,16 +90,9 @@ def causal_attention_with_lse(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention of `[B, H, L, D]` queries over keys at the same positions; returns (out, lse fp32)."""
-    if query.device.type == "cpu" and query.dtype in (torch.float32, torch.bfloat16, torch.float16):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            query, key, value, 0.0, True, attn_mask=None, scale=scale
-        )
-        return out, lse.float()
-    if query.device.type == "cuda":
-        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
-            query, key, value, None, True, is_causal=True, scale=scale
-        )[:2]
-        return out, lse.float()
+    fused = _fused_attention_with_lse(query, key, value, scale, causal=True)
+    if fused is not None:
+        return fused
     length = query.shape[-2]
     future = torch.ones(length, length, dtype=torch.bool, device=query.device).triu(1)
     mask = torch.zeros(length, length, device=query.device).masked_fill(future, float("-inf"))
