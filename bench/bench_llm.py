@@ -198,6 +198,18 @@ def _summarise(results: list[dict], ranks: int, threads: int) -> dict:
     }
 
 
+def summary_lines(report: dict) -> list[str]:
+    """offload_1x1 against dynamic_1x1 at each context, then the targets (printed by the bench and the plot)."""
+    lines = []
+    for context, rows in report["summary"].items():
+        row = rows.get("offload_1x1")
+        if row:
+            lines.append(f"{context:>7}: offload_1x1 {row['tokens_per_s_ratio']:.2f}x the tokens/s of DynamicCache with "
+                         f"{row['device_kv_ratio']:.3f} of its device KV (1/{1 / row['device_kv_ratio']:.1f}); passkey "
+                         f"{row['accuracy']:.2f} vs {row['baseline_accuracy']:.2f}")
+    return lines + [f"targets at {TARGET_CONTEXT}: {report['targets']}"]
+
+
 def skip_reason(context: int, new_tokens: int, positions: int) -> str | None:
     """Why no configuration can run at `context` (None: it can)."""
     if context > positions:
@@ -373,13 +385,7 @@ def _print_rows(report: dict) -> None:
                   f"device KV {c['device_bytes'] / 2**20:8.2f} MiB  host {c['host_bytes'] / 2**20:7.2f} MiB  "
                   f"fetched {c['fetched_bytes_per_token'] / 2**10:6.1f} KiB/tok  accuracy {c['accuracy']:.2f}  "
                   f"RSS {memory} MiB  bytes = formula: {c['bytes_formula_matches']}")
-    for context, rows in report["summary"].items():
-        row = rows.get("offload_1x1")
-        if row:
-            print(f"{context:>7} offload_1x1 / dynamic_1x1: tokens/s x{row['tokens_per_s_ratio']:.2f}, device KV "
-                  f"{row['device_kv_ratio']:.3f} (1/{1 / row['device_kv_ratio']:.1f}), passkey accuracy "
-                  f"{row['accuracy']:.2f} vs {row['baseline_accuracy']:.2f}")
-    print(f"targets at {TARGET_CONTEXT}: {report['targets']}")
+    print("\n".join(summary_lines(report)))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 from matplotlib.ticker import ScalarFormatter
+from bench_llm import summary_lines
 from plotting import load_report, save_figure
 
 ORDER = ("dynamic_1x1", "dense_2r", "offload_1x1", "offload_2r")
@@ -110,13 +111,7 @@ def main() -> None:
     print(table(report))
     longest = report["longest_context"]
     print(f"\nlongest context: {longest['longest']} tokens, bound by {longest['bound_by']}")
-    for context, rows in report["summary"].items():
-        row = rows.get("offload_1x1")
-        if row:
-            print(f"{context}: offload_1x1 {row['tokens_per_s_ratio']:.2f}x the tokens/s of DynamicCache with "
-                  f"{row['device_kv_ratio']:.3f} of its device KV (1/{1 / row['device_kv_ratio']:.1f}); passkey "
-                  f"{row['accuracy']:.2f} vs {row['baseline_accuracy']:.2f}")
-    print(f"targets: {report['targets']}")
+    print("\n".join(summary_lines(report)))
 
 
 if __name__ == "__main__":

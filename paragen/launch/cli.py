@@ -81,11 +81,7 @@ def _add_image_parser(sub: argparse._SubParsersAction) -> None:
                    help="interleaved: the low-resolution pass is one more unit of a window rank; dedicated: a rank of its own")
     h.add_argument("--window-batch", type=int, default=hires_defaults.window_batch, help="windows per UNet call")
     _add_checkpoint_arguments(h, defaults.checkpoint_every)
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow loading pickle (.bin/.ckpt) checkpoints, which can run arbitrary code")
-    p.add_argument("--out", default=defaults.out_dir, help="folder for the PNG and the JSON run report")
-    p.add_argument("--name", default=None, help="output file name without extension (default: encodes the layout)")
-    _add_runtime_arguments(p)
+    _add_output_arguments(p, defaults.out_dir, "the PNG and the JSON run report")
     p.set_defaults(handler=_run_image)
 
 
@@ -144,11 +140,7 @@ def _add_video_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--format", choices=VIDEO_FORMATS, default=defaults.format,
                    help="mp4 (needs imageio-ffmpeg: pip install 'paragen[video]'; GIF if missing) or gif")
     _add_checkpoint_arguments(p, defaults.checkpoint_every)
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow loading pickle (.bin/.ckpt) checkpoints, which can run arbitrary code")
-    p.add_argument("--out", default=defaults.out_dir, help="folder for the video and the JSON run report")
-    p.add_argument("--name", default=None, help="output file name without extension (default: encodes the layout)")
-    _add_runtime_arguments(p)
+    _add_output_arguments(p, defaults.out_dir, "the video and the JSON run report")
     p.set_defaults(handler=_run_video)
 
 
@@ -212,12 +204,9 @@ def _add_llm_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rank", type=int, default=None, help="offload: SVD rank of the keys (default: 160/1024 of the key width)")
     p.add_argument("--chunk", type=int, default=kv.chunk, help="offload: tokens per chunk")
     p.add_argument("--window", type=int, default=kv.window, help="offload: most recent prompt tokens kept exact")
-    p.add_argument("--allow-pickle", action="store_true", help="allow pickle (.bin) weights, which can run arbitrary code")
     p.add_argument("--allow-remote-code", action="store_true",
                    help="allow a checkpoint whose config names remote code (auto_map), which runs arbitrary Python")
-    p.add_argument("--out", default=defaults.out_dir, help="folder for the JSON run report")
-    p.add_argument("--name", default=None, help="report file name without extension (default: encodes the layout)")
-    _add_runtime_arguments(p)
+    _add_output_arguments(p, defaults.out_dir, "the JSON run report")
     p.set_defaults(handler=_run_llm)
 
 
@@ -249,6 +238,15 @@ def _int_list(text: str, flag: str) -> list[int]:
         return [int(part) for part in text.split(",")]
     except ValueError:
         raise ValueError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
+
+
+def _add_output_arguments(p: argparse.ArgumentParser, out_dir: str, what: str) -> None:
+    """--allow-pickle, --out (the folder for `what`), --name and the runtime options every workload takes."""
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="allow loading pickle (.bin/.ckpt) weights, which can run arbitrary code")
+    p.add_argument("--out", default=out_dir, help=f"folder for {what}")
+    p.add_argument("--name", default=None, help="output file name without extension (default: encodes the layout)")
+    _add_runtime_arguments(p)
 
 
 def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:

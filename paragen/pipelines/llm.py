@@ -28,6 +28,16 @@ from paragen.pipelines.llm_loading import SUPPORTED_LLMS
 LOGITS_LABEL = "llm_prefill_logits"
 
 
+def check_prompt_length(length: int, new_tokens: int, positions: int, shards: int) -> None:
+    """Refuse a prompt whose tokens plus `new_tokens` outrun the model's positions, or that the sequence
+    shards cannot cut (the same answer on every rank, before any collective)."""
+    if length + new_tokens > positions:
+        raise ValueError(f"the prompt ({length} tokens) plus {new_tokens} new tokens exceeds the model's "
+                         f"{positions} positions")
+    if length < shards:
+        raise ValueError(f"a prompt of {length} tokens cannot be cut into {shards} sequence shards")
+
+
 @dataclass
 class LLMRuntime:
     """What a parallelised causal LM carries as `model.paragen`."""
@@ -63,14 +73,6 @@ class LLMRuntime:
 
         return ShardedKVCache(len(inner.layers), self.mesh.comm("ring"), self.kv, rope, device)
 
-    def check_prompt(self, length: int) -> None:
-        """Refuse a prompt the model's positions or the shards cannot hold (same answer on every rank)."""
-        limit = self.model.config.max_position_embeddings
-        if length > limit:
-            raise ValueError(f"the prompt has {length} tokens, more than the model's {limit} positions")
-        if length < self.config.seq:
-            raise ValueError(f"a prompt of {length} tokens cannot be cut into {self.config.seq} sequence shards")
-
     def forward_tokens(self, input_ids: torch.Tensor, start: int, cache: ShardedKVCache) -> torch.Tensor:
         """Run the decoder on `input_ids [B, L]` at positions `start…start+L-1`; logits of the last one `[B, 1, V]`."""
         inner = self.model.model
@@ -95,8 +97,9 @@ def _sharded_generate_forward(self: nn.Module, input_ids=None, attention_mask=No
         raise ValueError("a sequence-sharded model takes input_ids, not inputs_embeds")
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("padded batches are not supported by the sequence-sharded cache: give every row the same length")
+    positions = self.config.max_position_embeddings
     if cache.total == 0:
-        runtime.check_prompt(input_ids.shape[1])
+        check_prompt_length(input_ids.shape[1], 0, positions, runtime.config.seq)
         began = time.perf_counter()
         start, end = cache.begin_prefill(input_ids.shape[1])
         logits = runtime.forward_tokens(input_ids[:, start:end], start, cache)
@@ -105,7 +108,7 @@ def _sharded_generate_forward(self: nn.Module, input_ids=None, attention_mask=No
         logits = comm.broadcast_async(logits.contiguous(), comm.size - 1, LOGITS_LABEL).wait()
         runtime.prefill_s, runtime.step_seconds = time.perf_counter() - began, []
     else:
-        runtime.check_prompt(cache.total + input_ids.shape[1])
+        check_prompt_length(cache.total, input_ids.shape[1], positions, 1)
         for i in range(input_ids.shape[1]):
             began = time.perf_counter()
             logits = runtime.forward_tokens(input_ids[:, i:i + 1], cache.begin_decode(1), cache)

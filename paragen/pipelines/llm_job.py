@@ -19,8 +19,8 @@ from paragen.log import get_logger
 from paragen.parallel import ParallelConfig
 from paragen.parallel.llm import KVConfig
 from paragen.pipelines.image_job import DTYPES
-from paragen.pipelines.llm import check_llm_parallel, parallelize_llm
-from paragen.pipelines.llm_loading import EMBEDDED_LLMS, check_llm_source, load_llm
+from paragen.pipelines.llm import check_llm_parallel, check_prompt_length, parallelize_llm
+from paragen.pipelines.llm_loading import EMBEDDED_LLMS, check_llm_source, load_llm, model_root
 from paragen.pipelines.outputs import save_json
 from paragen.pipelines.passkey import DIGITS, PasskeyPrompt, decode_key, make_prompt
 from paragen.pipelines.report import job_report
@@ -75,14 +75,11 @@ class PreparedPrompt:
 
 def prepare_prompt(request: LLMRequest, config: ParallelConfig, kv: KVConfig) -> PreparedPrompt:
     """Check the request against the model and build its prompt, before any collective (same on every rank)."""
-    source = check_llm_source(request.model, allow_pickle=request.allow_pickle,
-                              allow_remote_code=request.allow_remote_code)
+    check_llm_source(request.model, allow_pickle=request.allow_pickle, allow_remote_code=request.allow_remote_code)
     from transformers import AutoConfig
 
-    root = Path(request.model)
-    model_config = AutoConfig.from_pretrained(
-        root if request.model not in EMBEDDED_LLMS else Path(__file__).parent / "configs" / request.model,
-        local_files_only=True, trust_remote_code=request.allow_remote_code)
+    root = model_root(request.model)
+    model_config = AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=request.allow_remote_code)
     check_llm_parallel(model_config, config, kv)
     if request.model in EMBEDDED_LLMS:
         passkey = make_prompt(request.context, request.depth, torch.Generator().manual_seed(request.seed))
@@ -93,12 +90,7 @@ def prepare_prompt(request: LLMRequest, config: ParallelConfig, kv: KVConfig) ->
         tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=request.allow_remote_code)
         text = request.prompt if request.prompt is not None else Path(request.prompt_file).read_text(encoding="utf-8")
         ids, passkey = tokenizer(text, return_tensors="pt").input_ids, None
-    length, limit = ids.shape[1], source.get("max_position_embeddings", model_config.max_position_embeddings)
-    if length + request.new_tokens > limit:
-        raise ValueError(f"the prompt ({length} tokens) plus {request.new_tokens} new tokens exceeds the model's "
-                         f"{limit} positions")
-    if length < config.seq:
-        raise ValueError(f"a prompt of {length} tokens cannot be cut into {config.seq} sequence shards")
+    check_prompt_length(ids.shape[1], request.new_tokens, model_config.max_position_embeddings, config.seq)
     return PreparedPrompt(ids=ids, passkey=passkey, tokenizer=tokenizer)
 
 

@@ -22,17 +22,21 @@ EMBEDDED_LLMS: tuple[str, ...] = ("tiny-llama", "tiny-passkey")
 SUPPORTED_LLMS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
+def model_root(model: str) -> Path:
+    """The folder of an embedded model's shipped files, or the local checkpoint directory `model`."""
+    return CONFIG_DIR / model if model in EMBEDDED_LLMS else Path(model)
+
+
 def llm_config_dict(model: str) -> dict[str, Any]:
     """The `config.json` of an embedded name or a local directory (no transformers import)."""
-    root = CONFIG_DIR / model if model in EMBEDDED_LLMS else Path(model)
-    with open(root / "config.json", encoding="utf-8") as f:
+    with open(model_root(model) / "config.json", encoding="utf-8") as f:
         return json.load(f)
 
 
-def check_llm_source(model: str, *, allow_pickle: bool = False, allow_remote_code: bool = False) -> dict[str, Any]:
-    """Fail fast, before any heavy work, if `model` cannot be loaded; returns its config dict."""
+def check_llm_source(model: str, *, allow_pickle: bool = False, allow_remote_code: bool = False) -> None:
+    """Fail fast, before any heavy work, if `model` cannot be loaded."""
     if model in EMBEDDED_LLMS:
-        return llm_config_dict(model)
+        return
     root = Path(model)
     if not root.is_dir():
         raise ModelLoadError(
@@ -59,7 +63,6 @@ def check_llm_source(model: str, *, allow_pickle: bool = False, allow_remote_cod
     if not allow_remote_code and not set(architectures) & set(SUPPORTED_LLMS):
         raise ModelLoadError(f"{model!r} is a {architectures or 'model of unknown architecture'}; paragen llm "
                              f"supports {', '.join(SUPPORTED_LLMS)}")
-    return config
 
 
 def load_llm(
@@ -71,7 +74,7 @@ def load_llm(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if model in EMBEDDED_LLMS:
-        root = CONFIG_DIR / model
+        root = model_root(model)
         config = AutoConfig.from_pretrained(root, local_files_only=True)
         weights = root / "model.safetensors"
         if weights.is_file():

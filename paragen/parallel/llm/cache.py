@@ -110,13 +110,16 @@ class ShardedKVCache(Cache):
         """KV bytes this rank holds in host memory."""
         return sum(s.host_bytes() for s in self.stores if s is not None)
 
+    def _offloaded(self) -> list[OffloadStore]:
+        return [s for s in self.stores if isinstance(s, OffloadStore)]
+
     def fetched_bytes(self) -> int:
         """Host→device bytes of value chunks fetched so far (offload)."""
-        return sum(getattr(s, "fetched_bytes", 0) for s in self.stores if s is not None)
+        return sum(s.fetched_bytes for s in self._offloaded())
 
     def fetch_overlap_s(self) -> tuple[float, float]:
         """(seconds rebuilding keys while value fetches were in flight, seconds then left waiting for them)."""
-        stores = [s for s in self.stores if isinstance(s, OffloadStore)]
+        stores = self._offloaded()
         return sum(s.rebuild_s for s in stores), sum(s.fetch_wait_s for s in stores)
 
     def close(self) -> None:
