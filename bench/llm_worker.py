@@ -26,7 +26,7 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 
 import paragen
 from paragen.comms import all_gather_objects, world_size
-from paragen.parallel.llm import KVConfig
+from paragen.parallel.llm import KVConfig, cache_argument
 from paragen.pipelines.llm import parallelize_llm
 from paragen.pipelines.llm_loading import load_llm
 from paragen.pipelines.passkey import DIGITS, decode_key, make_prompt
@@ -108,7 +108,7 @@ class Runner:
         clock = TokenClock(lambda: self.device_bytes(cache))
         before = self.comm_snapshot()
         start = time.perf_counter()
-        out = self.model.generate(tokens[None], past_key_values=cache, max_new_tokens=new_tokens, do_sample=False,
+        out = self.model.generate(tokens[None], **cache_argument(cache), max_new_tokens=new_tokens, do_sample=False,
                                   top_k=None, top_p=None, logits_processor=LogitsProcessorList([clock]))
         request_s = time.perf_counter() - start
         device = self.device_bytes(cache)

@@ -10,7 +10,8 @@
     paragen.shutdown()
 
 Causal LMs (Llama, Qwen2, Mistral) take `paragen.parallelize_llm(model, ParallelConfig(seq=N, tp=M),
-KVConfig(mode="offload"))` and generate with `model.generate(ids, past_key_values=runtime.new_cache())`.
+KVConfig(mode="offload"))` and generate with `model.generate(ids, **paragen.cache_argument(runtime.new_cache()))`
+(`cache=` on transformers ≥ 5.24, `past_key_values=` before; `cache_argument` picks the installed one's).
 """
 from typing import Any
 
@@ -19,7 +20,7 @@ from paragen.launch.process_group import init, shutdown
 from paragen.parallel import HiresConfig, ParallelConfig, TemporalAttention
 from paragen.parallel.llm.config import KVConfig
 
-__all__ = ["HiresConfig", "KVConfig", "ParallelConfig", "TemporalAttention", "init", "is_output_rank", "parallelize",
+__all__ = ["HiresConfig", "KVConfig", "ParallelConfig", "TemporalAttention", "cache_argument", "init", "is_output_rank", "parallelize",
            "parallelize_llm", "shutdown", "world_size"]
 __version__ = "0.1.0"
 
@@ -34,4 +35,8 @@ def __getattr__(name: str) -> Any:
         from paragen.pipelines.llm import parallelize_llm
 
         return parallelize_llm
+    if name == "cache_argument":
+        from paragen.parallel.llm.cache import cache_argument
+
+        return cache_argument
     raise AttributeError(f"module 'paragen' has no attribute {name!r}")

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from paragen.kernels.attention import repeat_kv
+from paragen.parallel.llm import cache_argument
 from paragen.pipelines.llm_loading import load_llm
 from tests.multiproc import run_spec_worker
 from tests.workers.llm_worker import ring_inputs
@@ -29,7 +30,7 @@ LAYERS, HEADS, DIM = 4, 8, 32
 def _reference(sample: bool = False, seed: int = 0):
     model = load_llm("tiny-llama")
     torch.manual_seed(seed)
-    out = model.generate(torch.tensor([PROMPT]), past_key_values=DynamicCache(), max_new_tokens=NEW, do_sample=sample,
+    out = model.generate(torch.tensor([PROMPT]), **cache_argument(DynamicCache()), max_new_tokens=NEW, do_sample=sample,
                          top_k=None, top_p=None, output_logits=True, return_dict_in_generate=True)
     return out.sequences[0, len(PROMPT):], torch.stack(out.logits)
 

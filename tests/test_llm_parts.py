@@ -17,7 +17,7 @@ from paragen.kernels.attention import (
 )
 from paragen.kernels.chunk_fetch import ChunkFetcher
 from paragen.parallel import ParallelConfig
-from paragen.parallel.llm import KVConfig
+from paragen.parallel.llm import KVConfig, cache_argument
 from paragen.parallel.llm.dense_store import DenseStore
 from paragen.parallel.llm.offload_store import OffloadStore
 from paragen.parallel.llm.shards import shard_bounds
@@ -148,18 +148,18 @@ def test_passkey_prompt_holds_the_key_where_it_says():
 def test_generate_through_the_sharded_cache_equals_dynamic_cache(kv):
     model = load_llm("tiny-llama")
     ids = torch.randint(3, 92, (1, 333), generator=torch.Generator().manual_seed(4))
-    want = model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=5, do_sample=False, top_k=None,
+    want = model.generate(ids, **cache_argument(DynamicCache()), max_new_tokens=5, do_sample=False, top_k=None,
                           top_p=None, output_logits=True, return_dict_in_generate=True)
     runtime = parallelize_llm(model, ParallelConfig(), kv)
     cache = runtime.new_cache()
-    got = model.generate(ids, past_key_values=cache, max_new_tokens=5, do_sample=False, top_k=None, top_p=None,
+    got = model.generate(ids, **cache_argument(cache), max_new_tokens=5, do_sample=False, top_k=None, top_p=None,
                          output_logits=True, return_dict_in_generate=True)
     cache.close()
     assert torch.equal(got.sequences, want.sequences)
     assert torch.allclose(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4)
     assert cache.get_seq_length() == 333 + 4 and len(runtime.step_seconds) == 4
     # without a sharded cache the model is the stock one
-    again = model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=5, do_sample=False, top_k=None, top_p=None)
+    again = model.generate(ids, **cache_argument(DynamicCache()), max_new_tokens=5, do_sample=False, top_k=None, top_p=None)
     assert torch.equal(again, want.sequences)
 
 
@@ -173,10 +173,10 @@ def test_qwen2_and_mistral_share_the_path(family):
     model = (Qwen2ForCausalLM(Qwen2Config(**shape)) if family == "qwen2"
              else MistralForCausalLM(MistralConfig(sliding_window=None, **shape))).eval()
     ids = torch.randint(3, 92, (1, 150), generator=torch.Generator().manual_seed(6))
-    want = model.generate(ids, past_key_values=DynamicCache(), max_new_tokens=4, do_sample=False, top_k=None,
+    want = model.generate(ids, **cache_argument(DynamicCache()), max_new_tokens=4, do_sample=False, top_k=None,
                           top_p=None, output_logits=True, return_dict_in_generate=True)
     runtime = parallelize_llm(model, ParallelConfig(), KVConfig())
-    got = model.generate(ids, past_key_values=runtime.new_cache(), max_new_tokens=4, do_sample=False, top_k=None,
+    got = model.generate(ids, **cache_argument(runtime.new_cache()), max_new_tokens=4, do_sample=False, top_k=None,
                          top_p=None, output_logits=True, return_dict_in_generate=True)
     assert torch.equal(got.sequences, want.sequences)
     assert torch.allclose(torch.stack(got.logits), torch.stack(want.logits), atol=1e-4)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from paragen.parallel import ParallelConfig
-from paragen.parallel.llm import KVConfig
+from paragen.parallel.llm import KVConfig, cache_argument
 from paragen.pipelines.llm import parallelize_llm
 from paragen.pipelines.llm_loading import load_llm
 from paragen.pipelines.passkey import DIGITS, decode_key, make_prompt
@@ -38,7 +38,7 @@ def test_dense_and_offload_answer_every_key(models, length):
         keys.append(prompt.key)
         for mode, (model, runtime) in models.items():
             cache = runtime.new_cache()
-            out = model.generate(prompt.tokens.unsqueeze(0), past_key_values=cache, max_new_tokens=DIGITS,
+            out = model.generate(prompt.tokens.unsqueeze(0), **cache_argument(cache), max_new_tokens=DIGITS,
                                  do_sample=False, top_k=None, top_p=None)
             cache.close()
             answers[mode].append(decode_key(out[0, length:].tolist()))

@@ -1,7 +1,8 @@
 """`parallelize_llm(model, config, kv)`: one causal-LM request across ranks, in place.
 
-Every rank builds the same model and calls `model.generate(input_ids, past_key_values=cache, ...)`
-with the same arguments and a cache from `runtime.new_cache()`. The model's forward is replaced on
+Every rank builds the same model and calls `model.generate(input_ids, **cache_argument(cache), ...)`
+with the same arguments and a cache from `runtime.new_cache()` (`cache=` on transformers ≥ 5.24,
+`past_key_values=` before). The model's forward is replaced on
 the instance: with a `ShardedKVCache` it runs the decoder on this rank's shard of the prompt (prefill)
 or on the new token (decode), with every attention module routed through the cache (see
 `paragen.parallel.llm.cache`); the next-token logits of the prompt come from the last shard and are
@@ -16,11 +17,12 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from paragen.comms import CommStats
 from paragen.parallel import ParallelConfig, ParallelMesh
 from paragen.parallel.llm.attention import shard_attention
-from paragen.parallel.llm.cache import ShardedKVCache
+from paragen.parallel.llm.cache import ShardedKVCache, cache_argument, cache_in
 from paragen.parallel.llm.config import KVConfig
 from paragen.parallel.llm.tensor_parallel import check_tensor_parallel, shard_weights
 from paragen.pipelines.llm_loading import SUPPORTED_LLMS
@@ -81,18 +83,15 @@ class LLMRuntime:
         embeddings = inner.rotary_emb(hidden, positions)
         for layer in inner.layers:
             hidden = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=positions,
-                           past_key_values=cache, use_cache=True)
+                           use_cache=True, **cache_argument(cache))
         return self.model.lm_head(inner.norm(hidden[:, -1:])).float()
 
 
-def _sharded_generate_forward(self: nn.Module, input_ids=None, attention_mask=None, past_key_values=None, **kwargs):
-    if not isinstance(past_key_values, ShardedKVCache):
-        return self._paragen_original_forward(input_ids=input_ids, attention_mask=attention_mask,
-                                              past_key_values=past_key_values, **kwargs)
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
+def _sharded_generate_forward(self: nn.Module, input_ids=None, attention_mask=None, **kwargs):
+    cache = cache_in(kwargs)
+    if not isinstance(cache, ShardedKVCache):
+        return self._paragen_original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     runtime: LLMRuntime = self.paragen
-    cache = past_key_values
     if input_ids is None or kwargs.get("inputs_embeds") is not None:
         raise ValueError("a sequence-sharded model takes input_ids, not inputs_embeds")
     if attention_mask is not None and not bool(attention_mask.all()):
@@ -114,7 +113,7 @@ def _sharded_generate_forward(self: nn.Module, input_ids=None, attention_mask=No
             logits = runtime.forward_tokens(input_ids[:, i:i + 1], cache.begin_decode(1), cache)
             cache.end_forward()
             runtime.step_seconds.append(time.perf_counter() - began)
-    return CausalLMOutputWithPast(logits=logits, past_key_values=cache)
+    return CausalLMOutputWithPast(logits=logits, **cache_argument(cache))
 
 
 def check_llm_parallel(model_config, config: ParallelConfig, kv: KVConfig) -> None:
@@ -135,7 +134,7 @@ def parallelize_llm(model: nn.Module, config: ParallelConfig | None = None, kv: 
     """Shard `model`'s requests over the ranks (`seq` prompt shards × `tp` weight shards), in place.
 
     Call `paragen.init()` first; returns the runtime (also `model.paragen`), whose `new_cache()` makes
-    the `past_key_values` of each request.
+    the cache of each request (pass it with `paragen.cache_argument`).
     """
     config = config or ParallelConfig()
     kv = kv or KVConfig()

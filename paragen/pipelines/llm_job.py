@@ -17,7 +17,7 @@ import torch
 from paragen.comms import all_gather_objects
 from paragen.log import get_logger
 from paragen.parallel import ParallelConfig
-from paragen.parallel.llm import KVConfig
+from paragen.parallel.llm import KVConfig, cache_argument
 from paragen.pipelines.image_job import DTYPES
 from paragen.pipelines.llm import check_llm_parallel, check_prompt_length, parallelize_llm
 from paragen.pipelines.llm_loading import EMBEDDED_LLMS, check_llm_source, load_llm, model_root
@@ -107,7 +107,7 @@ def run_llm_job(request: LLMRequest, config: ParallelConfig, kv: KVConfig, promp
     sampling = {"do_sample": True, "temperature": request.temperature, "top_k": request.top_k} if request.sample \
         else {"do_sample": False, "top_k": None}
     try:
-        out = model.generate(prompt.ids, past_key_values=cache, max_new_tokens=request.new_tokens, top_p=None,
+        out = model.generate(prompt.ids, **cache_argument(cache), max_new_tokens=request.new_tokens, top_p=None,
                              **sampling)
     finally:
         cache.close()

@@ -9,7 +9,7 @@ import torch
 import paragen
 from paragen.comms import all_gather_objects
 from paragen.parallel import ParallelMesh
-from paragen.parallel.llm import KVConfig
+from paragen.parallel.llm import KVConfig, cache_argument
 from paragen.parallel.llm.ring import ring_causal_attention
 from paragen.parallel.llm.shards import shard_bounds
 from paragen.pipelines.llm import parallelize_llm
@@ -42,7 +42,7 @@ def run_generate(spec: dict) -> dict:
     cache = runtime.new_cache()
     torch.manual_seed(spec.get("seed", 0))
     sampling = {"do_sample": True, "top_k": None} if spec.get("sample") else {"do_sample": False, "top_k": None}
-    out = model.generate(ids, past_key_values=cache, max_new_tokens=spec["new_tokens"], top_p=None,
+    out = model.generate(ids, **cache_argument(cache), max_new_tokens=spec["new_tokens"], top_p=None,
                          output_logits=True, return_dict_in_generate=True, **sampling)
     cache.close()
     return {"tokens": out.sequences[0, ids.shape[1]:], "logits": torch.stack(out.logits),

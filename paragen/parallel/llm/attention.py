@@ -13,17 +13,17 @@ import torch
 from torch import nn
 
 from paragen.kernels.rope import apply_rope
-from paragen.parallel.llm.cache import ShardedKVCache
+from paragen.parallel.llm.cache import ShardedKVCache, cache_in
 
 
 def _sharded_forward(
     self: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-    attention_mask: torch.Tensor | None = None, past_key_values=None, **kwargs,
+    attention_mask: torch.Tensor | None = None, **kwargs,
 ) -> tuple[torch.Tensor, None]:
-    if not isinstance(past_key_values, ShardedKVCache):
+    cache = cache_in(kwargs)
+    if not isinstance(cache, ShardedKVCache):
         return self._paragen_original_forward(
-            hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask,
-            past_key_values=past_key_values, **kwargs,
+            hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs,
         )
     batch, length, _ = hidden_states.shape
     shape = (batch, length, -1, self.head_dim)
@@ -31,7 +31,7 @@ def _sharded_forward(
     key_pre = self.k_proj(hidden_states).view(shape).transpose(1, 2)
     value = self.v_proj(hidden_states).view(shape).transpose(1, 2)
     cos, sin = (t.unsqueeze(1) for t in position_embeddings)
-    out = past_key_values.attend(
+    out = cache.attend(
         self.layer_idx, apply_rope(query, cos, sin), key_pre, apply_rope(key_pre, cos, sin), value, self.scaling
     )
     return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1)), None

@@ -1,6 +1,6 @@
 """`ShardedKVCache`: a transformers `Cache` whose layers each hold this rank's sequence shard.
 
-`model.generate(..., past_key_values=cache)` works as with any cache: the model's forward (wrapped by
+`model.generate(..., **cache_argument(cache))` works as with any cache: the model's forward (wrapped by
 `paragen.pipelines.llm`) feeds each rank its shard of the prompt, and the attention modules (replaced
 by `paragen.parallel.llm.attention`) hand every layer's queries, keys and values to `attend`:
 - prefill: ring attention over the shards (exact causal attention), then the shard's K/V go into a
@@ -13,8 +13,13 @@ by `paragen.parallel.llm.attention`) hand every layer's queries, keys and values
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+from typing import Any
+
 import torch
 from transformers.cache_utils import Cache
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from paragen.comms import GroupComm
 from paragen.kernels.attention import merge_attention_partials
@@ -26,6 +31,27 @@ from paragen.parallel.llm.ring import ring_causal_attention
 from paragen.parallel.llm.shards import shard_bounds
 
 MERGE_LABEL = "llm_decode_merge"
+_CACHE_NAMES = ("cache", "past_key_values")  # transformers ≥ 5.24 names it `cache`; earlier releases `past_key_values`
+
+
+@functools.cache
+def cache_keyword() -> str:
+    """The keyword the installed transformers takes a cache by, in `generate` and in every model forward (the one its
+    model outputs carry it under)."""
+    return "cache" if "cache" in {f.name for f in dataclasses.fields(CausalLMOutputWithPast)} else "past_key_values"
+
+
+def cache_argument(cache: Cache) -> dict[str, Cache]:
+    """`{keyword: cache}` for `model.generate(ids, **cache_argument(cache), ...)` on any supported transformers."""
+    return {cache_keyword(): cache}
+
+
+def cache_in(kwargs: dict[str, Any]) -> Cache | None:
+    """The cache a transformers forward was given, under whichever keyword the caller used."""
+    for name in _CACHE_NAMES:
+        if kwargs.get(name) is not None:
+            return kwargs[name]
+    return None
 
 
 class ShardedKVCache(Cache):
