@@ -15,13 +15,13 @@ KVConfig(mode="offload"))` and generate with `model.generate(ids, **paragen.cach
 """
 from typing import Any
 
-from paragen.comms import is_output_rank, world_size
+from paragen.comms import is_output_rank, rank_device, world_size
 from paragen.launch.process_group import init, shutdown
 from paragen.parallel import HiresConfig, ParallelConfig, TemporalAttention
 from paragen.parallel.llm.config import KVConfig
 
-__all__ = ["HiresConfig", "KVConfig", "ParallelConfig", "TemporalAttention", "cache_argument", "init", "is_output_rank", "parallelize",
-           "parallelize_llm", "shutdown", "world_size"]
+__all__ = ["HiresConfig", "KVConfig", "ParallelConfig", "TemporalAttention", "cache_argument", "init", "is_output_rank",
+           "parallelize", "parallelize_llm", "rank_device", "shutdown", "world_size"]
 __version__ = "0.1.0"
 
 

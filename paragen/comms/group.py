@@ -33,9 +33,12 @@ class GroupComm:
         stats: CommStats,
         p2p_group: dist.ProcessGroup | None = None,
         stale_group: dist.ProcessGroup | None = None,
+        cpu_group: dist.ProcessGroup | None = None,
     ) -> None:
         """`p2p_group` and `stale_group`: the same ranks in separate groups (default: `group`) for
-        neighbour/ring P2P and for the step-long stale all-gathers.
+        neighbour/ring P2P and for the step-long stale all-gathers. `cpu_group`: the same ranks on gloo
+        (default: `group`), for host-side metadata (`broadcast_int`, `all_gather_objects`), so that no CPU
+        tensor enters an NCCL collective.
 
         Gloo runs one group's operations in order over one set of connections: a small halo, or the
         blocking gather at the end of a step, queued behind a multi-megabyte stale all-gather that is
@@ -44,11 +47,12 @@ class GroupComm:
         self.group = group
         self.p2p_group = p2p_group or group
         self.stale_group = stale_group or group
+        self.cpu_group = cpu_group or group
         self.stats = stats
         self.size = 1 if group is None else dist.get_world_size(group)
         self.rank = 0 if group is None else dist.get_rank(group)
         self._tag = 0
-        for handle in {group, self.p2p_group, self.stale_group} - {None}:
+        for handle in {group, self.p2p_group, self.stale_group, self.cpu_group} - {None}:
             apply_operation_timeout(handle)
 
     # ---- all-gather -------------------------------------------------------------------------
@@ -269,10 +273,10 @@ def broadcast_int(comm: GroupComm, value: int, src: int = 0) -> int:
     """`value` of rank `src` on every rank of `comm` (e.g. a seed everyone must share)."""
     if comm.size == 1:
         return value
-    buf = torch.tensor([value], dtype=torch.int64)
+    buf = torch.tensor([value], dtype=torch.int64, device="cpu")  # host-side metadata: over the gloo twin
     comm.stats.record("broadcast", sent=8 if comm.rank == src else 0, recv=0 if comm.rank == src else 8)
     with backend_call("broadcast"):
-        dist.broadcast(buf, group=comm.group, group_src=src)
+        dist.broadcast(buf, group=comm.cpu_group, group_src=src)
     return int(buf.item())
 
 
@@ -282,5 +286,5 @@ def all_gather_objects(comm: GroupComm, obj: object) -> list[object]:
         return [obj]
     out: list[object] = [None] * comm.size
     with backend_call("all_gather_objects"):
-        dist.all_gather_object(out, obj, group=comm.group)
+        dist.all_gather_object(out, obj, group=comm.cpu_group)
     return out

@@ -24,6 +24,32 @@ def backend_name() -> str:
     return str(dist.get_backend())
 
 
+_cpu_world: dist.ProcessGroup | None = None
+
+
+def needs_cpu_twins() -> bool:
+    """Whether groups need a gloo twin for host-side metadata: the backend cannot take CPU tensors (NCCL)."""
+    return is_initialized() and backend_name() != "gloo"
+
+
+def new_group(ranks: list[int]) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """A group over `ranks` and its host-side twin (a gloo group over the same ranks when the backend is NCCL;
+    the group itself under gloo). Every rank must call this for every group, in the same order."""
+    group = dist.new_group(ranks)
+    return group, dist.new_group(ranks, backend="gloo") if needs_cpu_twins() else group
+
+
+def start_cpu_world() -> None:
+    """Make the world group's host-side twin (after `init_process_group`; every rank calls it)."""
+    global _cpu_world
+    _cpu_world = dist.new_group(backend="gloo") if needs_cpu_twins() and dist.get_world_size() > 1 else None
+
+
+def world_groups() -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """The world group and its host-side twin."""
+    return dist.group.WORLD, _cpu_world or dist.group.WORLD
+
+
 def world_size() -> int:
     """Number of processes in the job (1 without a process group)."""
     return dist.get_world_size() if is_initialized() else 1
@@ -60,8 +86,10 @@ def barrier_before_teardown() -> None:
     (With gloo, a peer's background thread that loses its connection mid-read terminates the process.)
     A failure here is ignored: teardown goes on regardless.
     """
+    global _cpu_world
     if is_initialized() and dist.get_world_size() > 1:
         try:
-            dist.barrier()
+            dist.barrier(group=world_groups()[1])
         except RuntimeError:
             pass
+    _cpu_world = None

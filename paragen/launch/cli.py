@@ -17,7 +17,7 @@ import warnings
 from torch.distributed import DistError
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from paragen.comms import CommError
+from paragen.comms import DEVICE_CHOICES, CommError
 from paragen.launch.env import LaunchError, discover
 from paragen.launch.process_group import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S, init, shutdown
 from paragen.launch.slurm import sbatch_script
@@ -25,13 +25,14 @@ from paragen.log import get_logger, setup_logging
 from paragen.parallel.config import MODE_HELP, MODES, ParallelConfig
 from paragen.parallel.clip import SCOPE_HELP, SCOPES, TemporalAttention
 from paragen.parallel.hires import GUIDANCE_MODES, PLACEMENTS, HiresConfig
+from paragen.pipelines.dtypes import DTYPE_HELP, DTYPES
 
 EXIT_BAD_INPUT = 2
 EXIT_FAILED = 1
 
 
 def _add_image_parser(sub: argparse._SubParsersAction) -> None:
-    from paragen.pipelines.image_job import DTYPES, ImageRequest  # imports diffusers: only when needed
+    from paragen.pipelines.image_job import ImageRequest  # imports diffusers: only when needed
     from paragen.pipelines.loading import EMBEDDED_MODELS
 
     defaults = ImageRequest()
@@ -49,7 +50,6 @@ def _add_image_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
                    help="guidance scale (classifier-free; Flux: its guidance embedding); default: the pipeline's")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (the same on every rank)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=defaults.dtype, help="weights and activations dtype")
     p.add_argument("--cfg", type=int, default=1, choices=(1, 2),
                    help="2: the conditional and unconditional branches run on different halves of the ranks")
     p.add_argument("--patch", type=int, default=-1, help="UNet models: number of row bands (-1: the ranks left over)")
@@ -101,7 +101,6 @@ def _checkpoint_folder(args: argparse.Namespace) -> str | None:
 
 
 def _add_video_parser(sub: argparse._SubParsersAction) -> None:
-    from paragen.pipelines.image_job import DTYPES
     from paragen.pipelines.loading import EMBEDDED_MODELS
     from paragen.pipelines.outputs import VIDEO_FORMATS
     from paragen.pipelines.video_job import VideoRequest
@@ -124,7 +123,6 @@ def _add_video_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale; default: the pipeline's")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (the same on every rank)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=defaults.dtype, help="weights and activations dtype")
     p.add_argument("--clip", type=int, default=-1, help="clips (ranks) the frames are split into (-1: every rank)")
     p.add_argument("--scope", choices=SCOPES, default=temporal.scope,
                    help="; ".join(f"{s}: {text}" for s, text in SCOPE_HELP.items()))
@@ -166,14 +164,13 @@ def _run_video(args: argparse.Namespace) -> int:
     video_format = check_video_request(request, config, launch.world_size)
     check_model_source(args.model, allow_pickle=args.allow_pickle)
     checkpoints = open_checkpoints(request, config, launch.rank, launch.world_size)
-    init(init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads, verbose=args.verbose)
+    _init(args)
     run_video_job(request, config, checkpoints, video_format)
     return 0
 
 
 def _add_llm_parser(sub: argparse._SubParsersAction) -> None:
     from paragen.parallel.llm import KV_MODES, KVConfig
-    from paragen.pipelines.image_job import DTYPES
     from paragen.pipelines.llm_job import LLMRequest
     from paragen.pipelines.llm_loading import EMBEDDED_LLMS
 
@@ -194,7 +191,6 @@ def _add_llm_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (prompt and sampling)")
-    p.add_argument("--dtype", choices=list(DTYPES), default=defaults.dtype, help="weights and activations dtype")
     p.add_argument("--seq", type=int, default=-1, help="sequence shards (-1: the ranks / --tp)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per shard (DeepSpeed AutoTP)")
     p.add_argument("--kv", choices=KV_MODES, default=kv.mode,
@@ -228,9 +224,15 @@ def _run_llm(args: argparse.Namespace) -> int:
     config = ParallelConfig(seq=seq, tp=args.tp)
     config.resolve(launch.world_size)
     prompt = prepare_prompt(request, config, kv)
-    init(init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads, verbose=args.verbose)
+    _init(args)
     run_llm_job(request, config, kv, prompt)
     return 0
+
+
+def _init(args: argparse.Namespace) -> None:
+    """The process group and this rank's device, from the runtime options every workload takes."""
+    init(device=args.device, init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads,
+         verbose=args.verbose)
 
 
 def _int_list(text: str, flag: str) -> list[int]:
@@ -250,6 +252,9 @@ def _add_output_arguments(p: argparse.ArgumentParser, out_dir: str, what: str) -
 
 
 def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto",
+                   help="auto: cuda:LOCAL_RANK when CUDA is present, else the CPU; cuda: fail at once without CUDA")
+    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
     p.add_argument("--threads", type=int, default=None, help="CPU compute threads per rank (default: cores / local ranks)")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
                    help="seconds after which a collective fails (a dead or stuck rank stops the job)")
@@ -308,7 +313,7 @@ def _run_image(args: argparse.Namespace) -> int:
     config.resolve(launch.world_size)
     check_model_source(args.model, allow_pickle=args.allow_pickle)
     checkpoints = open_checkpoints(request, config, launch.rank, launch.world_size)
-    init(init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads, verbose=args.verbose)
+    _init(args)
     run_image_job(request, config, checkpoints)
     return 0
 

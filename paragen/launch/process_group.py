@@ -7,8 +7,9 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from paragen.comms import is_initialized, is_output_rank, set_operation_timeout
-from paragen.comms.world import barrier_before_teardown
+from paragen.comms import is_initialized, is_output_rank, resolve_device, set_operation_timeout
+from paragen.comms.device import set_rank_device
+from paragen.comms.world import barrier_before_teardown, start_cpu_world
 from paragen.launch.env import LaunchInfo, complete_rendezvous, discover
 from paragen.log import get_logger, setup_logging
 
@@ -18,31 +19,32 @@ DEFAULT_TIMEOUT_S = 120.0
 
 def init(
     *,
+    device: str | torch.device = "auto",
     backend: str | None = None,
     init_timeout_s: float = DEFAULT_INIT_TIMEOUT_S,
     timeout_s: float = DEFAULT_TIMEOUT_S,
     threads: int | None = None,
     verbose: bool = False,
 ) -> LaunchInfo:
-    """Discover this rank, create the process group and pin the device.
+    """Discover this rank, choose its device, create the process group.
 
-    NCCL when CUDA is present (the device is `cuda:local_rank`), gloo otherwise. Creation waits up to
-    `init_timeout_s` for every rank; afterwards every collective fails after `timeout_s`, so a dead or
-    stuck rank stops the job with an error instead of a hang. On CPU, `threads` compute threads per
-    rank (default: the cores divided among the ranks of this host).
+    `device`: `auto` (`cuda:LOCAL_RANK` when CUDA is present, else the CPU), `cuda`, `cuda:N` or `cpu`; read it
+    back with `paragen.rank_device()`. The backend is NCCL on CUDA (with a gloo twin of every group for host-side
+    metadata) and gloo on CPU. Creation waits up to `init_timeout_s` for every rank; afterwards every collective
+    fails after `timeout_s`, so a dead or stuck rank stops the job with an error instead of a hang. On CPU,
+    `threads` compute threads per rank (default: the cores divided among the ranks of this host).
     """
     if init_timeout_s <= 0 or timeout_s <= 0:
         raise ValueError("timeouts must be positive")
     info = complete_rendezvous(discover())
     setup_logging(info.rank, info.rank == 0, verbose)
+    chosen = resolve_device(device, info.local_rank)  # a bad --device fails here, on every rank, before any rendezvous
+    set_rank_device(chosen)
     if is_initialized():
         get_logger().warning("paragen.init(): a process group already exists; using it")
         return info
-    use_cuda = torch.cuda.is_available() and backend != "gloo"
-    backend = backend or ("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        torch.cuda.set_device(info.local_rank)
-    else:
+    backend = backend or ("nccl" if chosen.type == "cuda" else "gloo")
+    if chosen.type == "cpu":
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // info.local_world_size))
     timeout = timedelta(seconds=init_timeout_s)
     if info.world_size == 1 and info.master_addr is None:
@@ -57,10 +59,11 @@ def init(
             world_size=info.world_size,
             timeout=timeout,
         )
+    start_cpu_world()
     set_operation_timeout(timeout_s)
     get_logger().info(
-        "process group up: %d rank(s) via %s, backend %s, %d thread(s) per rank",
-        info.world_size, info.source, backend, torch.get_num_threads(),
+        "process group up: %d rank(s) via %s, backend %s, device %s, %d thread(s) per rank",
+        info.world_size, info.source, backend, chosen, torch.get_num_threads(),
     )
     return info
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import itertools
 
-import torch.distributed as dist
+import torch
 
-from paragen.comms import CommStats, GroupComm, is_initialized, world_size
+from paragen.comms import (CommStats, GroupComm, ProcessGroup, backend_name, check_model_device, is_initialized, new_group,
+                           world_groups, world_rank, world_size)
 from paragen.parallel.config import ParallelConfig
 
 DIMS = ("cfg", "clip", "patch", "ring", "ulysses", "tp")
@@ -41,26 +42,29 @@ _STALE_TWINS = ("patch",)
 class ParallelMesh:
     """Named groups for a resolved `ParallelConfig`; all communicators share one `CommStats`."""
 
-    def __init__(self, config: ParallelConfig, device_type: str = "cpu") -> None:
+    def __init__(self, config: ParallelConfig, device: torch.device) -> None:
+        """`device`: where the parallelised model's tensors are (checked against the rank's device and backend)."""
         size = world_size()
         self.config = config.resolve(size)
-        self.device_type = device_type
         self.stats = CommStats()
         self.shape = tuple(self.config.ring_positions if d == "ring" else getattr(self.config, d) for d in DIMS)
         if size > 1 and not is_initialized():
             raise RuntimeError("call paragen.init() before parallelising: no process group exists")
-        self.rank = dist.get_rank() if size > 1 else 0
+        check_model_device(device, backend_name() if is_initialized() else None)
+        self.device = torch.device(device)
+        self.rank = world_rank()
         self._comms: dict[str, GroupComm] = {}
-        # One group per distinct rank set; the whole world is the default group.
-        made: dict[tuple[int, ...], dist.ProcessGroup] = {tuple(range(size)): dist.group.WORLD} if size > 1 else {}
+        # One group (and its host-side twin) per distinct rank set; the whole world is the default group.
+        made: dict[tuple[int, ...], tuple[ProcessGroup, ProcessGroup]] = {tuple(range(size)): world_groups()} if size > 1 else {}
         for name, dims in _GROUPS.items():
-            group = self._group(dims, made)
+            group, cpu = self._group(dims, made) or (None, None)
             p2p = self._group(dims, {}) if name in _P2P_TWINS and group is not None else None
             stale = self._group(dims, {}) if name in _STALE_TWINS and group is not None else None
-            self._comms[name] = GroupComm(group, self.stats, p2p_group=p2p, stale_group=stale)
+            self._comms[name] = GroupComm(group, self.stats, p2p_group=p2p and p2p[0], stale_group=stale and stale[0],
+                                          cpu_group=cpu)
 
-    def _group(self, dims: tuple[str, ...], made: dict) -> dist.ProcessGroup | None:
-        """This rank's group over `dims` (None when it holds one rank).
+    def _group(self, dims: tuple[str, ...], made: dict) -> tuple[ProcessGroup, ProcessGroup] | None:
+        """This rank's group over `dims` and its host-side twin (None when it holds one rank).
 
         Every rank creates every group of the partition, in the same order, as torch.distributed
         requires. With `made` empty a new group is created even for a rank set that exists already
@@ -82,7 +86,7 @@ class ParallelMesh:
                 ranks.append(self._global(coord))
             key = tuple(ranks)
             if key not in made:
-                made[key] = dist.new_group(ranks)
+                made[key] = new_group(ranks)
             if self.rank in ranks:
                 mine = made[key]
         return mine

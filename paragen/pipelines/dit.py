@@ -184,7 +184,7 @@ def parallelize_dit(pipe, config: ParallelConfig | None = None):
     if config.sequence == 1:  # no degree given: the ranks left after cfg form a ring (any head count, any length)
         config = dataclasses.replace(config, ring=max(1, world_size() // config.cfg))
     config = dataclasses.replace(config, patch=1)
-    mesh = ParallelMesh(config, device_type=pipe.device.type)
+    mesh = ParallelMesh(config, pipe.device)
     resolved = mesh.config
     seq = SequenceContext(mesh.comm("seq"), mesh.comm("ulysses"), mesh.comm("ring"), resolved.mode, resolved.warmup_steps, "dit.")
     runtime = DiTRuntime(resolved, mesh, seq, ParallelVaeDecoder(pipe.vae, mesh.comm("world")), family=family)

@@ -328,7 +328,7 @@ def _chain_callback(bound: inspect.BoundArguments, ours) -> None:
 
 def parallelize_hires(pipe, config: ParallelConfig):
     """Make an SD or SDXL pipeline generate beyond its training size across all ranks, in place."""
-    mesh = ParallelMesh(config, device_type=pipe.device.type)
+    mesh = ParallelMesh(config, pipe.device)
     resolved = mesh.config
     hires = resolved.hires
     window = hires.window or pipe.unet.config.sample_size

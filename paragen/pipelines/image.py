@@ -113,7 +113,7 @@ def parallelize_unet(pipe, config: ParallelConfig | None = None):
     config = config or ParallelConfig()
     if config.sequence > 1:
         raise ValueError("ulysses and ring shard a diffusion transformer's tokens; a UNet pipeline is split with patch")
-    mesh = ParallelMesh(config, device_type=pipe.device.type)
+    mesh = ParallelMesh(config, pipe.device)
     resolved = mesh.config
     unet_ctx = PatchContext(mesh.comm("patch"), resolved.mode, resolved.warmup_steps, resolved.partial_fraction, "unet.")
     vae = ParallelVaeDecoder(pipe.vae, mesh.comm("world"))

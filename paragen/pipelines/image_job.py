@@ -8,17 +8,15 @@ from pathlib import Path
 
 import torch
 
-from paragen.comms import is_output_rank, world_size
+from paragen.comms import is_output_rank, rank_device, world_size
 from paragen.log import get_logger
 from paragen.parallel import ParallelConfig
+from paragen.pipelines.dtypes import check_dtype, resolve_dtype
 from paragen.pipelines.checkpoint import RESUMABLE_CHANGES, Checkpoints, first_step, run_fingerprint
 from paragen.pipelines.parallelize import parallelize
 from paragen.pipelines.loading import load_pipeline
 from paragen.pipelines.outputs import save_json, save_png
 from paragen.pipelines.report import job_report
-
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
 
 @dataclass(frozen=True)
 class ImageRequest:
@@ -32,7 +30,7 @@ class ImageRequest:
     steps: int = 20
     guidance_scale: float | None = None  # None: the pipeline's own default
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "auto"  # float32 on CPU, bfloat16/float16 on a GPU
     allow_pickle: bool = False
     out_dir: str = "out"
     name: str | None = None
@@ -48,8 +46,7 @@ class ImageRequest:
             raise ValueError(f"checkpoint_every must be positive, got {self.checkpoint_every}")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume needs the checkpoint folder of the run to continue")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_dtype(self.dtype)
 
     def output_stem(self, config: ParallelConfig) -> str:
         """File name (without extension) encoding the request and the layout."""
@@ -87,7 +84,8 @@ def run_image_job(request: ImageRequest, config: ParallelConfig, checkpoints: Ch
     and continue from the newest complete checkpoint when `request.resume`."""
     log = get_logger()
     start = time.perf_counter()
-    pipe = load_pipeline(request.model, dtype=DTYPES[request.dtype], allow_pickle=request.allow_pickle)
+    pipe = load_pipeline(request.model, dtype=resolve_dtype(request.dtype), device=rank_device(),
+                         allow_pickle=request.allow_pickle)
     parallelize(pipe, config)
     if checkpoints is not None:
         pipe.paragen.enable_checkpoints(checkpoints, request.checkpoint_every, request.resume)
@@ -119,4 +117,4 @@ def run_image_job(request: ImageRequest, config: ParallelConfig, checkpoints: Ch
     return report
 
 
-__all__ = ["DTYPES", "ImageRequest", "exact_size_options", "open_checkpoints", "run_image_job"]
+__all__ = ["ImageRequest", "exact_size_options", "open_checkpoints", "run_image_job"]

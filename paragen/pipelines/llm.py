@@ -144,7 +144,7 @@ def parallelize_llm(model: nn.Module, config: ParallelConfig | None = None, kv: 
     if hasattr(model, "paragen"):
         raise ValueError("this model is already parallelised")
     check_llm_parallel(model.config, config, kv)
-    mesh = ParallelMesh(config, next(model.parameters()).device.type)
+    mesh = ParallelMesh(config, next(model.parameters()).device)
     if config.tp > 1:
         model = shard_weights(model, mesh.comm("tp"), config.tp)
     for layer in model.model.layers:

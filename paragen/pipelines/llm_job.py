@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from paragen.comms import all_gather_objects
+from paragen.comms import all_gather_objects, rank_device
 from paragen.log import get_logger
 from paragen.parallel import ParallelConfig
 from paragen.parallel.llm import KVConfig, cache_argument
-from paragen.pipelines.image_job import DTYPES
+from paragen.pipelines.dtypes import check_dtype, resolve_dtype
 from paragen.pipelines.llm import check_llm_parallel, check_prompt_length, parallelize_llm
 from paragen.pipelines.llm_loading import EMBEDDED_LLMS, check_llm_source, load_llm, model_root
 from paragen.pipelines.outputs import save_json
@@ -40,7 +40,7 @@ class LLMRequest:
     temperature: float = 1.0
     top_k: int | None = None
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "auto"  # float32 on CPU, bfloat16/float16 on a GPU
     allow_pickle: bool = False
     allow_remote_code: bool = False
     out_dir: str = "out"
@@ -53,8 +53,7 @@ class LLMRequest:
             raise ValueError(f"depth must be in [0, 1], got {self.depth}")
         if self.temperature <= 0 or (self.top_k is not None and self.top_k < 1):
             raise ValueError(f"temperature must be > 0 and top-k >= 1, got {self.temperature} and {self.top_k}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_dtype(self.dtype)
         if self.prompt is not None and self.prompt_file is not None:
             raise ValueError("give --prompt or --prompt-file, not both")
         text = self.prompt is not None or self.prompt_file is not None
@@ -98,8 +97,8 @@ def run_llm_job(request: LLMRequest, config: ParallelConfig, kv: KVConfig, promp
     """Generate on every rank; the output rank writes the JSON report and returns it."""
     log = get_logger()
     start = time.perf_counter()
-    model = load_llm(request.model, dtype=DTYPES[request.dtype], allow_pickle=request.allow_pickle,
-                     allow_remote_code=request.allow_remote_code)
+    model = load_llm(request.model, dtype=resolve_dtype(request.dtype), device=rank_device(),
+                     allow_pickle=request.allow_pickle, allow_remote_code=request.allow_remote_code)
     runtime = parallelize_llm(model, config, kv)
     cache = runtime.new_cache()
     loaded = time.perf_counter()
@@ -107,7 +106,7 @@ def run_llm_job(request: LLMRequest, config: ParallelConfig, kv: KVConfig, promp
     sampling = {"do_sample": True, "temperature": request.temperature, "top_k": request.top_k} if request.sample \
         else {"do_sample": False, "top_k": None}
     try:
-        out = model.generate(prompt.ids, **cache_argument(cache), max_new_tokens=request.new_tokens, top_p=None,
+        out = model.generate(prompt.ids.to(rank_device()), **cache_argument(cache), max_new_tokens=request.new_tokens, top_p=None,
                              **sampling)
     finally:
         cache.close()

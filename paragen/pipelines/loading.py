@@ -135,15 +135,17 @@ def _build_embedded(name: str, seed: int, dtype: torch.dtype) -> DiffusionPipeli
 
 
 def load_pipeline(
-    model: str, *, dtype: torch.dtype = torch.float32, allow_pickle: bool = False, seed: int = 0
+    model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", allow_pickle: bool = False,
+    seed: int = 0,
 ) -> DiffusionPipeline:
-    """The pipeline for an embedded name or a local checkpoint directory, in eval mode on CPU in `dtype`.
+    """The pipeline for an embedded name or a local checkpoint directory, in eval mode on `device` in `dtype`.
 
-    `seed` only matters for embedded models (it draws their random weights).
+    `seed` only matters for embedded models (it draws their random weights, on the CPU, so every device gets the
+    same weights).
     """
     check_model_source(model, allow_pickle=allow_pickle)
     if model in EMBEDDED_MODELS:
-        return _build_embedded(model, seed, dtype)
+        return _build_embedded(model, seed, dtype).to(device)
     from diffusers import DiffusionPipeline
 
     no_checker = {"safety_checker": None, "requires_safety_checker": False}
@@ -154,4 +156,4 @@ def load_pipeline(
         use_safetensors=None if allow_pickle else True,  # None: safetensors first, else pickle
         local_files_only=True,
         **(no_checker if has_checker else {}),
-    )
+    ).to(device)

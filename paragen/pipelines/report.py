@@ -37,6 +37,7 @@ def job_report(workload: str, request: dict[str, Any], pipe, *, load_s: float, g
         "config": asdict(runtime.config),
         "world_size": world_size(),
         "device": str(pipe.device),
+        "dtype": str(pipe.dtype).removeprefix("torch."),
         "threads_per_rank": torch.get_num_threads(),
         "git_revision": git_revision(),
         "timings": {

@@ -274,7 +274,7 @@ def parallelize_video(pipe, config: ParallelConfig | None = None):
     config = config or ParallelConfig()
     if config.cfg != 1 or config.sequence != 1 or config.hires is not None:
         raise ValueError("video pipelines split the frames into clips (clip=N); cfg=2, ulysses, ring and hires do not apply")
-    mesh = ParallelMesh(config, device_type=pipe.device.type)
+    mesh = ParallelMesh(config, pipe.device)
     if mesh.config.patch != 1:
         raise ValueError(f"video pipelines split the frames into clips: set clip to the number of ranks "
                          f"(got clip={config.clip}, leaving {mesh.config.patch} ranks to patch)")

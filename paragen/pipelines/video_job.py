@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from paragen.comms import rank_device
 from paragen.log import get_logger
 from paragen.parallel import ParallelConfig
 from paragen.parallel.clip import plan_clips
 from paragen.pipelines.checkpoint import RESUMABLE_CHANGES, Checkpoints, first_step, run_fingerprint
-from paragen.pipelines.image_job import DTYPES
+from paragen.pipelines.dtypes import check_dtype, resolve_dtype
 from paragen.pipelines.loading import load_pipeline
 from paragen.pipelines.outputs import VIDEO_FORMATS, mp4_available, save_json, save_video
 from paragen.pipelines.parallelize import parallelize
@@ -33,7 +34,7 @@ class VideoRequest:
     steps: int = 20
     guidance_scale: float | None = None  # None: the pipeline's own default
     seed: int = 0
-    dtype: str = "float32"
+    dtype: str = "auto"  # float32 on CPU, bfloat16/float16 on a GPU
     allow_pickle: bool = False
     fps: int = 8
     format: str = "mp4"
@@ -54,8 +55,7 @@ class VideoRequest:
             raise ValueError("give at least one prompt")
         if len(self.prompts) > 1 or self.segment_frames is not None:
             segment_bounds(self.frames, len(self.prompts), None if self.segment_frames is None else list(self.segment_frames))
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        check_dtype(self.dtype)
         if self.format not in VIDEO_FORMATS:
             raise ValueError(f"format must be one of {', '.join(VIDEO_FORMATS)}, got {self.format!r}")
         if self.resume and self.checkpoint_dir is None:
@@ -103,7 +103,8 @@ def run_video_job(request: VideoRequest, config: ParallelConfig, checkpoints: Ch
     """Generate the video on every rank; the output rank writes the video + JSON and returns the report."""
     log = get_logger()
     start = time.perf_counter()
-    pipe = load_pipeline(request.model, dtype=DTYPES[request.dtype], allow_pickle=request.allow_pickle)
+    pipe = load_pipeline(request.model, dtype=resolve_dtype(request.dtype), device=rank_device(),
+                         allow_pickle=request.allow_pickle)
     if type(pipe).__name__ not in VIDEO_PIPELINES:
         raise TypeError(f"paragen video runs {', '.join(VIDEO_PIPELINES)}; {request.model} is a {type(pipe).__name__}")
     parallelize(pipe, config)

@@ -24,7 +24,7 @@ def ring_inputs(seed: int, length: int) -> tuple[torch.Tensor, ...]:
 
 
 def run_ring(spec: dict) -> dict:
-    mesh = ParallelMesh(paragen.ParallelConfig(seq=paragen.world_size()))
+    mesh = ParallelMesh(paragen.ParallelConfig(seq=paragen.world_size()), paragen.rank_device())
     comm = mesh.comm("ring")
     bounds = shard_bounds(spec["length"], comm.size)
     start, end = bounds[comm.rank]
