@@ -1,6 +1,9 @@
 # paragen: two commands from a fresh machine.
-#   make demo   set up .venv, then generate an image on 2 ranks (embedded tiny-sd) into out/
-#   make test   set up .venv, then run the test suite
+#   make demo          set up .venv (the tested lock), then generate an image on 2 ranks (embedded tiny-sd) into out/
+#   make test          set up .venv, then run the test suite
+#   make test-fast     the suite without the long multi-process end-to-end runs (-m "not slow")
+#   make test-latest   a separate .venv-latest with the newest transformers and diffusers, then the suite
+#   make lock          rewrite requirements-lock.txt from .venv (after a green `make test`)
 # CUDA users: make demo TORCH_SPEC="torch==2.13.0" TORCH_INDEX="--index-url https://download.pytorch.org/whl/cu128"
 
 PYTHON      ?= python3
@@ -8,28 +11,54 @@ VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
 EXTRAS      ?= mpi,video,deepspeed,test
+LOCK        ?= requirements-lock.txt
+# The packages whose newest releases `make test-latest` checks (their APIs move monthly), with what they pull along.
+LATEST      ?= transformers diffusers accelerate huggingface-hub tokenizers safetensors
+VENV_LATEST ?= .venv-latest
 NPROC       ?= 2
 DEMO_ARGS   ?= --mode displaced --height 512 --width 512 --steps 20
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.paragen-installed
+PIP := --disable-pip-version-check -q
+PYTEST := -m pytest -q -p no:cacheprovider
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-fast test-latest lock bench clean
 
 setup: $(STAMP)
 
 # torch first and pinned: installing the package first would let pip pull a multi-GB CUDA build.
-$(STAMP): pyproject.toml Makefile
+# Everything else comes from the lock (constraints), so a fresh machine gets exactly what CI tested.
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --disable-pip-version-check -q $(TORCH_INDEX) "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[$(EXTRAS)]"
+	$(BIN)/python -m pip install $(PIP) $(TORCH_INDEX) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install $(PIP) -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $@
 
 demo: $(STAMP)
 	$(BIN)/torchrun --nproc-per-node $(NPROC) -m paragen image $(DEMO_ARGS) --out out
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	$(BIN)/python $(PYTEST)
+
+test-fast: $(STAMP)
+	$(BIN)/python $(PYTEST) -m "not slow"
+
+# The lock without the packages under check, then their newest releases (and only what they need upgraded).
+test-latest:
+	test -x $(VENV_LATEST)/bin/python || $(PYTHON) -m venv $(VENV_LATEST)
+	$(VENV_LATEST)/bin/python -m pip install $(PIP) $(TORCH_INDEX) "$(TORCH_SPEC)"
+	grep -viE "^($(shell echo $(LATEST) | sed 's/ /|/g'))==" $(LOCK) > $(VENV_LATEST)/constraints.txt
+	$(VENV_LATEST)/bin/python -m pip install $(PIP) -c $(VENV_LATEST)/constraints.txt -e ".[$(EXTRAS)]"
+	$(VENV_LATEST)/bin/python -m pip install $(PIP) --upgrade $(LATEST)
+	$(VENV_LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^($(shell echo $(LATEST) | sed 's/ /|/g')) "
+	$(VENV_LATEST)/bin/python $(PYTEST)
+
+lock: $(STAMP)
+	sed -n '1,2p' $(LOCK) > $(LOCK).new
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v "^torch==" \
+		| awk -F'==' '{n = tolower($$1); gsub(/[._]/, "-", n); print n "==" $$2}' >> $(LOCK).new
+	mv $(LOCK).new $(LOCK)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_image.py
@@ -44,4 +73,4 @@ bench: $(STAMP)
 	$(BIN)/python bench/plot_llm.py
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(VENV_LATEST) out
