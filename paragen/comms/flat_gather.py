@@ -120,7 +120,7 @@ class FlatAllGather:
         position = self._position
         self._position += 1
         if position == len(self._buffers):
-            empty = torch.empty(0)
+            empty = torch.empty(0, device="meta")  # a placeholder: replaced at first use on the data's device
             self._buffers.append((empty, empty))
             self._last_use.append(None)
         return _Bucket(position, self._buffers[position])

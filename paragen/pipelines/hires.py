@@ -129,7 +129,7 @@ class HiresRuntime(PipelineRuntime):
         windows = window_grid(rows, cols, self.window, self.hires.stride or max(1, self.window // 2))
         self.layout = Layout(
             rows, cols, low_res_size(rows, cols, self.window, self.unet_factor), windows,
-            assign(len(windows), self.comm.size, self.hires.placement), coverage(rows, cols, windows),
+            assign(len(windows), self.comm.size, self.hires.placement), coverage(rows, cols, windows, pipe.device),
             _prompt_tokens(pipe, request_arg(bound, "prompt")),
         )
         _chain_callback(bound, self.on_step_end)
@@ -255,7 +255,7 @@ class HiresRuntime(PipelineRuntime):
         for win, eps in predictions:
             win.crop(summed).add_(mix(eps, win.crop(eps_lr), win.crop(mask), w).float())
         self.comm.all_reduce(summed, "hires.eps")
-        return (summed / layout.coverage.to(summed.device)).to(sample.dtype)
+        return (summed / layout.coverage).to(sample.dtype)
 
     # ---- step ends: seeding, checkpoints, resume ----------------------------------------------------
     def on_step_end(self, pipe, i: int, t, callback_kwargs: dict) -> dict:

@@ -27,15 +27,15 @@ from paragen.parallel.clip.context import ClipContext
 def window_mask(query_frames: torch.Tensor, key_frames: torch.Tensor, reach: int) -> torch.Tensor:
     """Additive `[Lq, Lk]` mask: 0 where the key frame is within `reach` frames of the query frame, else -inf."""
     near = (query_frames[:, None] - key_frames[None, :]).abs() <= reach
-    return torch.zeros(near.shape).masked_fill_(~near, float("-inf"))
+    return torch.zeros(near.shape, device=near.device).masked_fill_(~near, float("-inf"))
 
 
-def _dual_masks(ctx: ClipContext) -> tuple[torch.Tensor, torch.Tensor]:
+def _dual_masks(ctx: ClipContext, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """The local-window masks of this clip's queries over its own frames and over the halo frames it
-    receives (the neighbours' last / first p frames, for the neighbours it has, in that order)."""
+    receives (the neighbours' last / first p frames, for the neighbours it has, in that order), on `device`."""
     reach, rank = ctx.temporal.local, ctx.comm.rank
-    frames = torch.arange(ctx.start, ctx.stop)
-    halo = [torch.arange(first, first + reach) for first, present in
+    frames = torch.arange(ctx.start, ctx.stop, device=device)
+    halo = [torch.arange(first, first + reach, device=device) for first, present in
             ((ctx.start - reach, rank > 0), (ctx.stop, rank < ctx.comm.size - 1)) if present]
     halo_frames = torch.cat(halo) if halo else frames[:0]
     return window_mask(frames, frames, reach), window_mask(frames, halo_frames, reach)
@@ -86,7 +86,7 @@ class ClipTemporalAttnProcessor(AttnProcessorContract):
             halo.wait()
             shared.wait()
         local_bias, global_bias = ctx.biases()
-        own_mask, halo_mask = ctx.per_request("dual_masks", lambda: _dual_masks(ctx))
+        own_mask, halo_mask = ctx.per_request("dual_masks", lambda: _dual_masks(ctx, query.device))
         out, lse = masked_attention_with_lse(query, kv[0], kv[1], own_mask, scale)
         edges = [part for part in halo.wait() if part is not None]
         if edges:

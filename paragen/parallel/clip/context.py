@@ -64,7 +64,7 @@ class ClipContext:
             return 0.0, self.temporal.bias
         return self.temporal.bias, 0.0
 
-    def frame_positions(self, trained: int) -> torch.Tensor:
+    def frame_positions(self, trained: int, device: torch.device | None = None) -> torch.Tensor:
         """Positions, for a model's learned frame-position table of `trained` entries, of this rank's frames.
 
         A video that fits the table uses each frame's index in the whole video (exactly what the model does
@@ -72,7 +72,7 @@ class ClipContext:
         a fractional position (position interpolation), so neighbouring frames stay in order and close, and the
         frames of the whole video span the range the model was trained on.
         """
-        frames = torch.arange(self.start, self.stop, dtype=torch.float32)
+        frames = torch.arange(self.start, self.stop, dtype=torch.float32, device=device)
         total = self.layout.frames
         if total <= trained:
             return frames

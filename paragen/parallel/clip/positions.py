@@ -42,7 +42,7 @@ class ClipFramePositions(nn.Module):
     def _table(self) -> torch.Tensor:
         """`[1, clip frames, dim]`: the embedding of this clip's frames."""
         trained = self.pe.shape[1]
-        positions = self.clip_ctx.frame_positions(trained)
+        positions = self.clip_ctx.frame_positions(trained, self.pe.device)
         if self.clip_ctx.layout.frames <= trained:
             return self.pe[:, positions.long()]
         return sinusoid(positions, self.pe.shape[2]).unsqueeze(0)

@@ -19,9 +19,9 @@ def low_res_size(rows: int, cols: int, window: int, multiple: int) -> tuple[int,
     return side(rows), side(cols)
 
 
-def _pool_sizes(length: int, out: int) -> torch.Tensor:
-    """Input cells per output cell of adaptive average pooling (PyTorch's floor/ceil bounds)."""
-    i = torch.arange(out)
+def _pool_sizes(length: int, out: int, device: torch.device) -> torch.Tensor:
+    """Input cells per output cell of adaptive average pooling (PyTorch's floor/ceil bounds), on `device`."""
+    i = torch.arange(out, device=device)
     return ((i + 1) * length + out - 1) // out - (i * length) // out
 
 
@@ -29,8 +29,9 @@ def pooled_noise(noise: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """A unit-variance noise of `size` made from `noise` by area pooling: the mean of n independent
     unit normals has variance 1/n, so each pooled cell is scaled by sqrt(n)."""
     pooled = F.adaptive_avg_pool2d(noise.float(), size)
-    counts = _pool_sizes(noise.shape[-2], size[0])[:, None] * _pool_sizes(noise.shape[-1], size[1])[None, :]
-    return (pooled * counts.sqrt().to(pooled.device)).to(noise.dtype)
+    rows, cols = (_pool_sizes(noise.shape[d], size[i], noise.device) for i, d in enumerate((-2, -1)))
+    counts = rows[:, None] * cols[None, :]
+    return (pooled * counts.sqrt()).to(noise.dtype)
 
 
 def resize(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

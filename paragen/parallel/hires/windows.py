@@ -39,9 +39,9 @@ def window_grid(rows: int, cols: int, window: int, stride: int) -> list[Window]:
             for left in window_starts(cols, window, stride)]
 
 
-def coverage(rows: int, cols: int, windows: list[Window]) -> torch.Tensor:
-    """How many windows cover each latent pixel (`[rows, cols]`, every entry >= 1)."""
-    count = torch.zeros(rows, cols)
+def coverage(rows: int, cols: int, windows: list[Window], device: torch.device | None = None) -> torch.Tensor:
+    """How many windows cover each latent pixel (`[rows, cols]` on `device`, every entry >= 1)."""
+    count = torch.zeros(rows, cols, device=device)
     for w in windows:
         w.crop(count).add_(1)
     return count
