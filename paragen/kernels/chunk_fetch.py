@@ -36,19 +36,21 @@ class ChunkFetcher:
         if self._stream is None:
             return picked, None
         staged = picked.pin_memory()
-        with torch.cuda.stream(self._stream):
+        # The worker thread has its own current device: name the fetcher's for the stream, event and copy.
+        with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
             moved = staged.to(self.device, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self._stream)
         return moved, (done, staged)
 
-    @staticmethod
-    def wait(pending: "Future[tuple[torch.Tensor, object]]") -> torch.Tensor:
+    def wait(self, pending: "Future[tuple[torch.Tensor, object]]") -> torch.Tensor:
         """The fetched tensor, safe to use on the current stream."""
         moved, sync = pending.result()
         if sync is not None:
             done, _staged = sync
-            torch.cuda.current_stream().wait_event(done)
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(done)
+            moved.record_stream(compute)  # allocated on the side stream, read on this one: not reused before
         return moved
 
     def close(self) -> None:
