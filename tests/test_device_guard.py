@@ -11,7 +11,8 @@ from tests.multiproc import run_spec_worker
 
 SPECS = [
     {"name": "unet/displaced", "kind": "image", "model": "tiny-sd", "mode": "displaced", "height": 128, "width": 128},
-    {"name": "unet/cfg2", "kind": "image", "model": "tiny-sd", "cfg": 2, "height": 128, "width": 128},
+    {"name": "unet/cfg2_shared_seed", "kind": "image", "model": "tiny-sd", "cfg": 2, "height": 128, "width": 128,
+     "shared_seed": True},
     {"name": "unet/partial", "kind": "image", "model": "tiny-sdxl", "mode": "partial", "height": 128, "width": 128},
     {"name": "dit/ulysses", "kind": "image", "model": "tiny-pixart", "ulysses": 2, "height": 128, "width": 128},
     {"name": "dit/ring_displaced", "kind": "image", "model": "tiny-flux", "ring": 2, "mode": "displaced",

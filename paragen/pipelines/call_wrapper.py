@@ -26,7 +26,7 @@ def request_arg(bound: inspect.BoundArguments, name: str) -> Any:
 def share_generator(bound: inspect.BoundArguments, comm: GroupComm) -> None:
     """With no generator and no latents passed, give every rank the same generator (seeded by rank 0)."""
     if request_arg(bound, "generator") is None and request_arg(bound, "latents") is None:
-        seed = broadcast_int(comm, int(torch.randint(0, 2**62, (1,)).item()))
+        seed = broadcast_int(comm, int(torch.randint(0, 2**62, (1,), device="cpu").item()))  # host-side: a seed
         bound.arguments["generator"] = torch.Generator(device="cpu").manual_seed(seed)
 
 

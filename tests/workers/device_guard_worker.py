@@ -25,8 +25,9 @@ def _image(spec: dict):
                                     ulysses=spec.get("ulysses", 1), ring=spec.get("ring", 1), hires=hires)
     paragen.parallelize(pipe, config)
     extra = {"use_resolution_binning": False, "max_sequence_length": 24} if spec["model"] == "tiny-pixart" else {}
-    pipe("a red fox", height=spec["height"], width=spec["width"], num_inference_steps=3,
-         generator=torch.Generator().manual_seed(SEED), output_type="pt", **extra)
+    seeded = {} if spec.get("shared_seed") else {"generator": torch.Generator().manual_seed(SEED)}
+    pipe("a red fox", height=spec["height"], width=spec["width"], num_inference_steps=3, output_type="pt",
+         **seeded, **extra)
     return pipe.paragen.mesh
 
 
