@@ -21,7 +21,7 @@ SPECS = [
     {"name": "hires/async", "kind": "image", "model": "tiny-sd", "guidance": "async", "height": 192, "width": 256},
     {"name": "hires/sync", "kind": "image", "model": "tiny-sd", "guidance": "sync", "height": 192, "width": 256},
     {"name": "video/dual", "kind": "video", "model": "tiny-t2v", "scope": "dual"},
-    {"name": "video/full_animatediff", "kind": "video", "model": "tiny-animatediff", "scope": "full"},
+    {"name": "video/full_animatediff_long", "kind": "video", "model": "tiny-animatediff", "scope": "full", "frames": 36},
     {"name": "llm/dense", "kind": "llm", "kv": "dense"},
     {"name": "llm/offload", "kind": "llm", "kv": "offload"},
 ]

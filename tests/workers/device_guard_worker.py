@@ -36,7 +36,7 @@ def _video(spec: dict):
     pipe.set_progress_bar_config(disable=True)
     temporal = TemporalAttention(scope=spec["scope"], local=4, global_frames=4)
     paragen.parallelize(pipe, paragen.ParallelConfig(clip=paragen.world_size(), temporal=temporal))
-    pipe(prompt="a boat", num_frames=12, height=64, width=64, num_inference_steps=2,
+    pipe(prompt="a boat", num_frames=spec.get("frames", 12), height=64, width=64, num_inference_steps=2,
          generator=torch.Generator().manual_seed(SEED), output_type="np")
     return pipe.paragen.mesh
 

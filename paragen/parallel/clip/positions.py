@@ -11,10 +11,11 @@ from paragen.parallel.clip.context import ClipContext
 
 
 def sinusoid(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """`[len(positions), dim]` sin/cos embedding at (possibly fractional) positions, the table's own formula."""
-    div_term = torch.exp(torch.arange(0, dim, 2) * (-math.log(10000.0) / dim))
+    """`[len(positions), dim]` sin/cos embedding at (possibly fractional) positions, the table's own formula, on
+    the positions' device."""
+    div_term = torch.exp(torch.arange(0, dim, 2, device=positions.device) * (-math.log(10000.0) / dim))
     angles = positions.unsqueeze(1) * div_term
-    table = torch.zeros(len(positions), dim)
+    table = torch.zeros(len(positions), dim, device=positions.device)
     table[:, 0::2] = torch.sin(angles)
     table[:, 1::2] = torch.cos(angles)
     return table

@@ -76,7 +76,7 @@ def shard_weights(model: torch.nn.Module, comm: GroupComm, tp: int) -> torch.nn.
     _check_accelerator(first.device.type)
     _attach_comm_backend(deepspeed)
     engine = _init_inference(deepspeed, model, comm, tp, first.dtype)
-    _check_group_all_reduce(comm, tp, first.dtype)
+    _check_group_all_reduce(comm, tp, first)
     return engine.module
 
 
@@ -172,11 +172,12 @@ def _init_inference(deepspeed: Any, model: torch.nn.Module, comm: GroupComm, tp:
     return engine
 
 
-def _check_group_all_reduce(comm: GroupComm, tp: int, dtype: torch.dtype) -> None:
-    """Check that DeepSpeed's inference all-reduce sums over the tp group and nothing more."""
+def _check_group_all_reduce(comm: GroupComm, tp: int, like: torch.Tensor) -> None:
+    """Check that DeepSpeed's inference all-reduce sums over the tp group and nothing more (with a tensor on the
+    device and of the dtype of `like`, as the model's all-reduces will be)."""
     from deepspeed import comm as ds_dist
 
-    probe = torch.ones(1, dtype=dtype)
+    probe = torch.ones(1, dtype=like.dtype, device=like.device)
     ds_dist.inference_all_reduce(probe, group=comm.group)
     if probe.item() != tp:
         raise RuntimeError(f"DeepSpeed's all-reduce over a tensor parallel group of {tp} ranks summed "
