@@ -47,18 +47,15 @@ def init(
     if chosen.type == "cpu":
         torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // info.local_world_size))
     timeout = timedelta(seconds=init_timeout_s)
+    # NCCL is told its device, so its communicator is made eagerly for that GPU (and groups split from it).
+    common = {"timeout": timeout, **({"device_id": chosen} if backend == "nccl" else {})}
     if info.world_size == 1 and info.master_addr is None:
-        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, **common)
     elif info.source == "torchrun":
-        dist.init_process_group(backend, init_method="env://", timeout=timeout)
+        dist.init_process_group(backend, init_method="env://", **common)
     else:
-        dist.init_process_group(
-            backend,
-            init_method=f"tcp://{info.master_addr}:{info.master_port}",
-            rank=info.rank,
-            world_size=info.world_size,
-            timeout=timeout,
-        )
+        dist.init_process_group(backend, init_method=f"tcp://{info.master_addr}:{info.master_port}", rank=info.rank,
+                                world_size=info.world_size, **common)
     start_cpu_world()
     set_operation_timeout(timeout_s)
     get_logger().info(
