@@ -143,7 +143,10 @@ def _add_video_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_video(args: argparse.Namespace) -> int:
+    from paragen.comms import resolve_device
     from paragen.pipelines.loading import check_model_source
+    from paragen.pipelines.memory_estimate import check_memory
+    from paragen.pipelines.outputs import check_out_dir
     from paragen.pipelines.video_job import VideoRequest, check_video_request, open_checkpoints, run_video_job
 
     folder = _checkpoint_folder(args)
@@ -163,6 +166,9 @@ def _run_video(args: argparse.Namespace) -> int:
     config = ParallelConfig(clip=launch.world_size, patch=1, temporal=temporal)
     video_format = check_video_request(request, config, launch.world_size)
     check_model_source(args.model, allow_pickle=args.allow_pickle)
+    check_out_dir(args.out)
+    check_memory(request, config, launch.world_size, resolve_device(args.device, launch.local_rank),
+                 launch.local_world_size)
     checkpoints = open_checkpoints(request, config, launch.rank, launch.world_size)
     _init(args)
     run_video_job(request, config, checkpoints, video_format)
@@ -209,6 +215,7 @@ def _add_llm_parser(sub: argparse._SubParsersAction) -> None:
 def _run_llm(args: argparse.Namespace) -> int:
     from paragen.parallel.llm import KVConfig
     from paragen.pipelines.llm_job import LLMRequest, prepare_prompt, run_llm_job
+    from paragen.pipelines.outputs import check_out_dir
 
     request = LLMRequest(
         model=args.model, prompt=args.prompt, prompt_file=args.prompt_file, context=args.context, depth=args.depth,
@@ -224,6 +231,7 @@ def _run_llm(args: argparse.Namespace) -> int:
     config = ParallelConfig(seq=seq, tp=args.tp)
     config.resolve(launch.world_size)
     prompt = prepare_prompt(request, config, kv)
+    check_out_dir(args.out)
     _init(args)
     run_llm_job(request, config, kv, prompt)
     return 0
@@ -295,8 +303,11 @@ def _run_slurm(args: argparse.Namespace) -> int:
 
 
 def _run_image(args: argparse.Namespace) -> int:
+    from paragen.comms import resolve_device
     from paragen.pipelines.image_job import ImageRequest, open_checkpoints, run_image_job
     from paragen.pipelines.loading import check_model_source
+    from paragen.pipelines.memory_estimate import check_memory
+    from paragen.pipelines.outputs import check_out_dir
 
     # Everything that can be checked without the other ranks is checked here, on every rank.
     folder = _checkpoint_folder(args)
@@ -312,6 +323,9 @@ def _run_image(args: argparse.Namespace) -> int:
     launch = discover()
     config.resolve(launch.world_size)
     check_model_source(args.model, allow_pickle=args.allow_pickle)
+    check_out_dir(args.out)
+    check_memory(request, config, launch.world_size, resolve_device(args.device, launch.local_rank),
+                 launch.local_world_size)
     checkpoints = open_checkpoints(request, config, launch.rank, launch.world_size)
     _init(args)
     run_image_job(request, config, checkpoints)
@@ -333,10 +347,17 @@ def _hires_config(args: argparse.Namespace) -> HiresConfig | None:
 
 
 def _quiet_third_party() -> None:
-    """Hide the libraries' import-time notices and deprecation chatter (errors still show)."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    """Hide the libraries' notices (such as transformers' "requires torchvision" fallback lines when diffusers loads
+    image processors) and deprecation chatter; errors still show. The levels go through the libraries' logging API:
+    an environment variable is read once, when the library is imported, and transformers is imported with paragen.
+    A TRANSFORMERS_VERBOSITY or DIFFUSERS_VERBOSITY set by the user still decides."""
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(diffusers|transformers)\b")
+    from diffusers.utils import logging as diffusers_logging  # the parser imports diffusers anyway
+    from transformers.utils import logging as transformers_logging
+
+    for variable, library in (("TRANSFORMERS_VERBOSITY", transformers_logging), ("DIFFUSERS_VERBOSITY", diffusers_logging)):
+        if variable not in os.environ:
+            library.set_verbosity_error()
 
 
 @record

@@ -6,7 +6,8 @@ import torch
 from paragen.comms import default_dtype, rank_device
 
 DTYPES = {"auto": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-DTYPE_HELP = "weights and activations dtype; auto: float32 on CPU, on a GPU bfloat16 where it computes it natively, else float16"
+DTYPE_HELP = ("weights and activations dtype; auto: float32 on CPU, on a GPU bfloat16 where it computes it natively, "
+              "else float16")
 
 
 def check_dtype(name: str) -> None:
@@ -15,10 +16,10 @@ def check_dtype(name: str) -> None:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """The torch dtype `name` means on this rank's device (after `paragen.init()`)."""
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
+    """The torch dtype `name` means on `device` (default: this rank's device, chosen by `paragen.init()`)."""
     check_dtype(name)
-    return DTYPES[name] or default_dtype(rank_device())
+    return DTYPES[name] or default_dtype(device or rank_device())
 
 
 __all__ = ["DTYPES", "DTYPE_HELP", "check_dtype", "resolve_dtype"]

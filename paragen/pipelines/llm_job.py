@@ -22,7 +22,7 @@ from paragen.pipelines.dtypes import check_dtype, resolve_dtype
 from paragen.pipelines.llm import check_llm_parallel, check_prompt_length, parallelize_llm
 from paragen.pipelines.llm_loading import EMBEDDED_LLMS, check_llm_source, load_llm, model_root
 from paragen.pipelines.outputs import save_json
-from paragen.pipelines.passkey import DIGITS, PasskeyPrompt, decode_key, make_prompt
+from paragen.pipelines.passkey import DIGITS, PasskeyPrompt, check_passkey_length, decode_key, make_prompt
 from paragen.pipelines.report import job_report
 
 
@@ -61,6 +61,8 @@ class LLMRequest:
             raise ValueError(f"{self.model} has no tokenizer: it reads passkey prompts (--context, --depth), not text")
         if self.model not in EMBEDDED_LLMS and not text:
             raise ValueError("a local checkpoint needs a text prompt: --prompt or --prompt-file")
+        if self.model in EMBEDDED_LLMS:
+            check_passkey_length(self.context)
 
 
 @dataclass(frozen=True)

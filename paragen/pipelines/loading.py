@@ -42,9 +42,19 @@ def _components(index: dict[str, Any]) -> dict[str, tuple[str, str] | None]:
     return parts
 
 
-def _read_index(root: Path) -> dict[str, Any]:
-    with open(root / "model_index.json", encoding="utf-8") as f:
-        return json.load(f)
+def read_index(root: Path) -> dict[str, Any]:
+    """The `model_index.json` of the pipeline folder `root`; ModelLoadError, naming the file, if it is not a JSON
+    object naming its pipeline class (`_class_name`)."""
+    path = root / "model_index.json"
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelLoadError(f"{path} is not valid JSON ({error}); a diffusers pipeline folder has a model_index.json "
+                             "as written by save_pretrained") from None
+    if not isinstance(index, dict) or not isinstance(index.get("_class_name"), str):
+        raise ModelLoadError(f'{path} does not name its pipeline class: it needs a "_class_name" entry such as '
+                             '"StableDiffusionPipeline" (as written by save_pretrained)')
+    return index
 
 
 def check_model_source(model: str, *, allow_pickle: bool = False) -> None:
@@ -66,7 +76,7 @@ def check_model_source(model: str, *, allow_pickle: bool = False) -> None:
         raise ModelLoadError(f"model path {model!r} is not a directory (a diffusers checkpoint is one)")
     if not (root / "model_index.json").is_file():
         raise ModelLoadError(f"model directory {model!r} has no model_index.json (not a diffusers pipeline)")
-    for name, spec in _components(_read_index(root)).items():
+    for name, spec in _components(read_index(root)).items():
         folder = root / name
         if spec is None:
             continue  # left out, e.g. the safety checker
@@ -114,7 +124,7 @@ def _build_embedded(name: str, seed: int, dtype: torch.dtype) -> DiffusionPipeli
     import diffusers
 
     root = CONFIG_DIR / name
-    index = _read_index(root)
+    index = read_index(root)
     components = _components(index)
     parts: dict[str, Any] = {}
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
@@ -149,7 +159,7 @@ def load_pipeline(
     from diffusers import DiffusionPipeline
 
     no_checker = {"safety_checker": None, "requires_safety_checker": False}
-    has_checker = "safety_checker" in _read_index(Path(model))
+    has_checker = "safety_checker" in read_index(Path(model))
     return DiffusionPipeline.from_pretrained(  # loads on CPU, in eval mode
         model,
         torch_dtype=dtype,

@@ -1,10 +1,11 @@
 """Outputs (PNG, JSON, MP4/GIF) are written by one rank, atomically: a temporary file in the same folder, then a rename,
-so a crashed or failed run never leaves a partial file that looks like a result."""
+so a crashed or failed run never leaves a partial file that looks like a result. Files get the mode any new file
+gets (0666 less the umask), like the output of any other program."""
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Callable
 
@@ -12,12 +13,34 @@ import numpy as np
 from PIL import Image
 
 
+def check_out_dir(out_dir: str) -> None:
+    """Refuse, before any work, an output folder that cannot be made: an existing file, a file on its path, or a
+    folder this user cannot write in (ValueError naming it)."""
+    path = Path(out_dir)
+    existing = next(folder for folder in (path, *path.parents) if folder.exists())
+    if not existing.is_dir():
+        where = "" if existing == path else f" cannot be created: {str(existing)!r}"
+        raise ValueError(f"--out {out_dir!r}{where} is a file, not a folder; name a folder (it is created if missing)")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out_dir!r}: no permission to write in {str(existing)!r}; name a folder you can write in")
+
+
+def _new_temp_file(path: Path) -> Path:
+    """A new empty file next to `path`, created with mode 0666 so that the umask alone decides its permissions."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue  # another writer drew the same name: draw again
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary path next to `path`, then rename it into place."""
+    """Call `write(tmp)` on a temporary path next to `path`, then rename it into place (the temporary file is
+    removed if anything fails)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _new_temp_file(path)
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -30,6 +30,15 @@ WORD_IDS = {w: 3 + i for i, w in enumerate(_WORDS)}
 DIGIT_BASE = 32
 VOCAB_SIZE = DIGIT_BASE + 10 * DIGITS  # 92
 _SENTENCE_IDS = [torch.tensor([WORD_IDS[w] for w in s.split()]) for s in FILLER_SENTENCES]
+FIXED_TOKENS = 1 + 1 + DIGITS + 1  # bos, key marker, digits, question
+
+
+def check_passkey_length(length: int) -> None:
+    """Refuse a prompt length that cannot hold the fixed tokens and at least one filler token."""
+    if length < FIXED_TOKENS + 1:
+        raise ValueError(f"a passkey prompt of {length} tokens is too short: it holds {FIXED_TOKENS} fixed tokens (start, "
+                         f"key marker, {DIGITS} key digits, question) and some filler; use a context of at least "
+                         f"{FIXED_TOKENS + 1} tokens")
 
 
 def digit_token(slot: int, value: int) -> int:
@@ -72,13 +81,11 @@ class PasskeyPrompt:
 
 def make_prompt(length: int, depth: float, generator: torch.Generator) -> PasskeyPrompt:
     """A prompt of exactly `length` tokens whose key starts at fraction `depth` of the filler."""
-    overhead = 1 + 1 + DIGITS + 1  # bos, key marker, digits, question
-    if length < overhead + 1:
-        raise ValueError(f"a passkey prompt needs at least {overhead + 1} tokens, got {length}")
+    check_passkey_length(length)
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     key = "".join(str(int(d)) for d in torch.randint(10, (DIGITS,), generator=generator))
-    pad = filler(length - overhead, generator)
+    pad = filler(length - FIXED_TOKENS, generator)
     at = int(round(depth * len(pad)))
     needle = torch.tensor([KEY] + key_tokens(key))
     tokens = torch.cat([torch.tensor([BOS]), pad[:at], needle, pad[at:], torch.tensor([ASK])])

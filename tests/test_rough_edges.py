@@ -1,0 +1,205 @@
+"""Rough edges a new user hits, each a clear message (exit status 2 on every rank, within seconds, no output) or
+gone: third-party notices, output file modes, a broken model_index.json, --out naming a file, a request far
+beyond memory, a passkey context shorter than its fixed tokens."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from paragen.parallel import ParallelConfig
+from paragen.parallel.hires import HiresConfig
+from paragen.pipelines import memory_estimate
+from paragen.pipelines.image_job import ImageRequest
+from paragen.pipelines.llm_job import LLMRequest
+from paragen.pipelines.loading import ModelLoadError, check_model_source
+from paragen.pipelines.memory_estimate import Job, ModelShape, check_memory, format_bytes, model_shape, need, plan_job
+from paragen.pipelines.outputs import check_out_dir, save_json, save_png, save_video, write_atomic
+from paragen.pipelines.passkey import make_prompt
+from paragen.pipelines.video_job import VideoRequest
+from tests.multiproc import ROOT, expect_bad_input, rank_env, start_ranks
+
+CPU = torch.device("cpu")
+GiB = 1024**3
+
+
+def _single_env() -> dict[str, str]:
+    env = rank_env(0, 1, 0)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name)
+    return env
+
+
+# ---- 1 and 2: no third-party chatter; outputs follow the umask ---------------------------------------------------
+@pytest.mark.parametrize("command", [["image", "--height", "64", "--width", "64", "--steps", "1"],
+                                     ["llm", "--context", "512", "--new-tokens", "4"]])
+def test_commands_print_no_library_chatter_and_write_files_by_the_umask(tmp_path, command):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-m", "paragen", *command, "--out", str(out)], cwd=tmp_path,
+                            env=_single_env(), capture_output=True, text=True, timeout=300, umask=0o022)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for chatter in ("requires torchvision", "[transformers]", "Warning", "deprecat"):
+        assert chatter not in result.stderr, f"{chatter!r} on stderr:\n{result.stderr[-3000:]}"
+    written = sorted(out.iterdir())
+    assert written and all(path.stat().st_mode & 0o777 == 0o644 for path in written), [oct(p.stat().st_mode) for p in written]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_mode_the_umask_gives(tmp_path, umask):
+    frames = np.random.default_rng(0).random((3, 16, 16, 3))
+    previous = os.umask(umask)
+    try:
+        paths = [save_png(Image.new("RGB", (8, 8)), tmp_path / "a.png"), save_json({"a": 1}, tmp_path / "a.json"),
+                 save_video(frames, tmp_path / "a.gif", fps=4)]
+    finally:
+        os.umask(previous)
+    assert [p.stat().st_mode & 0o777 for p in paths] == [0o666 & ~umask] * 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.gif", "a.json", "a.png"]  # no temporary file left
+
+
+def test_a_failed_write_leaves_no_file(tmp_path):
+    def half_written(tmp: Path) -> None:
+        tmp.write_text("partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomic(tmp_path / "out" / "a.json", half_written)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+# ---- 3 and 4: a broken model_index.json; --out naming a file ------------------------------------------------------
+@pytest.mark.parametrize("text, message", [
+    ('{"scheduler": ["diffusers", "DDIMScheduler"]}', 'needs a "_class_name" entry'),
+    ('["StableDiffusionPipeline"]', 'needs a "_class_name" entry'),
+    ('{"_class_name": "StableDiffusionPipeline",', "is not valid JSON"),
+])
+def test_a_broken_model_index_is_named(tmp_path, text, message):
+    (tmp_path / "model_index.json").write_text(text)
+    with pytest.raises(ModelLoadError, match=message) as error:
+        check_model_source(str(tmp_path))
+    assert str(tmp_path / "model_index.json") in str(error.value)
+
+
+def test_out_must_be_a_folder_that_can_be_made(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match=r"--out '.*file' is a file, not a folder"):
+        check_out_dir(str(tmp_path / "file"))
+    with pytest.raises(ValueError, match=r"cannot be created: '.*file' is a file"):
+        check_out_dir(str(tmp_path / "file" / "sub"))
+    check_out_dir(str(tmp_path / "new" / "folder"))  # made when the output is written
+    check_out_dir(str(tmp_path))
+
+
+# ---- 5: the memory estimate ------------------------------------------------------------------------------------
+def test_model_shape_reads_the_configs():
+    # tiny-sd: UNet block_out_channels [96, 192, 384] with cross-attention first; VAE [32, 64, 64, 64], 4 latent channels
+    assert model_shape("tiny-sd") == ModelShape(transformer=False, width=96, first_level_attention=True, distilled=False,
+                                                vae_channels=32, vae_factor=8, latent_channels=4)
+    flux = model_shape("tiny-flux")  # 4 heads of 32; a guidance embedding, no CFG batch
+    assert (flux.transformer, flux.width, flux.distilled, flux.latent_channels) == (True, 128, True, 16)
+    assert model_shape(str(ROOT / "no-such-model")) is None
+
+
+def test_unet_image_estimate_matches_a_hand_computation():
+    job = plan_job(model_shape("tiny-sd"), ImageRequest(height=100000, width=100000), ParallelConfig(), 2, 4)
+    assert (job.batch, job.split, job.ranks, job.gathers_whole_image) == (2, 2, 2, True)
+    # latent 4·12500² = 625e6; UNet 2·96·(2·6250 + 12500)·12500 = 60e9; VAE decode 2·32·50000·100000 = 320e9 (largest)
+    assert need(job).bytes == (625_000_000 + 320_000_000_000) * 4 == 1_282_500_000_000
+    assert "VAE decoder" in need(job).what
+
+
+def test_dit_and_video_estimates_match_hand_computations():
+    shape = ModelShape(transformer=True, width=3072, first_level_attention=True, distilled=True, vae_channels=128,
+                       vae_factor=8, latent_channels=16)
+    job = Job(shape, height=8192, width=8192, frames=None, dtype_bytes=2, batch=1, split=8, ranks=8,
+              gathers_whole_image=True, hires=False)
+    # latent 16·1024² = 16_777_216; tokens 512² = 262_144, 32_768 a rank: 4·32_768·3072 = 402_653_184 (largest);
+    # VAE 2·128·1024·8192 = 2_147_483_648 -> the VAE still wins
+    assert need(job).bytes == (16_777_216 + 2_147_483_648) * 2
+    job = plan_job(model_shape("tiny-t2v"), VideoRequest(frames=100000, height=1024, width=1024),
+                   ParallelConfig(clip=2, patch=1), 2, 4)
+    # latent 4·1e5·128² = 6_553_600_000; UNet 2·2·64·50_000·128² = 209_715_200_000;
+    # gathered frames 3·1e5·1024² = 314_572_800_000 (largest)
+    assert need(job).bytes == (6_553_600_000 + 314_572_800_000) * 4
+    assert "gathered" in need(job).what
+
+
+DEMO_AND_TEST_SIZES = [
+    (ImageRequest(height=512, width=512), ParallelConfig(mode="displaced"), 2),  # make demo
+    (ImageRequest(height=1024, width=1024), ParallelConfig(), 2),
+    (ImageRequest(model="tiny-sdxl", height=1024, width=1024), ParallelConfig(cfg=2), 4),
+    (ImageRequest(model="tiny-pixart", height=1024, width=1024), ParallelConfig(ulysses=2), 2),
+    (ImageRequest(model="tiny-sd3", height=1024, width=1024), ParallelConfig(ring=2), 2),
+    (ImageRequest(model="tiny-flux", height=1024, width=1024), ParallelConfig(), 2),
+    (ImageRequest(height=192, width=256), ParallelConfig(hires=HiresConfig()), 2),
+    (VideoRequest(), ParallelConfig(clip=2, patch=1), 2),
+    (VideoRequest(model="tiny-animatediff"), ParallelConfig(clip=2, patch=1), 2),
+]
+
+
+@pytest.mark.parametrize("request_, config, world", DEMO_AND_TEST_SIZES)
+def test_demo_and_test_sizes_are_not_refused(request_, config, world):
+    assert need(plan_job(model_shape(request_.model), request_, config, world, 4)).bytes < 256 * 2**20
+    check_memory(request_, config, world, CPU, world)
+
+
+def test_refusal_names_the_figure_and_what_would_fit(monkeypatch):
+    monkeypatch.setattr(memory_estimate, "available_bytes", lambda device, local_ranks: 22 * GiB)
+    with pytest.raises(ValueError) as error:
+        check_memory(ImageRequest(height=100000, width=100000), ParallelConfig(), 2, CPU, 2)
+    message = str(error.value)
+    assert message.startswith("a 100000x100000 image needs at least 1.2 TiB per rank with 2 ranks (patch 2), mostly the "
+                              "VAE decoder's full-resolution feature maps; this rank has 22 GiB available (44 GiB on this "
+                              "host for 2 ranks); it would fit with at most ")
+    # H x H needs the latent 4·(H/8)² plus the VAE decode 2·32·H·H/2 (more than the UNet's 2·96·(2·H/16 + H/8)·H/8)
+    # elements of 4 bytes: 22 GiB hold 32.0625·H² ≤ 5_905_580_032 elements up to H = 13571, so 13568 (64-pixel steps).
+    assert message.endswith("it would fit with at most 13568x13568")
+
+
+def test_refusal_suggests_more_shards_where_they_help(monkeypatch):
+    monkeypatch.setattr(memory_estimate, "available_bytes", lambda device, local_ranks: 10 * GiB)
+    # On N ranks: the latent 4·5000² = 1e8 elements plus the VAE decode's 2·32·(40000 // N)·40000 (more than the
+    # transformer's 4·2·(2500²/N)·256), of 4 bytes, fit 10 GiB = 2_684_354_560 elements once 40000 // N <= 1009: N >= 40.
+    with pytest.raises(ValueError, match=r"with 2 ranks \(ulysses × ring 2\).* it would fit with ulysses × ring ≥ 40 or"):
+        check_memory(ImageRequest(model="tiny-pixart", height=40000, width=40000), ParallelConfig(ring=2), 2, CPU, 2)
+
+
+def test_format_bytes():
+    assert [format_bytes(n) for n in (512, 1536, 22 * GiB, 9.3 * 1024 * GiB)] == ["512 B", "1.5 KiB", "22 GiB", "9.3 TiB"]
+
+
+# ---- 6: a passkey context shorter than its fixed tokens ---------------------------------------------------------
+def test_a_passkey_context_must_hold_the_fixed_tokens():
+    with pytest.raises(ValueError, match="a passkey prompt of 9 tokens is too short.*at least 10 tokens"):
+        LLMRequest(context=9)
+    LLMRequest(context=10)
+    assert make_prompt(10, 0.5, torch.Generator().manual_seed(0)).tokens.shape == (10,)
+
+
+# ---- every rank refuses at once, and writes nothing (one case per command) ---------------------------------------
+BAD_REQUESTS = {
+    "out is a file": (["image"], "is a file, not a folder"),
+    "image beyond memory": (["image", "--height", "100000", "--width", "100000"], "needs at least 1.2 TiB per rank"),
+    "video beyond memory": (["video", "--frames", "100000", "--height", "1024", "--width", "1024"], "per rank with 2 ranks (clip 2)"),
+    "passkey context too short": (["llm", "--context", "5"], "a passkey prompt of 5 tokens is too short"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_requests_fail_fast_on_every_rank(tmp_path, case):
+    args, message = BAD_REQUESTS[case]
+    out = tmp_path / "out"
+    if case == "out is a file":
+        out.write_text("keep me")
+    start = time.monotonic()
+    expect_bad_input(start_ranks(["-m", "paragen", *args, "--out", str(out), "--timeout", "30"], 2, cwd=tmp_path), message)
+    assert time.monotonic() - start < 45
+    assert (out.read_text() == "keep me") if case == "out is a file" else not out.exists()
