@@ -134,7 +134,8 @@ def run_llm_job(request: LLMRequest, config: ParallelConfig, kv: KVConfig, promp
     else:
         report.update(text=prompt.tokenizer.decode(new, skip_special_tokens=True))
         log.info("generated: %s", report["text"])
-    stem = request.name or f"llm_{request.model.replace('/', '_').strip('_')}_{config.layout_tag()}_{kv.mode}"
+    layout = runtime.config  # resolved: seq × tp is the world size
+    stem = request.name or f"llm_{request.model.replace('/', '_').strip('_')}_seq{layout.seq}_tp{layout.tp}_{kv.mode}"
     path = save_json(report, Path(request.out_dir) / f"{stem}.json")
     log.info("prefill %.2f s, decode %.1f tokens/s; wrote %s", runtime.prefill_s, report["decode_tokens_per_s"] or 0, path)
     return report
