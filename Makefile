@@ -74,3 +74,23 @@ bench: $(STAMP)
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) out
+
+# GPU check (bench/gpu_check.py; see its docstring). `make gpu-wheels` here, where the package index is reachable,
+# puts the wheels a bare CUDA machine lacks (diffusers & co., pytest) into $(GPU_WHEELS) (git-ignored: carry it);
+# `make gpu-check` on the GPU machine runs on that machine's own python3 (its torch and transformers; no .venv there),
+# installs from those wheels only what it lacks, and writes bench/results/gpu_<kind>.json (GPU_CHECK_ARGS="--out ...").
+# `make gpu-check-cpu`: the same sections on the CPU with tiny sizes (bench/results/gpu_check_cpu.json).
+GPU_PYTHON     ?= python3
+GPU_WHEELS     ?= .gpu-wheels
+GPU_CHECK_ARGS ?=
+
+.PHONY: gpu-wheels gpu-check gpu-check-cpu
+
+gpu-wheels:
+	bash tools/gpu_wheels.sh $(GPU_WHEELS)
+
+gpu-check:
+	$(GPU_PYTHON) bench/gpu_check.py --install-wheels $(GPU_WHEELS) $(GPU_CHECK_ARGS)
+
+gpu-check-cpu: $(STAMP)
+	$(BIN)/python bench/gpu_check.py --cpu $(GPU_CHECK_ARGS)

@@ -94,7 +94,7 @@ def run_image_job(request: ImageRequest, config: ParallelConfig, checkpoints: Ch
     options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
     images = pipe(
         request.prompt,
-        negative_prompt=request.negative_prompt or None,
+        **({"negative_prompt": request.negative_prompt} if request.negative_prompt else {}),  # PixArt rejects None
         height=request.height,
         width=request.width,
         num_inference_steps=request.steps,
