@@ -15,8 +15,10 @@ import torch
 
 def to_host(states: torch.Tensor) -> torch.Tensor:
     """A host-memory copy of `states` (pinned when CUDA is in use, so device copies can be asynchronous)."""
-    host = states.detach().to("cpu", copy=True)
-    return host.pin_memory() if states.device.type == "cuda" else host
+    if states.device.type != "cuda":
+        return states.detach().to("cpu", copy=True)
+    host = torch.empty(states.shape, dtype=states.dtype, device="cpu", pin_memory=True)  # one copy, into pinned memory
+    return host.copy_(states.detach())
 
 
 class ChunkFetcher:
