@@ -15,6 +15,7 @@ LOCK        ?= requirements-lock.txt
 # The packages whose newest releases `make test-latest` checks (their APIs move monthly), with what they pull along.
 LATEST      ?= transformers diffusers accelerate huggingface-hub tokenizers safetensors
 VENV_LATEST ?= .venv-latest
+LATEST_RE   := $(shell echo $(LATEST) | sed 's/ /|/g; s/-/[-_]/g')
 NPROC       ?= 2
 DEMO_ARGS   ?= --mode displaced --height 512 --width 512 --steps 20
 
@@ -48,10 +49,10 @@ test-fast: $(STAMP)
 test-latest:
 	test -x $(VENV_LATEST)/bin/python || $(PYTHON) -m venv $(VENV_LATEST)
 	$(VENV_LATEST)/bin/python -m pip install $(PIP) $(TORCH_INDEX) "$(TORCH_SPEC)"
-	grep -viE "^($(shell echo $(LATEST) | sed 's/ /|/g'))==" $(LOCK) > $(VENV_LATEST)/constraints.txt
+	grep -viE "^($(LATEST_RE))==" $(LOCK) > $(VENV_LATEST)/constraints.txt
 	$(VENV_LATEST)/bin/python -m pip install $(PIP) -c $(VENV_LATEST)/constraints.txt -e ".[$(EXTRAS)]"
 	$(VENV_LATEST)/bin/python -m pip install $(PIP) --upgrade $(LATEST)
-	$(VENV_LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^($(shell echo $(LATEST) | sed 's/ /|/g')) "
+	$(VENV_LATEST)/bin/python -m pip list 2>/dev/null | grep -iE "^($(LATEST_RE)) "
 	$(VENV_LATEST)/bin/python $(PYTEST)
 
 lock: $(STAMP)
