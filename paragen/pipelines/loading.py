@@ -162,7 +162,7 @@ def load_pipeline(
     has_checker = "safety_checker" in read_index(Path(model))
     return DiffusionPipeline.from_pretrained(  # loads on CPU, in eval mode
         model,
-        torch_dtype=dtype,
+        dtype=dtype,
         use_safetensors=None if allow_pickle else True,  # None: safetensors first, else pickle
         local_files_only=True,
         **(no_checker if has_checker else {}),
