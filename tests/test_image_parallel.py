@@ -20,9 +20,10 @@ from tests.multiproc import run_spec_worker
 
 SIZE, STEPS, WARMUP, FRACTION = 128, 4, 1, 0.3
 PROMPT, GUIDANCE, SEED = "a red fox in the snow", 5.0, 7
-# Measured on these runs (1 warm-up step of 4, 128x128): 2 ranks 38.2-39.2 dB, 4 ranks 34.8-35.1 dB
-# (displaced and partial, both models); the bounds leave ~3.5 dB for other CPUs and library versions.
-PSNR_BOUND_DB = {2: 35.0, 4: 31.0}
+# Measured on these runs (1 warm-up step of 4, 128x128): 2 ranks 39.3-40.3 dB, 4 ranks 36.7-37.2 dB
+# (displaced and partial, both models; 38.2-39.2 and 34.8-35.1 dB before the corrected GroupNorm statistics and the
+# fresh conv_in halo); the bounds leave ~3.5 dB for other CPUs and library versions.
+PSNR_BOUND_DB = {2: 36.0, 4: 33.0}
 EXACT_ATOL = 1e-4
 
 MODELS = ("tiny-sd", "tiny-sdxl")
@@ -96,6 +97,8 @@ def _record_shapes(unet: nn.Module) -> _ShapeRecorder:
         return hook
 
     for module in unet.modules():
+        if module is unet.conv_in:  # reads its halo from the latent every rank holds: no traffic
+            continue
         if isinstance(module, nn.Conv2d) and module.kernel_size[0] > 1:
             handles.append(module.register_forward_pre_hook(on("conv", module), with_kwargs=True))
         elif isinstance(module, nn.GroupNorm):

@@ -23,6 +23,24 @@ def combine_group_stats(stats: torch.Tensor, counts: Sequence[int]) -> tuple[tor
     return mean, total_m2 / total
 
 
+def corrected_stale_stats(
+    previous: torch.Tensor, fresh: torch.Tensor, own: int, counts: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global (mean, variance) for a step that has only this part's fresh statistics: every part's `previous`
+    statistics (`[parts, ..., 2]`, as for `combine_group_stats`) moved by the change of part `own` since then
+    (`fresh`, `[..., 2]`), as DistriFusion's corrected asynchronous GroupNorm does. In raw moments every part's
+    E[x] and E[x²] move by this part's Δmean and ΔE[x²]; written as differences, so nothing large cancels:
+    mean' = M + Δm, var' = V + Δv_own + 2·Δm·(m_own − M), with (M, V) the previous global statistics. A negative
+    variance (the assumption failing) falls back to this part's own."""
+    mean, var = combine_group_stats(previous, counts)
+    n_own = counts[own]
+    old_mean, old_var = previous[own, ..., 0], previous[own, ..., 1] / n_own
+    new_mean, new_var = fresh[..., 0], fresh[..., 1] / n_own
+    shift = new_mean - old_mean
+    corrected = var + (new_var - old_var) + 2 * shift * (old_mean - mean)
+    return mean + shift, torch.where(corrected < 0, new_var, corrected)
+
+
 def part_stats(x: torch.Tensor, num_groups: int) -> tuple[torch.Tensor, int]:
     """`[batch, groups, 2]` (mean, centred sum of squares) of a part, and its elements per (sample, group)."""
     grouped = x.reshape(x.shape[0], num_groups, -1).float()

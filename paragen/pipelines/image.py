@@ -19,7 +19,7 @@ from typing import Any
 
 from paragen.parallel import ParallelConfig, ParallelMesh
 from paragen.parallel.partition import band_bounds, check_image_size
-from paragen.parallel.patch import PatchContext
+from paragen.parallel.patch import PatchContext, PatchInputConv2d
 from paragen.pipelines.batch_split import split_batch
 from paragen.pipelines.call_wrapper import check_steps, parallel_class, request_arg, share_generator
 from paragen.pipelines.patching import patch_modules
@@ -55,7 +55,7 @@ class ImageRuntime(PipelineRuntime):
         else:
             kwargs["sample"] = band
         self.start_step(pipe)
-        self.plan.begin_step(rows, cols)
+        self.plan.begin_step(rows, cols, sample)
         return tuple(args), kwargs
 
     def unet_hook(self, module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -119,6 +119,8 @@ def parallelize_unet(pipe, config: ParallelConfig | None = None):
     vae = ParallelVaeDecoder(pipe.vae, mesh.comm("world"))
     runtime = ImageRuntime(resolved, mesh, unet_ctx, vae, unet_factor=_unet_factor(pipe.unet))
     if resolved.patch > 1:
+        if not pipe.unet.config.center_input_sample:  # else conv_in's input is not the latent every rank holds
+            PatchInputConv2d.convert(pipe.unet.conv_in, unet_ctx)
         patch_modules(pipe.unet, unet_ctx)
     pipe.unet.register_forward_pre_hook(lambda m, a, k: runtime.unet_pre_hook(pipe, m, a, k), with_kwargs=True)
     pipe.unet.register_forward_hook(runtime.unet_hook, with_kwargs=True)

@@ -5,10 +5,10 @@ from paragen.parallel.patch.attention import (
     check_processor,
 )
 from paragen.parallel.patch.context import PatchContext
-from paragen.parallel.patch.conv import PatchConv2d
+from paragen.parallel.patch.conv import PatchConv2d, PatchInputConv2d
 from paragen.parallel.patch.norm import PatchGroupNorm
 
 __all__ = [
-    "PatchConv2d", "PatchContext", "PatchCrossAttnProcessor", "PatchGroupNorm",
+    "PatchConv2d", "PatchContext", "PatchCrossAttnProcessor", "PatchGroupNorm", "PatchInputConv2d",
     "PatchSelfAttnProcessor", "check_processor",
 ]

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 from paragen.comms import FlatAllGather, GroupComm
 from paragen.parallel.steps import StepPlan
 
@@ -23,11 +25,16 @@ class PatchContext(StepPlan):
         self.stale_gather = FlatAllGather(comm, label=f"{label_prefix}stale_gather")
         self.partial_fraction = partial_fraction
         self.latent_shape: tuple[int, int] = (0, 0)  # full (rows, cols) of the model's input
+        self.whole_input: torch.Tensor | None = None  # the model's whole input, where every rank holds it
 
-    def begin_step(self, latent_rows: int, latent_cols: int) -> None:  # type: ignore[override]
-        """Called before each forward of the model on its band, with the full latent size."""
+    def begin_step(  # type: ignore[override]
+        self, latent_rows: int, latent_cols: int, whole_input: torch.Tensor | None = None
+    ) -> None:
+        """Called before each forward of the model on its band, with the full latent size (and the whole input,
+        when every rank holds it: the first conv then reads its halo rows from it)."""
         super().begin_step()
         self.latent_shape = (latent_rows, latent_cols)
+        self.whole_input = whole_input
 
     def end_step(self) -> None:
         """Launch whatever stale data is still queued."""

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paragen.comms import Pending, Slot, ready
-from paragen.parallel.partition import conv_halo
+from paragen.parallel.partition import band_bounds, conv_halo
 from paragen.parallel.patch.context import PatchContext
 
 Halo = tuple[torch.Tensor | None, torch.Tensor | None]
@@ -74,3 +74,20 @@ class PatchConv2d(nn.Conv2d):
             from_next = x.new_zeros(batch, channels, bottom, width)
         padded = torch.cat([from_prev, x, from_next], dim=2)
         return F.conv2d(padded, self.weight, self.bias, self.stride, (0, self.padding[1]), self.dilation, self.groups)
+
+
+class PatchInputConv2d(PatchConv2d):
+    """The model's first conv (`conv_in`), whose input every rank holds whole (the latent): its halo rows are read
+    from that input, fresh in every step and with no exchange. (A stale halo there would put last step's latent
+    rows at every band's edge, for no saving.)"""
+
+    def _exchange(self, x: torch.Tensor) -> Halo:
+        ctx, (top, bottom) = self.patch_ctx, self.halo
+        whole = ctx.whole_input
+        if whole is None or whole.shape[2] != ctx.latent_shape[0]:
+            raise RuntimeError("the first conv of a patch-parallel model needs the whole input of the step")
+        rows = whole.shape[2]
+        start, stop = band_bounds(rows, ctx.comm.size, ctx.comm.rank)
+        from_prev = whole[:, :, start - top : start] if start > 0 and top else None
+        from_next = whole[:, :, stop : stop + bottom] if stop < rows and bottom else None
+        return from_prev, from_next

@@ -1,8 +1,9 @@
 """`PatchGroupNorm`: GroupNorm over a whole image whose rows are spread over the band group.
 
 The statistics of the bands are combined exactly (`parallel/group_norm.py`). Fresh steps gather every
-band's statistics now (blocking); stale steps combine the *other* bands' statistics of the previous step
-with this band's fresh ones, and send this step's asynchronously.
+band's statistics now (blocking); stale steps take every band's statistics of the previous step, moved by
+this band's own change since then (DistriFusion's corrected asynchronous GroupNorm: `corrected_stale_stats`),
+and send this step's asynchronously.
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from paragen.comms import Slot
-from paragen.parallel.group_norm import combine_group_stats, normalise_with, part_stats
+from paragen.parallel.group_norm import combine_group_stats, corrected_stale_stats, normalise_with, part_stats
 from paragen.parallel.patch.context import PatchContext
 
 class PatchGroupNorm(nn.GroupNorm):
@@ -31,20 +32,20 @@ class PatchGroupNorm(nn.GroupNorm):
         """Drop the statistics kept for the next step."""
         self._stale = None
 
-    def _all_band_stats(self, local: torch.Tensor) -> torch.Tensor:
+    def _global_stats(self, local: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mean, variance) of the whole image: exact in fresh steps, corrected stale ones otherwise."""
         ctx = self.patch_ctx
+        counts = [count] * ctx.comm.size
         if ctx.stale:
             stale = self._stale
             previous = stale.wait() if isinstance(stale, Slot) else stale
-            everyone = previous.clone()  # type: ignore[union-attr]
-            everyone[ctx.comm.rank] = local
+            stats = corrected_stale_stats(previous, local, ctx.comm.rank, counts)  # type: ignore[arg-type]
             self._stale = ctx.stale_gather.submit(local, ctx.label("norm_stats")) if ctx.publish else None
-            return everyone
+            return stats
         everyone = ctx.comm.all_gather(local, ctx.label("norm_stats"))
         self._stale = everyone if ctx.publish else None
-        return everyone
+        return combine_group_stats(everyone, counts)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         stats, count = part_stats(x, self.num_groups)
-        everyone = self._all_band_stats(stats)
-        return normalise_with(self, x, *combine_group_stats(everyone, [count] * everyone.shape[0]))
+        return normalise_with(self, x, *self._global_stats(stats, count))
