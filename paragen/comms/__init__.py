@@ -25,6 +25,6 @@ from torch.distributed import ProcessGroup
 __all__ = [
     "DEVICE_CHOICES", "check_model_device", "default_dtype", "rank_device", "resolve_device",
     "CommError", "CommStats", "FlatAllGather", "GroupComm", "all_gather_objects", "broadcast_int", "OpStats", "Pending", "Slot", "ready",
-    "ProcessGroup", "backend_name", "is_initialized", "is_output_rank", "new_group", "set_operation_timeout", "world_groups",
-    "world_rank", "world_size",
+    "ProcessGroup", "backend_name", "is_initialized", "is_output_rank", "new_group", "set_operation_timeout",
+    "world_groups", "world_rank", "world_size",
 ]

@@ -17,7 +17,7 @@ import warnings
 from torch.distributed import DistError
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from paragen.comms import DEVICE_CHOICES, CommError
+from paragen.comms import DEVICE_CHOICES, CommError, resolve_device
 from paragen.launch.env import LaunchError, discover
 from paragen.launch.process_group import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S, init, shutdown
 from paragen.launch.slurm import sbatch_script
@@ -143,10 +143,7 @@ def _add_video_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_video(args: argparse.Namespace) -> int:
-    from paragen.comms import resolve_device
     from paragen.pipelines.loading import check_model_source
-    from paragen.pipelines.memory_estimate import check_memory
-    from paragen.pipelines.outputs import check_out_dir
     from paragen.pipelines.video_job import VideoRequest, check_video_request, open_checkpoints, run_video_job
 
     folder = _checkpoint_folder(args)
@@ -166,9 +163,7 @@ def _run_video(args: argparse.Namespace) -> int:
     config = ParallelConfig(clip=launch.world_size, patch=1, temporal=temporal)
     video_format = check_video_request(request, config, launch.world_size)
     check_model_source(args.model, allow_pickle=args.allow_pickle)
-    check_out_dir(args.out)
-    check_memory(request, config, launch.world_size, resolve_device(args.device, launch.local_rank),
-                 launch.local_world_size)
+    _check_room(args, request, config, launch)
     checkpoints = open_checkpoints(request, config, launch.rank, launch.world_size)
     _init(args)
     run_video_job(request, config, checkpoints, video_format)
@@ -237,6 +232,16 @@ def _run_llm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_room(args: argparse.Namespace, request, config: ParallelConfig, launch) -> None:
+    """An image or video request's output folder and its memory per rank, checked on every rank before init."""
+    from paragen.pipelines.memory_estimate import check_memory
+    from paragen.pipelines.outputs import check_out_dir
+
+    check_out_dir(args.out)
+    check_memory(request, config, launch.world_size, resolve_device(args.device, launch.local_rank),
+                 launch.local_world_size)
+
+
 def _init(args: argparse.Namespace) -> None:
     """The process group and this rank's device, from the runtime options every workload takes."""
     init(device=args.device, init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads,
@@ -303,11 +308,8 @@ def _run_slurm(args: argparse.Namespace) -> int:
 
 
 def _run_image(args: argparse.Namespace) -> int:
-    from paragen.comms import resolve_device
     from paragen.pipelines.image_job import ImageRequest, open_checkpoints, run_image_job
     from paragen.pipelines.loading import check_model_source
-    from paragen.pipelines.memory_estimate import check_memory
-    from paragen.pipelines.outputs import check_out_dir
 
     # Everything that can be checked without the other ranks is checked here, on every rank.
     folder = _checkpoint_folder(args)
@@ -323,9 +325,7 @@ def _run_image(args: argparse.Namespace) -> int:
     launch = discover()
     config.resolve(launch.world_size)
     check_model_source(args.model, allow_pickle=args.allow_pickle)
-    check_out_dir(args.out)
-    check_memory(request, config, launch.world_size, resolve_device(args.device, launch.local_rank),
-                 launch.local_world_size)
+    _check_room(args, request, config, launch)
     checkpoints = open_checkpoints(request, config, launch.rank, launch.world_size)
     _init(args)
     run_image_job(request, config, checkpoints)
@@ -355,7 +355,8 @@ def _quiet_third_party() -> None:
     from diffusers.utils import logging as diffusers_logging  # the parser imports diffusers anyway
     from transformers.utils import logging as transformers_logging
 
-    for variable, library in (("TRANSFORMERS_VERBOSITY", transformers_logging), ("DIFFUSERS_VERBOSITY", diffusers_logging)):
+    libraries = (("TRANSFORMERS_VERBOSITY", transformers_logging), ("DIFFUSERS_VERBOSITY", diffusers_logging))
+    for variable, library in libraries:
         if variable not in os.environ:
             library.set_verbosity_error()
 

@@ -27,8 +27,8 @@ import itertools
 
 import torch
 
-from paragen.comms import (CommStats, GroupComm, ProcessGroup, backend_name, check_model_device, is_initialized, new_group,
-                           world_groups, world_rank, world_size)
+from paragen.comms import (CommStats, GroupComm, ProcessGroup, backend_name, check_model_device, is_initialized,
+                           new_group, world_groups, world_rank, world_size)
 from paragen.parallel.config import ParallelConfig
 
 DIMS = ("cfg", "clip", "patch", "ring", "ulysses", "tp")
@@ -51,11 +51,12 @@ class ParallelMesh:
         if size > 1 and not is_initialized():
             raise RuntimeError("call paragen.init() before parallelising: no process group exists")
         check_model_device(device, backend_name() if is_initialized() else None)
-        self.device = torch.device(device)
         self.rank = world_rank()
         self._comms: dict[str, GroupComm] = {}
         # One group (and its host-side twin) per distinct rank set; the whole world is the default group.
-        made: dict[tuple[int, ...], tuple[ProcessGroup, ProcessGroup]] = {tuple(range(size)): world_groups()} if size > 1 else {}
+        made: dict[tuple[int, ...], tuple[ProcessGroup, ProcessGroup]] = {}
+        if size > 1:
+            made[tuple(range(size))] = world_groups()
         for name, dims in _GROUPS.items():
             group, cpu = self._group(dims, made) or (None, None)
             p2p = self._group(dims, {}) if name in _P2P_TWINS and group is not None else None

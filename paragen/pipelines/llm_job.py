@@ -108,8 +108,8 @@ def run_llm_job(request: LLMRequest, config: ParallelConfig, kv: KVConfig, promp
     sampling = {"do_sample": True, "temperature": request.temperature, "top_k": request.top_k} if request.sample \
         else {"do_sample": False, "top_k": None}
     try:
-        out = model.generate(prompt.ids.to(rank_device()), **cache_argument(cache), max_new_tokens=request.new_tokens, top_p=None,
-                             **sampling)
+        out = model.generate(prompt.ids.to(rank_device()), **cache_argument(cache), max_new_tokens=request.new_tokens,
+                             top_p=None, **sampling)
     finally:
         cache.close()
     generated = time.perf_counter()

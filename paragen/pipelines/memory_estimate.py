@@ -214,7 +214,9 @@ def _what_fits(job: Job, available: int) -> str:
     ranks_per_split = job.ranks // job.split
     most = job.frames or job.height // job.shape.vae_factor  # at most a clip per frame, a band per latent row
     split = _smallest(job.split + 1, most, lambda s: fits(dataclasses.replace(job, split=s, ranks=s * ranks_per_split)))
-    options = [] if split is None else [f"≥ {split * ranks_per_split} ranks" if job.hires else f"{_degree(job)} ≥ {split}"]
+    options = []
+    if split is not None:
+        options.append(f"≥ {split * ranks_per_split} ranks" if job.hires else f"{_degree(job)} ≥ {split}")
     steps = job.height // (job.shape.vae_factor * SIZE_STEP)
     too_big = _smallest(1, steps, lambda k: not fits(_scaled(job, k)))
     if too_big is not None and too_big > 1:
@@ -232,7 +234,8 @@ def _what_fits(job: Job, available: int) -> str:
 def _scaled(job: Job, steps: int) -> Job:
     """The job `steps` size steps high, its width scaled alike (both whole steps)."""
     step = job.shape.vae_factor * SIZE_STEP
-    return dataclasses.replace(job, height=steps * step, width=step * max(1, job.width * steps * step // job.height // step))
+    width = step * max(1, job.width * steps * step // job.height // step)
+    return dataclasses.replace(job, height=steps * step, width=width)
 
 
 def _smallest(low: int, high: int, holds: Callable[[int], bool]) -> int | None:

@@ -22,7 +22,8 @@ def check_out_dir(out_dir: str) -> None:
         where = "" if existing == path else f" cannot be created: {str(existing)!r}"
         raise ValueError(f"--out {out_dir!r}{where} is a file, not a folder; name a folder (it is created if missing)")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(f"--out {out_dir!r}: no permission to write in {str(existing)!r}; name a folder you can write in")
+        raise ValueError(f"--out {out_dir!r}: no permission to write in {str(existing)!r}; "
+                         "name a folder you can write in")
 
 
 def _new_temp_file(path: Path) -> Path:

@@ -36,9 +36,9 @@ FIXED_TOKENS = 1 + 1 + DIGITS + 1  # bos, key marker, digits, question
 def check_passkey_length(length: int) -> None:
     """Refuse a prompt length that cannot hold the fixed tokens and at least one filler token."""
     if length < FIXED_TOKENS + 1:
-        raise ValueError(f"a passkey prompt of {length} tokens is too short: it holds {FIXED_TOKENS} fixed tokens (start, "
-                         f"key marker, {DIGITS} key digits, question) and some filler; use a context of at least "
-                         f"{FIXED_TOKENS + 1} tokens")
+        raise ValueError(f"a passkey prompt of {length} tokens is too short: it holds {FIXED_TOKENS} fixed tokens "
+                         f"(start, key marker, {DIGITS} key digits, question) and some filler; use a context of at "
+                         f"least {FIXED_TOKENS + 1} tokens")
 
 
 def digit_token(slot: int, value: int) -> int:

@@ -31,7 +31,7 @@ from paragen.parallel.llm.ring import ring_causal_attention
 from paragen.parallel.llm.shards import shard_bounds
 
 MERGE_LABEL = "llm_decode_merge"
-_CACHE_NAMES = ("cache", "past_key_values")  # transformers ≥ 5.24 names it `cache`; earlier releases `past_key_values`
+_CACHE_NAMES = ("cache", "past_key_values")  # transformers ≥ 5.24 says `cache`; earlier releases `past_key_values`
 
 
 @functools.cache
