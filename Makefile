@@ -24,7 +24,7 @@ STAMP := $(VENV)/.paragen-installed
 PIP := --disable-pip-version-check -q
 PYTEST := -m pytest -q -p no:cacheprovider
 
-.PHONY: setup demo test test-fast test-latest lock bench clean
+.PHONY: setup demo test test-fast test-latest lock bench bench-peers clean
 
 setup: $(STAMP)
 
@@ -61,7 +61,12 @@ lock: $(STAMP)
 		| awk -F'==' '{n = tolower($$1); gsub(/[._]/, "-", n); print n "==" $$2}' >> $(LOCK).new
 	mv $(LOCK).new $(LOCK)
 
-bench: $(STAMP)
+# The peers the benchmarks run beside paragen, installed without their dependency pins (DistriFusion pins
+# diffusers 0.24); each benchmark adapts its peer at run time and says so when one cannot run.
+bench-peers: $(STAMP)
+	$(BIN)/python -m pip install $(PIP) --no-deps "distrifuser==0.0.1b1"
+
+bench: $(STAMP) bench-peers
 	$(BIN)/python bench/bench_image.py
 	$(BIN)/python bench/plot_image.py
 	$(BIN)/python bench/bench_dit.py

@@ -59,7 +59,9 @@ def _add_image_parser(sub: argparse._SubParsersAction) -> None:
                    help="DiT models: Ring degree (K/V passed around a ring); with neither set, the ranks left form a ring")
     p.add_argument("--mode", choices=MODES, default="sync",
                    help="; ".join(f"{m}: {text}" for m, text in MODE_HELP.items()))
-    p.add_argument("--warmup-steps", type=int, default=4, help="steps run in sync mode before displaced/partial starts")
+    p.add_argument("--warmup-steps", type=int, default=4,
+                   help="the first N denoising steps of a request run exact (sync) before displaced/partial start "
+                   "using stale data (DistriFusion's warmup_steps=k means k+1 exact steps)")
     p.add_argument("--partial-fraction", type=float, default=0.3,
                    help="partial mode: fraction of each neighbouring band's rows that attention sees")
     h = p.add_argument_group("beyond the training size (--hires, SD/SDXL)")

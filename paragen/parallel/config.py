@@ -21,6 +21,10 @@ MODE_HELP = {
 class ParallelConfig:
     """Parallel degrees and the exchange mode.
 
+    - `mode`, `warmup_steps`: how layers exchange data (`MODES`); in `displaced` and `partial`, the first
+      `warmup_steps` denoising steps of every request run exact (synchronous) and the stale steps start at
+      step `warmup_steps` (0-based). DistriFusion counts differently: its `warmup_steps=k` runs k + 1 exact
+      steps, so its default 4 is paragen's 5;
     - `cfg`: 1, or 2 to run the classifier-free-guidance branches on different ranks;
     - `patch`: row bands of a UNet's latent (patch parallelism);
     - `ulysses`, `ring`: sequence parallelism of a diffusion transformer's image tokens — all-to-all
