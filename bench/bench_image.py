@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import tempfile
@@ -41,9 +40,7 @@ SYNC_OF = {"displaced": "sync", "partial": "sync", "distrifusion": "distrifusion
 
 def latent_psnr(x: torch.Tensor, reference: torch.Tensor) -> float:
     """PSNR in dB of a latent against the reference, the peak being the reference's range."""
-    mse = ((x - reference) ** 2).mean().item()
-    peak = (reference.max() - reference.min()).item()
-    return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
+    return psnr(x, reference, peak=(reference.max() - reference.min()).item())
 
 
 def comm_per_step(result: dict, first: int, prefix: str = "unet.") -> dict[str, float]:

@@ -107,10 +107,10 @@ def spread(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(ordered), "p10": pick(0.1), "p90": pick(0.9), "n": len(ordered)}
 
 
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    """PSNR in dB of images in [0, 1]."""
+def psnr(a: torch.Tensor, b: torch.Tensor, peak: float = 1.0) -> float:
+    """PSNR in dB of `a` against `b` (default peak: images in [0, 1])."""
     mse = ((a - b) ** 2).mean().item()
-    return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+    return float("inf") if mse == 0 else 10 * math.log10(peak**2 / mse)
 
 
 def machine() -> dict:
