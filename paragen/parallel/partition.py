@@ -16,6 +16,11 @@ def band_bounds(rows: int, parts: int, index: int) -> tuple[int, int]:
     return index * size, (index + 1) * size
 
 
+def conv_span(kernel: int, dilation: int = 1) -> int:
+    """Input rows one output row of a conv reads: `dilation·(kernel-1)+1`."""
+    return dilation * (kernel - 1) + 1
+
+
 def conv_halo(kernel: int, stride: int, padding: int, dilation: int = 1) -> tuple[int, int]:
     """Rows a band needs from above and below for a conv along that axis: `(top, bottom)`.
 
@@ -23,7 +28,7 @@ def conv_halo(kernel: int, stride: int, padding: int, dilation: int = 1) -> tupl
     `[start - padding, stop - stride - padding + span)` with `span = dilation·(kernel-1)+1`.
     At the image's edges these rows are the conv's zero padding.
     """
-    span = dilation * (kernel - 1) + 1
+    span = conv_span(kernel, dilation)
     top, bottom = padding, span - padding - stride
     if bottom < 0:
         raise ValueError(f"conv kernel {kernel}, stride {stride}, padding {padding}: band would drop rows")

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from paragen.comms import Pending, Slot
-from paragen.parallel.partition import band_bounds, conv_halo
+from paragen.parallel.partition import band_bounds, conv_halo, conv_span
 from paragen.parallel.patch.context import PatchContext
 
 Halo = tuple[torch.Tensor | None, torch.Tensor | None]
@@ -36,6 +36,7 @@ class PatchConv2d(nn.Conv2d):
         conv.__class__ = cls
         conv.patch_ctx = ctx
         conv.halo = conv_halo(conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0])
+        conv.span = conv_span(conv.kernel_size[0], conv.dilation[0])
         conv._stale: Pending[Halo] | Slot | None = None
         ctx.on_reset(conv.reset)
         return conv  # type: ignore[return-value]
@@ -82,22 +83,18 @@ class PatchConv2d(nn.Conv2d):
             return self._rows(torch.cat(self._padded_halo(x, self._exchange(x)), dim=2))
         first, last = interior  # output rows [first, last) read only this band's rows
         pending = self._start_exchange(x)
-        top, stride, span = self.halo[0], self.stride[0], self._span
+        top, stride, span = self.halo[0], self.stride[0], self.span
         middle = self._rows(x[:, :, first * stride - top : (last - 1) * stride + span - top])
         from_prev, band, from_next = self._padded_halo(x, pending.wait())
         upper = self._rows(torch.cat([from_prev, band[:, :, : (first - 1) * stride + span - top]], dim=2))
         lower = self._rows(torch.cat([band[:, :, last * stride - top :], from_next], dim=2))
         return torch.cat([upper, middle, lower], dim=2)
 
-    @property
-    def _span(self) -> int:
-        return self.dilation[0] * (self.kernel_size[0] - 1) + 1
-
     def _interior(self, rows: int) -> tuple[int, int] | None:
         """Output rows `[first, last)` whose input window lies inside a band of `rows` rows (None when there
         is no such row, or no edge row either side, so nothing is gained by splitting the conv)."""
         top, bottom = self.halo
-        stride, span = self.stride[0], self._span
+        stride, span = self.stride[0], self.span
         outputs = (top + rows + bottom - span) // stride + 1
         first = -(-top // stride)
         last = (top + rows - span) // stride + 1
