@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import paragen
-from paragen.parallel.sequence import shard_bounds, shard_sizes
+from paragen.parallel.partition import split_bounds, split_sizes
 from paragen.pipelines.loading import load_pipeline
 
 
@@ -47,8 +47,8 @@ def test_single_rank_parallelize_keeps_the_output():
 
 @pytest.mark.parametrize("tokens, parts", [(81, 2), (81, 4), (64, 4), (5, 5), (3969, 8)])
 def test_shards_cover_the_sequence_evenly(tokens, parts):
-    sizes = shard_sizes(tokens, parts)
+    sizes = split_sizes(tokens, parts)
     assert sum(sizes) == tokens and max(sizes) - min(sizes) <= 1
-    bounds = [shard_bounds(tokens, parts, i) for i in range(parts)]
+    bounds = [split_bounds(tokens, parts, i) for i in range(parts)]
     assert bounds[0][0] == 0 and bounds[-1][1] == tokens
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))

@@ -8,17 +8,18 @@ import pytest
 import torch
 
 from paragen.kernels.attention import masked_attention_with_lse, merge_attention_states
-from paragen.parallel.clip import TemporalAttention, clip_sizes, global_frame_indices, plan_clips
+from paragen.parallel.clip import TemporalAttention, global_frame_indices, plan_clips
 from paragen.parallel.clip.attention import window_mask
 from paragen.parallel.clip.context import ClipContext
 from paragen.parallel.clip.positions import sinusoid
 from paragen.parallel.group_norm import combine_group_stats, part_stats
+from paragen.parallel.partition import split_sizes
 from paragen.pipelines.loading import load_pipeline
 from paragen.pipelines.video import segment_bounds
 
 
 def test_clips_are_contiguous_and_as_even_as_possible():
-    assert clip_sizes(18, 4) == [5, 5, 4, 4]
+    assert split_sizes(18, 4) == [5, 5, 4, 4]
     layout = plan_clips(18, 4, TemporalAttention(local=4, global_frames=6), conv_halo=4)
     assert [layout.bounds(i) for i in range(4)] == [(0, 5), (5, 10), (10, 14), (14, 18)]
     assert layout.global_frames == (0, 3, 7, 10, 14, 17)

@@ -1,6 +1,8 @@
-"""Partition maths: row bands, conv halo widths, partial-attention rows, and the size checks.
+"""Partition maths: contiguous splits, row bands, conv halo widths, partial-attention rows, and the size checks.
 
-Bands are equal and contiguous: band i of `rows` split into `parts` is `[i·rows/parts, (i+1)·rows/parts)`.
+`split_sizes` is the one place a length is cut into contiguous pieces (token shards, LLM prompt shards,
+video clips and segments, row bands): sizes differ by at most one, the earlier pieces taking the extra.
+Row bands are the equal case: band i of `rows` split into `parts` is `[i·rows/parts, (i+1)·rows/parts)`.
 Equal bands keep every all-gather a single flat buffer and every layer's shapes identical on all ranks.
 """
 from __future__ import annotations
@@ -8,12 +10,29 @@ from __future__ import annotations
 import math
 
 
+def split_sizes(total: int, parts: int) -> list[int]:
+    """Sizes of `parts` contiguous pieces of `total`: they differ by at most one, the first `total % parts`
+    pieces taking one more."""
+    if parts < 1:
+        raise ValueError(f"cannot split {total} into {parts} parts")
+    base, extra = divmod(total, parts)
+    return [base + (i < extra) for i in range(parts)]
+
+
+def split_bounds(total: int, parts: int, index: int) -> tuple[int, int]:
+    """`[start, stop)` of piece `index` of `split_sizes(total, parts)`."""
+    sizes = split_sizes(total, parts)
+    if not 0 <= index < parts:
+        raise IndexError(f"piece {index} of {parts}")
+    start = sum(sizes[:index])
+    return start, start + sizes[index]
+
+
 def band_bounds(rows: int, parts: int, index: int) -> tuple[int, int]:
     """Rows `[start, stop)` of band `index` when `rows` split evenly into `parts`."""
     if rows % parts:
         raise ValueError(f"{rows} rows do not split into {parts} equal bands")
-    size = rows // parts
-    return index * size, (index + 1) * size
+    return split_bounds(rows, parts, index)
 
 
 def conv_span(kernel: int, dilation: int = 1) -> int:

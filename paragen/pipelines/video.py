@@ -31,7 +31,7 @@ from paragen.parallel.clip.context import ClipContext
 from paragen.parallel.clip.conv import ClipTemporalConv
 from paragen.parallel.clip.norm import ClipGroupNorm
 from paragen.parallel.clip.positions import ClipFramePositions
-from paragen.parallel.partition import check_image_size
+from paragen.parallel.partition import check_image_size, split_sizes
 from paragen.parallel.steps import StepPlan
 from paragen.pipelines.call_wrapper import check_steps, parallel_class, request_arg, share_generator
 from paragen.pipelines.checkpoint import (
@@ -51,7 +51,7 @@ def segment_bounds(frames: int, segments: int, lengths: list[int] | None) -> lis
     if lengths is None:
         if segments > frames:
             raise ValueError(f"{segments} segment prompts for {frames} frames: a segment needs at least one frame")
-        lengths = [frames // segments + (i < frames % segments) for i in range(segments)]
+        lengths = split_sizes(frames, segments)
     if len(lengths) != segments:
         raise ValueError(f"{segments} segment prompts but {len(lengths)} segment lengths: give one length per prompt")
     if any(n < 1 for n in lengths) or sum(lengths) != frames:

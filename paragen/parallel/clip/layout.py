@@ -4,11 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from paragen.parallel.clip.config import TemporalAttention
-
-
-def clip_sizes(frames: int, clips: int) -> list[int]:
-    """Frames of each contiguous clip: as even as possible, the longer clips first."""
-    return [frames // clips + (i < frames % clips) for i in range(clips)]
+from paragen.parallel.partition import split_sizes
 
 
 def global_frame_indices(frames: int, count: int) -> list[int]:
@@ -53,7 +49,7 @@ def plan_clips(frames: int, clips: int, temporal: TemporalAttention, conv_halo: 
         raise ValueError(f"num_frames must be positive, got {frames}")
     if clips > frames:
         raise ValueError(f"more ranks than frames: {clips} clips for {frames} frames")
-    sizes = clip_sizes(frames, clips)
+    sizes = split_sizes(frames, clips)  # as even as possible, the longer clips first
     need = max(conv_halo, temporal.local if temporal.scope == "dual" else 0) if clips > 1 else 0
     if min(sizes) < need:
         what = [f"the temporal convolutions' stacked halo of {conv_halo}"] if conv_halo else []

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from paragen.comms import GroupComm
-from paragen.parallel.sequence.layout import shard_sizes
+from paragen.parallel.partition import split_sizes
 from paragen.parallel.steps import StepPlan
 
 
@@ -30,8 +30,8 @@ class SequenceContext(StepPlan):
         """The full sequence of this step: `image` image tokens and `text` sharded text tokens."""
         if image < self.comm.size:
             raise ValueError(f"{image} image tokens cannot be shared by {self.comm.size} sequence shards")
-        self.image_sizes = shard_sizes(image, self.comm.size)
-        self.text_sizes = shard_sizes(text, self.comm.size)
+        self.image_sizes = split_sizes(image, self.comm.size)
+        self.text_sizes = split_sizes(text, self.comm.size)
 
     def lengths(self, text: bool) -> list[int]:
         """Local sequence length of every shard for an attention over image (+ sharded text) tokens."""
