@@ -22,6 +22,7 @@ def test_answers_the_passkey_through_the_offloaded_cache(tmp_path):
     assert data["correct"] is True and data["answer"] == data["passkey"]
     assert data["config"]["seq"] == 2 and data["kv"]["mode"] == "offload" and data["prompt_tokens"] == 4096
     assert data["comm_per_rank"]["0"]["llm_ring_kv"]["bytes_sent"] > 0
+    assert "llm_tp_all_reduce" not in data["comm_per_rank"]["0"]  # tp = 1: no tensor-parallel all-reduce
     ranks = data["kv_per_rank"]
     assert ranks["0"]["host_bytes"] > ranks["0"]["device_bytes"] > 0 and ranks["1"]["fetched_bytes_per_token"] > 0
 

@@ -15,6 +15,10 @@ What AutoTP leaves on a Llama-style attention module (DeepSpeed 0.19):
   unchanged); the model config still holds the *global* head counts, so reshape with `-1` heads.
 - `lm_head` becomes `LmHeadLinearAllreduce` (weights split along the hidden size, cloned first, so a tied
   embedding is untied); the embedding and the norms are replicated.
+
+Both all-reduce through `deepspeed.comm.inference_all_reduce`, i.e. the method of the same name on
+DeepSpeed's backend object `deepspeed.comm.comm.cdb`; `shard_weights` meters that method, so each of those
+all-reduces over the tp group is counted in the group's `CommStats` under `TP_ALL_REDUCE_LABEL`.
 """
 from __future__ import annotations
 
@@ -26,11 +30,14 @@ from typing import Any
 
 import torch
 
-from paragen.comms import GroupComm, backend_name
+from paragen.comms import GroupComm, backend_name, meter_inference_all_reduce
 from paragen.log import get_logger
 
 # How to get DeepSpeed into an environment that already has torch (CPU or CUDA), without replacing it.
 DEEPSPEED_INSTALL_HINT = "pip install 'paragen[deepspeed]' (or: pip install --no-build-isolation 'deepspeed>=0.19')"
+
+# The CommStats label of the sharded layers' all-reduces.
+TP_ALL_REDUCE_LABEL = "llm_tp_all_reduce"
 
 
 def check_tensor_parallel(config: Any, tp: int) -> None:
@@ -61,7 +68,8 @@ def shard_weights(model: torch.nn.Module, comm: GroupComm, tp: int) -> torch.nn.
     linear layers swapped as described in this module's docstring.
 
     Every rank of the world must call this together, even ranks of other tp groups: DeepSpeed broadcasts
-    rank 0's RNG state over the world while sharding. `tp == 1` returns `model` unchanged.
+    rank 0's RNG state over the world while sharding. `tp == 1` returns `model` unchanged. Once it returns,
+    DeepSpeed's all-reduces over `comm`'s group are counted in `comm.stats` under `TP_ALL_REDUCE_LABEL`.
     """
     if tp == 1:
         return model
@@ -74,9 +82,10 @@ def shard_weights(model: torch.nn.Module, comm: GroupComm, tp: int) -> torch.nn.
     _prepare_environment(first.device.type)
     deepspeed = _import_deepspeed()
     _check_accelerator(first.device.type)
-    _attach_comm_backend(deepspeed)
+    backend = _attach_comm_backend(deepspeed)
     engine = _init_inference(deepspeed, model, comm, tp, first.dtype)
     _check_group_all_reduce(comm, tp, first)
+    meter_inference_all_reduce(backend, comm, TP_ALL_REDUCE_LABEL)
     return engine.module
 
 
@@ -114,8 +123,9 @@ def _check_accelerator(device_type: str) -> None:
                            f"set DS_ACCELERATOR={device_type} before DeepSpeed is first imported")
 
 
-def _attach_comm_backend(deepspeed: Any) -> None:
-    """Make `deepspeed.comm` wrap the process group that already exists, without its shared-memory path.
+def _attach_comm_backend(deepspeed: Any) -> Any:
+    """Make `deepspeed.comm` wrap the process group that already exists, without its shared-memory path;
+    return its backend object (`deepspeed.comm.comm.cdb`).
 
     On CPU, DeepSpeed would JIT-compile a shared-memory all-reduce (about a minute of g++) whose
     `inference_all_reduce` ignores the group it is given and sums over every rank of the node: wrong for
@@ -134,6 +144,7 @@ def _attach_comm_backend(deepspeed: Any) -> None:
     if getattr(ds_comm.cdb, "shm_comm_op", None) is not None:
         # Someone initialised DeepSpeed's comm with the shared-memory op already: disable its use.
         ds_comm.cdb.shm_vector_kernel_level = 0
+    return ds_comm.cdb
 
 
 class _TensorParallelUnit:
