@@ -13,7 +13,7 @@ Configurations (one rank is one core here, as on a cluster one rank is one GPU; 
 
 Workload: the embedded `tiny-passkey` model (2 layers, hidden 128, 4 query heads and 2 key/value heads of
 width 32, 131072 positions; random weights if its safetensors are missing, then every answer is wrong).
-A context of C tokens is a prompt of C − new_tokens tokens (`paragen.pipelines.passkey.make_prompt`: filler,
+A context of C tokens is a prompt of C − new_tokens tokens (`paragen.pipelines.llm.passkey.make_prompt`: filler,
 a 6-digit key, the question) followed by the new_tokens generated greedily, so the longest request fills
 the model's last position. At each context every configuration answers the same `--keys` prompts (seeded
 by context and index), their keys at depths (i + ½)/keys; the answer is the first 6 new tokens read by
@@ -85,7 +85,7 @@ from pathlib import Path
 
 from common import ROOT, median_ratio, report_header, rerun_plan, run_worker, spread
 
-from paragen.pipelines.llm_loading import llm_config_dict
+from paragen.pipelines.llm.loading import llm_config_dict
 
 WORKER = ROOT / "bench" / "llm_worker.py"
 CONFIGS = {  # name -> (worker --kv, ranks, threads per rank)

@@ -14,7 +14,7 @@ from common import PROMPT, StepRecorder, open_pipeline, timed_request, write_res
 
 import paragen
 from paragen.comms import all_gather_objects, world_size
-from paragen.pipelines.image_job import exact_size_options
+from paragen.pipelines.jobs.image import exact_size_options
 
 VARIANTS = ("stock", "diffusers_ulysses", "ulysses", "ring", "displaced")
 
@@ -55,7 +55,8 @@ def main() -> None:
     elif args.variant != "stock":
         degrees = {"ring": world_size()} if args.variant == "ring" else {"ulysses": world_size()}
         mode = "displaced" if args.variant == "displaced" else "sync"
-        paragen.parallelize(pipe, paragen.ParallelConfig(mode=mode, warmup_steps=args.warmup_steps, **degrees))
+        paragen.parallelize(pipe, paragen.ParallelConfig(**degrees),
+                            paragen.ExchangeConfig(mode=mode, warmup_steps=args.warmup_steps))
         stats = pipe.paragen.stats
     recorder = StepRecorder(stats)
 
@@ -67,7 +68,7 @@ def main() -> None:
 
     image, total = timed_request(request, args.warmup_request_steps, args.steps)
     step_s, per_step_comm = recorder.step_s, recorder.comm_per_step
-    comm_by_rank = all_gather_objects(pipe.paragen.mesh.comm("world"), per_step_comm) if stats is not None else []
+    comm_by_rank = all_gather_objects(pipe.paragen.mesh.group("world"), per_step_comm) if stats is not None else []
     if paragen.is_output_rank():
         result = {
             "variant": args.variant, "warmup_steps": args.warmup_steps, "world_size": world_size(),

@@ -224,9 +224,9 @@ def run(args, rank: int, world: int) -> None:
     import paragen
     from paragen.parallel.llm import KVConfig, cache_argument
     from paragen.pipelines.llm import parallelize_llm
-    from paragen.pipelines.llm_loading import load_llm
+    from paragen.pipelines.llm.loading import load_llm
     from paragen.pipelines.loading import load_pipeline
-    from paragen.pipelines.passkey import DIGITS, decode_key, make_prompt
+    from paragen.pipelines.llm.passkey import DIGITS, decode_key, make_prompt
 
     device = paragen.rank_device()
     dtype = getattr(torch, args.dtype)
@@ -237,7 +237,7 @@ def run(args, rank: int, world: int) -> None:
     started = time.perf_counter()
     pipe = load_pipeline("tiny-sd", dtype=dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
-    paragen.parallelize(pipe, paragen.ParallelConfig(patch=world, mode="sync"))
+    paragen.parallelize(pipe, paragen.ParallelConfig(patch=world), paragen.ExchangeConfig(mode="sync"))
     image = pipe("a lighthouse on a cliff at dusk, oil painting", height=args.size, width=args.size,
                  num_inference_steps=args.steps, generator=torch.Generator().manual_seed(0), output_type="pt").images
     timings["image_s"] = time.perf_counter() - started

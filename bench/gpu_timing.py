@@ -354,7 +354,7 @@ def llm(args, device, dtype) -> dict:
 
     import paragen
     from paragen.parallel.llm import KVConfig, cache_argument
-    from paragen.pipelines.llm import check_llm_parallel, parallelize_llm
+    from paragen.pipelines.llm import check, parallelize_llm
 
     tiny = args.tiny
     context = 512 if tiny else 32768
@@ -370,7 +370,7 @@ def llm(args, device, dtype) -> dict:
     runtime = parallelize_llm(model, paragen.ParallelConfig(seq=1), KVConfig(mode="dense"))
     kv_modes = {"dense": KVConfig(mode="dense"), "offload": KVConfig(mode="offload")}
     for kv in kv_modes.values():
-        check_llm_parallel(model.config, runtime.config, kv)
+        check(model.config, runtime.config, kv)
     ids = torch.randint(0, config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
 
     def request(mode: str, prompt: torch.Tensor, count: int) -> dict:

@@ -53,13 +53,13 @@ def main() -> None:
     hires = args.variant == "hires"
     if hires:
         config = paragen.HiresConfig(guidance=args.guidance, window=args.window, placement=args.placement)
-        paragen.parallelize(pipe, paragen.ParallelConfig(hires=config))
+        paragen.parallelize(pipe, paragen.ParallelConfig(), config)
     recorder = StepRecorder(pipe.paragen.stats if hires else None)
 
     request = square_image_request(pipe, recorder, args.size)
     image, total = timed_request(request, args.warmup_request_steps, args.steps)
     mine = rank_report(pipe, recorder, hires)
-    ranks = all_gather_objects(pipe.paragen.mesh.comm("world"), mine) if hires else [mine]
+    ranks = all_gather_objects(pipe.paragen.mesh.group("world"), mine) if hires else [mine]
     if paragen.is_output_rank():
         result = {
             "variant": args.variant, "guidance": args.guidance if hires else None,

@@ -78,7 +78,8 @@ def main() -> None:
         replace_unet(pipe, args.unet_config)
     call, stats = pipe, None
     if args.mode:
-        paragen.parallelize(pipe, paragen.ParallelConfig(mode=args.mode, warmup_steps=args.exact_steps))
+        paragen.parallelize(pipe, paragen.ParallelConfig(),
+                            paragen.ExchangeConfig(mode=args.mode, warmup_steps=args.exact_steps))
         stats = pipe.paragen.stats
         if args.bucket_mib:
             pipe.paragen.plan.stale_gather.bucket_bytes = args.bucket_mib << 20

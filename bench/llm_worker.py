@@ -28,8 +28,8 @@ import paragen
 from paragen.comms import all_gather_objects, world_size
 from paragen.parallel.llm import KVConfig, cache_argument
 from paragen.pipelines.llm import parallelize_llm
-from paragen.pipelines.llm_loading import load_llm
-from paragen.pipelines.passkey import DIGITS, decode_key, make_prompt
+from paragen.pipelines.llm.loading import load_llm
+from paragen.pipelines.llm.passkey import DIGITS, decode_key, make_prompt
 
 
 def peak_rss_mib() -> float:
@@ -167,7 +167,7 @@ def main() -> None:
         requests.append(row)
 
     mine = {"requests": requests, "peak_rss_mib": peak_rss_mib(), "threads": torch.get_num_threads()}
-    ranks = all_gather_objects(runner.runtime.mesh.comm("world"), mine) if runner.runtime is not None else [mine]
+    ranks = all_gather_objects(runner.runtime.mesh.group("world"), mine) if runner.runtime is not None else [mine]
     if paragen.is_output_rank():
         result = {"kv": args.kv, "world_size": world_size(), "model": args.model, "context": args.context,
                   "prompt_tokens": prompt_length, "new_tokens": args.new_tokens, "keys": args.keys,

@@ -131,7 +131,7 @@ def main() -> None:
     new_callback = "callback_on_step_end" in inspect.signature(pipe.__call__).parameters
     temporal = paragen.TemporalAttention(scope=args.scope, local=args.local_window, global_frames=args.global_frames,
                                          overlap=not args.blocking)
-    paragen.parallelize(pipe, paragen.ParallelConfig(clip=world_size(), temporal=temporal))
+    paragen.parallelize(pipe, paragen.ParallelConfig(clip=world_size()), temporal)
     stats = pipe.paragen.stats
     recorder = StepRecorder(stats)
 
@@ -154,7 +154,7 @@ def main() -> None:
         "probes_installed": probe.installed, "start": pipe.paragen.ctx.start, "stop": pipe.paragen.ctx.stop,
         "peak_rss_mib": peak_rss_mib(),
     }
-    ranks = all_gather_objects(pipe.paragen.mesh.comm("world"), mine)
+    ranks = all_gather_objects(pipe.paragen.mesh.group("world"), mine)
     if paragen.is_output_rank():
         result = {
             "scope": args.scope, "overlap": not args.blocking, "local": args.local_window, "global_frames": args.global_frames,

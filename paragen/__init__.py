@@ -3,7 +3,7 @@
     import paragen
     paragen.init()                                   # torchrun, srun, mpirun or a single process
     pipe = StableDiffusionXLPipeline.from_pretrained(...)
-    paragen.parallelize(pipe, paragen.ParallelConfig(patch=2, cfg=2, mode="displaced"))
+    paragen.parallelize(pipe, paragen.ParallelConfig(patch=2, cfg=2), paragen.ExchangeConfig(mode="displaced"))
     image = pipe(prompt, height=2048, width=2048, generator=torch.Generator().manual_seed(0)).images[0]
     if paragen.is_output_rank():
         image.save("out.png")
@@ -17,18 +17,18 @@ from typing import Any
 
 from paragen.comms import is_output_rank, rank_device, world_size
 from paragen.launch.process_group import init, shutdown
-from paragen.parallel import HiresConfig, ParallelConfig, TemporalAttention
+from paragen.parallel import ExchangeConfig, HiresConfig, ParallelConfig, TemporalAttention
 from paragen.parallel.llm.config import KVConfig
 
-__all__ = ["HiresConfig", "KVConfig", "ParallelConfig", "TemporalAttention", "cache_argument", "init", "is_output_rank",
-           "parallelize", "parallelize_llm", "rank_device", "shutdown", "world_size"]
+__all__ = ["ExchangeConfig", "HiresConfig", "KVConfig", "ParallelConfig", "TemporalAttention", "cache_argument", "init",
+           "is_output_rank", "parallelize", "parallelize_llm", "rank_device", "shutdown", "world_size"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
-    # `parallelize` and `parallelize_llm` import diffusers/transformers (seconds); load it on first use so launch-only code stays fast.
+    # The workloads import diffusers/transformers (seconds): load them on first use so launch-only code stays fast.
     if name == "parallelize":
-        from paragen.pipelines.parallelize import parallelize
+        from paragen.pipelines.registry import parallelize
 
         return parallelize
     if name == "parallelize_llm":

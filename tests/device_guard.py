@@ -32,7 +32,7 @@ FACTORIES = frozenset({
 # (file relative to the package, function): host-side data by design.
 HOST_SITES = frozenset({
     ("comms/group.py", "broadcast_int"),  # an integer for the gloo twin group
-    ("pipelines/call_wrapper.py", "share_generator"),  # the seed of a generator every rank shares
+    ("pipelines/request_args.py", "share_generator"),  # the seed of a generator every rank shares
     ("kernels/chunk_fetch.py", "to_host"),  # the offloaded values' pinned host store (a CUDA run only)
 })
 

@@ -28,7 +28,7 @@ def test_unknown_attention_processor_is_named(model, module):
 def test_refusals_name_the_problem():
     pipe = load_pipeline("tiny-pixart")
     with pytest.raises(ValueError, match="partial.*UNet pipelines"):
-        paragen.parallelize(pipe, paragen.ParallelConfig(mode="partial"))
+        paragen.parallelize(pipe, paragen.ParallelConfig(), paragen.ExchangeConfig(mode="partial"))
     with pytest.raises(ValueError, match="ulysses and ring shard a diffusion transformer"):
         paragen.parallelize(load_pipeline("tiny-sd"), paragen.ParallelConfig(ulysses=2, patch=1))
     with pytest.raises(TypeError, match="supports StableDiffusionPipeline"):

@@ -16,7 +16,7 @@ from transformers import DynamicCache
 
 from paragen.kernels.attention import repeat_kv
 from paragen.parallel.llm import cache_argument
-from paragen.pipelines.llm_loading import load_llm
+from paragen.pipelines.llm.loading import load_llm
 from tests.multiproc import run_spec_worker
 from tests.workers.llm_worker import ring_inputs
 

@@ -22,8 +22,8 @@ from paragen.parallel.llm.dense_store import DenseStore
 from paragen.parallel.llm.offload_store import OffloadStore
 from paragen.parallel.llm.shards import shard_bounds
 from paragen.pipelines.llm import parallelize_llm
-from paragen.pipelines.llm_loading import load_llm
-from paragen.pipelines.passkey import ASK, DIGITS, KEY, decode_key, key_tokens, make_prompt
+from paragen.pipelines.llm.loading import load_llm
+from paragen.pipelines.llm.passkey import ASK, DIGITS, KEY, decode_key, key_tokens, make_prompt
 
 
 def _qkv(seed: int, heads=4, kv_heads=2, length=64, dim=16, queries=None):
@@ -130,8 +130,8 @@ def test_kv_config_and_shards_refuse_bad_values():
         shard_bounds(3, 4)
     with pytest.raises(ValueError, match=r"seq \(3\) × tp \(1\) = 3, but the world size is 2"):
         ParallelConfig(seq=3).resolve(2)
-    with pytest.raises(ValueError, match="do not combine"):
-        ParallelConfig(seq=2, cfg=2)
+    with pytest.raises(ValueError, match=r"cfg=2: this layout splits by seq, tp only"):
+        ParallelConfig(seq=2, cfg=2).resolve(4)
 
 
 def test_passkey_prompt_holds_the_key_where_it_says():

@@ -13,8 +13,8 @@ import torch
 from paragen.parallel import ParallelConfig
 from paragen.parallel.llm import KVConfig, cache_argument
 from paragen.pipelines.llm import parallelize_llm
-from paragen.pipelines.llm_loading import load_llm
-from paragen.pipelines.passkey import DIGITS, decode_key, make_prompt
+from paragen.pipelines.llm.loading import load_llm
+from paragen.pipelines.llm.passkey import DIGITS, decode_key, make_prompt
 
 TRIALS = {4096: 12, 16384: 6}
 

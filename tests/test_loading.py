@@ -11,7 +11,7 @@ import pytest
 import torch
 from diffusers import DiffusionPipeline
 
-from paragen.pipelines.image_job import exact_size_options
+from paragen.pipelines.jobs.image import exact_size_options
 from paragen.pipelines.loading import EMBEDDED_MODELS, ModelLoadError, check_model_source, load_pipeline
 
 UNET_MODELS = ("tiny-sd", "tiny-sdxl")

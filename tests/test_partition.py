@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from paragen.parallel import ParallelConfig
+from paragen.parallel import ExchangeConfig, HiresConfig, ParallelConfig
 from paragen.parallel.partition import band_bounds, check_image_size, conv_halo, partial_rows
 
 
@@ -64,9 +64,23 @@ def test_config_resolves_and_names_every_factor():
         ParallelConfig(ulysses=2, patch=1).resolve(4)
     with pytest.raises(ValueError, match="even world size"):
         ParallelConfig(cfg=2).resolve(3)
-    for bad in (dict(cfg=3), dict(patch=0), dict(mode="fast"), dict(warmup_steps=-1), dict(partial_fraction=0),
-                dict(ulysses=0), dict(ring=-1)):
+    for bad in (dict(cfg=3), dict(patch=0), dict(ulysses=0), dict(ring=0), dict(tp=-1)):
         with pytest.raises(ValueError):
             ParallelConfig(**bad)
-    assert ParallelConfig(cfg=2, patch=2, mode="displaced").layout_tag() == "patch2_cfg2_displaced"
-    assert ParallelConfig(ulysses=2, ring=2).resolve(4).layout_tag() == "ulysses2_ring2_cfg1_sync"
+    for bad in (dict(mode="fast"), dict(warmup_steps=-1), dict(partial_fraction=0)):
+        with pytest.raises(ValueError):
+            ExchangeConfig(**bad)
+    assert ExchangeConfig(mode="displaced").layout_tag(ParallelConfig(cfg=2, patch=2).resolve(4)) == "patch2_cfg2_displaced"
+    assert ExchangeConfig().layout_tag(ParallelConfig(ulysses=2, ring=2).resolve(4)) == "ulysses2_ring2_cfg1_sync"
+
+
+def test_workload_options_given_the_old_way_still_work_with_a_warning():
+    with pytest.warns(DeprecationWarning, match="ExchangeConfig"):
+        config = ParallelConfig(cfg=2, mode="displaced", warmup_steps=2)
+    assert config == ParallelConfig(cfg=2) and config.legacy_options == ExchangeConfig(mode="displaced", warmup_steps=2)
+    with pytest.warns(DeprecationWarning, match="HiresConfig"):
+        assert ParallelConfig(hires=HiresConfig(guidance="sync")).legacy_options == HiresConfig(guidance="sync")
+    with pytest.raises(ValueError, match="different workloads"):
+        ParallelConfig(mode="displaced", hires=HiresConfig())
+    with pytest.raises(TypeError, match="unexpected arguments fast"):
+        ParallelConfig(fast=True)

@@ -8,12 +8,12 @@ from diffusers import StableDiffusionPipeline
 from paragen.comms import CommStats, GroupComm
 from paragen.parallel import ParallelConfig
 from paragen.parallel.patch import PatchContext
-from paragen.pipelines.image import ImageRuntime
+from paragen.pipelines.patch import ImageRuntime
 
 
 def _runtime(cfg: int) -> ImageRuntime:
     comm = GroupComm(None, CommStats())
-    mesh = SimpleNamespace(comm=lambda name: comm)
+    mesh = SimpleNamespace(group=lambda name: comm)
     vae = SimpleNamespace(world=comm)  # a one-rank decode: the checks only read its size
     return ImageRuntime(ParallelConfig(cfg=cfg, patch=1), mesh, PatchContext(comm), vae, unet_factor=4)
 

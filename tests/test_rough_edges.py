@@ -14,16 +14,16 @@ import pytest
 import torch
 from PIL import Image
 
-from paragen.parallel import ParallelConfig
+from paragen.parallel import ExchangeConfig, ParallelConfig
 from paragen.parallel.hires import HiresConfig
 from paragen.pipelines import memory_estimate
-from paragen.pipelines.image_job import ImageRequest
-from paragen.pipelines.llm_job import LLMRequest
+from paragen.pipelines.jobs.image import ImageRequest
+from paragen.pipelines.jobs.llm import LLMRequest
 from paragen.pipelines.loading import ModelLoadError, check_model_source
 from paragen.pipelines.memory_estimate import Job, ModelShape, check_memory, format_bytes, model_shape, need, plan_job
 from paragen.pipelines.outputs import check_out_dir, save_json, save_png, save_video, write_atomic
-from paragen.pipelines.passkey import make_prompt
-from paragen.pipelines.video_job import VideoRequest
+from paragen.pipelines.llm.passkey import make_prompt
+from paragen.pipelines.jobs.video import VideoRequest
 from tests.multiproc import ROOT, expect_bad_input, rank_env, start_ranks
 
 CPU = torch.device("cpu")
@@ -132,22 +132,22 @@ def test_dit_and_video_estimates_match_hand_computations():
 
 
 DEMO_AND_TEST_SIZES = [
-    (ImageRequest(height=512, width=512), ParallelConfig(mode="displaced"), 2),  # make demo
-    (ImageRequest(height=1024, width=1024), ParallelConfig(), 2),
-    (ImageRequest(model="tiny-sdxl", height=1024, width=1024), ParallelConfig(cfg=2), 4),
-    (ImageRequest(model="tiny-pixart", height=1024, width=1024), ParallelConfig(ulysses=2), 2),
-    (ImageRequest(model="tiny-sd3", height=1024, width=1024), ParallelConfig(ring=2), 2),
-    (ImageRequest(model="tiny-flux", height=1024, width=1024), ParallelConfig(), 2),
-    (ImageRequest(height=192, width=256), ParallelConfig(hires=HiresConfig()), 2),
-    (VideoRequest(), ParallelConfig(clip=2, patch=1), 2),
-    (VideoRequest(model="tiny-animatediff"), ParallelConfig(clip=2, patch=1), 2),
+    (ImageRequest(height=512, width=512), ParallelConfig(), ExchangeConfig(mode="displaced"), 2),  # make demo
+    (ImageRequest(height=1024, width=1024), ParallelConfig(), None, 2),
+    (ImageRequest(model="tiny-sdxl", height=1024, width=1024), ParallelConfig(cfg=2), None, 4),
+    (ImageRequest(model="tiny-pixart", height=1024, width=1024), ParallelConfig(ulysses=2), None, 2),
+    (ImageRequest(model="tiny-sd3", height=1024, width=1024), ParallelConfig(ring=2), None, 2),
+    (ImageRequest(model="tiny-flux", height=1024, width=1024), ParallelConfig(), None, 2),
+    (ImageRequest(height=192, width=256), ParallelConfig(), HiresConfig(), 2),
+    (VideoRequest(), ParallelConfig(clip=2, patch=1), None, 2),
+    (VideoRequest(model="tiny-animatediff"), ParallelConfig(clip=2, patch=1), None, 2),
 ]
 
 
-@pytest.mark.parametrize("request_, config, world", DEMO_AND_TEST_SIZES)
-def test_demo_and_test_sizes_are_not_refused(request_, config, world):
-    assert need(plan_job(model_shape(request_.model), request_, config, world, 4)).bytes < 256 * 2**20
-    check_memory(request_, config, world, CPU, world)
+@pytest.mark.parametrize("request_, config, options, world", DEMO_AND_TEST_SIZES)
+def test_demo_and_test_sizes_are_not_refused(request_, config, options, world):
+    assert need(plan_job(model_shape(request_.model), request_, config, world, 4, options)).bytes < 256 * 2**20
+    check_memory(request_, config, world, CPU, world, options)
 
 
 def test_refusal_names_the_figure_and_what_would_fit(monkeypatch):

@@ -43,7 +43,7 @@ BAD_INPUTS = {
                                           "2 segment prompts but 3 segment lengths"),
     "segments do not add up": (2, ["--prompt", "a", "--prompt", "b", "--segment-frames", "10,10"], "add up to"),
     "image model": (2, ["--model", "tiny-sd"], "paragen video runs"),
-    "clip not the world size": (2, ["--clip", "4"], "does not match the 2 ranks"),
+    "clip not the world size": (2, ["--clip", "4"], "clip (4) = 4, but the world size is 2"),
     "bad bias switch": (2, ["--bias-switch", "2000"], "bias_switch"),
 }
 

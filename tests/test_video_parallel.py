@@ -62,7 +62,7 @@ def single():
         out[name] = _frames(pipe, {**BASE, "frames": frames})
     pipe = load_pipeline("tiny-t2v")
     temporal = TemporalAttention(local=BASE["local"], global_frames=BASE["global_frames"], bias_switch=BASE["switch"])
-    paragen.parallelize(pipe, paragen.ParallelConfig(clip=1, temporal=temporal))
+    paragen.parallelize(pipe, paragen.ParallelConfig(clip=1), temporal)
     out["t2v/segments"] = _frames(pipe, BASE, segment_prompts=SEGMENTS)
     return out
 

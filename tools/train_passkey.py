@@ -2,7 +2,7 @@
 
     python tools/train_passkey.py [--minutes 40] [--out paragen/pipelines/configs/tiny-passkey]
 
-The data is generated on the fly by `paragen.pipelines.passkey` (filler, a slot-tagged key at a random
+The data is generated on the fly by `paragen.pipelines.llm.passkey` (filler, a slot-tagged key at a random
 depth, the question, the answer); the loss is on the answer digits only. Two things make it train on
 a CPU in well under an hour:
 - the training sequences are short (hundreds of tokens), but their position ids are spread over a
@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from paragen.pipelines.passkey import DIGITS, PasskeyPrompt, key_tokens, make_prompt
+from paragen.pipelines.llm.passkey import DIGITS, PasskeyPrompt, key_tokens, make_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "paragen" / "pipelines" / "configs" / "tiny-passkey"

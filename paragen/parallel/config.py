@@ -1,11 +1,16 @@
-"""`ParallelConfig`: how one request is cut across the ranks, checked against the world size."""
+"""`ParallelConfig`: how many ranks one request is cut into along each dimension — degrees only.
+
+How a workload uses its ranks (the exchange mode of patch and sequence parallelism, the hires windows,
+the temporal attention of clips, the KV store of a causal LM) is that workload's own typed options;
+`ExchangeConfig` here is the one shared by UNet patch parallelism and DiT sequence parallelism.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
+import warnings
 from dataclasses import dataclass
-
-from paragen.parallel.clip.config import TemporalAttention
-from paragen.parallel.hires.config import HiresConfig
+from typing import Any
 
 MODES = ("sync", "displaced", "partial")
 MODE_HELP = {
@@ -15,108 +20,153 @@ MODE_HELP = {
     "partial": "PCPP (UNet models): like displaced, but attention sees only a fraction of the two "
     "neighbouring bands' rows, sent point-to-point (far less traffic, some quality cost)",
 }
+DEGREES = ("cfg", "clip", "patch", "ulysses", "ring", "seq", "tp")
+FILLABLE = ("clip", "patch", "ring", "seq")  # degrees that may be left out and take the ranks left over
+# Without a workload to say which degrees it splits by: a causal-LM layout when seq or tp is given, else a
+# diffusion layout; the first degree of each takes the ranks left over.
+DIFFUSION_DEGREES = ("cfg", "clip", "patch", "ulysses", "ring")
+LM_DEGREES = ("seq", "tp")
+_FILL = {DIFFUSION_DEGREES: "patch", LM_DEGREES: "seq"}
+# Workload options that older releases took as ParallelConfig fields (still accepted, with a warning).
+_LEGACY = {"mode": "ExchangeConfig", "warmup_steps": "ExchangeConfig", "partial_fraction": "ExchangeConfig",
+           "hires": "HiresConfig", "temporal": "TemporalAttention"}
 
 
 @dataclass(frozen=True)
-class ParallelConfig:
-    """Parallel degrees and the exchange mode.
+class ExchangeConfig:
+    """How patch-parallel (UNet) and sequence-parallel (DiT) layers exchange activations.
 
-    - `mode`, `warmup_steps`: how layers exchange data (`MODES`); in `displaced` and `partial`, the first
-      `warmup_steps` denoising steps of every request run exact (synchronous) and the stale steps start at
-      step `warmup_steps` (0-based). DistriFusion counts differently: its `warmup_steps=k` runs k + 1 exact
-      steps, so its default 4 is paragen's 5;
-    - `cfg`: 1, or 2 to run the classifier-free-guidance branches on different ranks;
-    - `patch`: row bands of a UNet's latent (patch parallelism);
-    - `ulysses`, `ring`: sequence parallelism of a diffusion transformer's image tokens — all-to-all
-      to head shards (Ulysses) and K/V passed around a ring (Ring); `ulysses × ring` shards in all;
-    - `hires`: a UNet latent beyond the training size, as overlapping training-size windows spread over
-      the ranks (`patch` of them) and steered by a low-resolution view (see `HiresConfig`);
-    - `clip`: contiguous clips of a video's frames, one per rank (video pipelines), whose temporal
-      attention sees the other clips as `temporal` says (see `TemporalAttention`);
-    - `seq`, `tp` (causal LMs): the prompt cut into `seq` contiguous shards whose K/V ring attention
-      passes around (they ride the mesh's `ring` dimension), and each shard's weights split over `tp`
-      ranks by tensor parallelism; `seq × tp` must equal the world size.
-
-    `patch=-1` means "the ranks left over" once the other degrees are taken. `resolve(world_size)`
-    returns a copy with every degree concrete and their product checked against the world size.
+    - `mode`: `MODES`; in `displaced` and `partial` the first `warmup_steps` denoising steps of every
+      request run exact (synchronous) and the stale steps start at step `warmup_steps` (0-based).
+      DistriFusion counts differently: its `warmup_steps=k` runs k + 1 exact steps, so its default 4
+      is paragen's 5;
+    - `partial_fraction`: `partial` mode: the share of each neighbouring band's rows attention sees.
     """
 
-    cfg: int = 1
-    patch: int = -1
     mode: str = "sync"
     warmup_steps: int = 4
     partial_fraction: float = 0.3
-    ulysses: int = 1
-    ring: int = 1
-    hires: HiresConfig | None = None
-    clip: int = 1
-    temporal: TemporalAttention = TemporalAttention()
-    seq: int = 1
-    tp: int = 1
 
     def __post_init__(self) -> None:
-        if self.cfg not in (1, 2):
-            raise ValueError(f"cfg must be 1 or 2 (conditional and unconditional branch), got {self.cfg}")
-        if self.patch != -1 and self.patch < 1:
-            raise ValueError(f"patch must be a positive number of bands or -1 (the ranks left over), got {self.patch}")
-        for name in ("ulysses", "ring", "clip", "seq", "tp"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive degree, got {getattr(self, name)}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
         if self.warmup_steps < 0:
             raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0.0 < self.partial_fraction <= 1.0:
             raise ValueError(f"partial_fraction must be in (0, 1], got {self.partial_fraction}")
-        if self.clip > 1 and (self.sequence > 1 or self.patch not in (-1, 1) or self.hires is not None):
-            raise ValueError("clip parallelism splits a video's frames; it does not combine with patch, ulysses, ring or hires")
-        if (self.seq > 1 or self.tp > 1) and (self.sequence > 1 or self.clip > 1 or self.patch not in (-1, 1)
-                                              or self.hires is not None or self.cfg > 1):
-            raise ValueError("seq and tp cut a causal LM's prompt and weights; they do not combine with cfg, patch, "
-                             "ulysses, ring, clip or hires")
-        if self.hires is not None and (self.cfg, self.sequence, self.mode) != (1, 1, "sync"):
-            raise ValueError("hires spreads the windows of one image over every rank; it does not combine with "
-                             "cfg=2, ulysses, ring or a displaced/partial mode (its own option is guidance=async|sync)")
+
+    def layout_tag(self, config: "ParallelConfig") -> str:
+        """A file-name fragment, e.g. `patch4_cfg2_displaced`, `ulysses2_ring2_cfg1_sync`."""
+        degrees = [f"patch{config.patch}"] if config.sequence == 1 else []
+        degrees += [f"{name}{getattr(config, name)}" for name in ("ulysses", "ring") if (getattr(config, name) or 1) > 1]
+        return "_".join(degrees + [f"cfg{config.cfg}", self.mode])
+
+
+@dataclass(frozen=True, init=False)
+class ParallelConfig:
+    """Parallel degrees, checked against the world size by `resolve`.
+
+    - `cfg`: 1, or 2 to run the classifier-free-guidance branches on different ranks;
+    - `patch`: row bands of a UNet's latent (patch parallelism), or the ranks sharing hires windows;
+    - `ulysses`, `ring`: sequence parallelism of a diffusion transformer's image tokens — all-to-all
+      to head shards (Ulysses) and K/V passed around a ring (Ring); `ulysses × ring` shards in all;
+    - `clip`: contiguous clips of a video's frames, one per rank;
+    - `seq`, `tp` (causal LMs): the prompt cut into `seq` contiguous shards whose K/V ring attention
+      passes around, each shard's weights split over `tp` ranks by tensor parallelism.
+
+    `patch`, `ring`, `clip` and `seq` may be left out (None, or -1): "not given": the workload's fill degree takes the ranks the
+    others leave, the rest are 1. Which degrees a workload splits by is the workload's declaration
+    (`paragen.pipelines.registry`); `resolve` applies it.
+
+    The workload options older releases took here (`mode`, `warmup_steps`, `partial_fraction`,
+    `hires`, `temporal`) are still accepted with a `DeprecationWarning`; pass them to `parallelize`.
+    """
+
+    cfg: int = 1
+    patch: int | None = None
+    ulysses: int = 1
+    ring: int | None = None
+    clip: int | None = None
+    seq: int | None = None
+    tp: int = 1
+
+    def __init__(self, cfg: int = 1, patch: int | None = None, ulysses: int = 1, ring: int | None = None,
+                 clip: int | None = None, seq: int | None = None, tp: int = 1, **legacy: Any) -> None:
+        values = {"cfg": cfg, "patch": patch, "ulysses": ulysses, "ring": ring, "clip": clip, "seq": seq, "tp": tp}
+        for name, value in values.items():
+            object.__setattr__(self, name, None if value == -1 and name in FILLABLE else value)
+        object.__setattr__(self, "_legacy", _legacy_options(legacy))
+        if self.cfg not in (1, 2):
+            raise ValueError(f"cfg must be 1 or 2 (conditional and unconditional branch), got {self.cfg}")
+        for name in DEGREES[1:]:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                left_over = " or -1 (the ranks left over)" if name in FILLABLE else ""
+                raise ValueError(f"{name} must be a positive degree{left_over}, got {value}")
+
+    @property
+    def legacy_options(self) -> Any:
+        """The workload options given the deprecated way (as fields of this config), or None."""
+        return self._legacy  # type: ignore[attr-defined]
 
     @property
     def sequence(self) -> int:
-        """Token shards of a diffusion transformer: `ulysses × ring`."""
-        return self.ulysses * self.ring
+        """Token shards of a diffusion transformer: `ulysses × ring` (of a resolved config)."""
+        return (self.ulysses or 1) * (self.ring or 1)
 
-    @property
-    def ring_positions(self) -> int:
-        """Ranks on one ring: a diffusion transformer's `ring` degree, or a causal LM's `seq` shards."""
-        return self.ring * self.seq
+    def is_resolved(self, world_size: int) -> bool:
+        """Every degree concrete and their product the world size."""
+        degrees = [getattr(self, name) for name in DEGREES]
+        return None not in degrees and math.prod(degrees) == world_size
 
-    def resolve(self, world_size: int) -> "ParallelConfig":
-        """Fill in `patch=-1` and check `cfg × clip × patch × ulysses × ring == world_size`, naming every factor if not."""
+    def resolve(self, world_size: int, uses: tuple[str, ...] | None = None, fill: str | None = None,
+                refusal: str = "") -> "ParallelConfig":
+        """A copy with every degree concrete, checked against `world_size`.
+
+        `uses`: the degrees the workload splits by (the others must be left out or 1; `refusal` says why
+        in the error), `fill`: the one that takes the ranks the others leave when it is not given. Without
+        them: `LM_DEGREES` when seq or tp is given, else `DIFFUSION_DEGREES`. Errors name every factor.
+        """
         if world_size < 1:
             raise ValueError(f"world size must be >= 1, got {world_size}")
+        if uses is None:
+            uses = LM_DEGREES if (self.seq or 1) > 1 or self.tp > 1 else DIFFUSION_DEGREES
+            fill = _FILL[uses]
+        for name in DEGREES:
+            value = getattr(self, name)
+            if name not in uses and value not in (None, 1):
+                raise ValueError(f"{name}={value}: {refusal or 'this layout splits by ' + ', '.join(uses) + ' only'}")
         if self.cfg == 2 and world_size % 2:
             raise ValueError(f"cfg=2 splits the ranks into two branches and needs an even world size; got {world_size}")
-        if self.seq > 1 or self.tp > 1:
-            if self.seq * self.tp != world_size:
-                raise ValueError(f"seq × tp must equal the world size: seq ({self.seq}) × tp ({self.tp}) = "
-                                 f"{self.seq * self.tp}, but the world size is {world_size}")
-            return dataclasses.replace(self, patch=1)
-        taken = self.cfg * self.clip * self.sequence
-        patch = self.patch if self.patch != -1 else max(1, world_size // taken)
-        if taken * patch != world_size:
-            raise ValueError(
-                f"parallel degrees do not match the world size: cfg ({self.cfg}) × clip ({self.clip}) × patch ({patch}) × "
-                f"ulysses ({self.ulysses}) × ring ({self.ring}) = {taken * patch}, but the world size is {world_size}"
-            )
-        return dataclasses.replace(self, patch=patch)
+        degrees = {name: getattr(self, name) or 1 for name in DEGREES}
+        if fill is not None and getattr(self, fill) is None:
+            taken = math.prod(v for name, v in degrees.items() if name != fill)
+            degrees[fill] = max(1, world_size // taken)
+        product = math.prod(degrees.values())
+        if product != world_size:
+            factors = " × ".join(f"{name} ({degrees[name]})" for name in uses)
+            raise ValueError(f"parallel degrees do not match the world size: {factors} = {product}, "
+                             f"but the world size is {world_size}")
+        resolved = dataclasses.replace(self, **degrees)
+        object.__setattr__(resolved, "_legacy", self.legacy_options)
+        return resolved
 
-    def layout_tag(self) -> str:
-        """A file-name fragment naming the layout, e.g. `patch4_cfg2_displaced`, `ulysses2_ring2_cfg1_sync`,
-        `hires2_async`, `clip4_dual`."""
-        if self.hires is not None:
-            return f"hires{self.patch}_{self.hires.guidance}"
-        if self.clip > 1:
-            return f"clip{self.clip}_{self.temporal.scope}"
-        if self.seq > 1 or self.tp > 1:
-            return f"seq{self.seq}_tp{self.tp}"
-        degrees = [f"patch{self.patch}"] if self.sequence == 1 else []
-        degrees += [f"{name}{getattr(self, name)}" for name in ("ulysses", "ring") if getattr(self, name) > 1]
-        return "_".join(degrees + [f"cfg{self.cfg}", self.mode])
+
+def _legacy_options(legacy: dict[str, Any]) -> Any:
+    """The workload options of the deprecated `ParallelConfig` fields, or None (warns once per call)."""
+    unknown = sorted(set(legacy) - set(_LEGACY))
+    if unknown:
+        raise TypeError(f"ParallelConfig got unexpected arguments {', '.join(unknown)}")
+    if not legacy:
+        return None
+    kinds = {_LEGACY[name] for name in legacy}
+    if len(kinds) > 1:
+        raise ValueError(f"{', '.join(sorted(legacy))} belong to different workloads; pass one options object "
+                         "to paragen.parallelize")
+    kind = kinds.pop()
+    warnings.warn(f"ParallelConfig({', '.join(f'{k}=...' for k in legacy)}) is deprecated: ParallelConfig holds "
+                  f"degrees only; pass the options as paragen.parallelize(pipe, config, {kind}(...))",
+                  DeprecationWarning, stacklevel=3)
+    if kind == "ExchangeConfig":
+        return ExchangeConfig(**legacy)
+    return legacy["hires" if kind == "HiresConfig" else "temporal"]

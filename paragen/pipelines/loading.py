@@ -57,15 +57,16 @@ def read_index(root: Path) -> dict[str, Any]:
     return index
 
 
-def check_model_source(model: str, *, allow_pickle: bool = False) -> None:
-    """Fail fast, before any heavy work, if `model` is neither an embedded name nor a loadable directory.
+def check_model_source(model: str, *, allow_pickle: bool = False) -> str:
+    """Fail fast, before any heavy work, if `model` is neither an embedded name nor a loadable directory;
+    return its pipeline class name.
 
     A local checkpoint must be a diffusers layout (`model_index.json`) whose every weighted component
     (a sub-folder with a `config.json`) holds safetensors weights; pickle weights run arbitrary code
     when loaded, so they are refused unless `allow_pickle` is set.
     """
     if model in EMBEDDED_MODELS:
-        return
+        return read_index(CONFIG_DIR / model)["_class_name"]
     root = Path(model)
     if not root.exists():
         raise ModelLoadError(
@@ -94,6 +95,7 @@ def check_model_source(model: str, *, allow_pickle: bool = False) -> None:
             )
         if not has_safe and not pickles:
             raise ModelLoadError(f"component {name!r} of {model!r} has no weight files in {folder}")
+    return read_index(root)["_class_name"]
 
 
 def _build_component(library: str, class_name: str, folder: Path) -> Any:
@@ -148,12 +150,21 @@ def load_pipeline(
     model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", allow_pickle: bool = False,
     seed: int = 0,
 ) -> DiffusionPipeline:
-    """The pipeline for an embedded name or a local checkpoint directory, in eval mode on `device` in `dtype`.
+    """The pipeline for an embedded name or a local checkpoint directory, in eval mode on `device` in `dtype`,
+    after `check_model_source`.
 
     `seed` only matters for embedded models (it draws their random weights, on the CPU, so every device gets the
     same weights).
     """
     check_model_source(model, allow_pickle=allow_pickle)
+    return build_pipeline(model, dtype=dtype, device=device, allow_pickle=allow_pickle, seed=seed)
+
+
+def build_pipeline(
+    model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", allow_pickle: bool = False,
+    seed: int = 0,
+) -> DiffusionPipeline:
+    """`load_pipeline` for a `model` that passed `check_model_source` already."""
     if model in EMBEDDED_MODELS:
         return _build_embedded(model, seed, dtype).to(device)
     from diffusers import DiffusionPipeline

@@ -28,17 +28,17 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from paragen.parallel import ParallelConfig
+from paragen.parallel import HiresConfig, ParallelConfig
 from paragen.pipelines.dtypes import resolve_dtype
 from paragen.pipelines.loading import CONFIG_DIR, EMBEDDED_MODELS, read_index
 
 if TYPE_CHECKING:
-    from paragen.pipelines.image_job import ImageRequest
-    from paragen.pipelines.video_job import VideoRequest
+    from paragen.pipelines.jobs.image import ImageRequest
+    from paragen.pipelines.jobs.video import VideoRequest
 
 DISTILLED_PIPELINES = ("FluxPipeline",)  # guidance-distilled: a guidance embedding, no batched guidance branches
 DIT_TOKEN_SIDE = 2  # latent pixels per token side: PixArt and SD3 patchify 2 × 2, Flux packs 2 × 2
@@ -136,15 +136,17 @@ def need(job: Job) -> Need:
 
 
 def plan_job(shape: ModelShape, request: ImageRequest | VideoRequest, config: ParallelConfig, world: int,
-             dtype_bytes: int) -> Job:
-    """The job of an image or video request (a `VideoRequest` has `frames`) under `config` over `world` ranks."""
-    resolved = config.resolve(world)
+             dtype_bytes: int, options: Any = None) -> Job:
+    """The job of an image or video request (a `VideoRequest` has `frames`) under `config` over `world` ranks
+    with the workload's `options` (`ExchangeConfig`, `HiresConfig`, `TemporalAttention`)."""
+    resolved = config if config.is_resolved(world) else config.resolve(world)
+    options = config.legacy_options if options is None else options
     frames = getattr(request, "frames", None)
     guided = not shape.distilled and (request.guidance_scale is None or request.guidance_scale > 1)
     split = resolved.clip if frames is not None else resolved.patch * resolved.sequence  # a DiT's ring of ranks left
     return Job(shape=shape, height=request.height, width=request.width, frames=frames, dtype_bytes=dtype_bytes,
                batch=2 if guided and resolved.cfg == 1 else 1, split=split, ranks=world,
-               gathers_whole_image=resolved.mode != "partial", hires=resolved.hires is not None)
+               gathers_whole_image=getattr(options, "mode", None) != "partial", hires=isinstance(options, HiresConfig))
 
 
 def available_bytes(device: torch.device, local_ranks: int) -> int | None:
@@ -171,14 +173,14 @@ def format_bytes(count: float) -> str:
 
 
 def check_memory(request: ImageRequest | VideoRequest, config: ParallelConfig, world: int, device: torch.device,
-                 local_ranks: int) -> None:
+                 local_ranks: int, options: Any = None) -> None:
     """Refuse (ValueError) a request whose lower-bound need exceeds what this rank's `device` has, naming both and
     what would fit; rank-local, so every rank of a homogeneous node answers alike, before any collective."""
     shape = model_shape(request.model)
     available = available_bytes(device, local_ranks)
     if shape is None or available is None:
         return
-    job = plan_job(shape, request, config, world, resolve_dtype(request.dtype, device).itemsize)
+    job = plan_job(shape, request, config, world, resolve_dtype(request.dtype, device).itemsize, options)
     required = need(job)
     if required.bytes <= available:
         return

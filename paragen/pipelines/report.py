@@ -23,18 +23,22 @@ def git_revision() -> str:
         return "unknown"
 
 
-def job_report(workload: str, request: dict[str, Any], pipe, *, load_s: float, generate_s: float) -> dict | None:
-    """The report of a finished request on the output rank (None on the others). Every rank must call it:
+def job_report(job: str, request: dict[str, Any], pipe, workload, options: Any, *, load_s: float,
+               generate_s: float) -> dict | None:
+    """The report of a finished request of `job` on the output rank (None on the others): the request, the
+    resolved degrees (`config`), the `workload` and its options, timings and traffic. Every rank must call it:
     it gathers each rank's communication statistics."""
     runtime = pipe.paragen
-    per_rank = all_gather_objects(runtime.mesh.comm("world"), runtime.stats.snapshot())
+    per_rank = all_gather_objects(runtime.mesh.group("world"), runtime.stats.snapshot())
     if not is_output_rank():
         return None
     steps = runtime.step_seconds
     return {
-        "workload": workload,
+        "job": job,
+        "workload": workload.name,
         "request": request,
         "config": asdict(runtime.config),
+        workload.options_name: asdict(options),
         "world_size": world_size(),
         "device": str(pipe.device),
         "dtype": str(pipe.dtype).removeprefix("torch."),

@@ -1,19 +1,22 @@
-"""What every parallelised pipeline carries as `pipe.paragen`: config, mesh, step plan, VAE, timings."""
+"""What every parallelised pipeline carries as `pipe.paragen`: config, mesh, step plan, VAE, timings,
+and the request protocol its `pipe(...)` runs."""
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 from paragen.comms import CommStats
 from paragen.parallel import ParallelConfig, ParallelMesh
+from paragen.parallel.intercept import intercept
 from paragen.parallel.steps import StepPlan
 from paragen.pipelines.vae_decode import ParallelVaeDecoder
 
 
 @dataclass
 class PipelineRuntime:
-    """The request protocol shared by the UNet and DiT runtimes (see `call_wrapper.parallel_class`)."""
+    """The request protocol of every parallelised pipeline: `install` intercepts `pipe(...)` with `call`."""
 
     config: ParallelConfig
     mesh: ParallelMesh
@@ -27,6 +30,27 @@ class PipelineRuntime:
     def stats(self) -> CommStats:
         """The `CommStats` of every group of this pipeline."""
         return self.mesh.stats
+
+    def install(self, pipe: Any) -> None:
+        """Attach the runtime as `pipe.paragen` and route `pipe(...)` through `call`."""
+        pipe.paragen = self
+        intercept(pipe, "__call__", lambda original, *args, **kwargs: self.call(pipe, original, *args, **kwargs))
+
+    def call(self, pipe: Any, original, *args, **kwargs):
+        """One request: take paragen's options, check it on every rank before any collective
+        (`prepare_call`), then run the pipeline's own call between `begin_request` and `end_request`."""
+        options = self.take_options(kwargs)
+        bound = inspect.signature(original).bind(*args, **kwargs)
+        self.prepare_call(pipe, bound, **options)
+        self.begin_request()
+        try:
+            return original(*bound.args, **bound.kwargs)
+        finally:
+            self.end_request()
+
+    def prepare_call(self, pipe: Any, bound: inspect.BoundArguments) -> None:
+        """Check the request and complete its arguments (every runtime has its own)."""
+        raise NotImplementedError
 
     def take_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         """Remove and return the call options that are paragen's, not the pipeline's (none by default)."""

@@ -12,13 +12,14 @@ import torch
 
 from paragen.comms import GroupComm
 from paragen.log import warn_once
+from paragen.parallel.intercept import intercept
 from paragen.parallel.partition import band_bounds
 from paragen.parallel.patch import PatchContext
-from paragen.pipelines.patching import patch_modules
+from paragen.parallel.patch.convert import patch_modules
 
 
 class ParallelVaeDecoder:
-    """Hooks on `vae.decoder` that band it over `world`."""
+    """`vae.decoder`, intercepted to decode in bands over `world`."""
 
     def __init__(self, vae, world: GroupComm) -> None:
         self.world = world
@@ -26,8 +27,7 @@ class ParallelVaeDecoder:
         self.ctx = PatchContext(world, label_prefix="vae.")
         if world.size > 1:
             patch_modules(vae.decoder, self.ctx)
-            vae.decoder.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-            vae.decoder.register_forward_hook(self._hook, with_kwargs=True)
+            intercept(vae.decoder, "forward", self._decode)
 
     def splits(self, latent_rows: int) -> bool:
         """Whether a latent of `latent_rows` rows is decoded in bands (else whole on every rank)."""
@@ -39,7 +39,12 @@ class ParallelVaeDecoder:
     def end_request(self) -> None:
         self.ctx.end_request()
 
-    def _pre_hook(self, module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    def _decode(self, forward, *args, **kwargs) -> torch.Tensor:
+        """The decoder on this rank's band of latent rows; the decoded bands all-gathered."""
+        args, kwargs = self._cut(args, kwargs)
+        return self._gather(forward(*args, **kwargs))
+
+    def _cut(self, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Give the decoder this rank's band of latent rows."""
         args, kwargs = list(args), dict(kwargs)
         latents = args[0] if args else kwargs["sample"]
@@ -55,7 +60,7 @@ class ParallelVaeDecoder:
         self.ctx.begin_step(*latents.shape[-2:])
         return tuple(args), kwargs
 
-    def _hook(self, module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+    def _gather(self, output: torch.Tensor) -> torch.Tensor:
         """All-gather the decoded bands into the whole image."""
         comm = self.ctx.comm
         if comm.size == 1:

@@ -23,13 +23,13 @@ def run(spec: dict) -> dict:
     pipe = load_pipeline(spec["model"])
     pipe.set_progress_bar_config(disable=True)
     if spec.get("parallel", True):
-        config = paragen.ParallelConfig(cfg=spec.get("cfg", 1), ulysses=spec.get("ulysses", 1), ring=spec.get("ring", 1),
-                                        mode=spec.get("mode", "sync"), warmup_steps=spec.get("warmup", 1))
-        paragen.parallelize(pipe, config)
+        config = paragen.ParallelConfig(cfg=spec.get("cfg", 1), ulysses=spec.get("ulysses", 1), ring=spec.get("ring"))
+        paragen.parallelize(pipe, config, paragen.ExchangeConfig(mode=spec.get("mode", "sync"),
+                                                                 warmup_steps=spec.get("warmup", 1)))
     image = generate(pipe, spec)
     result = {"image": image}
     if hasattr(pipe, "paragen"):
-        result["stats"] = all_gather_objects(pipe.paragen.mesh.comm("world"), pipe.paragen.stats.snapshot())
+        result["stats"] = all_gather_objects(pipe.paragen.mesh.group("world"), pipe.paragen.stats.snapshot())
     return result
 
 

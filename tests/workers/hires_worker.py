@@ -16,7 +16,7 @@ def run(spec: dict) -> dict:
                                 guidance_weight=spec["w0"], guidance_decay=spec["decay"],
                                 structure_fraction=spec["fraction"], placement=spec.get("placement", "interleaved"),
                                 window_batch=spec.get("window_batch", 1))
-    paragen.parallelize(pipe, paragen.ParallelConfig(hires=hires))
+    paragen.parallelize(pipe, paragen.ParallelConfig(), hires)
     image = pipe(spec["prompt"], height=spec["height"], width=spec["width"], num_inference_steps=spec["steps"],
                  guidance_scale=spec["guidance_scale"], generator=torch.Generator().manual_seed(spec["seed"]),
                  output_type="pt").images

@@ -13,7 +13,7 @@ from paragen.parallel.llm import KVConfig, cache_argument
 from paragen.parallel.llm.ring import ring_causal_attention
 from paragen.parallel.llm.shards import shard_bounds
 from paragen.pipelines.llm import parallelize_llm
-from paragen.pipelines.llm_loading import load_llm
+from paragen.pipelines.llm.loading import load_llm
 from tests.workers.specs import serve_specs
 
 
@@ -25,12 +25,12 @@ def ring_inputs(seed: int, length: int) -> tuple[torch.Tensor, ...]:
 
 def run_ring(spec: dict) -> dict:
     mesh = ParallelMesh(paragen.ParallelConfig(seq=paragen.world_size()), paragen.rank_device())
-    comm = mesh.comm("ring")
+    comm = mesh.group("ring")
     bounds = shard_bounds(spec["length"], comm.size)
     start, end = bounds[comm.rank]
     q, k, v = (t[:, :, start:end] for t in ring_inputs(spec["seed"], spec["length"]))
     out = ring_causal_attention(q, k, v, comm, [b - a for a, b in bounds], 0.25)
-    return {"parts": all_gather_objects(mesh.comm("world"), out), "stats": mesh.stats.snapshot()}
+    return {"parts": all_gather_objects(mesh.group("world"), out), "stats": mesh.stats.snapshot()}
 
 
 def run_generate(spec: dict) -> dict:

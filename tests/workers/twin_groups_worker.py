@@ -14,11 +14,11 @@ if __name__ == "__main__":
     world.backend_name = lambda: "nccl"  # what `needs_cpu_twins` asks: groups are made as a GPU run makes them
     world.start_cpu_world()
     mesh = ParallelMesh(ParallelConfig(cfg=2, patch=-1), torch.device("cuda"))
-    seen = {name: {"twin": mesh.comm(name).cpu_group is not mesh.comm(name).group, "size": mesh.comm(name).size}
+    seen = {name: {"twin": mesh.group(name).cpu_group is not mesh.group(name).group, "size": mesh.group(name).size}
             for name in ("cfg", "patch", "world")}
     seen["world_twin"] = world_groups()[1] is not world_groups()[0]
-    seen["seed"] = broadcast_int(mesh.comm("patch"), 1000 + paragen.comms.world_rank())
-    everyone = all_gather_objects(mesh.comm("world"), seen)
+    seen["seed"] = broadcast_int(mesh.group("patch"), 1000 + paragen.comms.world_rank())
+    everyone = all_gather_objects(mesh.group("world"), seen)
     if paragen.is_output_rank():
         torch.save(everyone, sys.argv[1])
     paragen.shutdown()

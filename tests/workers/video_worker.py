@@ -15,7 +15,7 @@ def run(spec: dict) -> dict:
     pipe.set_progress_bar_config(disable=True)
     temporal = TemporalAttention(scope=spec["scope"], local=spec["local"], global_frames=spec["global_frames"],
                                  bias_switch=spec["switch"], overlap=spec.get("overlap", True))
-    paragen.parallelize(pipe, paragen.ParallelConfig(clip=paragen.world_size(), temporal=temporal))
+    paragen.parallelize(pipe, paragen.ParallelConfig(clip=paragen.world_size()), temporal)
     prompts = {"segment_prompts": spec["segments"]} if "segments" in spec else {"prompt": spec["prompt"]}
     frames = pipe(num_frames=spec["frames"], height=spec["size"], width=spec["size"], num_inference_steps=spec["steps"],
                   generator=torch.Generator().manual_seed(spec["seed"]), output_type="np", **prompts).frames

@@ -42,3 +42,7 @@ class TemporalAttention:
             raise ValueError(f"the local/global bias must be a finite logit offset, got {self.bias}")
         if not 0 <= self.bias_switch <= 1000:
             raise ValueError(f"bias_switch is a timestep in [0, 1000], got {self.bias_switch}")
+
+    def layout_tag(self, config) -> str:
+        """A file-name fragment naming the layout (`config` resolved), e.g. `clip4_dual`."""
+        return f"clip{config.clip}_{self.scope}"

@@ -58,3 +58,7 @@ class HiresConfig:
             raise ValueError(f"hires placement must be one of {', '.join(PLACEMENTS)}; got {self.placement!r}")
         if self.window_batch < 1:
             raise ValueError(f"window_batch must be >= 1, got {self.window_batch}")
+
+    def layout_tag(self, config) -> str:
+        """A file-name fragment naming the layout (`config` resolved), e.g. `hires2_async`."""
+        return f"hires{config.patch}_{self.guidance}"

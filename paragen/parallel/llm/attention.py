@@ -1,30 +1,28 @@
 """The attention forward of a Llama-family layer when its cache is a `ShardedKVCache`.
 
-It replaces `forward` on each attention module instance (`LlamaAttention`, `Qwen2Attention`,
+Each attention module instance's forward is intercepted (`LlamaAttention`, `Qwen2Attention`,
 `MistralAttention`: q/k/v/o projections, RoPE from the model's rotary embedding). With any other
 cache — or none — the module's own forward runs unchanged. Heads are read from the projections'
 output widths, so the same code serves a module whose weights tensor parallelism has split.
 """
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import nn
 
 from paragen.kernels.rope import apply_rope
+from paragen.parallel.intercept import intercept
 from paragen.parallel.llm.cache import ShardedKVCache, cache_in
 
 
 def _sharded_forward(
-    self: nn.Module, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-    attention_mask: torch.Tensor | None = None, **kwargs,
+    self: nn.Module, forward, hidden_states: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None, attention_mask: torch.Tensor | None = None,
+    **kwargs,
 ) -> tuple[torch.Tensor, None]:
     cache = cache_in(kwargs)
     if not isinstance(cache, ShardedKVCache):
-        return self._paragen_original_forward(
-            hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs,
-        )
+        return forward(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs)
     batch, length, _ = hidden_states.shape
     shape = (batch, length, -1, self.head_dim)
     query = self.q_proj(hidden_states).view(shape).transpose(1, 2)
@@ -39,5 +37,4 @@ def _sharded_forward(
 
 def shard_attention(module: nn.Module) -> None:
     """Route `module`'s forward through a `ShardedKVCache` when one is passed (in place)."""
-    module._paragen_original_forward = module.forward
-    module.forward = types.MethodType(_sharded_forward, module)
+    intercept(module, "forward", lambda forward, *args, **kwargs: _sharded_forward(module, forward, *args, **kwargs))

@@ -1,23 +1,22 @@
-"""Clip-parallel text-to-video: `parallelize(pipe, ParallelConfig(clip=N))` for diffusers'
-`TextToVideoSDPipeline` (UNet3DConditionModel) and `AnimateDiffPipeline` (UNetMotionModel).
+"""Clip-parallel text-to-video: `parallelize(pipe, ParallelConfig(clip=N), TemporalAttention())` for
+diffusers' `TextToVideoSDPipeline` (UNet3DConditionModel) and `AnimateDiffPipeline` (UNetMotionModel).
 
 Every rank runs the pipeline's own loop and scheduler on the whole latent `[B, C, F, H, W]` (cheap), but
-its UNet call denoises only the rank's clip of frames: `unet.forward` is replaced on the instance. Spatial
+its UNet call, intercepted, denoises only the rank's clip of frames. Spatial
 layers are per frame and need nothing; the temporal ones are converted in place
 (`parallel/clip`): temporal attention processors (full or dual scope), GroupNorms over frames with the
 whole video's statistics, temporal conv stacks with a frame halo, and AnimateDiff's frame positions taken
 in the whole video. The clips' noise predictions are all-gathered (the latent is small), so every rank
-steps the same latent. `decode_latents` is wrapped: each rank decodes its own frames, and the frames are
+steps the same latent. `decode_latents` is intercepted: each rank decodes its own frames, and the frames are
 gathered on the output rank (rank 0 of the clip group); the other ranks get a video of zero frames.
 
 Call options of paragen's own: `segment_prompts=[...]` gives each of that many consecutive segments of
 the video its own prompt (`segment_frames=[...]` sets their lengths; default: as even as possible).
-Checkpoints (`enable_checkpoints`) save every rank's clip of the latent, the scheduler and the generator
-every K steps; a resumed run skips the finished steps without computing and restores the last one.
+Checkpoints (`enable_checkpoints`, through the step hook) save every rank's clip of the latent, the scheduler
+and the generator every K steps; a resumed run skips the finished steps without computing and restores the last.
 """
 from __future__ import annotations
 
-import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,22 +24,23 @@ from typing import Any
 import torch
 
 from paragen.parallel import ParallelConfig, ParallelMesh
-from paragen.parallel.clip import ClipLayout, plan_clips
+from paragen.parallel.clip import ClipLayout, TemporalAttention, plan_clips
 from paragen.parallel.clip.attention import ClipTemporalAttnProcessor
 from paragen.parallel.clip.context import ClipContext
 from paragen.parallel.clip.conv import ClipTemporalConv
 from paragen.parallel.clip.norm import ClipGroupNorm
 from paragen.parallel.clip.positions import ClipFramePositions
+from paragen.parallel.intercept import intercept
 from paragen.parallel.partition import check_image_size, split_sizes
 from paragen.parallel.steps import StepPlan
-from paragen.pipelines.call_wrapper import check_steps, parallel_class, request_arg, share_generator
 from paragen.pipelines.checkpoint import (
-    Checkpoints, StepCheckpoints, generator_states, load_scheduler_state, scheduler_state, set_generator_states,
+    StepCheckpoints, generator_states, load_scheduler_state, scheduler_state, set_generator_states,
 )
-from paragen.pipelines.image import unet_downsampling
+from paragen.pipelines.patch.runtime import unet_downsampling
+from paragen.pipelines.request_args import check_steps, request_arg, share_generator
 from paragen.pipelines.runtime import PipelineRuntime
+from paragen.pipelines.step_hook import install_step_hook
 
-VIDEO_PIPELINES = ("TextToVideoSDPipeline", "AnimateDiffPipeline")
 TEMPORAL_TRANSFORMERS = ("TransformerTemporalModel", "AnimateDiffTransformer3D")
 MAX_SIDE = 16384  # pixels; beyond this a request is a typo, not a video
 MAX_FRAMES = 1_000_000
@@ -92,28 +92,21 @@ class SegmentPromptProcessor:
 
 
 def install_clip_layers(unet: torch.nn.Module, ctx: ClipContext) -> int:
-    """Convert the UNet's temporal layers in place; return the temporal convs' stacked halo (0 if none)."""
+    """Convert the UNet's temporal layers in place (checked: see `check`); return the temporal convs' stacked
+    halo (0 if none)."""
     halo = 0
-    found = 0
     for module in list(unet.modules()):
         kind = type(module).__name__
         if kind in TEMPORAL_TRANSFORMERS:
-            found += 1
             ClipGroupNorm.convert(module.norm, ctx)
             for block in module.transformer_blocks:
                 for attn in (block.attn1, block.attn2):
-                    if attn is None:
-                        continue
-                    if attn.is_cross_attention:
-                        raise ValueError(f"{kind} has cross-attention in a temporal block; clip parallelism "
-                                         "supports temporal self-attention only")
-                    attn.set_processor(ClipTemporalAttnProcessor(ctx))
+                    if attn is not None:
+                        attn.set_processor(ClipTemporalAttnProcessor(ctx))
                 if block.pos_embed is not None:
                     ClipFramePositions.convert(block.pos_embed, ctx)
         elif kind == "TemporalConvLayer":
             halo = max(halo, ClipTemporalConv.convert(module, ctx).halo)
-    if not found:
-        raise ValueError(f"{type(unet).__name__} has no temporal transformer ({', '.join(TEMPORAL_TRANSFORMERS)})")
     return halo
 
 
@@ -141,7 +134,6 @@ class VideoRuntime(PipelineRuntime):
 
     ctx: ClipContext = None  # type: ignore[assignment]
     conv_halo: int = 0
-    unet_forward: Any = None  # the UNet's own forward
     output_class: type = None  # type: ignore[assignment]
     checkpoints: StepCheckpoints | None = None
     # per request
@@ -159,10 +151,10 @@ class VideoRuntime(PipelineRuntime):
     def layout(self) -> ClipLayout:
         return self.ctx.layout
 
-    def enable_checkpoints(self, checkpoints: Checkpoints, every: int, resume: bool) -> None:
-        """Save every rank's state every `every` steps into `checkpoints`; with `resume`, continue from its
-        newest complete checkpoint (checked before any collective)."""
-        self.checkpoints = StepCheckpoints.open(checkpoints, every, resume)
+    def enable_checkpoints(self, checkpoints: StepCheckpoints) -> None:
+        """Save every rank's state as `checkpoints` says, and continue from its resume step (checked, with
+        the folder, before any collective: `StepCheckpoints.open`)."""
+        self.checkpoints = checkpoints
 
     # ---- the request ---------------------------------------------------------------------------
     def take_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -179,12 +171,12 @@ class VideoRuntime(PipelineRuntime):
         frames = request_arg(bound, "num_frames")
         height, width = request_arg(bound, "height") or default, request_arg(bound, "width") or default
         check_video_size(frames, height, width, vae_factor, unet_downsampling(pipe.unet))
-        self.ctx.layout = plan_clips(frames, self.comm.size, self.config.temporal, self.conv_halo)
+        self.ctx.layout = plan_clips(frames, self.comm.size, self.ctx.temporal, self.conv_halo)
         self.ctx.train_timesteps = pipe.scheduler.config.num_train_timesteps
         self._prepare_segments(pipe, bound, segment_prompts, segment_frames)
         if self.checkpoints is not None:
-            self._wrap_scheduler(pipe.scheduler)
-        share_generator(bound, self.mesh.comm("world"))
+            install_step_hook(pipe.scheduler, lambda latents: self.on_step_end(pipe.scheduler, latents))
+        share_generator(bound, self.mesh.group("world"))
         self.generator = request_arg(bound, "generator")
 
     def _prepare_segments(self, pipe, bound, prompts: list[str] | None, lengths: list[int] | None) -> None:
@@ -215,7 +207,7 @@ class VideoRuntime(PipelineRuntime):
         self.frame_text = None
 
     # ---- the UNet call ---------------------------------------------------------------------------
-    def unet_call(self, pipe, *args, **kwargs):
+    def unet_call(self, pipe, forward, *args, **kwargs):
         """The noise prediction of one step: this clip denoised, every clip's prediction gathered."""
         args, kwargs = list(args), dict(kwargs)
         sample = args.pop(0) if args else kwargs.pop("sample")
@@ -231,7 +223,7 @@ class VideoRuntime(PipelineRuntime):
             start, stop, frames = self.ctx.start, self.ctx.stop, self.layout.frames
             if text.shape[0] == sample.shape[0] * frames:  # per-frame text (AnimateDiff repeats it per frame)
                 text = text.reshape((sample.shape[0], frames) + text.shape[1:])[:, start:stop].flatten(0, 1)
-            own = self.unet_forward(sample[:, :, start:stop], timestep, text, *args, return_dict=False, **kwargs)[0]
+            own = forward(sample[:, :, start:stop], timestep, text, *args, return_dict=False, **kwargs)[0]
             eps = self.comm.all_gather_varlen(own, 2, list(self.layout.sizes), "clip.eps")
         self.record_step()
         return self.output_class(sample=eps) if return_dict else (eps,)
@@ -243,49 +235,46 @@ class VideoRuntime(PipelineRuntime):
         return own[:, :, :0] if video is None else video
 
     # ---- checkpoints -------------------------------------------------------------------------------
-    def _wrap_scheduler(self, scheduler) -> None:
-        if "step" not in vars(scheduler):
-            scheduler.step = functools.partial(self._scheduler_step, type(scheduler).step.__get__(scheduler))
-
-    def _scheduler_step(self, step, *args, **kwargs):
-        """The scheduler's step, then: restore a resumed run, or save a checkpoint (of the latent as a
+    def on_step_end(self, scheduler, latents: torch.Tensor) -> None:
+        """After a scheduler step: restore a resumed run, or save a checkpoint (of the latent as a
         `[B, C, F, H, W]` view, whichever layout the pipeline steps)."""
-        out = step(*args, **kwargs)
-        latents = out.prev_sample if hasattr(out, "prev_sample") else out[0]
         if latents.dim() == 4:  # TextToVideoSD steps the scheduler on [B·F, C, H, W]
             latents = latents.view((-1, self.layout.frames) + latents.shape[1:]).transpose(1, 2)
         i, saved = self.plan.step, self.checkpoints
         if saved.restores_after(i):
             state = saved.checkpoints.load(saved.resume_step)
-            load_scheduler_state(step.__self__, state["scheduler"])
+            load_scheduler_state(scheduler, state["scheduler"])
             set_generator_states(self.generator, state["generator"])
             latents.copy_(self.comm.all_gather_varlen(state["latents"].to(latents), 2, list(self.layout.sizes), "clip.resume"))
         elif saved.saves_after(i, self.plan.total_steps):
             saved.checkpoints.save(i + 1, {
                 "latents": latents[:, :, self.ctx.start : self.ctx.stop],
-                "scheduler": scheduler_state(step.__self__),
+                "scheduler": scheduler_state(scheduler),
                 "generator": generator_states(self.generator),
             })
-        return out
 
 
-def parallelize_video(pipe, config: ParallelConfig | None = None):
-    """Make a TextToVideoSD or AnimateDiff pipeline split each video's frames over the ranks, in place."""
-    config = config or ParallelConfig()
-    if config.cfg != 1 or config.sequence != 1 or config.hires is not None:
-        raise ValueError("video pipelines split the frames into clips (clip=N); cfg=2, ulysses, ring and hires do not apply")
+def check(pipe, config: ParallelConfig, options: TemporalAttention) -> None:
+    """Refuse a UNet without temporal transformers, or with cross-attention in one."""
+    found = [m for m in pipe.unet.modules() if type(m).__name__ in TEMPORAL_TRANSFORMERS]
+    if not found:
+        raise ValueError(f"{type(pipe.unet).__name__} has no temporal transformer ({', '.join(TEMPORAL_TRANSFORMERS)})")
+    for module in found:
+        for block in module.transformer_blocks:
+            if any(attn is not None and attn.is_cross_attention for attn in (block.attn1, block.attn2)):
+                raise ValueError(f"{type(module).__name__} has cross-attention in a temporal block; clip parallelism "
+                                 "supports temporal self-attention only")
+
+
+def install(pipe, config: ParallelConfig, options: TemporalAttention):
+    """Make a checked TextToVideoSD or AnimateDiff pipeline split each video's frames over the ranks of `config`."""
     mesh = ParallelMesh(config, pipe.device)
-    if mesh.config.patch != 1:
-        raise ValueError(f"video pipelines split the frames into clips: set clip to the number of ranks "
-                         f"(got clip={config.clip}, leaving {mesh.config.patch} ranks to patch)")
-    ctx = ClipContext(mesh.comm("clip"), mesh.config.temporal)
-    runtime = VideoRuntime(mesh.config, mesh, StepPlan(mesh.comm("clip"), label_prefix="clip."), None, ctx=ctx,
+    ctx = ClipContext(mesh.group("clip"), options)
+    runtime = VideoRuntime(config, mesh, StepPlan(mesh.group("clip"), label_prefix="clip."), None, ctx=ctx,
                            output_class=_output_class(pipe.unet))
     runtime.conv_halo = install_clip_layers(pipe.unet, ctx)
     install_segment_prompts(pipe.unet, runtime)
-    runtime.unet_forward = pipe.unet.forward
-    pipe.unet.forward = functools.partial(runtime.unet_call, pipe)
-    pipe.decode_latents = functools.partial(runtime.decode_call, pipe.decode_latents)
-    pipe.paragen = runtime
-    pipe.__class__ = parallel_class(type(pipe))
+    intercept(pipe.unet, "forward", lambda forward, *a, **k: runtime.unet_call(pipe, forward, *a, **k))
+    intercept(pipe, "decode_latents", runtime.decode_call)
+    runtime.install(pipe)
     return pipe

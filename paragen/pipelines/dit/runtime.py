@@ -1,12 +1,12 @@
-"""`parallelize(pipe, config)` for diffusion-transformer pipelines: PixArt-α/Σ, SD3, Flux, in place.
+"""DiT sequence parallelism for diffusion-transformer pipelines: PixArt-α/Σ, SD3, Flux, in place.
 
 The image tokens are sharded along the sequence over the `seq` group (`ulysses × ring` ranks), in
 contiguous shards whose sizes differ by at most one token, so any image size works:
-- PixArt, SD3: a forward hook on the patch embedding keeps the rank's shard of the tokens (the whole
-  patch embedding, a strided conv, is cheap next to the blocks); a hook on `proj_out` all-gathers the
-  shards before the transformer un-patchifies them.
-- Flux: a pre-hook on the transformer cuts the packed latent tokens and their position ids, so the
-  rotary embedding is computed for the rank's own tokens only; the output tokens are all-gathered.
+- PixArt, SD3: the patch embedding's call is intercepted to keep the rank's shard of the tokens (the
+  whole patch embedding, a strided conv, is cheap next to the blocks), and `proj_out`'s to all-gather
+  the shards before the transformer un-patchifies them.
+- Flux: the transformer's call is intercepted to cut the packed latent tokens and their position ids,
+  so the rotary embedding is computed for the rank's own tokens only; the output tokens are all-gathered.
 Text: in SD3 and Flux the text tokens run through every block (joint attention), so they are sharded
 like the image tokens — every rank carries its shard of both streams, and attention sees all shards'
 text and image keys. PixArt only cross-attends to the text, so its text stays whole on every rank.
@@ -16,20 +16,20 @@ per token and runs on the shard unchanged. The VAE decode is the banded one of t
 """
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Any
 
-from paragen.comms import world_size
 from paragen.parallel import ParallelConfig, ParallelMesh
+from paragen.parallel.config import ExchangeConfig
+from paragen.parallel.intercept import intercept
 from paragen.parallel.sequence import SequenceContext
 from paragen.parallel.sequence.processors import (
     CROSS_PROCESSORS, FLUX_PROCESSORS, JOINT_PROCESSORS, SELF_PROCESSORS,
     SeqFluxAttnProcessor, SeqJointAttnProcessor, SeqSelfAttnProcessor,
 )
 from paragen.pipelines.batch_split import split_batch
-from paragen.pipelines.call_wrapper import check_steps, parallel_class, request_arg, share_generator
+from paragen.pipelines.request_args import check_steps, request_arg, share_generator
 from paragen.pipelines.runtime import PipelineRuntime
 from paragen.pipelines.vae_decode import ParallelVaeDecoder
 
@@ -59,14 +59,19 @@ class DiTRuntime(PipelineRuntime):
         start = sum(tokens_sizes[:rank])
         return start, start + tokens_sizes[rank]
 
-    # ---- transformer hooks -------------------------------------------------------------------
-    def pre_hook(self, pipe, module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    # ---- the transformer call ----------------------------------------------------------------
+    def transformer_call(self, pipe, forward, *args, **kwargs) -> Any:
+        """The transformer on this rank's CFG branch and token shards (Flux: its output tokens gathered)."""
+        args, kwargs = self._cut(pipe, pipe.transformer, args, kwargs)
+        return self._end(forward(*args, **kwargs))
+
+    def _cut(self, pipe, module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Cut the transformer's input to this rank's CFG branch and token shards."""
         args, kwargs = list(args), dict(kwargs)
         if args:  # every DiT forward's first argument is `hidden_states`
             kwargs["hidden_states"] = args.pop(0)
         if self.config.cfg == 2:
-            args, kwargs = split_batch(args, kwargs, kwargs["hidden_states"].shape[0], self.mesh.comm("cfg").rank, 2)
+            args, kwargs = split_batch(args, kwargs, kwargs["hidden_states"].shape[0], self.mesh.group("cfg").rank, 2)
         seq, text = self.seq, kwargs.get("encoder_hidden_states")
         if self.family == "flux":
             seq.set_tokens(kwargs["hidden_states"].shape[1], text.shape[1])
@@ -88,24 +93,24 @@ class DiTRuntime(PipelineRuntime):
         seq.begin_step()
         return tuple(args), kwargs
 
-    def embed_hook(self, module, args: tuple, output):
+    def embed_call(self, forward, *args, **kwargs):
         """Keep this rank's shard of the patch-embedded image tokens (PixArt, SD3)."""
-        return _slice(output, 1, self._shard(self.seq.image_sizes))
+        return _slice(forward(*args, **kwargs), 1, self._shard(self.seq.image_sizes))
 
     def gather_tokens(self, tokens):
         """All-gather the image-token shards of both CFG branches into `[cfg·B, N, C]`."""
         cfg = self.config.cfg
-        full = self.mesh.comm("world").all_gather_varlen(tokens, 1, self.seq.image_sizes * cfg, "dit.output")
+        full = self.mesh.group("world").all_gather_varlen(tokens, 1, self.seq.image_sizes * cfg, "dit.output")
         if cfg == 1:
             return full
         batch, _, channels = full.shape
         return full.view(batch, cfg, -1, channels).transpose(0, 1).reshape(cfg * batch, -1, channels)
 
-    def proj_out_hook(self, module, args: tuple, output):
+    def proj_out_call(self, forward, *args, **kwargs):
         """PixArt, SD3: the last per-token layer's output, gathered before un-patchifying."""
-        return self.gather_tokens(output)
+        return self.gather_tokens(forward(*args, **kwargs))
 
-    def post_hook(self, module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def _end(self, output: Any) -> Any:
         """End of a transformer forward: Flux's output tokens are gathered here; record the step."""
         if self.family == "flux":
             if isinstance(output, tuple):
@@ -132,7 +137,7 @@ class DiTRuntime(PipelineRuntime):
                              f"{sides[0] * sides[1]} tokens ({sides[0]}×{sides[1]})")
         if self.config.cfg == 2 and not request_arg(bound, "guidance_scale") > 1:
             raise ValueError("cfg=2 runs the two classifier-free-guidance branches on different ranks; it needs guidance_scale > 1")
-        share_generator(bound, self.mesh.comm("world"))
+        share_generator(bound, self.mesh.group("world"))
 
 
 def _attention_modules(transformer) -> list[tuple[str, Any]]:
@@ -166,36 +171,31 @@ def _plan_processors(family: str, transformer, config: ParallelConfig) -> list[t
     return plan
 
 
-def parallelize_dit(pipe, config: ParallelConfig | None = None):
-    """Make a PixArt, SD3 or Flux pipeline run each request across all ranks, in place (see module docs).
-
-    With neither `ulysses` nor `ring` given, the ranks left after `cfg` form a ring.
-    """
-    family = FAMILIES[type(pipe).__name__]
-    config = config or ParallelConfig()
-    if config.patch not in (-1, 1):
-        raise ValueError(f"patch={config.patch}: diffusion transformers are split along the token sequence; use ulysses and ring")
-    if config.mode == "partial":
+def check(pipe, config: ParallelConfig, options: ExchangeConfig) -> None:
+    """Refuse what sequence parallelism cannot run: partial mode, Flux with cfg=2, unknown attention
+    processors, a Ulysses degree that does not divide the heads."""
+    if options.mode == "partial":
         raise ValueError("mode 'partial' (PCPP) is for UNet pipelines; diffusion transformers take sync or displaced")
-    if family == "flux" and config.cfg == 2:
+    if FAMILIES[type(pipe).__name__] == "flux" and config.cfg == 2:
         raise ValueError("cfg=2 needs a pipeline that batches its guidance branches; FluxPipeline uses a guidance "
                          "embedding (and runs true CFG as two separate calls), so cfg must be 1")
-    processors = _plan_processors(family, pipe.transformer, config)  # every rank fails here alike, before any group
-    if config.sequence == 1:  # no degree given: the ranks left after cfg form a ring (any head count, any length)
-        config = dataclasses.replace(config, ring=max(1, world_size() // config.cfg))
-    config = dataclasses.replace(config, patch=1)
+    _plan_processors(FAMILIES[type(pipe).__name__], pipe.transformer, config)
+
+
+def install(pipe, config: ParallelConfig, options: ExchangeConfig):
+    """Make a checked PixArt, SD3 or Flux pipeline run each request across the ranks of the resolved `config`."""
+    family = FAMILIES[type(pipe).__name__]
+    processors = _plan_processors(family, pipe.transformer, config)
     mesh = ParallelMesh(config, pipe.device)
-    resolved = mesh.config
-    seq = SequenceContext(mesh.comm("seq"), mesh.comm("ulysses"), mesh.comm("ring"), resolved.mode, resolved.warmup_steps, "dit.")
-    runtime = DiTRuntime(resolved, mesh, seq, ParallelVaeDecoder(pipe.vae, mesh.comm("world")), family=family)
+    seq = SequenceContext(mesh.group("sequence"), mesh.group("ulysses"), mesh.group("ring"), options.mode,
+                          options.warmup_steps, "dit.")
+    runtime = DiTRuntime(config, mesh, seq, ParallelVaeDecoder(pipe.vae, mesh.group("world")), family=family)
     for attn, replacement in processors:
         attn.set_processor(replacement(seq))
     transformer = pipe.transformer
-    transformer.register_forward_pre_hook(lambda m, a, k: runtime.pre_hook(pipe, m, a, k), with_kwargs=True)
-    transformer.register_forward_hook(runtime.post_hook, with_kwargs=True)
+    intercept(transformer, "forward", lambda forward, *a, **k: runtime.transformer_call(pipe, forward, *a, **k))
     if family != "flux":
-        transformer.pos_embed.register_forward_hook(runtime.embed_hook)
-        transformer.proj_out.register_forward_hook(runtime.proj_out_hook)
-    pipe.paragen = runtime
-    pipe.__class__ = parallel_class(type(pipe))
+        intercept(transformer.pos_embed, "forward", runtime.embed_call)
+        intercept(transformer.proj_out, "forward", runtime.proj_out_call)
+    runtime.install(pipe)
     return pipe

@@ -1,9 +1,8 @@
-"""`parallelize_hires(pipe, config)`: SD / SDXL beyond the training size, windows over the ranks, with
-asynchronous structure guidance (ASGDiffusion), in place.
+"""Hires: SD / SDXL beyond the training size, windows over the ranks, with asynchronous structure
+guidance (ASGDiffusion), in place.
 
 The pipeline's own loop and scheduler run unchanged on every rank, on the whole high-resolution (HR)
-latent. What changes is the UNet call: `unet.forward` is replaced on the instance by `HiresRuntime`,
-which, each step,
+latent. What changes is the UNet call, intercepted by `HiresRuntime.unet_call`, which, each step,
 1. runs the low-resolution (LR) branch on its rank: one pass over a training-size view of the whole
    image with its own scheduler copy, which yields ε_LR and the normalised cross-attention map M of the
    up-blocks; they are broadcast to every rank (`sync`: mixed in this step; `async`: at the next
@@ -17,7 +16,7 @@ which, each step,
 Structure seeding: the first `structure_fraction` of the steps run the LR branch alone (the HR
 latent follows the upsampled LR prediction meanwhile). After them the LR branch's predicted clean
 latent, upsampled and re-noised to the next step's noise level with the HR run's own initial noise,
-replaces the HR latent (through `callback_on_step_end`), and the windows take over.
+replaces the HR latent (through the step hook), and the windows take over.
 
 The HR latent's windows are balanced over the ranks in units of one UNet pass; the LR pass is one unit
 on the last rank (`interleaved`) or that rank's only work (`dedicated`). Checkpoints (`enable_checkpoints`)
@@ -27,7 +26,6 @@ restores the state at the last one, so it gives the same image as an uninterrupt
 from __future__ import annotations
 
 import copy
-import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,16 +39,18 @@ from paragen.parallel.hires import HiresConfig
 from paragen.parallel.hires.attention_map import MapRecorder, install_map_processors
 from paragen.parallel.hires.guidance import low_res_size, mix, pooled_noise, resize, weight
 from paragen.parallel.hires.windows import Assignment, Window, assign, coverage, window_grid
+from paragen.parallel.intercept import intercept
 from paragen.parallel.partition import check_image_size
 from paragen.parallel.steps import StepPlan
 from paragen.pipelines.batch_split import repeat_batch
-from paragen.pipelines.call_wrapper import check_steps, parallel_class, request_arg, share_generator
-from paragen.pipelines.image import unet_downsampling
 from paragen.pipelines.checkpoint import (
-    Checkpoints, StepCheckpoints, generator_states, load_scheduler_state, scheduler_state, set_generator_states,
+    StepCheckpoints, generator_states, load_scheduler_state, scheduler_state, set_generator_states,
 )
+from paragen.pipelines.patch.runtime import unet_downsampling
+from paragen.pipelines.request_args import check_steps, request_arg, share_generator
 from paragen.pipelines.runtime import PipelineRuntime
 from paragen.pipelines.scheduler_math import predicted_original
+from paragen.pipelines.step_hook import install_step_hook
 from paragen.pipelines.vae_decode import ParallelVaeDecoder
 
 LR_SEED = 0x5EED  # the LR branch's own generator (only stochastic schedulers draw from it)
@@ -103,16 +103,16 @@ class HiresRuntime(PipelineRuntime):
     @property
     def comm(self):
         """The ranks sharing the windows."""
-        return self.mesh.comm("patch")
+        return self.mesh.group("patch")
 
     @property
     def owns_lr(self) -> bool:
         return self.comm.rank == self.layout.assignment.lr_rank
 
-    def enable_checkpoints(self, checkpoints: Checkpoints, every: int, resume: bool) -> None:
-        """Save every rank's state every `every` steps into `checkpoints`; with `resume`, continue from
-        its newest complete checkpoint (checked before any collective)."""
-        self.checkpoints = StepCheckpoints.open(checkpoints, every, resume)
+    def enable_checkpoints(self, checkpoints: StepCheckpoints) -> None:
+        """Save every rank's state as `checkpoints` says, and continue from its resume step (checked, with
+        the folder, before any collective: `StepCheckpoints.open`)."""
+        self.checkpoints = checkpoints
 
     # ---- the request ---------------------------------------------------------------------------
     def prepare_call(self, pipe, bound: inspect.BoundArguments) -> None:
@@ -132,8 +132,8 @@ class HiresRuntime(PipelineRuntime):
             assign(len(windows), self.comm.size, self.hires.placement), coverage(rows, cols, windows, pipe.device),
             _prompt_tokens(pipe, request_arg(bound, "prompt")),
         )
-        _chain_callback(bound, self.on_step_end)
-        share_generator(bound, self.mesh.comm("world"))
+        install_step_hook(pipe.scheduler, lambda latents: self.on_step_end(pipe, latents))
+        share_generator(bound, self.mesh.group("world"))
         self.generator = request_arg(bound, "generator")
 
     def begin_request(self) -> None:
@@ -146,8 +146,9 @@ class HiresRuntime(PipelineRuntime):
         return latents
 
     # ---- the UNet call ---------------------------------------------------------------------------
-    def unet_call(self, pipe, *args, **kwargs):
+    def unet_call(self, pipe, forward, *args, **kwargs):
         """The HR noise prediction of one step: LR branch, guided windows, overlaps averaged."""
+        self.unet_forward = forward
         args, kwargs = list(args), dict(kwargs)
         sample = args.pop(0) if args else kwargs.pop("sample")
         timestep = args.pop(0) if args else kwargs.pop("timestep")
@@ -258,10 +259,9 @@ class HiresRuntime(PipelineRuntime):
         return (summed / layout.coverage).to(sample.dtype)
 
     # ---- step ends: seeding, checkpoints, resume ----------------------------------------------------
-    def on_step_end(self, pipe, i: int, t, callback_kwargs: dict) -> dict:
-        """After the scheduler step `i`: restore a resumed run, seed the HR latent, save a checkpoint."""
-        latents = callback_kwargs["latents"]
-        saved = self.checkpoints
+    def on_step_end(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        """After the scheduler step of step `i`: restore a resumed run, seed the HR latent, save a checkpoint."""
+        i, saved = self.plan.step, self.checkpoints
         if saved is not None and saved.restores_after(i):
             latents = self._restore(pipe, latents)
         elif i == self.seed_step - 1 and not (saved is not None and saved.skipped(i)):
@@ -271,7 +271,7 @@ class HiresRuntime(PipelineRuntime):
             self.x0_lr = None
         if saved is not None and saved.saves_after(i, self.plan.total_steps):
             saved.checkpoints.save(i + 1, self._state(pipe, latents))
-        return {"latents": latents}
+        return latents
 
     def _state(self, pipe, latents: torch.Tensor) -> dict:
         state: dict[str, Any] = {"latents": latents, "scheduler": scheduler_state(pipe.scheduler),
@@ -309,43 +309,27 @@ def _prompt_tokens(pipe, prompt) -> slice:
     return slice(1, max(2, min(longest - 1, limit - 1)))
 
 
-def _chain_callback(bound: inspect.BoundArguments, ours) -> None:
-    """Run `ours` after the user's `callback_on_step_end` (if any), with the latents among its inputs."""
-    user = request_arg(bound, "callback_on_step_end")
-    inputs = list(getattr(user, "tensor_inputs", None) or request_arg(bound, "callback_on_step_end_tensor_inputs") or [])
-    if "latents" not in inputs:
-        inputs.append("latents")
-
-    def on_step_end(pipe, i, t, callback_kwargs):
-        outputs = dict(user(pipe, i, t, callback_kwargs) or {}) if user is not None else {}
-        merged = {**callback_kwargs, **outputs}
-        outputs.update(ours(pipe, i, t, merged))
-        return outputs
-
-    bound.arguments["callback_on_step_end"] = on_step_end
-    bound.arguments["callback_on_step_end_tensor_inputs"] = inputs
-
-
-def parallelize_hires(pipe, config: ParallelConfig):
-    """Make an SD or SDXL pipeline generate beyond its training size across all ranks, in place."""
-    mesh = ParallelMesh(config, pipe.device)
-    resolved = mesh.config
-    hires = resolved.hires
-    window = hires.window or pipe.unet.config.sample_size
+def check(pipe, config: ParallelConfig, options: HiresConfig) -> None:
+    """Refuse a window the UNet cannot down-sample, or a stride that leaves gaps."""
+    window = options.window or pipe.unet.config.sample_size
     factor = unet_downsampling(pipe.unet)
     if window % factor:
         raise ValueError(f"the hires window ({window} latent pixels) must be a multiple of the UNet's "
                          f"down-sampling factor {factor}")
-    if hires.stride is not None and hires.stride > window:
-        raise ValueError(f"hires stride ({hires.stride}) is larger than the window ({window}): the windows would leave gaps")
-    runtime = HiresRuntime(resolved, mesh, StepPlan(mesh.comm("patch"), label_prefix="hires."),
-                           ParallelVaeDecoder(pipe.vae, mesh.comm("world")),
-                           hires=hires, window=window, unet_factor=factor)
-    install_map_processors(pipe.unet, hires.map_layers, runtime.recorder)
-    runtime.unet_forward = pipe.unet.forward
-    pipe.unet.forward = functools.partial(runtime.unet_call, pipe)
-    prepare = pipe.prepare_latents
-    pipe.prepare_latents = lambda *a, **k: runtime.capture_noise(prepare(*a, **k), pipe.scheduler.init_noise_sigma)
-    pipe.paragen = runtime
-    pipe.__class__ = parallel_class(type(pipe))
+    if options.stride is not None and options.stride > window:
+        raise ValueError(f"hires stride ({options.stride}) is larger than the window ({window}): the windows would leave gaps")
+
+
+def install(pipe, config: ParallelConfig, options: HiresConfig):
+    """Make a checked SD or SDXL pipeline generate beyond its training size across the ranks of `config`."""
+    mesh = ParallelMesh(config, pipe.device)
+    runtime = HiresRuntime(config, mesh, StepPlan(mesh.group("patch"), label_prefix="hires."),
+                           ParallelVaeDecoder(pipe.vae, mesh.group("world")),
+                           hires=options, window=options.window or pipe.unet.config.sample_size,
+                           unet_factor=unet_downsampling(pipe.unet))
+    install_map_processors(pipe.unet, options.map_layers, runtime.recorder)
+    intercept(pipe.unet, "forward", lambda forward, *a, **k: runtime.unet_call(pipe, forward, *a, **k))
+    intercept(pipe, "prepare_latents",
+              lambda prepare, *a, **k: runtime.capture_noise(prepare(*a, **k), pipe.scheduler.init_noise_sigma))
+    runtime.install(pipe)
     return pipe

@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from paragen.pipelines.loading import CONFIG_DIR, PICKLE_WEIGHTS, SAFE_WEIGHTS, ModelLoadError
+from paragen.pipelines.registry import CAUSAL_LMS
 
 EMBEDDED_LLMS: tuple[str, ...] = ("tiny-llama", "tiny-passkey")
-SUPPORTED_LLMS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
 def model_root(model: str) -> Path:
@@ -33,10 +33,15 @@ def llm_config_dict(model: str) -> dict[str, Any]:
         return json.load(f)
 
 
-def check_llm_source(model: str, *, allow_pickle: bool = False, allow_remote_code: bool = False) -> None:
-    """Fail fast, before any heavy work, if `model` cannot be loaded."""
-    if model in EMBEDDED_LLMS:
-        return
+def check_llm_source(model: str, *, allow_pickle: bool = False, allow_remote_code: bool = False) -> str:
+    """Fail fast, before any heavy work, if `model` cannot be loaded; return its model class name."""
+    if model not in EMBEDDED_LLMS:
+        _check_local(model, allow_pickle, allow_remote_code)
+    architectures = llm_config_dict(model).get("architectures") or ["unknown"]
+    return next((name for name in architectures if name in CAUSAL_LMS), architectures[0])
+
+
+def _check_local(model: str, allow_pickle: bool, allow_remote_code: bool) -> None:
     root = Path(model)
     if not root.is_dir():
         raise ModelLoadError(
@@ -60,17 +65,27 @@ def check_llm_source(model: str, *, allow_pickle: bool = False, allow_remote_cod
                 "loaded; convert them to safetensors, or pass --allow-pickle if you trust the source"
             )
     architectures = config.get("architectures") or []
-    if not allow_remote_code and not set(architectures) & set(SUPPORTED_LLMS):
+    if not allow_remote_code and not set(architectures) & set(CAUSAL_LMS):
         raise ModelLoadError(f"{model!r} is a {architectures or 'model of unknown architecture'}; paragen llm "
-                             f"supports {', '.join(SUPPORTED_LLMS)}")
+                             f"supports {', '.join(CAUSAL_LMS)}")
 
 
 def load_llm(
     model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
     allow_pickle: bool = False, allow_remote_code: bool = False,
 ) -> torch.nn.Module:
-    """Build the causal LM `model` (embedded name or local directory), in eval mode, on `device`."""
+    """Build the causal LM `model` (embedded name or local directory), in eval mode, on `device`, after
+    `check_llm_source`."""
     check_llm_source(model, allow_pickle=allow_pickle, allow_remote_code=allow_remote_code)
+    return build_llm(model, dtype=dtype, device=device, seed=seed, allow_pickle=allow_pickle,
+                     allow_remote_code=allow_remote_code)
+
+
+def build_llm(
+    model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", seed: int = 0,
+    allow_pickle: bool = False, allow_remote_code: bool = False,
+) -> torch.nn.Module:
+    """`load_llm` for a `model` that passed `check_llm_source` already."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if model in EMBEDDED_LLMS:

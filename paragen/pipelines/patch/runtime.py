@@ -1,15 +1,15 @@
-"""`parallelize_unet(pipe, config)`: a stock diffusers SD / SDXL pipeline, parallel in place.
+"""UNet patch parallelism: a stock diffusers SD / SDXL pipeline, parallel in place.
 
 What changes, and how (no diffusers model code is forked):
-- UNet: convs, group norms and attention processors become patch-parallel (`patching.py`). A forward
-  pre-hook gives each rank its CFG branch (batch half) and its row band of the latent; a forward
-  hook all-gathers the bands' noise predictions so every rank holds the full, identical latent and the
+- UNet: convs, group norms and attention processors become patch-parallel (`convert.py`). Its call is
+  intercepted: each rank's UNet runs on its CFG branch (batch half) and its row band of the latent, and
+  the bands' noise predictions are all-gathered so every rank holds the full, identical latent and the
   pipeline's own loop and scheduler run unchanged.
 - VAE decoder: split into bands over *all* ranks, exact (`vae_decode.py`: halo convs, gathered GroupNorm statistics,
   gathered K/V in the mid-block attention); the image is all-gathered at the end.
-- `pipe(...)`: the call is wrapped (the instance gets a subclass with the same name) to check the
-  request before any collective, give every rank the same random generator when the user passed
-  none, and mark the request's start and end for the step plan (warm-up, stale steps).
+- `pipe(...)`: the call is intercepted (`PipelineRuntime.call`) to check the request before any
+  collective, give every rank the same random generator when the user passed none, and mark the
+  request's start and end for the step plan (warm-up, stale steps).
 """
 from __future__ import annotations
 
@@ -18,11 +18,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from paragen.parallel import ParallelConfig, ParallelMesh
+from paragen.parallel.config import ExchangeConfig
+from paragen.parallel.intercept import intercept
 from paragen.parallel.partition import band_bounds, check_image_size
 from paragen.parallel.patch import PatchContext, PatchInputConv2d
 from paragen.pipelines.batch_split import split_batch
-from paragen.pipelines.call_wrapper import check_steps, parallel_class, request_arg, share_generator
-from paragen.pipelines.patching import patch_modules
+from paragen.parallel.patch.convert import check_processors, patch_modules
+from paragen.pipelines.request_args import check_steps, request_arg, share_generator
 from paragen.pipelines.runtime import PipelineRuntime
 from paragen.pipelines.vae_decode import ParallelVaeDecoder
 
@@ -36,8 +38,13 @@ class ImageRuntime(PipelineRuntime):
 
     unet_factor: int = 1
 
-    # ---- UNet hooks --------------------------------------------------------------------------
-    def unet_pre_hook(self, pipe, module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    # ---- the UNet call ---------------------------------------------------------------------------
+    def unet_call(self, pipe, forward, *args, **kwargs) -> Any:
+        """The UNet on this rank's CFG branch and row band; every band's prediction gathered."""
+        args, kwargs = self._cut(pipe, args, kwargs)
+        return self._gather(forward(*args, **kwargs))
+
+    def _cut(self, pipe, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         """Cut the UNet's input down to this rank's CFG branch and row band."""
         for name in _SPATIAL_KWARGS:
             if kwargs.get(name) is not None:
@@ -45,10 +52,10 @@ class ImageRuntime(PipelineRuntime):
         args, kwargs = list(args), dict(kwargs)
         sample = args[0] if args else kwargs["sample"]
         if self.config.cfg == 2:
-            args, kwargs = split_batch(args, kwargs, sample.shape[0], self.mesh.comm("cfg").rank, 2)
+            args, kwargs = split_batch(args, kwargs, sample.shape[0], self.mesh.group("cfg").rank, 2)
             sample = args[0] if args else kwargs["sample"]
         rows, cols = sample.shape[-2:]
-        start, stop = band_bounds(rows, self.config.patch, self.mesh.comm("patch").rank)
+        start, stop = band_bounds(rows, self.config.patch, self.mesh.group("patch").rank)
         band = sample[:, :, start:stop]
         if args:
             args[0] = band
@@ -58,12 +65,12 @@ class ImageRuntime(PipelineRuntime):
         self.plan.begin_step(rows, cols, sample)
         return tuple(args), kwargs
 
-    def unet_hook(self, module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def _gather(self, output: Any) -> Any:
         """All-gather every rank's band of the noise prediction into the full batch and image."""
         band = output[0] if isinstance(output, tuple) else output.sample
         self.plan.end_step()  # launch the queued stale data before the blocking gather
         cfg, patch = self.config.cfg, self.config.patch
-        everyone = self.mesh.comm("world").all_gather(band, "unet.output")
+        everyone = self.mesh.group("world").all_gather(band, "unet.output")
         batch, channels, rows, cols = band.shape
         full = everyone.view(cfg, patch, batch, channels, rows, cols).permute(0, 2, 3, 1, 4, 5)
         full = full.reshape(cfg * batch, channels, patch * rows, cols)
@@ -89,7 +96,7 @@ class ImageRuntime(PipelineRuntime):
             if not guided:
                 raise ValueError("cfg=2 runs the two classifier-free-guidance branches on different ranks; "
                                  "it needs guidance_scale > 1 (and a model without guidance embedding)")
-        share_generator(bound, self.mesh.comm("world"))
+        share_generator(bound, self.mesh.group("world"))
 
 
 def unet_downsampling(unet) -> int:
@@ -97,33 +104,23 @@ def unet_downsampling(unet) -> int:
     return 2 ** (len(unet.config.block_out_channels) - 1)
 
 
-def _unet_factor(unet) -> int:
-    """How much the UNet down-samples (a band must be a multiple of this many latent rows)."""
-    if getattr(unet.config, "downsample_padding", 1) != 1:
+def check(pipe, config: ParallelConfig, options: ExchangeConfig) -> None:
+    """Refuse a UNet whose down-samplers or attention processors patch parallelism cannot split."""
+    if getattr(pipe.unet.config, "downsample_padding", 1) != 1:
         raise ValueError("patch parallelism needs UNet down-samplers with padding 1 (downsample_padding=1)")
-    return unet_downsampling(unet)
+    check_processors(pipe.unet)
 
 
-def parallelize_unet(pipe, config: ParallelConfig | None = None):
-    """Make a diffusers SD or SDXL pipeline run each request across all ranks, in place.
-
-    Call `paragen.init()` first. Every rank builds the same pipeline (same weights) and calls it with
-    the same arguments; each computes its share, and every rank returns the whole image.
-    """
-    config = config or ParallelConfig()
-    if config.sequence > 1:
-        raise ValueError("ulysses and ring shard a diffusion transformer's tokens; a UNet pipeline is split with patch")
+def install(pipe, config: ParallelConfig, options: ExchangeConfig):
+    """Make a checked SD or SDXL pipeline run each request across the ranks of the resolved `config`, in place."""
     mesh = ParallelMesh(config, pipe.device)
-    resolved = mesh.config
-    unet_ctx = PatchContext(mesh.comm("patch"), resolved.mode, resolved.warmup_steps, resolved.partial_fraction, "unet.")
-    vae = ParallelVaeDecoder(pipe.vae, mesh.comm("world"))
-    runtime = ImageRuntime(resolved, mesh, unet_ctx, vae, unet_factor=_unet_factor(pipe.unet))
-    if resolved.patch > 1:
+    unet_ctx = PatchContext(mesh.group("patch"), options.mode, options.warmup_steps, options.partial_fraction, "unet.")
+    vae = ParallelVaeDecoder(pipe.vae, mesh.group("world"))
+    runtime = ImageRuntime(config, mesh, unet_ctx, vae, unet_factor=unet_downsampling(pipe.unet))
+    if config.patch > 1:
         if not pipe.unet.config.center_input_sample:  # else conv_in's input is not the latent every rank holds
             PatchInputConv2d.convert(pipe.unet.conv_in, unet_ctx)
         patch_modules(pipe.unet, unet_ctx)
-    pipe.unet.register_forward_pre_hook(lambda m, a, k: runtime.unet_pre_hook(pipe, m, a, k), with_kwargs=True)
-    pipe.unet.register_forward_hook(runtime.unet_hook, with_kwargs=True)
-    pipe.paragen = runtime
-    pipe.__class__ = parallel_class(type(pipe))
+    intercept(pipe.unet, "forward", lambda forward, *a, **k: runtime.unet_call(pipe, forward, *a, **k))
+    runtime.install(pipe)
     return pipe

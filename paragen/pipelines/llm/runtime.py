@@ -1,9 +1,8 @@
-"""`parallelize_llm(model, config, kv)`: one causal-LM request across ranks, in place.
+"""Causal LMs: one request across ranks, in place (`parallelize_llm(model, config, kv)`).
 
 Every rank builds the same model and calls `model.generate(input_ids, **cache_argument(cache), ...)`
 with the same arguments and a cache from `runtime.new_cache()` (`cache=` on transformers ≥ 5.24,
-`past_key_values=` before). The model's forward is replaced on
-the instance: with a `ShardedKVCache` it runs the decoder on this rank's shard of the prompt (prefill)
+`past_key_values=` before). The model's forward is intercepted: with a `ShardedKVCache` it runs the decoder on this rank's shard of the prompt (prefill)
 or on the new token (decode), with every attention module routed through the cache (see
 `paragen.parallel.llm.cache`); the next-token logits of the prompt come from the last shard and are
 broadcast, so every rank holds the same logits and `generate` picks the same token everywhere (greedy,
@@ -12,7 +11,6 @@ or sampled with the same seed). With any other cache the model runs as before.
 from __future__ import annotations
 
 import time
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -21,11 +19,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from paragen.comms import CommStats
 from paragen.parallel import ParallelConfig, ParallelMesh
+from paragen.parallel.intercept import intercept
 from paragen.parallel.llm.attention import shard_attention
 from paragen.parallel.llm.cache import ShardedKVCache, cache_argument, cache_in
 from paragen.parallel.llm.config import KVConfig
 from paragen.parallel.llm.tensor_parallel import check_tensor_parallel, shard_weights
-from paragen.pipelines.llm_loading import SUPPORTED_LLMS
+from paragen.pipelines.registry import parallelize
 
 LOGITS_LABEL = "llm_prefill_logits"
 
@@ -73,7 +72,7 @@ class LLMRuntime:
                 cos, sin = cos * scale, sin * scale
             return torch.cat([cos, cos], dim=-1).to(dtype), torch.cat([sin, sin], dim=-1).to(dtype)
 
-        return ShardedKVCache(len(inner.layers), self.mesh.comm("ring"), self.kv, rope, device)
+        return ShardedKVCache(len(inner.layers), self.mesh.group("ring"), self.kv, rope, device)
 
     def forward_tokens(self, input_ids: torch.Tensor, start: int, cache: ShardedKVCache) -> torch.Tensor:
         """Run the decoder on `input_ids [B, L]` at positions `start…start+L-1`; logits of the last one `[B, 1, V]`."""
@@ -87,10 +86,10 @@ class LLMRuntime:
         return self.model.lm_head(inner.norm(hidden[:, -1:])).float()
 
 
-def _sharded_generate_forward(self: nn.Module, input_ids=None, attention_mask=None, **kwargs):
+def _sharded_generate_forward(self: nn.Module, forward, input_ids=None, attention_mask=None, **kwargs):
     cache = cache_in(kwargs)
     if not isinstance(cache, ShardedKVCache):
-        return self._paragen_original_forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     runtime: LLMRuntime = self.paragen
     if input_ids is None or kwargs.get("inputs_embeds") is not None:
         raise ValueError("a sequence-sharded model takes input_ids, not inputs_embeds")
@@ -116,9 +115,11 @@ def _sharded_generate_forward(self: nn.Module, input_ids=None, attention_mask=No
     return CausalLMOutputWithPast(logits=logits, **cache_argument(cache))
 
 
-def check_llm_parallel(model_config, config: ParallelConfig, kv: KVConfig) -> None:
+def check(model, config: ParallelConfig, kv: KVConfig) -> None:
     """Refuse what the sharded runtime cannot run, before any collective: heads not divisible by `tp`,
-    sliding-window layers, or a key rank larger than the key width allows."""
+    sliding-window layers, or a key rank larger than the key width allows. `model`: a causal LM or its
+    transformers config."""
+    model_config = model.config if isinstance(model, nn.Module) else model
     check_tensor_parallel(model_config, config.tp)
     layer_types = getattr(model_config, "layer_types", None) or []
     window = getattr(model_config, "sliding_window", None)
@@ -130,27 +131,24 @@ def check_llm_parallel(model_config, config: ParallelConfig, kv: KVConfig) -> No
         kv.key_rank(model_config.num_key_value_heads // config.tp * head_dim)
 
 
-def parallelize_llm(model: nn.Module, config: ParallelConfig | None = None, kv: KVConfig | None = None) -> LLMRuntime:
-    """Shard `model`'s requests over the ranks (`seq` prompt shards × `tp` weight shards), in place.
-
-    Call `paragen.init()` first; returns the runtime (also `model.paragen`), whose `new_cache()` makes
-    the cache of each request (pass it with `paragen.cache_argument`).
-    """
-    config = config or ParallelConfig()
-    kv = kv or KVConfig()
-    name = type(model).__name__
-    if name not in SUPPORTED_LLMS:
-        raise TypeError(f"paragen.parallelize_llm supports {', '.join(SUPPORTED_LLMS)}; got {name}")
-    if hasattr(model, "paragen"):
-        raise ValueError("this model is already parallelised")
-    check_llm_parallel(model.config, config, kv)
+def install(model: nn.Module, config: ParallelConfig, kv: KVConfig) -> nn.Module:
+    """Shard a checked causal LM's requests over the ranks of the resolved `config` (`seq` prompt shards ×
+    `tp` weight shards), in place; its runtime is `model.paragen`."""
     mesh = ParallelMesh(config, next(model.parameters()).device)
     if config.tp > 1:
-        model = shard_weights(model, mesh.comm("tp"), config.tp)
+        model = shard_weights(model, mesh.group("tp"), config.tp)
     for layer in model.model.layers:
         shard_attention(layer.self_attn)
-    runtime = LLMRuntime(model=model, config=mesh.config, kv=kv, mesh=mesh)
-    model.paragen = runtime
-    model._paragen_original_forward = model.forward
-    model.forward = types.MethodType(_sharded_generate_forward, model)
-    return runtime
+    model.paragen = LLMRuntime(model=model, config=config, kv=kv, mesh=mesh)
+    intercept(model, "forward", lambda forward, *args, **kwargs: _sharded_generate_forward(model, forward, *args, **kwargs))
+    return model
+
+
+def parallelize_llm(model: nn.Module, config: ParallelConfig | None = None, kv: KVConfig | None = None) -> LLMRuntime:
+    """Shard `model`'s requests over the ranks (`seq` prompt shards × `tp` weight shards), in place:
+    `paragen.parallelize(model, config, kv)`, returning the runtime.
+
+    Call `paragen.init()` first; the runtime (also `model.paragen`) has `new_cache()`, which makes the cache of
+    each request (pass it with `paragen.cache_argument`).
+    """
+    return parallelize(model, config, kv or KVConfig()).paragen

@@ -1,0 +1,201 @@
+"""`paragen image`: one text-to-image request — check, load, parallelise, generate, report, write.
+
+The model's pipeline class and `--hires` pick the workload (`registry.find`): UNet patch parallelism,
+DiT sequence parallelism, or hires windows.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from paragen.comms import is_output_rank, world_size
+from paragen.log import get_logger
+from paragen.parallel.config import MODE_HELP, MODES, ExchangeConfig, ParallelConfig
+from paragen.parallel.hires import GUIDANCE_MODES, PLACEMENTS, HiresConfig
+from paragen.pipelines import registry
+from paragen.pipelines.checkpoint import StepCheckpoints
+from paragen.pipelines.dtypes import check_dtype
+from paragen.pipelines.jobs.common import (add_checkpoint_arguments, add_output_arguments, build_parallel_pipeline,
+                                           check_room, checkpoint_folder, open_checkpoints, output_stem)
+from paragen.pipelines.loading import EMBEDDED_MODELS, check_model_source
+from paragen.pipelines.outputs import save_json, save_png
+from paragen.pipelines.report import job_report
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """Everything `paragen image` was asked for."""
+
+    model: str = "tiny-sd"
+    prompt: str = "a lighthouse on a cliff at dusk, oil painting"
+    negative_prompt: str = ""
+    height: int = 512
+    width: int = 512
+    steps: int = 20
+    guidance_scale: float | None = None  # None: the pipeline's own default
+    seed: int = 0
+    dtype: str = "auto"  # float32 on CPU, bfloat16/float16 on a GPU
+    allow_pickle: bool = False
+    out_dir: str = "out"
+    name: str | None = None
+    checkpoint_dir: str | None = None  # hires runs: save every rank's state here ...
+    checkpoint_every: int = 5  # ... every this many steps
+    resume: bool = False  # continue the run saved in checkpoint_dir
+
+    def __post_init__(self) -> None:
+        for field_name in ("height", "width", "steps"):
+            if getattr(self, field_name) <= 0:
+                raise ValueError(f"{field_name} must be positive, got {getattr(self, field_name)}")
+        if self.checkpoint_every <= 0:
+            raise ValueError(f"checkpoint_every must be positive, got {self.checkpoint_every}")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume needs the checkpoint folder of the run to continue")
+        check_dtype(self.dtype)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checked request, ready to run once the process group exists."""
+
+    request: ImageRequest
+    workload: registry.Workload
+    config: ParallelConfig  # resolved
+    options: Any
+    checkpoints: StepCheckpoints | None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `paragen image`."""
+    defaults, hires_defaults = ImageRequest(), HiresConfig()
+    p.description = "Generate one image with its work split across every rank of the job."
+    p.add_argument("--model", default=defaults.model,
+                   help=f"embedded model name ({', '.join(EMBEDDED_MODELS)}) or a local diffusers directory (safetensors)")
+    p.add_argument("--prompt", default=defaults.prompt, help="text prompt")
+    p.add_argument("--negative-prompt", default=defaults.negative_prompt, help="negative prompt")
+    p.add_argument("--height", type=int, default=defaults.height, help="image height in pixels")
+    p.add_argument("--width", type=int, default=defaults.width, help="image width in pixels")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
+                   help="guidance scale (classifier-free; Flux: its guidance embedding); default: the pipeline's")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (the same on every rank)")
+    p.add_argument("--cfg", type=int, default=1, choices=(1, 2),
+                   help="2: the conditional and unconditional branches run on different halves of the ranks")
+    p.add_argument("--patch", type=int, default=-1, help="UNet models: number of row bands (-1: the ranks left over)")
+    p.add_argument("--ulysses", type=int, default=1,
+                   help="DiT models: Ulysses degree (all-to-all to head shards; must divide the head count)")
+    p.add_argument("--ring", type=int, default=-1,
+                   help="DiT models: Ring degree (K/V passed around a ring; -1: the ranks left over)")
+    p.add_argument("--mode", choices=MODES, default="sync",
+                   help="; ".join(f"{m}: {text}" for m, text in MODE_HELP.items()))
+    p.add_argument("--warmup-steps", type=int, default=4,
+                   help="the first N denoising steps of a request run exact (sync) before displaced/partial start "
+                   "using stale data (DistriFusion's warmup_steps=k means k+1 exact steps)")
+    p.add_argument("--partial-fraction", type=float, default=0.3,
+                   help="partial mode: fraction of each neighbouring band's rows that attention sees")
+    h = p.add_argument_group("beyond the training size (--hires, SD/SDXL)")
+    h.add_argument("--hires", action="store_true",
+                   help="denoise training-size windows spread over the ranks, steered by a low-resolution view")
+    h.add_argument("--window", type=int, default=None, help="window side in latent pixels (default: the UNet's sample_size)")
+    h.add_argument("--stride", type=int, default=None, help="latent pixels between windows (default: half the window)")
+    h.add_argument("--guidance", choices=GUIDANCE_MODES, default="async",
+                   help="async: mix in the previous step's low-resolution guidance (no waiting); sync: wait for this step's")
+    h.add_argument("--guidance-weight", type=float, default=hires_defaults.guidance_weight,
+                   help="structure guidance weight w0, in [0, 1]")
+    h.add_argument("--guidance-decay", type=float, default=hires_defaults.guidance_decay,
+                   help="exponent of the cosine decay of the weight over the steps (0: constant)")
+    h.add_argument("--map-layers", default=",".join(hires_defaults.map_layers),
+                   help="comma-separated UNet module prefixes whose cross-attention maps form the guidance mask")
+    h.add_argument("--structure-fraction", type=float, default=hires_defaults.structure_fraction,
+                   help="share of the steps run at low resolution before it seeds the large latent (0: none)")
+    h.add_argument("--placement", choices=PLACEMENTS, default=hires_defaults.placement,
+                   help="interleaved: the low-resolution pass is one more unit of a window rank; dedicated: a rank of its own")
+    h.add_argument("--window-batch", type=int, default=hires_defaults.window_batch, help="windows per UNet call")
+    add_checkpoint_arguments(h, defaults.checkpoint_every)
+    add_output_arguments(p, defaults.out_dir, "the PNG and the JSON run report")
+
+
+def _options(args: argparse.Namespace) -> ExchangeConfig | HiresConfig:
+    """The workload options the flags ask for: `HiresConfig` with --hires, else `ExchangeConfig`."""
+    if not args.hires:
+        given = [flag for flag, value in (("--window", args.window), ("--stride", args.stride)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} only apply with --hires")
+        return ExchangeConfig(mode=args.mode, warmup_steps=args.warmup_steps, partial_fraction=args.partial_fraction)
+    if args.mode != "sync":
+        raise ValueError("hires spreads the windows of one image over every rank; it does not take a displaced or "
+                         "partial mode (its own option is --guidance async|sync)")
+    return HiresConfig(
+        window=args.window, stride=args.stride, guidance=args.guidance, guidance_weight=args.guidance_weight,
+        guidance_decay=args.guidance_decay, map_layers=tuple(p.strip() for p in args.map_layers.split(",") if p.strip()),
+        structure_fraction=args.structure_fraction, placement=args.placement, window_batch=args.window_batch,
+    )
+
+
+def prepare(args: argparse.Namespace, launch) -> Prepared:
+    """Every check of the request that needs no other rank, on every rank, before the process group."""
+    request = ImageRequest(
+        model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
+        width=args.width, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
+        dtype=args.dtype, allow_pickle=args.allow_pickle, out_dir=args.out, name=args.name,
+        checkpoint_dir=checkpoint_folder(args), checkpoint_every=args.checkpoint_every, resume=args.resume is not None,
+    )
+    options = _options(args)
+    class_name = check_model_source(args.model, allow_pickle=args.allow_pickle)
+    workload = registry.find_for_job("image", class_name, options, args.model)
+    config = workload.resolve(ParallelConfig(cfg=args.cfg, patch=args.patch, ulysses=args.ulysses, ring=args.ring),
+                              launch.world_size)
+    check_room(args, request, config, launch, options)
+    if request.checkpoint_dir is not None and workload.name != "hires":
+        raise ValueError("checkpoints are taken by hires runs (--hires); other image runs are short")
+    checkpoints = open_checkpoints(request, config, workload, options, launch.rank, launch.world_size)
+    return Prepared(request, workload, config, options, checkpoints)
+
+
+def exact_size_options(pipe) -> dict:
+    """Call options that make a pipeline produce exactly the asked size from the prompt as given.
+
+    PixArt snaps sizes to its aspect-ratio bins unless told not to, and cleans captions with optional
+    packages (bs4, ftfy) that are not dependencies of paragen.
+    """
+    accepted = inspect.signature(type(pipe).__call__).parameters
+    return {name: False for name in ("use_resolution_binning", "clean_caption") if name in accepted}
+
+
+def run(job: Prepared) -> dict | None:
+    """Generate the image on every rank; the output rank writes PNG + JSON and returns the report."""
+    log = get_logger()
+    request = job.request
+    start = time.perf_counter()
+    pipe = build_parallel_pipeline(job)
+    pipe.set_progress_bar_config(disable=not is_output_rank(), desc=f"{world_size()} rank(s)")
+    loaded = time.perf_counter()
+    options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
+    images = pipe(
+        request.prompt,
+        **({"negative_prompt": request.negative_prompt} if request.negative_prompt else {}),  # PixArt rejects None
+        height=request.height,
+        width=request.width,
+        num_inference_steps=request.steps,
+        generator=torch.Generator().manual_seed(request.seed),
+        **options,
+        **exact_size_options(pipe),
+    ).images
+    generated = time.perf_counter()
+    report = job_report("image", asdict(request), pipe, job.workload, job.options, load_s=loaded - start,
+                        generate_s=generated - loaded)
+    if report is None:
+        return None
+    stem = output_stem(request, job.config, job.workload, job.options, f"{request.height}x{request.width}")
+    out_dir = Path(request.out_dir)
+    image_path = save_png(images[0], out_dir / f"{stem}.png")
+    report["image"] = str(image_path)
+    save_json(report, out_dir / f"{stem}.json")
+    log.info("wrote %s and %s.json (%.2f s, median step %.3f s)", image_path, stem,
+             report["timings"]["generate_s"], report["timings"]["step_median_s"] or 0.0)
+    return report

@@ -1,0 +1,183 @@
+"""`paragen video`: one text-to-video request — check, load, parallelise, generate, report, write MP4/GIF."""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from paragen.log import get_logger
+from paragen.parallel.clip import SCOPE_HELP, SCOPES, TemporalAttention, plan_clips
+from paragen.parallel.config import ParallelConfig
+from paragen.pipelines import registry
+from paragen.pipelines.checkpoint import StepCheckpoints
+from paragen.pipelines.dtypes import check_dtype
+from paragen.pipelines.jobs.common import (add_checkpoint_arguments, add_output_arguments, build_parallel_pipeline,
+                                           check_room, checkpoint_folder, int_list, open_checkpoints, output_stem)
+from paragen.pipelines.loading import EMBEDDED_MODELS, check_model_source
+from paragen.pipelines.outputs import VIDEO_FORMATS, mp4_available, save_json, save_video
+from paragen.pipelines.report import job_report
+from paragen.pipelines.video import MAX_FRAMES, MAX_SIDE, segment_bounds
+
+
+@dataclass(frozen=True)
+class VideoRequest:
+    """Everything `paragen video` was asked for. Several prompts: one per segment of the video."""
+
+    model: str = "tiny-t2v"
+    prompts: tuple[str, ...] = ("a paper boat drifting down a river, watercolor",)
+    segment_frames: tuple[int, ...] | None = None  # frames of each prompt's segment (default: even)
+    negative_prompt: str = ""
+    frames: int = 64
+    height: int = 128
+    width: int = 128
+    steps: int = 20
+    guidance_scale: float | None = None  # None: the pipeline's own default
+    seed: int = 0
+    dtype: str = "auto"  # float32 on CPU, bfloat16/float16 on a GPU
+    allow_pickle: bool = False
+    fps: int = 8
+    format: str = "mp4"
+    out_dir: str = "out"
+    name: str | None = None
+    checkpoint_dir: str | None = None  # save every rank's state here ...
+    checkpoint_every: int = 5  # ... every this many steps
+    resume: bool = False  # continue the run saved in checkpoint_dir
+
+    def __post_init__(self) -> None:
+        for field_name in ("frames", "height", "width", "steps", "fps", "checkpoint_every"):
+            if getattr(self, field_name) <= 0:
+                raise ValueError(f"{field_name} must be positive, got {getattr(self, field_name)}")
+        if self.frames > MAX_FRAMES or max(self.height, self.width) > MAX_SIDE:
+            raise ValueError(f"absurd size: {self.frames} frames of {self.height}x{self.width} (at most {MAX_FRAMES} "
+                             f"frames of {MAX_SIDE} pixels a side)")
+        if not self.prompts:
+            raise ValueError("give at least one prompt")
+        if len(self.prompts) > 1 or self.segment_frames is not None:
+            segment_bounds(self.frames, len(self.prompts), None if self.segment_frames is None else list(self.segment_frames))
+        check_dtype(self.dtype)
+        if self.format not in VIDEO_FORMATS:
+            raise ValueError(f"format must be one of {', '.join(VIDEO_FORMATS)}, got {self.format!r}")
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume needs the checkpoint folder of the run to continue")
+
+    def prompt_options(self) -> dict:
+        """The pipeline call's prompt arguments: one prompt, or paragen's per-segment prompts."""
+        if len(self.prompts) == 1 and self.segment_frames is None:
+            return {"prompt": self.prompts[0]}
+        options = {"segment_prompts": list(self.prompts)}
+        if self.segment_frames is not None:
+            options["segment_frames"] = list(self.segment_frames)
+        return options
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A checked request, ready to run once the process group exists."""
+
+    request: VideoRequest
+    workload: registry.Workload
+    config: ParallelConfig  # resolved
+    options: TemporalAttention
+    checkpoints: StepCheckpoints | None
+    format: str  # what is written: GIF when MP4 was asked for but imageio-ffmpeg is missing
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of `paragen video`."""
+    defaults, temporal = VideoRequest(), TemporalAttention()
+    p.description = "Generate one video with its frames split into clips, one per rank."
+    p.add_argument("--model", default=defaults.model,
+                   help=f"embedded model name ({', '.join(m for m in EMBEDDED_MODELS if m in ('tiny-t2v', 'tiny-animatediff'))}) "
+                        "or a local diffusers TextToVideoSD/AnimateDiff directory (safetensors)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help=f"text prompt; repeat it for one prompt per consecutive segment of the video (default: {defaults.prompts[0]!r})")
+    p.add_argument("--segment-frames", default=None,
+                   help="comma-separated frames of each prompt's segment, adding up to --frames (default: even)")
+    p.add_argument("--negative-prompt", default=defaults.negative_prompt, help="negative prompt")
+    p.add_argument("--frames", type=int, default=defaults.frames, help="frames of the video")
+    p.add_argument("--height", type=int, default=defaults.height, help="frame height in pixels")
+    p.add_argument("--width", type=int, default=defaults.width, help="frame width in pixels")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
+    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale; default: the pipeline's")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (the same on every rank)")
+    p.add_argument("--clip", type=int, default=-1, help="clips (ranks) the frames are split into (-1: every rank)")
+    p.add_argument("--scope", choices=SCOPES, default=temporal.scope,
+                   help="; ".join(f"{s}: {text}" for s, text in SCOPE_HELP.items()))
+    p.add_argument("--local", type=int, default=temporal.local, help="dual scope: local window half width p, in frames")
+    p.add_argument("--global-frames", type=int, default=temporal.global_frames,
+                   help="dual scope: frames sampled evenly over the video that every frame also attends to")
+    p.add_argument("--bias", type=float, default=temporal.bias,
+                   help="dual scope: logit bias for the global frames at timesteps >= --bias-switch, for the local window below")
+    p.add_argument("--bias-switch", type=int, default=temporal.bias_switch, help="dual scope: timestep (of 1000) where the bias switches")
+    p.add_argument("--blocking", action="store_true",
+                   help="exchange, wait, then attend (Video-Infinity's released code), instead of overlapping the exchange")
+    p.add_argument("--fps", type=int, default=defaults.fps, help="frames per second of the written video")
+    p.add_argument("--format", choices=VIDEO_FORMATS, default=defaults.format,
+                   help="mp4 (needs imageio-ffmpeg: pip install 'paragen[video]'; GIF if missing) or gif")
+    add_checkpoint_arguments(p, defaults.checkpoint_every)
+    add_output_arguments(p, defaults.out_dir, "the video and the JSON run report")
+
+
+def prepare(args: argparse.Namespace, launch) -> Prepared:
+    """Every check of the request that needs no other rank, on every rank, before the process group."""
+    segments = None if args.segment_frames is None else tuple(int_list(args.segment_frames, "--segment-frames"))
+    request = VideoRequest(
+        model=args.model, prompts=tuple(args.prompt or VideoRequest().prompts), segment_frames=segments,
+        negative_prompt=args.negative_prompt, frames=args.frames, height=args.height, width=args.width,
+        steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, dtype=args.dtype,
+        allow_pickle=args.allow_pickle, fps=args.fps, format=args.format, out_dir=args.out, name=args.name,
+        checkpoint_dir=checkpoint_folder(args), checkpoint_every=args.checkpoint_every, resume=args.resume is not None,
+    )
+    options = TemporalAttention(scope=args.scope, local=args.local, global_frames=args.global_frames, bias=args.bias,
+                                bias_switch=args.bias_switch, overlap=not args.blocking)
+    class_name = check_model_source(args.model, allow_pickle=args.allow_pickle)
+    workload = registry.find_for_job("video", class_name, options, args.model)
+    config = workload.resolve(ParallelConfig(clip=args.clip), launch.world_size)
+    plan_clips(request.frames, config.clip, options, conv_halo=0)  # the model's own halo: at the call
+    check_room(args, request, config, launch, options)
+    checkpoints = open_checkpoints(request, config, workload, options, launch.rank, launch.world_size,
+                                   also_resumable=("format", "fps"))
+    video_format = request.format
+    if video_format == "mp4" and not mp4_available():
+        get_logger().warning("imageio-ffmpeg is not installed (pip install 'paragen[video]'): writing a GIF instead of MP4")
+        video_format = "gif"
+    return Prepared(request, workload, config, options, checkpoints, video_format)
+
+
+def run(job: Prepared) -> dict | None:
+    """Generate the video on every rank; the output rank writes the video + JSON and returns the report."""
+    log = get_logger()
+    request = job.request
+    start = time.perf_counter()
+    pipe = build_parallel_pipeline(job)
+    pipe.set_progress_bar_config(disable=pipe.paragen.comm.rank != 0, desc=f"{pipe.paragen.comm.size} clip(s)")
+    loaded = time.perf_counter()
+    options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
+    frames = pipe(
+        num_frames=request.frames,
+        negative_prompt=request.negative_prompt or None,
+        height=request.height,
+        width=request.width,
+        num_inference_steps=request.steps,
+        generator=torch.Generator().manual_seed(request.seed),
+        output_type="np",
+        **request.prompt_options(),
+        **options,
+    ).frames
+    generated = time.perf_counter()
+    report = job_report("video", asdict(request), pipe, job.workload, job.options, load_s=loaded - start,
+                        generate_s=generated - loaded)
+    if report is None:
+        return None
+    size = f"{request.frames}f_{request.height}x{request.width}"
+    stem = output_stem(request, job.config, job.workload, job.options, size)
+    out_dir = Path(request.out_dir)
+    path = save_video(frames[0], out_dir / f"{stem}.{job.format}", request.fps)
+    report.update(video=str(path), frames_per_s=request.frames / (generated - loaded))
+    save_json(report, out_dir / f"{stem}.json")
+    log.info("wrote %s and %s.json (%d frames in %.2f s: %.2f frames/s)", path, stem, request.frames,
+             generated - loaded, report["frames_per_s"])
+    return report

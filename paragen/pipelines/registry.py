@@ -1,0 +1,149 @@
+"""The workloads: what each one parallelises, which degrees it splits by, its options, its package, its job.
+
+A workload is a package under `paragen/pipelines/` whose `__init__` exports
+- `check(model, config, options)`: refuse what it cannot run (same answer on every rank, no collective);
+- `install(model, config, options)`: make `model` parallel in place, with `config` resolved;
+and one `Workload` record here. `paragen.parallelize`, the command line and the benchmarks all go through
+`find` and `Workload.parallelize`; adding a workload is adding its package and its record.
+
+A command-line job (`paragen image`, `paragen video`, `paragen llm`; `paragen/pipelines/jobs/`) is a module
+exporting `add_arguments` (its parser), `prepare` (every check of a request, before the process group) and
+`run` (after it); it picks its workload with `find`, so one job runs every workload that names it.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+from paragen.comms import world_size
+from paragen.parallel.clip import TemporalAttention
+from paragen.parallel.config import ExchangeConfig, ParallelConfig
+from paragen.parallel.hires import HiresConfig
+from paragen.parallel.llm.config import KVConfig
+
+UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+DIT_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+VIDEO_PIPELINES = ("TextToVideoSDPipeline", "AnimateDiffPipeline")
+CAUSAL_LMS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One way of cutting a request over the ranks."""
+
+    name: str
+    accepts: tuple[str, ...]  # class names of the pipelines or models it parallelises
+    options: type  # its options' type; passing an instance selects this workload
+    degrees: tuple[str, ...]  # the ParallelConfig degrees it splits by
+    fill: str  # the degree that takes the ranks the others leave
+    package: str  # exports check(model, config, options) and install(model, config, options)
+    job: str  # the command-line job that runs it (a key of `JOBS`)
+    options_name: str  # its options' key in reports and checkpoint fingerprints
+    refusal: str  # why the degrees it does not split by do not apply
+
+    def resolve(self, config: ParallelConfig | None, world: int | None = None) -> ParallelConfig:
+        """`config` with every degree concrete for `world` ranks (default: the job's), by this workload's degrees."""
+        world = world_size() if world is None else world
+        return (config or ParallelConfig()).resolve(world, self.degrees, self.fill, self.refusal)
+
+    def check(self, model: Any, config: ParallelConfig, options: Any) -> None:
+        """The workload's own checks of `model` and `options` under the resolved `config` (no collective)."""
+        importlib.import_module(self.package).check(model, config, options)
+
+    def install(self, model: Any, config: ParallelConfig, options: Any) -> Any:
+        """Make `model` parallel in place under the resolved `config` (checked: see `check`)."""
+        return importlib.import_module(self.package).install(model, config, options)
+
+    def parallelize(self, model: Any, config: ParallelConfig | None, options: Any) -> Any:
+        """Resolve, check and install: the whole of `paragen.parallelize` once the workload is known."""
+        resolved = self.resolve(config)
+        options = self.options() if options is None else options
+        self.check(model, resolved, options)
+        return self.install(model, resolved, options)
+
+    def layout_tag(self, config: ParallelConfig, options: Any) -> str:
+        """A file-name fragment naming the resolved layout, e.g. `patch4_cfg2_displaced`."""
+        return options.layout_tag(config)
+
+
+WORKLOADS = (
+    Workload("patch", UNET_PIPELINES, ExchangeConfig, ("cfg", "patch"), "patch", "paragen.pipelines.patch", "image",
+             "exchange", "ulysses and ring shard a diffusion transformer's tokens; a UNet pipeline is split with patch "
+             "(and cfg)"),
+    Workload("hires", UNET_PIPELINES, HiresConfig, ("patch",), "patch", "paragen.pipelines.hires", "image", "hires",
+             "hires spreads the windows of one image over every rank (patch); it does not combine with cfg=2, "
+             "ulysses, ring, clip, seq or tp"),
+    Workload("dit", DIT_PIPELINES, ExchangeConfig, ("cfg", "ulysses", "ring"), "ring", "paragen.pipelines.dit", "image",
+             "exchange", "diffusion transformers are split along the token sequence; use ulysses and ring (and cfg)"),
+    Workload("video", VIDEO_PIPELINES, TemporalAttention, ("clip",), "clip", "paragen.pipelines.video", "video",
+             "temporal", "video pipelines split the frames into clips (clip=N); cfg=2, patch, ulysses, ring, seq "
+             "and tp do not apply"),
+    Workload("llm", CAUSAL_LMS, KVConfig, ("seq", "tp"), "seq", "paragen.pipelines.llm", "llm", "kv",
+             "seq and tp cut a causal LM's prompt and weights; they do not combine with cfg, patch, ulysses, ring "
+             "or clip"),
+)
+# Command-line jobs: name -> (module, one-line help). The help is here so that `paragen --help` and
+# `paragen slurm` import no job (and no diffusers).
+JOBS = {
+    "image": ("paragen.pipelines.jobs.image",
+              "text-to-image across ranks (patch parallelism for UNets, sequence parallelism for DiTs, hires windows)"),
+    "video": ("paragen.pipelines.jobs.video",
+              "text-to-video across ranks (clip parallelism with dual-scope temporal attention)"),
+    "llm": ("paragen.pipelines.jobs.llm",
+            "long-context causal-LM generation across ranks (sequence-sharded prefill and KV cache)"),
+}
+
+
+def find(class_name: str, options: Any = None, workloads: tuple[Workload, ...] = WORKLOADS) -> Workload:
+    """The workload for a pipeline or model class and an options object (None: the class's first workload).
+
+    TypeError, naming what is supported, when no workload takes the class or none takes these options.
+    """
+    takers = [w for w in workloads if class_name in w.accepts]
+    if not takers:
+        supported = [name for w in workloads for name in w.accepts]
+        raise TypeError(f"paragen.parallelize supports {', '.join(dict.fromkeys(supported))}; got {class_name}")
+    if options is None:
+        return takers[0]
+    for workload in takers:
+        if isinstance(options, workload.options):
+            return workload
+    fitting = [w for w in workloads if isinstance(options, w.options)]
+    if fitting:
+        names = " and ".join(w.name for w in fitting)
+        accepted = ", ".join(dict.fromkeys(name for w in fitting for name in w.accepts))
+        verb = "supports" if len(fitting) == 1 else "support"
+        raise TypeError(f"{names} {verb} {accepted}; got {class_name} (with {type(options).__name__} options)")
+    kinds = ", ".join(dict.fromkeys(w.options.__name__ for w in takers))
+    raise TypeError(f"{class_name} takes options of type {kinds}; got {type(options).__name__}")
+
+
+def find_for_job(job: str, class_name: str, options: Any, model: str) -> Workload:
+    """The workload of job `job` for `model` (whose class is `class_name`) and `options`; TypeError naming what
+    the job runs when `model` belongs to another job."""
+    mine = [w for w in WORKLOADS if w.job == job]
+    if not any(class_name in w.accepts for w in mine):
+        accepted = ", ".join(dict.fromkeys(name for w in mine for name in w.accepts))
+        raise TypeError(f"paragen {job} runs {accepted}; {model} is a {class_name}")
+    return find(class_name, options, mine)
+
+
+def parallelize(model: Any, config: ParallelConfig | None = None, options: Any = None) -> Any:
+    """Make a diffusers pipeline or a causal LM run each request across all ranks, in place, and return it.
+
+    Call `paragen.init()` first. Every rank builds the same model (same weights) and calls it with the
+    same arguments; each computes its share, and every rank returns the whole result. `config` holds the
+    parallel degrees; `options` selects and configures the workload:
+    - SD, SDXL: row bands (`patch`, `cfg`) with `ExchangeConfig` (sync, displaced, partial), or beyond
+      the training size with `HiresConfig` (windows over the ranks, low-resolution structure guidance);
+    - PixArt, SD3, Flux: token shards (`ulysses`, `ring`, `cfg`) with `ExchangeConfig` (sync, displaced);
+    - TextToVideoSD, AnimateDiff: clips of frames (`clip`) with `TemporalAttention`;
+    - Llama, Qwen2, Mistral: prompt shards and weight shards (`seq`, `tp`) with `KVConfig`; each request
+      takes a cache from `model.paragen.new_cache()`.
+    """
+    if hasattr(model, "paragen"):
+        raise ValueError(f"this {type(model).__name__} is already parallelised")
+    if options is None and config is not None:
+        options = config.legacy_options
+    return find(type(model).__name__, options).parallelize(model, config, options)
