@@ -16,6 +16,8 @@ from PIL import Image
 
 from tests.multiproc import ROOT, expect_bad_input, free_port, rank_env, start_ranks
 
+pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
+
 BIN = Path(sys.executable).parent
 SMALL = ["--height", "128", "--width", "128", "--steps", "3", "--seed", "5"]
 

@@ -19,6 +19,8 @@ from paragen.pipelines.loading import load_pipeline
 from tests.multiproc import run_spec_worker
 from tests.workers.dit_worker import generate
 
+pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
+
 MODELS = ("tiny-pixart", "tiny-sd3", "tiny-flux")
 EVEN, UNEVEN, STEPS, WARMUP, TEXT_TOKENS = 128, 144, 3, 1, 24
 EXACT_ATOL = 1e-4

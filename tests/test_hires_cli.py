@@ -10,6 +10,8 @@ from PIL import Image
 
 from tests.multiproc import check_all_ok, expect_bad_input, folder_snapshot, kill_after_checkpoint, run_ranks, start_ranks
 
+pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
+
 HIRES = ["-m", "paragen", "image", "--hires", "--window", "16", "--height", "192", "--width", "256", "--seed", "3",
          "--timeout", "20"]
 

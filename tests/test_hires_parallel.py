@@ -16,6 +16,8 @@ from paragen.pipelines.loading import load_pipeline
 from tests.hires_reference import reference_hires
 from tests.multiproc import run_spec_worker
 
+pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
+
 # 192x256 px = a 24x32 latent: 6 windows of 16 (128 px) at stride 8 and a 12x16 LR latent.
 BASE = {"height": 192, "width": 256, "window": 16, "stride": 8, "steps": 4, "guidance_scale": 6.0, "seed": 11,
         "prompt": "a castle on a hill", "w0": 0.6, "decay": 1.0, "fraction": 0.25}

@@ -18,6 +18,8 @@ from paragen.parallel.partition import conv_halo, partial_rows
 from paragen.pipelines.loading import load_pipeline
 from tests.multiproc import run_spec_worker
 
+pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
+
 SIZE, STEPS, WARMUP, FRACTION = 128, 4, 1, 0.3
 PROMPT, GUIDANCE, SEED = "a red fox in the snow", 5.0, 7
 # Measured on these runs (1 warm-up step of 4, 128x128): 2 ranks 39.3-40.3 dB, 4 ranks 36.7-37.2 dB

@@ -11,6 +11,8 @@ from safetensors.torch import save_file
 
 from tests.multiproc import check_all_ok, expect_bad_input, run_ranks, start_ranks
 
+pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
+
 LLM = ["-m", "paragen", "llm", "--timeout", "30"]
 
 

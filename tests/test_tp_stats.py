@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from paragen.comms import CommStats, meter_inference_all_reduce
@@ -25,6 +26,7 @@ FLOAT32 = 4
 CONTEXT, NEW = 64, 4
 
 
+@pytest.mark.slow
 def test_tp_all_reduces_are_counted_in_the_report(tmp_path):
     check_all_ok(run_ranks([*LLM, "--tp", "2", "--context", str(CONTEXT), "--new-tokens", str(NEW),
                             "--out", str(tmp_path)], 2))

@@ -13,6 +13,8 @@ from PIL import Image, ImageSequence
 
 from tests.multiproc import check_all_ok, expect_bad_input, folder_snapshot, kill_after_checkpoint, run_ranks, start_ranks
 
+pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
+
 VIDEO = ["-m", "paragen", "video", "--height", "64", "--width", "64", "--seed", "3", "--timeout", "30"]
 
 

@@ -18,6 +18,8 @@ from paragen.pipelines.loading import load_pipeline
 from tests.multiproc import run_spec_worker
 from tests.video_reference import install_reference
 
+pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
+
 # 18 frames: clips of 9/9 on 2 ranks, 5/5/4/4 on 4 (uneven); a 64 px video is an 8x8 latent.
 BASE = {"frames": 18, "size": 64, "steps": 3, "seed": 5, "prompt": "a paper boat on a river",
         "local": 4, "global_frames": 6, "switch": 500}  # steps at t = 667, 334, 1: both bias regimes
