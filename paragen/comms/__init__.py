@@ -26,7 +26,8 @@ from torch.distributed import ProcessGroup
 
 __all__ = [
     "DEVICE_CHOICES", "check_model_device", "default_dtype", "rank_device", "resolve_device",
-    "CommError", "CommStats", "FlatAllGather", "GroupComm", "all_gather_objects", "grid_comms", "broadcast_int", "OpStats", "Pending", "Slot", "ready",
+    "CommError", "CommStats", "FlatAllGather", "GroupComm", "all_gather_objects", "grid_comms", "broadcast_int",
+    "OpStats", "Pending", "Slot", "ready",
     "meter_inference_all_reduce",
     "ProcessGroup", "backend_name", "is_initialized", "is_output_rank", "new_group", "set_operation_timeout",
     "world_groups", "world_rank", "world_size",

@@ -63,7 +63,8 @@ def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time", default="01:00:00", help="SLURM time limit")
     p.add_argument("--partition", default=None, help="SLURM partition")
     p.add_argument("--port", type=int, default=29500, help="rendezvous port on the head node")
-    p.add_argument("command_line", nargs=argparse.REMAINDER, help="the paragen command to run, after `--`")
+    p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="command",
+                   help="the paragen command to run, after `--`")
     p.set_defaults(handler=_run_slurm)
 
 

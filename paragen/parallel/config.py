@@ -58,7 +58,7 @@ class ExchangeConfig:
     def layout_tag(self, config: "ParallelConfig") -> str:
         """A file-name fragment, e.g. `patch4_cfg2_displaced`, `ulysses2_ring2_cfg1_sync`."""
         degrees = [f"patch{config.patch}"] if config.sequence == 1 else []
-        degrees += [f"{name}{getattr(config, name)}" for name in ("ulysses", "ring") if (getattr(config, name) or 1) > 1]
+        degrees += [f"{name}{getattr(config, name)}" for name in ("ulysses", "ring") if getattr(config, name) > 1]
         return "_".join(degrees + [f"cfg{config.cfg}", self.mode])
 
 
@@ -74,8 +74,8 @@ class ParallelConfig:
     - `seq`, `tp` (causal LMs): the prompt cut into `seq` contiguous shards whose K/V ring attention
       passes around, each shard's weights split over `tp` ranks by tensor parallelism.
 
-    `patch`, `ring`, `clip` and `seq` may be left out (None, or -1): "not given": the workload's fill degree takes the ranks the
-    others leave, the rest are 1. Which degrees a workload splits by is the workload's declaration
+    `patch`, `ring`, `clip` and `seq` may be left out (None, or -1): the workload's fill degree then takes
+    the ranks the others leave, the rest are 1. Which degrees a workload splits by is the workload's declaration
     (`paragen.pipelines.registry`); `resolve` applies it.
 
     The workload options older releases took here (`mode`, `warmup_steps`, `partial_fraction`,

@@ -45,7 +45,8 @@ class ParallelMesh:
         size = world_size()
         self.config = config if config.is_resolved(size) else config.resolve(size)
         c = self.config
-        shape = {"cfg": c.cfg, "clip": c.clip, "patch": c.patch, "ring": c.ring * c.seq, "ulysses": c.ulysses, "tp": c.tp}
+        shape = {"cfg": c.cfg, "clip": c.clip, "patch": c.patch, "ring": c.ring * c.seq, "ulysses": c.ulysses,
+                 "tp": c.tp}
         check_model_device(device, backend_name() if is_initialized() else None)
         self._comms = grid_comms(shape, _GROUPS, _P2P_TWINS, _STALE_TWINS)
         self.stats: CommStats = self._comms["world"].stats

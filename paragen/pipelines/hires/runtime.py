@@ -317,7 +317,8 @@ def check(pipe, config: ParallelConfig, options: HiresConfig) -> None:
         raise ValueError(f"the hires window ({window} latent pixels) must be a multiple of the UNet's "
                          f"down-sampling factor {factor}")
     if options.stride is not None and options.stride > window:
-        raise ValueError(f"hires stride ({options.stride}) is larger than the window ({window}): the windows would leave gaps")
+        raise ValueError(f"hires stride ({options.stride}) is larger than the window ({window}): "
+                         "the windows would leave gaps")
 
 
 def install(pipe, config: ParallelConfig, options: HiresConfig):
