@@ -77,6 +77,8 @@ bench: $(STAMP) bench-peers
 	$(BIN)/python bench/plot_video.py
 	$(BIN)/python bench/bench_llm.py
 	$(BIN)/python bench/plot_llm.py
+	$(BIN)/python bench/bench_requests.py
+	$(BIN)/python bench/plot_requests.py
 
 clean:
 	rm -rf $(VENV) $(VENV_LATEST) out

@@ -20,8 +20,9 @@ from paragen.launch.process_group import init, shutdown
 from paragen.parallel import ExchangeConfig, HiresConfig, ParallelConfig, TemporalAttention
 from paragen.parallel.llm.config import KVConfig
 
-__all__ = ["ExchangeConfig", "HiresConfig", "KVConfig", "ParallelConfig", "TemporalAttention", "cache_argument", "init",
-           "is_output_rank", "parallelize", "parallelize_llm", "rank_device", "shutdown", "world_size"]
+__all__ = ["ExchangeConfig", "HiresConfig", "JobRunner", "KVConfig", "ParallelConfig", "TemporalAttention",
+           "cache_argument", "init", "is_output_rank", "parallelize", "parallelize_llm", "rank_device", "shutdown",
+           "world_size"]
 __version__ = "0.1.0"
 
 
@@ -35,6 +36,10 @@ def __getattr__(name: str) -> Any:
         from paragen.pipelines.llm import parallelize_llm
 
         return parallelize_llm
+    if name == "JobRunner":
+        from paragen.launch.runner import JobRunner
+
+        return JobRunner
     if name == "cache_argument":
         from paragen.parallel.llm.cache import cache_argument
 

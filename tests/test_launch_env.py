@@ -301,3 +301,11 @@ def test_open_mpi_ranks_agree_on_the_broadcast_endpoint() -> None:
     addr, port = endpoints.pop()
     ipaddress.ip_address(addr)  # an address every rank can dial, not a bare hostname
     assert 1 <= port <= 65535
+
+
+def test_a_slurm_array_task_knows_its_share():
+    assert (discover({}).array_task, discover({}).array_tasks) == (0, 1)
+    info = discover({"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_COUNT": "3", "SLURM_ARRAY_TASK_MIN": "4"})
+    assert (info.array_task, info.array_tasks) == (1, 3)
+    with pytest.raises(LaunchError, match="is not one of SLURM_ARRAY_TASK_COUNT=3 tasks"):
+        discover({"SLURM_ARRAY_TASK_ID": "9", "SLURM_ARRAY_TASK_COUNT": "3"})

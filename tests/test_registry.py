@@ -53,4 +53,4 @@ def test_every_record_names_a_package_with_check_and_install_and_a_job(workload)
 @pytest.mark.parametrize("job", registry.JOBS)
 def test_every_job_has_the_lifecycle(job):
     module = importlib.import_module(registry.JOBS[job][0])
-    assert all(callable(getattr(module, name)) for name in ("add_arguments", "prepare", "run"))
+    assert all(callable(getattr(module, name)) for name in ("add_arguments", "prepare", "load", "generate"))

@@ -87,3 +87,13 @@ def test_bad_arguments_are_rejected(kwargs: dict, message: str) -> None:
     arguments = {"nodes": 1, "gpus_per_node": 1, "command": ["image"], **kwargs}
     with pytest.raises(ValueError, match=message):
         sbatch_script(**arguments)
+
+
+def test_requeue_and_array_split_a_request_file():
+    script = sbatch_script(nodes=1, gpus_per_node=2, command=["image", "--requests", "r.jsonl"], requeue=True, array=3)
+    lines = script.splitlines()
+    for directive in ("--requeue", "--open-mode=append", "--array=0-2"):
+        assert f"#SBATCH {directive}" in lines
+    assert '--rdzv-endpoint "$head_node:$((29500 + SLURM_ARRAY_TASK_ID))"' in script  # tasks on one node: own ports
+    with pytest.raises(ValueError, match="needs --requests"):
+        sbatch_script(nodes=1, gpus_per_node=2, command=["image"], array=3)

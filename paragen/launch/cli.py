@@ -27,6 +27,7 @@ from paragen.launch.env import LaunchError, discover
 from paragen.launch.process_group import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S, init, shutdown
 from paragen.launch.slurm import sbatch_script
 from paragen.log import get_logger, setup_logging
+from paragen.pipelines.jobs.batch import run_job
 from paragen.pipelines.registry import JOBS
 
 EXIT_BAD_INPUT = 2
@@ -52,7 +53,7 @@ def _run_job(args: argparse.Namespace) -> int:
     prepared = job.prepare(args, launch)  # everything that can be checked without the other ranks, on every rank
     init(device=args.device, init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads,
          verbose=args.verbose)
-    job.run(prepared)
+    run_job(job, prepared)
     return 0
 
 
@@ -62,7 +63,11 @@ def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-name", default="paragen", help="SLURM job name")
     p.add_argument("--time", default="01:00:00", help="SLURM time limit")
     p.add_argument("--partition", default=None, help="SLURM partition")
-    p.add_argument("--port", type=int, default=29500, help="rendezvous port on the head node")
+    p.add_argument("--port", type=int, default=29500, help="rendezvous port on the head node (array task k: port + k)")
+    p.add_argument("--requeue", action="store_true",
+                   help="let SLURM requeue the job after a preemption; a --requests run then skips what is done")
+    p.add_argument("--array", type=int, default=None, metavar="N",
+                   help="N array tasks, each running its share of the command's --requests file")
     p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="command",
                    help="the paragen command to run, after `--`")
     p.set_defaults(handler=_run_slurm)
@@ -71,7 +76,8 @@ def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
 def _run_slurm(args: argparse.Namespace) -> int:
     command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
     print(sbatch_script(nodes=args.nodes, gpus_per_node=args.gpus_per_node, command=command,
-                        job_name=args.job_name, time=args.time, partition=args.partition, port=args.port))
+                        job_name=args.job_name, time=args.time, partition=args.partition, port=args.port,
+                        requeue=args.requeue, array=args.array))
     return 0
 
 

@@ -61,6 +61,8 @@ class LaunchInfo:
     master_addr: str | None
     master_port: int | None
     source: str  # "torchrun" | "slurm" | "openmpi" | "mpich" | "pmix" | "single"
+    array_task: int = 0  # a SLURM job array's task (0-based), whose share of a request file this job runs
+    array_tasks: int = 1  # ... of this many tasks (1: not an array job)
 
 
 class LaunchError(RuntimeError):
@@ -242,6 +244,22 @@ def discover(environ: Mapping[str, str] | None = None) -> LaunchInfo:
     variables raise LaunchError instead of being guessed around.
     """
     env = os.environ if environ is None else environ
+    return replace(_discover_ranks(env), **_array_share(env))
+
+
+def _array_share(env: Mapping[str, str]) -> dict[str, int]:
+    """This job's place in a SLURM job array (`sbatch --array`): task index from 0, and the number of tasks."""
+    task, count = _int(env, "SLURM_ARRAY_TASK_ID"), _int(env, "SLURM_ARRAY_TASK_COUNT")
+    if task is None:
+        return {}
+    first = _int(env, "SLURM_ARRAY_TASK_MIN") or 0
+    if count is None or not 0 <= task - first < count:
+        raise LaunchError(f"SLURM_ARRAY_TASK_ID={task} is not one of SLURM_ARRAY_TASK_COUNT={count} tasks "
+                          f"from SLURM_ARRAY_TASK_MIN={first}")
+    return {"array_task": task - first, "array_tasks": count}
+
+
+def _discover_ranks(env: Mapping[str, str]) -> LaunchInfo:
     readings = [r for r in (read(env) for read in _READERS) if r is not None]
     slurm_sizes = [r.world_size for r in readings if r.source == "slurm"]
     mpi_sizes = [r.world_size for r in readings if r.source in ("openmpi", "mpich")]

@@ -21,6 +21,10 @@ def add_output_arguments(p: argparse.ArgumentParser, out_dir: str, what: str) ->
                    help="allow loading pickle (.bin/.ckpt) weights, which can run arbitrary code")
     p.add_argument("--out", default=out_dir, help=f"folder for {what}")
     p.add_argument("--name", default=None, help="output file name without extension (default: encodes the layout)")
+    p.add_argument("--requests", default=None, metavar="FILE.jsonl",
+                   help="many requests, one JSON object per line (its fields override the command line's; its 'id' "
+                        "names its outputs); the model is loaded once; a rerun skips what manifest.json records as done")
+    p.add_argument("--strict", action="store_true", help="with --requests: stop at the first refused line")
 
 
 def add_checkpoint_arguments(p, every: int) -> None:

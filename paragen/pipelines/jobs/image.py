@@ -10,7 +10,7 @@ import inspect
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -21,6 +21,7 @@ from paragen.parallel.hires import GUIDANCE_MODES, PLACEMENTS, HiresConfig
 from paragen.pipelines import registry
 from paragen.pipelines.checkpoint import StepCheckpoints
 from paragen.pipelines.dtypes import check_dtype
+from paragen.pipelines.jobs.batch import Batch, open_batch
 from paragen.pipelines.jobs.common import (add_checkpoint_arguments, add_output_arguments, build_parallel_pipeline,
                                            check_room, checkpoint_folder, open_checkpoints, output_stem)
 from paragen.pipelines.loading import EMBEDDED_MODELS, check_model_source
@@ -68,6 +69,13 @@ class Prepared:
     config: ParallelConfig  # resolved
     options: Any
     checkpoints: StepCheckpoints | None
+    batch: Batch | None = None  # --requests: the file's requests (`request` is the command line's)
+    check: Callable[[ImageRequest], ImageRequest] | None = None  # one more request's pre-init checks
+
+    @property
+    def item(self) -> ImageRequest:
+        """The single request, as `generate` takes it."""
+        return self.request
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -150,11 +158,19 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     workload = registry.find_for_job("image", class_name, options, args.model)
     config = workload.resolve(ParallelConfig(cfg=args.cfg, patch=args.patch, ulysses=args.ulysses, ring=args.ring),
                               launch.world_size)
-    check_room(args, request, config, launch, options)
     if request.checkpoint_dir is not None and workload.name != "hires":
         raise ValueError("checkpoints are taken by hires runs (--hires); other image runs are short")
+
+    def check(one: ImageRequest) -> ImageRequest:
+        check_room(args, one, config, launch, options)
+        return one
+
+    batch = open_batch(args, launch, request, check)
+    if batch is not None:
+        return Prepared(request, workload, config, options, None, batch, check)
+    check(request)
     checkpoints = open_checkpoints(request, config, workload, options, launch.rank, launch.world_size)
-    return Prepared(request, workload, config, options, checkpoints)
+    return Prepared(request, workload, config, options, checkpoints, None, check)
 
 
 def exact_size_options(pipe) -> dict:
@@ -167,13 +183,16 @@ def exact_size_options(pipe) -> dict:
     return {name: False for name in ("use_resolution_binning", "clean_caption") if name in accepted}
 
 
-def run(job: Prepared) -> dict | None:
-    """Generate the image on every rank; the output rank writes PNG + JSON and returns the report."""
-    log = get_logger()
-    request = job.request
-    start = time.perf_counter()
+def load(job: Prepared) -> Any:
+    """The job's pipeline on this rank's device, parallelised."""
     pipe = build_parallel_pipeline(job)
     pipe.set_progress_bar_config(disable=not is_output_rank(), desc=f"{world_size()} rank(s)")
+    return pipe
+
+
+def generate(job: Prepared, pipe, request: ImageRequest, load_s: float) -> dict | None:
+    """One image on every rank; the output rank writes PNG + JSON and returns the report."""
+    log = get_logger()
     loaded = time.perf_counter()
     options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
     images = pipe(
@@ -187,7 +206,7 @@ def run(job: Prepared) -> dict | None:
         **exact_size_options(pipe),
     ).images
     generated = time.perf_counter()
-    report = job_report("image", asdict(request), pipe, job.workload, job.options, load_s=loaded - start,
+    report = job_report("image", asdict(request), pipe, job.workload, job.options, load_s=load_s,
                         generate_s=generated - loaded)
     if report is None:
         return None

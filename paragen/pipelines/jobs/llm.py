@@ -11,7 +11,7 @@ import argparse
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -22,6 +22,7 @@ from paragen.parallel.llm.cache import cache_argument
 from paragen.parallel.llm.config import KV_MODES, KVConfig
 from paragen.pipelines import registry
 from paragen.pipelines.dtypes import check_dtype, resolve_dtype
+from paragen.pipelines.jobs.batch import Batch, open_batch
 from paragen.pipelines.jobs.common import add_output_arguments, output_stem
 from paragen.pipelines.llm.loading import EMBEDDED_LLMS, build_llm, check_llm_source, model_root
 from paragen.pipelines.llm.passkey import DIGITS, PasskeyPrompt, check_passkey_length, decode_key, make_prompt
@@ -70,16 +71,26 @@ class LLMRequest:
 
 
 @dataclass(frozen=True)
-class Prepared:
-    """A checked request and the token ids every rank feeds to `generate`, and how to read the answer."""
+class Prompted:
+    """A checked request, the token ids every rank feeds to `generate`, and how to read the answer."""
 
     request: LLMRequest
-    workload: registry.Workload
-    config: ParallelConfig  # resolved
-    options: KVConfig
     ids: torch.Tensor  # [1, L]
     passkey: PasskeyPrompt | None
     tokenizer: Any
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """Checked requests, ready to run once the process group exists."""
+
+    request: LLMRequest  # the launch's
+    workload: registry.Workload
+    config: ParallelConfig  # resolved
+    options: KVConfig
+    item: Prompted | None  # a single request
+    batch: Batch | None = None  # --requests: the file's requests, each `Prompted`
+    check: Callable[[LLMRequest], Prompted] | None = None  # one more request's pre-init checks and prompt
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -131,28 +142,41 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     root = model_root(request.model)
     model_config = AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=request.allow_remote_code)
     workload.check(model_config, config, options)
-    if request.model in EMBEDDED_LLMS:
-        passkey = make_prompt(request.context, request.depth, torch.Generator().manual_seed(request.seed))
-        ids, tokenizer = passkey.tokens.unsqueeze(0), None
-    else:
+    check_out_dir(args.out)
+    tokenizer = None
+    if request.model not in EMBEDDED_LLMS:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=request.allow_remote_code)
-        text = request.prompt if request.prompt is not None else Path(request.prompt_file).read_text(encoding="utf-8")
-        ids, passkey = tokenizer(text, return_tensors="pt").input_ids, None
-    check_prompt_length(ids.shape[1], request.new_tokens, model_config.max_position_embeddings, config.seq)
-    check_out_dir(args.out)
-    return Prepared(request, workload, config, options, ids, passkey, tokenizer)
+
+    def prompt(one: LLMRequest) -> Prompted:
+        if tokenizer is None:
+            passkey = make_prompt(one.context, one.depth, torch.Generator().manual_seed(one.seed))
+            ids = passkey.tokens.unsqueeze(0)
+        else:
+            text = one.prompt if one.prompt is not None else Path(one.prompt_file).read_text(encoding="utf-8")
+            ids, passkey = tokenizer(text, return_tensors="pt").input_ids, None
+        check_prompt_length(ids.shape[1], one.new_tokens, model_config.max_position_embeddings, config.seq)
+        return Prompted(one, ids, passkey, tokenizer)
+
+    batch = open_batch(args, launch, request, prompt)
+    if batch is not None:
+        return Prepared(request, workload, config, options, None, batch, prompt)
+    return Prepared(request, workload, config, options, prompt(request), None, prompt)
 
 
-def run(job: Prepared) -> dict | None:
-    """Generate on every rank; the output rank writes the JSON report and returns it."""
-    log = get_logger()
+def load(job: Prepared) -> Any:
+    """The job's model on this rank's device, parallelised; returns its runtime."""
     request = job.request
-    start = time.perf_counter()
     model = build_llm(request.model, dtype=resolve_dtype(request.dtype), device=rank_device(),
                       allow_pickle=request.allow_pickle, allow_remote_code=request.allow_remote_code)
-    runtime = job.workload.install(model, job.config, job.options).paragen
+    return job.workload.install(model, job.config, job.options).paragen
+
+
+def generate(job: Prepared, runtime, prompted: Prompted, load_s: float) -> dict | None:
+    """One completion on every rank; the output rank writes the JSON report and returns it."""
+    log = get_logger()
+    request = prompted.request
     model = runtime.model  # tensor parallelism may hand back the sharded module
     cache = runtime.new_cache()
     loaded = time.perf_counter()
@@ -160,34 +184,34 @@ def run(job: Prepared) -> dict | None:
     sampling = {"do_sample": True, "temperature": request.temperature, "top_k": request.top_k} if request.sample \
         else {"do_sample": False, "top_k": None}
     try:
-        out = model.generate(job.ids.to(rank_device()), **cache_argument(cache),
+        out = model.generate(prompted.ids.to(rank_device()), **cache_argument(cache),
                              max_new_tokens=request.new_tokens, top_p=None, **sampling)
     finally:
         cache.close()
     generated = time.perf_counter()
-    new = out[0, job.ids.shape[1]:].tolist()
+    new = out[0, prompted.ids.shape[1]:].tolist()
     kv_report = {"device_bytes": cache.device_bytes(), "host_bytes": cache.host_bytes(),
                  "fetched_bytes_per_token": cache.fetched_bytes() / max(1, len(runtime.step_seconds))}
     kv_per_rank = all_gather_objects(runtime.mesh.group("world"), kv_report)
-    report = job_report("llm", asdict(request), model, job.workload, job.options, load_s=loaded - start,
+    report = job_report("llm", asdict(request), model, job.workload, job.options, load_s=load_s,
                         generate_s=generated - loaded)
     if report is None:
         return None
     decode = runtime.step_seconds
     report.update(
-        prompt_tokens=job.ids.shape[1], new_tokens=new, prefill_s=runtime.prefill_s,
+        prompt_tokens=prompted.ids.shape[1], new_tokens=new, prefill_s=runtime.prefill_s,
         decode_tokens_per_s=len(decode) / sum(decode) if decode else None,
         kv_per_rank={str(rank): value for rank, value in enumerate(kv_per_rank)},
     )
-    if job.passkey is not None:
+    if prompted.passkey is not None:
         answer = decode_key(new[:DIGITS])
-        report.update(passkey=job.passkey.key, answer=answer, correct=answer == job.passkey.key)
-        log.info("passkey %s at depth %.2f of %d tokens: answered %s (%s)", job.passkey.key, request.depth,
-                 job.ids.shape[1], answer, "correct" if report["correct"] else "wrong")
+        report.update(passkey=prompted.passkey.key, answer=answer, correct=answer == prompted.passkey.key)
+        log.info("passkey %s at depth %.2f of %d tokens: answered %s (%s)", prompted.passkey.key, request.depth,
+                 prompted.ids.shape[1], answer, "correct" if report["correct"] else "wrong")
     else:
-        report.update(text=job.tokenizer.decode(new, skip_special_tokens=True))
+        report.update(text=prompted.tokenizer.decode(new, skip_special_tokens=True))
         log.info("generated: %s", report["text"])
-    stem = output_stem(request, job.config, job.workload, job.options, f"{job.ids.shape[1]}tok")
+    stem = output_stem(request, job.config, job.workload, job.options, f"{prompted.ids.shape[1]}tok")
     path = save_json(report, Path(request.out_dir) / f"{stem}.json")
     log.info("prefill %.2f s, decode %.1f tokens/s; wrote %s", runtime.prefill_s, report["decode_tokens_per_s"] or 0, path)
     return report

@@ -6,6 +6,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from typing import Any, Callable
+
 import torch
 
 from paragen.log import get_logger
@@ -14,6 +16,7 @@ from paragen.parallel.config import ParallelConfig
 from paragen.pipelines import registry
 from paragen.pipelines.checkpoint import StepCheckpoints
 from paragen.pipelines.dtypes import check_dtype
+from paragen.pipelines.jobs.batch import Batch, open_batch
 from paragen.pipelines.jobs.common import (add_checkpoint_arguments, add_output_arguments, build_parallel_pipeline,
                                            check_room, checkpoint_folder, int_list, open_checkpoints, output_stem)
 from paragen.pipelines.loading import EMBEDDED_MODELS, check_model_source
@@ -83,6 +86,13 @@ class Prepared:
     options: TemporalAttention
     checkpoints: StepCheckpoints | None
     format: str  # what is written: GIF when MP4 was asked for but imageio-ffmpeg is missing
+    batch: Batch | None = None  # --requests: the file's requests (`request` is the command line's)
+    check: Callable[[VideoRequest], VideoRequest] | None = None  # one more request's pre-init checks
+
+    @property
+    def item(self) -> VideoRequest:
+        """The single request, as `generate` takes it."""
+        return self.request
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -136,24 +146,35 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     class_name = check_model_source(args.model, allow_pickle=args.allow_pickle)
     workload = registry.find_for_job("video", class_name, options, args.model)
     config = workload.resolve(ParallelConfig(clip=args.clip), launch.world_size)
-    plan_clips(request.frames, config.clip, options, conv_halo=0)  # the model's own halo: at the call
-    check_room(args, request, config, launch, options)
-    checkpoints = open_checkpoints(request, config, workload, options, launch.rank, launch.world_size,
-                                   also_resumable=("format", "fps"))
+
+    def check(one: VideoRequest) -> VideoRequest:
+        plan_clips(one.frames, config.clip, options, conv_halo=0)  # the model's own halo: at the call
+        check_room(args, one, config, launch, options)
+        return one
+
     video_format = request.format
     if video_format == "mp4" and not mp4_available():
         get_logger().warning("imageio-ffmpeg is not installed (pip install 'paragen[video]'): writing a GIF instead of MP4")
         video_format = "gif"
-    return Prepared(request, workload, config, options, checkpoints, video_format)
+    batch = open_batch(args, launch, request, check)
+    if batch is not None:
+        return Prepared(request, workload, config, options, None, video_format, batch, check)
+    check(request)
+    checkpoints = open_checkpoints(request, config, workload, options, launch.rank, launch.world_size,
+                                   also_resumable=("format", "fps"))
+    return Prepared(request, workload, config, options, checkpoints, video_format, None, check)
 
 
-def run(job: Prepared) -> dict | None:
-    """Generate the video on every rank; the output rank writes the video + JSON and returns the report."""
-    log = get_logger()
-    request = job.request
-    start = time.perf_counter()
+def load(job: Prepared) -> Any:
+    """The job's pipeline on this rank's device, parallelised."""
     pipe = build_parallel_pipeline(job)
     pipe.set_progress_bar_config(disable=pipe.paragen.comm.rank != 0, desc=f"{pipe.paragen.comm.size} clip(s)")
+    return pipe
+
+
+def generate(job: Prepared, pipe, request: VideoRequest, load_s: float) -> dict | None:
+    """One video on every rank; the output rank writes the video + JSON and returns the report."""
+    log = get_logger()
     loaded = time.perf_counter()
     options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
     frames = pipe(
@@ -168,7 +189,7 @@ def run(job: Prepared) -> dict | None:
         **options,
     ).frames
     generated = time.perf_counter()
-    report = job_report("video", asdict(request), pipe, job.workload, job.options, load_s=loaded - start,
+    report = job_report("video", asdict(request), pipe, job.workload, job.options, load_s=load_s,
                         generate_s=generated - loaded)
     if report is None:
         return None

@@ -1,0 +1,57 @@
+"""`paragen.JobRunner`: one job kept up in a Python program — the model loaded and parallelised once, then any
+number of requests.
+
+    runner = paragen.JobRunner("image", model="/models/sdxl", cfg=2, mode="displaced")   # after paragen.init()
+    report = runner(prompt="a lighthouse", seed=3, height=1024, width=1024)            # every rank, same call
+
+Every rank creates it with the same options and makes the same calls. The options are the command line's
+(`paragen image --help`), spelt as keywords; a call's keywords are the request fields a request-file line may set.
+Outputs go to `out` (default `out/`), named by the call's `name` (default: the layout, as on the command line).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import time
+from typing import Any
+
+from paragen.comms import is_initialized, world_size
+from paragen.launch.env import discover
+from paragen.pipelines.jobs.batch import LAUNCH_FIELDS
+from paragen.pipelines.registry import JOBS
+
+
+class JobRunner:
+    """A prepared, loaded job (`image`, `video` or `llm`) that takes one request per call."""
+
+    def __init__(self, command: str, **options: Any) -> None:
+        """Check the options as the command line would, then load and parallelise the model (call `paragen.init()`
+        first when there are several ranks)."""
+        if command not in JOBS:
+            raise ValueError(f"no job {command!r}; the jobs are {', '.join(JOBS)}")
+        if world_size() > 1 and not is_initialized():
+            raise RuntimeError("call paragen.init() before making a JobRunner")
+        self.module = importlib.import_module(JOBS[command][0])
+        parser = argparse.ArgumentParser(prog=f"paragen {command}")
+        self.module.add_arguments(parser)
+        args = parser.parse_args([])
+        args.device = "auto"
+        unknown = sorted(set(options) - set(vars(args)) - {"requests"})
+        if unknown:
+            raise TypeError(f"JobRunner({command!r}) got unknown options {', '.join(unknown)}; "
+                            f"see `paragen {command} --help`")
+        vars(args).update(options, requests=None)
+        self.job = self.module.prepare(args, discover())
+        start = time.perf_counter()
+        self.state = self.module.load(self.job)
+        self.load_s = time.perf_counter() - start
+
+    def __call__(self, **fields: Any) -> dict | None:
+        """Make one request (the launch's request with `fields` changed); the report on the output rank, None on
+        the others. Every rank must make the same call."""
+        launch_wide = sorted(set(fields) & set(LAUNCH_FIELDS) - {"name"})
+        if launch_wide:
+            raise TypeError(f"{', '.join(launch_wide)}: launch-wide, set when making the JobRunner")
+        request = dataclasses.replace(self.job.request, **fields)
+        return self.module.generate(self.job, self.state, self.job.check(request), self.load_s)
