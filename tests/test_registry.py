@@ -20,7 +20,7 @@ def test_a_new_workload_is_a_package_and_a_record():
     config, options = model.paragen
     assert config == ParallelConfig(cfg=1, patch=1, ulysses=1, ring=1, clip=1, seq=1, tp=1)
     assert model(torch.ones(2)).tolist() == [6.0, 6.0]
-    assert TOY.layout_tag(config, options) == "toy1x3"
+    assert options.layout_tag(config) == "toy1x3"
     with pytest.raises(ValueError, match="scale must be positive"):
         TOY.parallelize(ToyModel(), None, ToyOptions(scale=0.0))
     with pytest.raises(ValueError, match="patch=2: the toy splits by clip only"):

@@ -77,7 +77,8 @@ def check_model_source(model: str, *, allow_pickle: bool = False) -> str:
         raise ModelLoadError(f"model path {model!r} is not a directory (a diffusers checkpoint is one)")
     if not (root / "model_index.json").is_file():
         raise ModelLoadError(f"model directory {model!r} has no model_index.json (not a diffusers pipeline)")
-    for name, spec in _components(read_index(root)).items():
+    index = read_index(root)
+    for name, spec in _components(index).items():
         folder = root / name
         if spec is None:
             continue  # left out, e.g. the safety checker
@@ -95,7 +96,7 @@ def check_model_source(model: str, *, allow_pickle: bool = False) -> str:
             )
         if not has_safe and not pickles:
             raise ModelLoadError(f"component {name!r} of {model!r} has no weight files in {folder}")
-    return read_index(root)["_class_name"]
+    return index["_class_name"]
 
 
 def _build_component(library: str, class_name: str, folder: Path) -> Any:

@@ -63,10 +63,6 @@ class Workload:
         self.check(model, resolved, options)
         return self.install(model, resolved, options)
 
-    def layout_tag(self, config: ParallelConfig, options: Any) -> str:
-        """A file-name fragment naming the resolved layout, e.g. `patch4_cfg2_displaced`."""
-        return options.layout_tag(config)
-
 
 WORKLOADS = (
     Workload("patch", UNET_PIPELINES, ExchangeConfig, ("cfg", "patch"), "patch", "paragen.pipelines.patch", "image",

@@ -1,10 +1,10 @@
-"""What every job shares: output and checkpoint options, the pre-init room check, the checkpoint folder."""
+"""What every job shares: the prepared job, output and checkpoint options, the pre-init room check, checkpoints."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from paragen.comms import rank_device, resolve_device
 from paragen.parallel.config import ParallelConfig
@@ -12,6 +12,20 @@ from paragen.pipelines.checkpoint import RESUMABLE_CHANGES, Checkpoints, StepChe
 from paragen.pipelines.dtypes import DTYPE_HELP, DTYPES, resolve_dtype
 from paragen.pipelines.loading import build_pipeline
 from paragen.pipelines.registry import Workload
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A job's checked request(s), ready to run once the process group exists."""
+
+    request: Any  # the command line's request
+    workload: Workload
+    config: ParallelConfig  # resolved
+    options: Any  # the workload's options
+    check: Callable[[Any], Any]  # one request's pre-init checks; returns it as the job's `generate` takes it
+    item: Any = None  # the single request, checked (None with a request file)
+    batch: Any = None  # --requests: the file's requests (a `jobs.batch.Batch`)
+    checkpoints: StepCheckpoints | None = None
 
 
 def add_output_arguments(p: argparse.ArgumentParser, out_dir: str, what: str) -> None:
@@ -74,10 +88,10 @@ def open_checkpoints(request, config: ParallelConfig, workload: Workload, option
     return StepCheckpoints.open(checkpoints, request.checkpoint_every, request.resume)
 
 
-def output_stem(request, config: ParallelConfig, workload: Workload, options: Any, size: str) -> str:
+def output_stem(request, config: ParallelConfig, options: Any, size: str) -> str:
     """File name (without extension): the request's name, or model, `size`, layout and seed."""
     model = Path(request.model).name if Path(request.model).exists() else request.model
-    return request.name or f"{model}_{size}_{workload.layout_tag(config, options)}_seed{request.seed}"
+    return request.name or f"{model}_{size}_{options.layout_tag(config)}_seed{request.seed}"
 
 
 def build_parallel_pipeline(job) -> Any:

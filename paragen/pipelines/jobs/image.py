@@ -10,7 +10,7 @@ import inspect
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -19,11 +19,11 @@ from paragen.log import get_logger
 from paragen.parallel.config import MODE_HELP, MODES, ExchangeConfig, ParallelConfig
 from paragen.parallel.hires import GUIDANCE_MODES, PLACEMENTS, HiresConfig
 from paragen.pipelines import registry
-from paragen.pipelines.checkpoint import StepCheckpoints
 from paragen.pipelines.dtypes import check_dtype
-from paragen.pipelines.jobs.batch import Batch, open_batch
-from paragen.pipelines.jobs.common import (add_checkpoint_arguments, add_output_arguments, build_parallel_pipeline,
-                                           check_room, checkpoint_folder, open_checkpoints, output_stem)
+from paragen.pipelines.jobs.batch import open_batch
+from paragen.pipelines.jobs.common import (Prepared, add_checkpoint_arguments, add_output_arguments,
+                                           build_parallel_pipeline, check_room, checkpoint_folder, open_checkpoints,
+                                           output_stem)
 from paragen.pipelines.loading import EMBEDDED_MODELS, check_model_source
 from paragen.pipelines.outputs import save_json, save_png
 from paragen.pipelines.report import job_report
@@ -58,24 +58,6 @@ class ImageRequest:
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume needs the checkpoint folder of the run to continue")
         check_dtype(self.dtype)
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """A checked request, ready to run once the process group exists."""
-
-    request: ImageRequest
-    workload: registry.Workload
-    config: ParallelConfig  # resolved
-    options: Any
-    checkpoints: StepCheckpoints | None
-    batch: Batch | None = None  # --requests: the file's requests (`request` is the command line's)
-    check: Callable[[ImageRequest], ImageRequest] | None = None  # one more request's pre-init checks
-
-    @property
-    def item(self) -> ImageRequest:
-        """The single request, as `generate` takes it."""
-        return self.request
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -167,10 +149,10 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
 
     batch = open_batch(args, launch, request, check)
     if batch is not None:
-        return Prepared(request, workload, config, options, None, batch, check)
-    check(request)
+        return Prepared(request, workload, config, options, check, batch=batch)
+    item = check(request)
     checkpoints = open_checkpoints(request, config, workload, options, launch.rank, launch.world_size)
-    return Prepared(request, workload, config, options, checkpoints, None, check)
+    return Prepared(request, workload, config, options, check, item=item, checkpoints=checkpoints)
 
 
 def exact_size_options(pipe) -> dict:
@@ -210,7 +192,7 @@ def generate(job: Prepared, pipe, request: ImageRequest, load_s: float) -> dict 
                         generate_s=generated - loaded)
     if report is None:
         return None
-    stem = output_stem(request, job.config, job.workload, job.options, f"{request.height}x{request.width}")
+    stem = output_stem(request, job.config, job.options, f"{request.height}x{request.width}")
     out_dir = Path(request.out_dir)
     image_path = save_png(images[0], out_dir / f"{stem}.png")
     report["image"] = str(image_path)

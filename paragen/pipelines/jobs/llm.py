@@ -11,7 +11,7 @@ import argparse
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -22,8 +22,8 @@ from paragen.parallel.llm.cache import cache_argument
 from paragen.parallel.llm.config import KV_MODES, KVConfig
 from paragen.pipelines import registry
 from paragen.pipelines.dtypes import check_dtype, resolve_dtype
-from paragen.pipelines.jobs.batch import Batch, open_batch
-from paragen.pipelines.jobs.common import add_output_arguments, output_stem
+from paragen.pipelines.jobs.batch import open_batch
+from paragen.pipelines.jobs.common import Prepared, add_output_arguments, output_stem
 from paragen.pipelines.llm.loading import EMBEDDED_LLMS, build_llm, check_llm_source, model_root
 from paragen.pipelines.llm.passkey import DIGITS, PasskeyPrompt, check_passkey_length, decode_key, make_prompt
 from paragen.pipelines.llm.runtime import check_prompt_length
@@ -78,19 +78,6 @@ class Prompted:
     ids: torch.Tensor  # [1, L]
     passkey: PasskeyPrompt | None
     tokenizer: Any
-
-
-@dataclass(frozen=True)
-class Prepared:
-    """Checked requests, ready to run once the process group exists."""
-
-    request: LLMRequest  # the launch's
-    workload: registry.Workload
-    config: ParallelConfig  # resolved
-    options: KVConfig
-    item: Prompted | None  # a single request
-    batch: Batch | None = None  # --requests: the file's requests, each `Prompted`
-    check: Callable[[LLMRequest], Prompted] | None = None  # one more request's pre-init checks and prompt
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -161,8 +148,8 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
 
     batch = open_batch(args, launch, request, prompt)
     if batch is not None:
-        return Prepared(request, workload, config, options, None, batch, prompt)
-    return Prepared(request, workload, config, options, prompt(request), None, prompt)
+        return Prepared(request, workload, config, options, prompt, batch=batch)
+    return Prepared(request, workload, config, options, prompt, item=prompt(request))
 
 
 def load(job: Prepared) -> Any:
@@ -211,7 +198,7 @@ def generate(job: Prepared, runtime, prompted: Prompted, load_s: float) -> dict 
     else:
         report.update(text=prompted.tokenizer.decode(new, skip_special_tokens=True))
         log.info("generated: %s", report["text"])
-    stem = output_stem(request, job.config, job.workload, job.options, f"{prompted.ids.shape[1]}tok")
+    stem = output_stem(request, job.config, job.options, f"{prompted.ids.shape[1]}tok")
     path = save_json(report, Path(request.out_dir) / f"{stem}.json")
     log.info("prefill %.2f s, decode %.1f tokens/s; wrote %s", runtime.prefill_s, report["decode_tokens_per_s"] or 0, path)
     return report

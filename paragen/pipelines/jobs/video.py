@@ -2,23 +2,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from paragen.log import get_logger
+from paragen.log import get_logger, warn_once
 from paragen.parallel.clip import SCOPE_HELP, SCOPES, TemporalAttention, plan_clips
 from paragen.parallel.config import ParallelConfig
 from paragen.pipelines import registry
-from paragen.pipelines.checkpoint import StepCheckpoints
 from paragen.pipelines.dtypes import check_dtype
-from paragen.pipelines.jobs.batch import Batch, open_batch
-from paragen.pipelines.jobs.common import (add_checkpoint_arguments, add_output_arguments, build_parallel_pipeline,
-                                           check_room, checkpoint_folder, int_list, open_checkpoints, output_stem)
+from paragen.pipelines.jobs.batch import open_batch
+from paragen.pipelines.jobs.common import (Prepared, add_checkpoint_arguments, add_output_arguments,
+                                           build_parallel_pipeline, check_room, checkpoint_folder, int_list,
+                                           open_checkpoints, output_stem)
 from paragen.pipelines.loading import EMBEDDED_MODELS, check_model_source
 from paragen.pipelines.outputs import VIDEO_FORMATS, mp4_available, save_json, save_video
 from paragen.pipelines.report import job_report
@@ -76,25 +77,6 @@ class VideoRequest:
         return options
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """A checked request, ready to run once the process group exists."""
-
-    request: VideoRequest
-    workload: registry.Workload
-    config: ParallelConfig  # resolved
-    options: TemporalAttention
-    checkpoints: StepCheckpoints | None
-    format: str  # what is written: GIF when MP4 was asked for but imageio-ffmpeg is missing
-    batch: Batch | None = None  # --requests: the file's requests (`request` is the command line's)
-    check: Callable[[VideoRequest], VideoRequest] | None = None  # one more request's pre-init checks
-
-    @property
-    def item(self) -> VideoRequest:
-        """The single request, as `generate` takes it."""
-        return self.request
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `paragen video`."""
     defaults, temporal = VideoRequest(), TemporalAttention()
@@ -148,21 +130,21 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     config = workload.resolve(ParallelConfig(clip=args.clip), launch.world_size)
 
     def check(one: VideoRequest) -> VideoRequest:
+        """The request as it runs: checked, and written as a GIF when MP4 was asked for but cannot be written."""
         plan_clips(one.frames, config.clip, options, conv_halo=0)  # the model's own halo: at the call
         check_room(args, one, config, launch, options)
+        if one.format == "mp4" and not mp4_available():
+            warn_once("imageio-ffmpeg is not installed (pip install 'paragen[video]'): writing a GIF instead of MP4")
+            return dataclasses.replace(one, format="gif")
         return one
 
-    video_format = request.format
-    if video_format == "mp4" and not mp4_available():
-        get_logger().warning("imageio-ffmpeg is not installed (pip install 'paragen[video]'): writing a GIF instead of MP4")
-        video_format = "gif"
     batch = open_batch(args, launch, request, check)
     if batch is not None:
-        return Prepared(request, workload, config, options, None, video_format, batch, check)
-    check(request)
+        return Prepared(request, workload, config, options, check, batch=batch)
+    item = check(request)
     checkpoints = open_checkpoints(request, config, workload, options, launch.rank, launch.world_size,
                                    also_resumable=("format", "fps"))
-    return Prepared(request, workload, config, options, checkpoints, video_format, None, check)
+    return Prepared(request, workload, config, options, check, item=item, checkpoints=checkpoints)
 
 
 def load(job: Prepared) -> Any:
@@ -194,9 +176,9 @@ def generate(job: Prepared, pipe, request: VideoRequest, load_s: float) -> dict 
     if report is None:
         return None
     size = f"{request.frames}f_{request.height}x{request.width}"
-    stem = output_stem(request, job.config, job.workload, job.options, size)
+    stem = output_stem(request, job.config, job.options, size)
     out_dir = Path(request.out_dir)
-    path = save_video(frames[0], out_dir / f"{stem}.{job.format}", request.fps)
+    path = save_video(frames[0], out_dir / f"{stem}.{request.format}", request.fps)
     report.update(video=str(path), frames_per_s=request.frames / (generated - loaded))
     save_json(report, out_dir / f"{stem}.json")
     log.info("wrote %s and %s.json (%d frames in %.2f s: %.2f frames/s)", path, stem, request.frames,

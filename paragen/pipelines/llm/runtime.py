@@ -151,4 +151,4 @@ def parallelize_llm(model: nn.Module, config: ParallelConfig | None = None, kv: 
     Call `paragen.init()` first; the runtime (also `model.paragen`) has `new_cache()`, which makes the cache of
     each request (pass it with `paragen.cache_argument`).
     """
-    return parallelize(model, config, kv or KVConfig()).paragen
+    return parallelize(model, config, kv).paragen

@@ -22,8 +22,8 @@ from paragen.parallel.config import ExchangeConfig
 from paragen.parallel.intercept import intercept
 from paragen.parallel.partition import band_bounds, check_image_size
 from paragen.parallel.patch import PatchContext, PatchInputConv2d
-from paragen.pipelines.batch_split import split_batch
 from paragen.parallel.patch.convert import check_processors, patch_modules
+from paragen.pipelines.batch_split import split_batch
 from paragen.pipelines.request_args import check_steps, request_arg, share_generator
 from paragen.pipelines.runtime import PipelineRuntime
 from paragen.pipelines.vae_decode import ParallelVaeDecoder
