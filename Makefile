@@ -10,7 +10,7 @@ PYTHON      ?= python3
 VENV        ?= .venv
 TORCH_SPEC  ?= torch==2.13.0
 TORCH_INDEX ?=
-EXTRAS      ?= mpi,video,deepspeed,test
+EXTRAS      ?= mpi,video,deepspeed,serve,test
 LOCK        ?= requirements-lock.txt
 # The packages whose newest releases `make test-latest` checks (their APIs move monthly), with what they pull along.
 LATEST      ?= transformers diffusers accelerate huggingface-hub tokenizers safetensors

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from paragen.comms.pending import Pending, backend_call, ready
 from paragen.comms.stats import CommStats
-from paragen.comms.world import apply_operation_timeout
+from paragen.comms.world import apply_operation_timeout, is_initialized, world_groups
 
 # torch 2.13 renamed all_gather_into_tensor; keep working on the older name.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -288,3 +288,11 @@ def all_gather_objects(comm: GroupComm, obj: object) -> list[object]:
     with backend_call("all_gather_objects"):
         dist.all_gather_object(out, obj, group=comm.cpu_group)
     return out
+
+
+def world_comm() -> GroupComm:
+    """A communicator over every rank (its host-side twin for objects); one rank alone without a process group."""
+    if not is_initialized():
+        return GroupComm(None, CommStats())
+    group, cpu_group = world_groups()
+    return GroupComm(group, CommStats(), cpu_group=cpu_group)

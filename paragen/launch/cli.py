@@ -5,10 +5,12 @@
     torchrun --nproc-per-node 2 -m paragen video --frames 64 --prompt "a fox" --prompt "a forest at night"
     torchrun --nproc-per-node 2 -m paragen llm --context 16384 --kv offload
     paragen slurm --nodes 2 --gpus-per-node 8 -- image --model /models/sdxl --cfg 2
+    torchrun --nproc-per-node 2 -m paragen serve image --model /models/sdxl --port 8000
 
 Every job (`paragen.pipelines.registry.JOBS`) goes through one lifecycle: parse its arguments, `prepare` (every
 check of the request, on every rank, before the process group), init, `run` (which writes the outputs and the
-report). Only the chosen job's module is imported: `paragen slurm` and `paragen --help` import no diffusers.
+report). `paragen serve <job>` keeps the job's model up behind HTTP (`paragen.launch.serve`). Only the chosen
+job's module is imported: `paragen slurm` and `paragen --help` import no diffusers.
 """
 from __future__ import annotations
 
@@ -57,6 +59,26 @@ def _run_job(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_serve(args: argparse.Namespace) -> int:
+    from paragen.launch.serve import serve
+
+    return serve(args, importlib.import_module(JOBS[args.serve_job][0]))
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser, job: str | None) -> None:
+    """`serve`'s own sub-parsers, one per job; only `job`'s gets its arguments."""
+    jobs = p.add_subparsers(dest="serve_job", required=True, metavar="{" + ",".join(JOBS) + "}")
+    for name, (module, help_text) in JOBS.items():
+        q = jobs.add_parser(name, help=f"serve: {help_text}", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name == job:
+            from paragen.launch.serve import add_arguments
+
+            importlib.import_module(module).add_arguments(q)
+            _add_runtime_arguments(q)
+            add_arguments(q)
+        q.set_defaults(handler=_run_serve)
+
+
 def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, required=True, help="number of nodes")
     p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (ranks) per node; 0 for CPU nodes")
@@ -81,16 +103,20 @@ def _run_slurm(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The `paragen` argument parser; only `command`'s sub-parser gets its arguments (and imports its job)."""
+def build_parser(command: str | None = None, serve_job: str | None = None) -> argparse.ArgumentParser:
+    """The `paragen` argument parser; only `command`'s sub-parser gets its arguments (and imports its job; for
+    `serve`, `serve_job`'s)."""
     parser = argparse.ArgumentParser(prog="paragen", description="paragen: one generation request, many ranks.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*JOBS, "slurm"]) + "}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*JOBS, "serve", "slurm"]) + "}")
     for name, (module, help_text) in JOBS.items():
         p = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if name == command:
             importlib.import_module(module).add_arguments(p)
             _add_runtime_arguments(p)
         p.set_defaults(handler=_run_job)
+    p = sub.add_parser("serve", help="keep a job's model up on every rank and answer HTTP requests on the output rank")
+    if command == "serve":
+        _add_serve_arguments(p, serve_job)
     p = sub.add_parser("slurm", help="print an sbatch script that runs a paragen command on N nodes x G GPUs",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if command == "slurm":
@@ -118,9 +144,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `paragen` and `python -m paragen`; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else None
-    if command in JOBS:
+    serve_job = argv[1] if command == "serve" and len(argv) > 1 else None
+    if command in JOBS or serve_job in JOBS:
         _quiet_third_party()
-    args = build_parser(command).parse_args(argv)
+    args = build_parser(command, serve_job).parse_args(argv)
     try:
         return args.handler(args)
     except (ValueError, TypeError, LaunchError, FileNotFoundError) as error:

@@ -7,6 +7,7 @@ number of requests.
 Every rank creates it with the same options and makes the same calls. The options are the command line's
 (`paragen image --help`), spelt as keywords; a call's keywords are the request fields a request-file line may set.
 Outputs go to `out` (default `out/`), named by the call's `name` (default: the layout, as on the command line).
+`paragen serve` keeps one of these up behind HTTP.
 """
 from __future__ import annotations
 
@@ -32,9 +33,9 @@ class JobRunner:
             raise ValueError(f"no job {command!r}; the jobs are {', '.join(JOBS)}")
         if world_size() > 1 and not is_initialized():
             raise RuntimeError("call paragen.init() before making a JobRunner")
-        self.module = importlib.import_module(JOBS[command][0])
+        module = importlib.import_module(JOBS[command][0])
         parser = argparse.ArgumentParser(prog=f"paragen {command}")
-        self.module.add_arguments(parser)
+        module.add_arguments(parser)
         args = parser.parse_args([])
         args.device = "auto"
         unknown = sorted(set(options) - set(vars(args)) - {"requests"})
@@ -42,16 +43,38 @@ class JobRunner:
             raise TypeError(f"JobRunner({command!r}) got unknown options {', '.join(unknown)}; "
                             f"see `paragen {command} --help`")
         vars(args).update(options, requests=None)
-        self.job = self.module.prepare(args, discover())
+        self.command, self.module, self.job = command, module, module.prepare(args, discover())
+        self.load()
+
+    @classmethod
+    def prepared(cls, command: str, module: Any, job: Any) -> "JobRunner":
+        """A runner for a job the command line has prepared (`module.prepare`); `load` it before `generate`."""
+        runner = cls.__new__(cls)
+        runner.command, runner.module, runner.job = command, module, job
+        return runner
+
+    def load(self) -> None:
+        """Load and parallelise the job's model on every rank (a collective)."""
         start = time.perf_counter()
         self.state = self.module.load(self.job)
         self.load_s = time.perf_counter() - start
 
-    def __call__(self, **fields: Any) -> dict | None:
-        """Make one request (the launch's request with `fields` changed); the report on the output rank, None on
-        the others. Every rank must make the same call."""
+    def request(self, **fields: Any) -> Any:
+        """The launch's request with `fields` changed (its own range checks run; no model check yet)."""
         launch_wide = sorted(set(fields) & set(LAUNCH_FIELDS) - {"name"})
         if launch_wide:
             raise TypeError(f"{', '.join(launch_wide)}: launch-wide, set when making the JobRunner")
-        request = dataclasses.replace(self.job.request, **fields)
-        return self.module.generate(self.job, self.state, self.job.check(request), self.load_s)
+        return dataclasses.replace(self.job.request, **fields)
+
+    def check(self, request: Any) -> Any:
+        """The job's checks of one request on this rank (no collective); what `generate` takes."""
+        return self.job.check(request)
+
+    def generate(self, item: Any) -> dict | None:
+        """Make one checked request on every rank; the report on the output rank, None on the others."""
+        return self.module.generate(self.job, self.state, item, self.load_s)
+
+    def __call__(self, **fields: Any) -> dict | None:
+        """Make one request (the launch's request with `fields` changed); the report on the output rank, None on
+        the others. Every rank must make the same call."""
+        return self.generate(self.check(self.request(**fields)))

@@ -1,0 +1,137 @@
+"""`paragen serve image|video|llm`: every rank keeps the job's model loaded and parallelised; the output rank
+answers HTTP and hands each request to all ranks.
+
+    torchrun --nproc-per-node 2 -m paragen serve image --model /models/sdxl --cfg 2 --port 8000
+    curl -s localhost:8000/v1/images/generations -d '{"prompt": "a lighthouse", "size": "1024x1024"}'
+
+The job's options are those of `paragen image|video|llm` (the defaults of every request); the serving options
+are below. The output rank listens on 127.0.0.1 unless `--host` says otherwise; with `PARAGEN_API_KEY` (or the
+variable `--api-key-env` names) set, the job's endpoint wants that bearer token. Requests wait in a queue and are
+made one at a time by all ranks; each request's outputs are written to `--out` as the job writes them (named by
+the request's id) and come back inline. SIGTERM or SIGINT on any rank: the request in flight finishes, those
+waiting get 503, every rank exits 0. A dead or stuck rank: 503 for everything waiting, then a non-zero exit.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from paragen.comms import all_gather_objects, is_output_rank, world_comm
+from paragen.launch.env import discover
+from paragen.launch.process_group import init
+from paragen.launch.runner import JobRunner
+from paragen.launch.serve.front import BROKEN, STOPPING, Front
+from paragen.launch.serve.loop import serve_ranks
+from paragen.log import get_logger
+
+HEARTBEAT_S = 2.0  # at most this long between the ranks' rounds while idle
+GRACE_S = 30.0  # how long responses in flight may take to go out at shutdown
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The serving options (beside the job's own)."""
+    g = p.add_argument_group("serving")
+    g.add_argument("--host", default="127.0.0.1", help="address the output rank listens on (0.0.0.0: every interface)")
+    g.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port; the log names it)")
+    g.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    g.add_argument("--api-key-env", default="PARAGEN_API_KEY",
+                   help="environment variable holding the bearer token clients must send (unset or empty: none)")
+
+
+def _check(args: argparse.Namespace) -> str | None:
+    """Refuse options that do not apply to a server; the API key, if one is set."""
+    given = [flag for flag, value in (("--requests", args.requests), ("--name", args.name),
+                                      ("--checkpoint", getattr(args, "checkpoint", None)),
+                                      ("--resume", getattr(args, "resume", None))) if value]
+    if given:
+        raise ValueError(f"{', '.join(given)}: not for a server (requests come over HTTP, each named by its id)")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in 0..65535, got {args.port}")
+    if args.max_queue < 1:
+        raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}")
+    return os.environ.get(args.api_key_env) or None
+
+
+def _listen(host: str, port: int) -> tuple[socket.socket | None, str | None]:
+    """A listening socket on host:port, or why there is none."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family), None
+    except OSError as error:
+        return None, f"cannot listen on {host}:{port}: {error.strerror or error}"
+
+
+class _Http:
+    """uvicorn serving `app` on `sock` in a thread of this process."""
+
+    def __init__(self, app: Any, sock: socket.socket) -> None:
+        import uvicorn
+
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
+                                timeout_graceful_shutdown=GRACE_S)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, name="paragen-http",
+                                       daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("the HTTP server stopped while starting (see the lines above)")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        """Close the socket and let the responses in flight go out."""
+        self.server.should_exit = True
+        self.thread.join(timeout=GRACE_S + 5)
+
+
+def serve(args: argparse.Namespace, module: Any) -> int:
+    """The lifecycle of `paragen serve <job>`: check, init, listen, load, serve until a signal; the exit status."""
+    api_key = _check(args)
+    job = module.prepare(args, discover())
+    init(device=args.device, init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads,
+         verbose=args.verbose)
+    comm, log = world_comm(), get_logger()
+    sock, problem = _listen(args.host, args.port) if is_output_rank() else (None, None)
+    problem = all_gather_objects(comm, problem)[0]
+    if problem:
+        raise ValueError(problem)
+    stopping = threading.Event()
+    previous = {number: signal.signal(number, lambda *_: stopping.set()) for number in (signal.SIGTERM, signal.SIGINT)}
+    runner = JobRunner.prepared(args.serve_job, module, job)
+    front, http = (Front(args.max_queue), None) if is_output_rank() else (None, None)
+    try:
+        if front is not None:
+            from paragen.launch.serve.app import build_app
+
+            model = Path(args.model).name if Path(args.model).exists() else args.model
+            app = build_app(args.serve_job, model, runner, front, args.out, threading.Lock(), api_key)
+            http = _Http(app, sock)
+            http.start()
+            host, port = sock.getsockname()[:2]
+            log.info("listening on http://%s:%d (loading %s)", host, port, model)
+        runner.load()
+        if front is not None:
+            front.open()
+            log.info("serving %s on http://%s:%d%s", args.serve_job, host, port, " (API key required)" if api_key else "")
+        serve_ranks(runner, front, stopping, min(HEARTBEAT_S, args.timeout / 4))
+        log.info("stopping: a rank was asked to (SIGTERM/SIGINT)")
+        if front is not None:
+            front.close(STOPPING, "shutting down")
+        return 0
+    except BaseException as error:
+        if front is not None:
+            front.close(BROKEN, f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        if http is not None:
+            http.stop()
+        for number, handler in previous.items():
+            signal.signal(number, handler)

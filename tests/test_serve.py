@@ -1,0 +1,238 @@
+"""`paragen serve`: request bodies to job requests, the queue between HTTP and the ranks, and, on 2 real ranks,
+concurrent clients answered in full and equal to one-request launches, bad input refused with the server still
+up, a failure on one rank answered 500, SIGTERM a clean exit, a dead rank a 503 and a non-zero exit."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from pydantic import ValidationError
+
+from paragen.launch.serve.api import CompletionBody, ImageBody, VideoBody, completion_fields, image_fields, video_fields
+from paragen.launch.serve.front import BROKEN, STOPPING, Front, Outcome, Ticket
+from paragen.launch.serve.loop import FAILED, REFUSED, _outcome
+from tests.multiproc import check_all_ok, run_ranks
+from tests.serve_client import Server, call
+
+
+# ---- bodies ------------------------------------------------------------------------------------------
+def test_an_image_body_becomes_one_request_per_image_with_consecutive_seeds():
+    assert image_fields(ImageBody(prompt="a fox")) == [{"prompt": "a fox"}]
+    many = image_fields(ImageBody(prompt="a fox", n=3, seed=7, size="256x128", steps=4))
+    assert [(one["seed"], one["width"], one["height"], one["steps"]) for one in many] == [(7, 256, 128, 4),
+                                                                                        (8, 256, 128, 4),
+                                                                                        (9, 256, 128, 4)]
+    assert [one["seed"] for one in image_fields(ImageBody(prompt="a fox", n=2))] == [0, 1]
+
+
+@pytest.mark.parametrize("body", [
+    {"prompt": "a fox", "colour": "red"},  # unknown field
+    {"prompt": ""},
+    {"prompt": "a fox", "size": "64"},
+    {"prompt": "a fox", "response_format": "url"},
+    {"prompt": "a fox", "n": 9},
+    {"prompt": "a fox", "id": "../etc/passwd"},
+])
+def test_image_bodies_that_cannot_be_served_are_refused_by_name(body):
+    with pytest.raises(ValidationError):
+        ImageBody(**body)
+
+
+def test_video_and_completion_bodies():
+    fields = video_fields(VideoBody(prompt=["a fox", "a forest"], segment_frames=[8, 8], frames=16, format="gif"))
+    assert fields == [{"prompts": ("a fox", "a forest"), "segment_frames": (8, 8), "frames": 16, "format": "gif"}]
+    assert video_fields(VideoBody(prompt="a fox"))[0]["prompts"] == ("a fox",)
+    assert completion_fields(CompletionBody(context=256, max_tokens=6)) == [{"new_tokens": 6, "context": 256}]
+    assert completion_fields(CompletionBody(temperature=0))[0]["sample"] is False
+    assert completion_fields(CompletionBody(temperature=0.7))[0] == {"sample": True, "temperature": 0.7}
+    for bad in ({"stream": True}, {"n": 2}, {"temperature": -1}, {"stop": ["\n"]}):
+        with pytest.raises(ValidationError):
+            CompletionBody(**bad)
+
+
+# ---- the queue ---------------------------------------------------------------------------------------
+def _status(call_) -> int:
+    with pytest.raises(Outcome) as caught:
+        call_()
+    return caught.value.status
+
+
+def test_the_front_queues_in_order_refuses_when_full_or_closed_and_counts():
+    front, stopping = Front(max_queue=2), threading.Event()
+    assert _status(lambda: front.submit([Ticket("a", 1)])) == 503 and front.health()[0] == 503  # still loading
+    front.open()
+    first, second = front.submit([Ticket("a", 1)]), front.submit([Ticket("b", 2)])
+    assert _status(lambda: front.submit([Ticket("c", 3)])) == 429  # full: nothing of the refused batch is queued
+    ticket = front.next(1.0, stopping)
+    assert (ticket.id, ticket.request) == ("a", 1) and front.health()[1]["in_flight"]
+    assert _status(lambda: front.submit([Ticket("a", 5)])) == 409  # its id is being made
+    assert _status(lambda: front.submit([Ticket("c", 3), Ticket("d", 4)])) == 429
+    front.finish(ticket, {"done": 1}, generate_s=0.5)
+    assert first[0].result(timeout=1) == {"done": 1}
+    front.close(STOPPING, "shutting down")
+    assert second[0].exception(timeout=1).status == 503 and front.health() [0] == 503
+    assert front.next(0.05, stopping) is None
+    metrics = front.metrics()
+    assert 'paragen_requests_total{outcome="ok"} 1' in metrics and 'paragen_requests_total{outcome="unavailable"} 1' in metrics
+    assert "paragen_generate_seconds_sum 0.500000" in metrics and "paragen_up 0" in metrics
+
+
+def test_a_stop_signal_ends_the_wait_for_a_request_at_once():
+    front, stopping = Front(max_queue=2), threading.Event()
+    front.open()
+    threading.Timer(0.1, stopping.set).start()
+    started = time.monotonic()
+    assert front.next(30.0, stopping) is None and time.monotonic() - started < 5
+
+
+def test_verdicts_make_a_400_when_every_failing_rank_refused_else_a_500_naming_the_ranks():
+    assert _outcome([None, (REFUSED, "height 100")]).status == 400
+    failed = _outcome([(FAILED, "OSError: disk full"), (REFUSED, "x")])
+    assert failed.status == 500 and failed.message.startswith("rank 0: OSError: disk full; rank 1:")
+    front = Front(1)
+    front.open()
+    front.submit([Ticket("x", 0)])
+    front.close(BROKEN, "rank 1 died")
+    assert front.health() == (503, {"status": "broken", "queue": 0, "in_flight": False, "reason": "rank 1 died"})
+
+
+# ---- end to end on 2 ranks -------------------------------------------------------------------------
+IMAGE = ["image", "--height", "64", "--width", "64", "--steps", "2", "--timeout", "60"]
+TOKEN = "s3cret-token"
+REQUESTS = [{"id": f"r{i}", "prompt": prompt, "seed": i, **extra} for i, (prompt, extra) in enumerate([
+    ("a fox", {}), ("a cat", {"size": "128x64"}), ("a boat", {"steps": 3}), ("a fox", {}),
+    ("a tree", {"guidance_scale": 3.0}), ("a house", {"negative_prompt": "blurry"}), ("a fox", {"size": "64x128"}),
+    ("a bird", {}), ("a lake", {"steps": 1}), ("a moon", {})])]
+
+
+def _png(b64: str) -> bytes:
+    return base64.b64decode(b64)
+
+
+@pytest.mark.slow
+def test_a_server_on_two_ranks_serves_concurrent_clients_refuses_bad_input_and_stops_cleanly(tmp_path, monkeypatch):
+    out = tmp_path / "served"
+    monkeypatch.setenv("PARAGEN_API_KEY", TOKEN)
+    with Server([*IMAGE, "--out", str(out)]) as server:
+        url = server.url
+        assert call(url, "/health").status == 200
+        assert call(url, "/v1/images/generations", {"prompt": "a fox"}).status == 401
+        assert call(url, "/v1/images/generations", {"prompt": "a fox"}, token="wrong").status == 401
+
+        # 10 requests from 5 clients at once
+        with ThreadPoolExecutor(5) as clients:
+            replies = list(clients.map(lambda body: call(url, "/v1/images/generations", body, TOKEN), REQUESTS))
+        assert [reply.status for reply in replies] == [200] * len(REQUESTS), [r.body for r in replies]
+        pngs = {body["id"]: _png(reply.body["data"][0]["b64_json"]) for body, reply in zip(REQUESTS, replies)}
+        for body, reply in zip(REQUESTS, replies):
+            width, height = map(int, body.get("size", "64x64").split("x"))
+            assert Image.open(io.BytesIO(pngs[body["id"]])).size == (width, height)
+            assert pngs[body["id"]] == (out / f"{body['id']}.png").read_bytes()
+            assert reply.body["paragen"]["reports"][0]["request"]["seed"] == body["seed"]
+        assert pngs["r0"] != pngs["r3"]  # same prompt, other seed
+
+        # bad input: 4xx with a message, the server still serving
+        bad = [(b"{not json", 400, "not valid JSON"), ({"prompt": "a fox", "colour": "red"}, 400, "colour"),
+               ({"prompt": "a fox", "size": "0x64"}, 400, "width must be positive"),
+               ({"prompt": "a fox", "size": "100x64"}, 400, "not a multiple of the VAE factor"),  # refused by the ranks
+               ({"prompt": "a fox", "model": "tiny-sdxl"}, 404, "not served here"),
+               ({"prompt": "a fox", "id": "r1"}, 409, "already names outputs")]
+        for body, status, words in bad:
+            reply = call(url, "/v1/images/generations", body, TOKEN)
+            assert reply.status == status and words in reply.body["error"]["message"], (body, reply)
+        reply = call(url, "/v1/completions", {"prompt": "hi"}, TOKEN)
+        assert reply.status == 404 and "runs the image job" in reply.body["error"]["message"]
+
+        # a request that fails on the output rank only (its PNG's path is a folder): 500, then the server goes on
+        (out / "clash.png").mkdir()
+        reply = call(url, "/v1/images/generations", {"prompt": "a fox", "id": "clash"}, TOKEN)
+        assert reply.status == 500 and reply.body["error"]["message"].startswith("rank 0: IsADirectoryError")
+        again = call(url, "/v1/images/generations", {"prompt": "a fox", "seed": 0, "id": "after"}, TOKEN)
+        assert again.status == 200 and _png(again.body["data"][0]["b64_json"]) == pngs["r0"]
+
+        metrics = call(url, "/metrics").body
+        assert f'paragen_requests_total{{outcome="ok"}} {len(REQUESTS) + 1}' in metrics
+        assert 'paragen_requests_total{outcome="refused"} 1' in metrics  # the one the ranks refused
+        assert 'paragen_requests_total{outcome="failed"} 1' in metrics
+
+        # SIGTERM with a request in flight: it is answered in full or refused, every rank exits 0, no partial file
+        slow = {"prompt": "a slow one", "size": "128x128", "steps": 30, "id": "last"}
+        with ThreadPoolExecutor(1) as client:
+            pending = client.submit(call, url, "/v1/images/generations", slow, TOKEN)
+            while 'paragen_in_flight 1' not in call(url, "/metrics").body:
+                time.sleep(0.05)
+            server.signal(signal.SIGTERM)
+            last = pending.result(timeout=120)
+        assert server.wait() == [0, 0], server.log(0)[-3000:]
+        assert last.status in (200, 503), last
+        if last.status == 200:
+            assert _png(last.body["data"][0]["b64_json"]) == (out / "last.png").read_bytes()
+        assert not list(out.glob(".*.tmp")) and not list(out.glob("*.tmp"))
+        for png in out.glob("*.png"):
+            if png.is_file():
+                Image.open(png).verify()
+
+    # the server's images equal one-request launches of the same requests
+    single = tmp_path / "single"
+    for body in (REQUESTS[1], REQUESTS[4]):
+        width, height = map(int, body.get("size", "64x64").split("x"))
+        flags = ["--prompt", body["prompt"], "--seed", str(body["seed"]), "--width", str(width), "--height", str(height),
+                 *(["--guidance-scale", str(body["guidance_scale"])] if "guidance_scale" in body else [])]
+        check_all_ok(run_ranks(["-m", "paragen", *IMAGE, *flags, "--name", body["id"], "--out", str(single)], 2))
+        assert (single / f"{body['id']}.png").read_bytes() == pngs[body["id"]], body
+
+
+@pytest.mark.slow
+def test_a_dead_rank_makes_the_server_answer_503_and_exit_non_zero():
+    with Server([*IMAGE, "--timeout", "20"]) as server:
+        slow = {"prompt": "a slow one", "size": "128x128", "steps": 50}
+        with ThreadPoolExecutor(1) as client:
+            pending = client.submit(call, server.url, "/v1/images/generations", slow)
+            while 'paragen_in_flight 1' not in call(server.url, "/metrics").body:
+                time.sleep(0.05)
+            server.signal(signal.SIGKILL, ranks=(1,))
+            started = time.monotonic()
+            reply = pending.result(timeout=90)
+        assert reply.status == 503 and "a rank failed" in reply.body["error"]["message"], reply
+        statuses = server.wait(timeout=90)
+        assert statuses[0] not in (0, None) and time.monotonic() - started < 60, statuses
+        assert "communication failed" in server.log(0), server.log(0)[-2000:]
+
+
+@pytest.mark.slow
+def test_an_llm_server_idles_past_the_timeout_then_answers_openai_completions_with_the_passkey(tmp_path):
+    with Server(["llm", "--new-tokens", "6", "--timeout", "6", "--out", str(tmp_path)]) as server:
+        time.sleep(9)  # idle past --timeout: the ranks' rounds keep every collective short
+        reply = call(server.url, "/v1/completions", {"context": 256, "seed": 1, "temperature": 0, "max_tokens": 6})
+        assert reply.status == 200, reply.body
+        report = reply.body["paragen"]["reports"][0]
+        assert reply.body["object"] == "text_completion" and reply.body["choices"][0]["text"] == report["passkey"]
+        assert reply.body["usage"] == {"prompt_tokens": 256, "completion_tokens": 6, "total_tokens": 262}
+        refused = call(server.url, "/v1/completions", {"prompt": "hello"})
+        assert refused.status == 400 and "no tokenizer" in refused.body["error"]["message"]
+        assert call(server.url, "/v1/completions", {"context": 256, "stream": True}).status == 400
+        assert call(server.url, "/v1/completions", {"context": 3}).status == 400
+        server.signal(signal.SIGINT, ranks=(1,))  # any rank's signal stops every rank
+        assert server.wait() == [0, 0]
+    assert json.loads(next(Path(tmp_path).glob("*.json")).read_text())["correct"] is True
+
+
+@pytest.mark.slow
+def test_a_video_server_returns_each_video_inline(tmp_path):
+    args = ["video", "--frames", "16", "--height", "64", "--width", "64", "--steps", "2", "--timeout", "60"]
+    with Server([*args, "--out", str(tmp_path)]) as server:
+        body = {"prompt": ["a fox", "a forest"], "segment_frames": [8, 8], "format": "gif", "id": "clip", "seed": 3}
+        reply = call(server.url, "/v1/videos/generations", body)
+        assert reply.status == 200, reply.body
+        assert reply.body["data"][0]["mime_type"] == "image/gif"
+        assert _png(reply.body["data"][0]["b64_json"]) == (tmp_path / "clip.gif").read_bytes()
+        assert Image.open(tmp_path / "clip.gif").n_frames == 16
+        assert call(server.url, "/v1/videos/generations", {"prompt": "a fox", "frames": 0}).status == 400
