@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the hub
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline
@@ -133,7 +135,7 @@ def test_clip_tokenizers_round_trip_and_pad(embedded, prompt: str) -> None:
         assert len(long) == 77 and long[-1] == tokenizer.eos_token_id
 
 
-@pytest.mark.parametrize("name", ("tiny-pixart", "tiny-sd3", "tiny-flux"))
+@pytest.mark.parametrize("name", ("tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-wan"))
 def test_t5_tokenizers_round_trip_and_pad(name: str) -> None:
     pipe = load_pipeline(name)
     pairs = [(t, e) for t, e in _tokenizer_pairs(pipe) if "T5" in type(e).__name__]
@@ -214,6 +216,79 @@ def test_local_checkpoint_loads_like_the_embedded_model(tmp_path: Path) -> None:
     assert torch.equal(trusted.unet.conv_in.weight, embedded.unet.conv_in.weight)
 
 
+def wan_video(pipe: DiffusionPipeline, prompt: str = "a red cube on a table") -> np.ndarray:
+    """A 2-step 17-frame 64x64 video (CFG: two transformer calls per step), as [1, 17, 64, 64, 3] floats in [0, 1]."""
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(prompt, num_frames=17, height=64, width=64, num_inference_steps=2,
+                generator=torch.Generator().manual_seed(0), output_type="np").frames
+
+
+@pytest.fixture(scope="module")
+def tiny_wan() -> DiffusionPipeline:
+    return load_pipeline("tiny-wan", seed=0)
+
+
+def test_tiny_wan_builds_offline_as_wan21(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args, **kwargs):
+        raise AssertionError("building tiny-wan tried to open a connection")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    pipe = load_pipeline("tiny-wan", seed=0)
+    assert check_model_source("tiny-wan") == type(pipe).__name__ == "WanPipeline"
+    parts = {name: type(part).__name__ for name, part in pipe.components.items() if part is not None}
+    assert parts.pop("tokenizer") in ("T5Tokenizer", "T5TokenizerFast")  # one class in transformers 5
+    assert parts == {"transformer": "WanTransformer3DModel", "vae": "AutoencoderKLWan", "text_encoder": "UMT5EncoderModel",
+                     "scheduler": "UniPCMultistepScheduler"}
+    sched = pipe.scheduler.config  # Wan2.1-T2V-1.3B-Diffusers' scheduler_config.json
+    assert (sched.prediction_type, sched.use_flow_sigmas, sched.flow_shift, sched.solver_order) == \
+        ("flow_prediction", True, 3.0, 2)
+    tr, vae, enc = pipe.transformer.config, pipe.vae.config, pipe.text_encoder.config
+    assert (pipe.vae_scale_factor_temporal, pipe.vae_scale_factor_spatial) == (4, 8)
+    assert vae.temperal_downsample == [False, True, True] and len(vae.dim_mult) == 4  # x4 in time, x8 in space
+    assert tr.in_channels == tr.out_channels == vae.z_dim == len(vae.latents_mean) == len(vae.latents_std)
+    assert tuple(tr.patch_size) == (1, 2, 2) and tr.text_dim == enc.d_model
+    rope = pipe.transformer.rope
+    assert rope.t_dim + rope.h_dim + rope.w_dim == tr.attention_head_dim and min(rope.t_dim, rope.h_dim) > 0
+    assert len(pipe.tokenizer) <= enc.vocab_size == 640
+    for module in pipe.components.values():
+        if isinstance(module, torch.nn.Module):
+            assert not module.training and module.device.type == "cpu"
+
+
+def test_tiny_wan_same_seed_same_weights(tiny_wan) -> None:
+    again, other = load_pipeline("tiny-wan", seed=0), load_pipeline("tiny-wan", seed=1)
+    for name in ("transformer", "vae", "text_encoder"):
+        first, second = getattr(tiny_wan, name).state_dict(), getattr(again, name).state_dict()
+        assert first.keys() == second.keys()
+        assert all(torch.equal(first[k], second[k]) for k in first), name
+    for a, b in zip(tiny_wan.transformer.parameters(), other.transformer.parameters()):
+        if a.dim() > 1:
+            assert not torch.equal(a, b)
+
+
+def test_tiny_wan_transformer_output_varies(tiny_wan) -> None:
+    cfg = tiny_wan.transformer.config
+    latents = torch.randn(2, cfg.in_channels, 5, 8, 8, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(2, 32, cfg.text_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        noise = tiny_wan.transformer(latents, torch.tensor([500, 500]), text, return_dict=False)[0]
+        other_text = tiny_wan.transformer(latents, torch.tensor([500, 500]), text.flip(1).neg(), return_dict=False)[0]
+    assert noise.shape == latents.shape and torch.isfinite(noise).all()
+    assert noise.std(dim=(3, 4)).min() > 0.05, "flat in space"
+    assert noise.std(dim=2).mean() > 0.05, "flat in time"
+    assert not torch.allclose(noise, other_text), "the text does not reach the output"
+
+
+def test_tiny_wan_generates_a_non_constant_video(tiny_wan) -> None:
+    frames = wan_video(tiny_wan)
+    assert frames.shape == (1, 17, 64, 64, 3)  # 4k + 1 frames: 5 latent frames, 8x8 latents
+    assert np.isfinite(frames).all() and frames.min() >= 0 and frames.max() <= 1
+    assert frames.std(axis=(2, 3)).min() > 0.02, "a frame is flat"
+    assert np.abs(np.diff(frames, axis=1)).mean() > 0.02, "the frames do not change"
+    assert ((frames > 0.01) & (frames < 0.99)).mean() > 0.5, "video is saturated"
+
+
 def test_every_embedded_model_is_tested_somewhere() -> None:
-    """Image models here; the video models in tests/test_video_parts.py."""
-    assert set(EMBEDDED_MODELS) == set(CLASSES) | {"tiny-t2v", "tiny-animatediff"}
+    """Image models and tiny-wan here; the other video models in tests/test_video_parts.py."""
+    assert set(EMBEDDED_MODELS) == set(CLASSES) | {"tiny-t2v", "tiny-animatediff", "tiny-wan"}

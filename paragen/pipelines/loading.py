@@ -2,7 +2,8 @@
 
 Real models cannot be downloaded here, so embedded tiny models stand in for them: `tiny-sd`,
 `tiny-sdxl` (UNets), `tiny-pixart` (PixArt-Sigma), `tiny-sd3` (SD3), `tiny-flux` (FLUX.1-dev), `tiny-t2v`
-(ModelScope text-to-video, UNet3D) and `tiny-animatediff` (AnimateDiff, UNetMotionModel): the
+(ModelScope text-to-video, UNet3D), `tiny-animatediff` (AnimateDiff, UNetMotionModel) and `tiny-wan` (Wan2.1
+text-to-video, WanTransformer3DModel with a causal 3D VAE and a UMT5 text encoder): the
 real diffusers architectures, built from the configs shipped in `configs/<name>/` with random weights
 drawn from a fixed seed, an offline byte-level CLIP tokenizer and an offline T5 tokenizer (written by
 `tools/make_t5_tokenizer.py`). A local checkpoint goes through `DiffusionPipeline.from_pretrained`
@@ -22,7 +23,8 @@ import torch
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-EMBEDDED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-t2v", "tiny-animatediff")
+EMBEDDED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-t2v", "tiny-animatediff",
+                                   "tiny-wan")
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SAFE_WEIGHTS = "*.safetensors"
