@@ -1,4 +1,5 @@
-"""The figure of `bench/bench_requests.py`: wall time of N requests, one launch each against one request file."""
+"""The figure of `bench/bench_requests.py`: wall time of N requests one launch each, in one request file and through
+`paragen serve` (its start-up included); and the server's request latency at 1 and 4 concurrent clients."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -8,20 +9,32 @@ from plotting import load_report
 
 def main() -> None:
     path, report = load_report("requests_cpu.json")
-    summary, work = report["summary"], report["workload"]
-    ways = {"one_launch_per_request_s": "one launch\nper request", "request_file_s": "one launch,\n--requests file"}
-    walls = [summary[way]["wall_s"] for way in ways]
-    medians = [w["median"] for w in walls]
-    errors = [[m - w["p10"] for m, w in zip(medians, walls)], [w["p90"] - m for m, w in zip(medians, walls)]]
-    fig, ax = plt.subplots(figsize=(5.5, 4))
-    bars = ax.bar(list(ways.values()), medians, yerr=errors, capsize=4, color=["#999999", "#3572b0"])
-    for bar, way in zip(bars, ways):
-        ax.annotate(f"{summary[way]['requests_per_min']['median']:.1f} req/min",
-                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
-                    xytext=(0, 6), textcoords="offset points")
-    ax.set_ylabel("wall seconds (median, p10–p90)")
-    ax.set_title(f"{work['requests']} {work['model']} requests, {work['size']}², {work['steps']} steps, "
-                 f"{work['ranks']} ranks")
+    summary, work, clients = report["summary"], report["workload"], report["clients"]
+    start = summary["server_start_s"]["wall_s"]["median"]
+    labels = ["one launch\nper request", "one launch,\n--requests file",
+              *(f"serve: start +\n{c} client{'s' * (c > 1)}" for c in clients)]
+    medians = [summary["one_launch_per_request_s"]["wall_s"]["median"], summary["request_file_s"]["wall_s"]["median"],
+               *(start + summary[f"server_{c}_clients"]["wall_s"]["median"] for c in clients)]
+    rates = [summary["one_launch_per_request_s"]["requests_per_min"]["median"],
+             summary["request_file_s"]["requests_per_min"]["median"],
+             *(summary[f"server_{c}_clients"]["requests_per_min"]["median"] for c in clients)]
+    fig, (walls, latency) = plt.subplots(1, 2, figsize=(10, 4), gridspec_kw={"width_ratios": [3, 2]})
+    bars = walls.bar(labels, medians, color=["#999999", "#3572b0", "#4a9c5d", "#2d6b3c"])
+    for bar, rate, label in zip(bars, rates, labels):
+        note = f"{rate:.0f} req/min" + (" once up" if label.startswith("serve") else "")
+        walls.annotate(note, (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom",
+                       xytext=(0, 4), textcoords="offset points", fontsize=8)
+    walls.set_ylabel("wall seconds (median over rounds)")
+    walls.set_title(f"{work['requests']} {work['model']} requests, {work['size']}², {work['steps']} steps, "
+                    f"{work['ranks']} ranks", fontsize=10)
+    walls.tick_params(axis="x", labelsize=8)
+    for offset, quantile in ((-0.2, "p50"), (0.2, "p95")):
+        values = [summary[f"server_{c}_clients"]["latency_s"][quantile] for c in clients]
+        latency.bar([i + offset for i in range(len(clients))], values, width=0.4, label=quantile)
+    latency.set_xticks(range(len(clients)), [f"{c} client{'s' * (c > 1)}" for c in clients])
+    latency.set_ylabel("seconds, request sent → response read")
+    latency.set_title("paragen serve: latency", fontsize=10)
+    latency.legend()
     fig.tight_layout()
     fig.savefig(path.with_suffix(".png"), dpi=120)
     print(f"wrote {path.with_suffix('.png')}")
