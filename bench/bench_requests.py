@@ -1,10 +1,15 @@
 """Requests per minute for a batch of small requests on 2 ranks: one launch per request (`torchrun … paragen image`
-N times) against one launch with a request file (`--requests`), which loads and parallelises the model once.
+N times), one launch with a request file (`--requests`), which loads and parallelises the model once, and
+`paragen serve` under load.
 
-Each round runs both ways on the same N requests (distinct prompts and seeds, tiny-sd, small images) and checks
-that the two ways write byte-identical PNGs. Wall time includes everything a user waits for: interpreter and
-library start, model build, parallelisation, generation, writing. One warm-up round first (not kept), then
-`--rounds` kept rounds; median and p10–p90 over rounds. Writes `bench/results/requests_cpu.json`.
+Each round runs every way on the same N requests (distinct prompts and seeds, tiny-sd, small images) and checks
+that all ways write byte-identical PNGs. Wall time includes everything a user waits for: interpreter and
+library start, model build, parallelisation, generation, writing. The server is started once per round (its
+start-up is reported apart), then takes the N requests from 1 client at a time (each request's latency is its
+service time) and from 4 clients at once (a saturated queue: throughput, and latency with waiting); latency is
+from sending the request to the last byte of the response, base64 PNG included. One warm-up round first (not
+kept), then `--rounds` kept rounds; median and p10–p90 over rounds (latency quantiles over every request of the
+kept rounds). Writes `bench/results/requests_cpu.json`.
 
     .venv/bin/python bench/bench_requests.py [--requests 8] [--rounds 3] [--size 128] [--steps 4]
 """
@@ -14,15 +19,21 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import ROOT, report_header, spread
 
+sys.path.insert(0, str(ROOT))
+from tests.serve_client import Server, call  # noqa: E402 — the tests' server driver and plain HTTP client
+
 RANKS = 2
+CLIENTS = (1, 4)
 
 
 def _launch(args: list[str], out: Path) -> float:
@@ -33,7 +44,7 @@ def _launch(args: list[str], out: Path) -> float:
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr}")
     return time.perf_counter() - started
 
 
@@ -44,10 +55,39 @@ def _round(requests: list[dict], common: list[str], folder: Path) -> dict[str, f
     path = folder / "requests.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in requests))
     whole = _launch([*common, "--requests", str(path)], batch)
+    times = {"one_launch_per_request_s": each, "request_file_s": whole, **_serve(requests, common, folder / "served")}
     for r in requests:
-        if (single / f"{r['id']}.png").read_bytes() != (batch / f"{r['id']}.png").read_bytes():
-            raise RuntimeError(f"request {r['id']}: the request file's PNG differs from its own launch's")
-    return {"one_launch_per_request_s": each, "request_file_s": whole}
+        expected = (single / f"{r['id']}.png").read_bytes()
+        made = [batch / f"{r['id']}.png", *(folder / "served" / f"c{clients}-{r['id']}.png" for clients in CLIENTS)]
+        if any(path.read_bytes() != expected for path in made):
+            raise RuntimeError(f"request {r['id']}: a request file's or the server's PNG differs from its own launch's")
+    return times
+
+
+def _serve(requests: list[dict], common: list[str], out: Path) -> dict:
+    """Start `paragen serve image` on 2 ranks; send the requests from each number of clients; stop it."""
+    started = time.perf_counter()
+    server = Server(["image", *common, "--out", str(out)], RANKS).start()
+    times: dict = {"server_start_s": time.perf_counter() - started}
+    try:
+        for clients in CLIENTS:
+            def one(r: dict, clients: int = clients) -> float:
+                sent = time.perf_counter()
+                reply = call(server.url, "/v1/images/generations",
+                             {"prompt": r["prompt"], "seed": r["seed"], "id": f"c{clients}-{r['id']}"})
+                if reply.status != 200:
+                    raise RuntimeError(f"the server answered {reply.status}: {reply.body}")
+                return time.perf_counter() - sent
+            first = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                latencies = list(pool.map(one, requests))
+            times[f"server_{clients}_clients"] = {"wall_s": time.perf_counter() - first, "latency_s": latencies}
+        server.signal()
+        if server.wait() != [0] * RANKS:
+            raise RuntimeError(f"the server did not exit cleanly:\n{server.log(0)[-3000:]}")
+    finally:
+        server.stop()
+    return times
 
 
 def main() -> None:
@@ -71,20 +111,31 @@ def main() -> None:
         if number:
             rounds.append(times)
     summary = {}
-    for way in ("one_launch_per_request_s", "request_file_s"):
+    for way in ("one_launch_per_request_s", "request_file_s", "server_start_s"):
         seconds = [r[way] for r in rounds]
         summary[way] = {"wall_s": spread(seconds),
                         "requests_per_min": spread([60 * args.requests / s for s in seconds])}
+    summary["server_start_s"].pop("requests_per_min")
+    for clients in CLIENTS:
+        way = f"server_{clients}_clients"
+        seconds = [r[way]["wall_s"] for r in rounds]
+        latency = sorted(t for r in rounds for t in r[way]["latency_s"])
+        summary[way] = {"wall_s": spread(seconds), "requests_per_min": spread([60 * args.requests / s for s in seconds]),
+                        "latency_s": {"p50": statistics.median(latency),
+                                      "p95": latency[min(len(latency) - 1, round(0.95 * (len(latency) - 1)))],
+                                      "n": len(latency)}}
     report = {**report_header("requests"), "workload": {"requests": args.requests, "ranks": RANKS, "size": args.size,
                                                         "steps": args.steps, "model": "tiny-sd", "rounds": args.rounds},
               "rounds": rounds, "summary": summary,
               "speedup": summary["one_launch_per_request_s"]["wall_s"]["median"]
               / summary["request_file_s"]["wall_s"]["median"],
-              "identical_pngs": True}
+              "clients": list(CLIENTS), "identical_pngs": True}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     for way, s in summary.items():
-        print(f"{way}: {s['wall_s']['median']:.1f} s ({s['wall_s']['p10']:.1f}–{s['wall_s']['p90']:.1f}), "
-              f"{s['requests_per_min']['median']:.1f} requests/min")
+        rate = f", {s['requests_per_min']['median']:.1f} requests/min" if "requests_per_min" in s else ""
+        latency = f", latency p50 {s['latency_s']['p50']:.2f} s, p95 {s['latency_s']['p95']:.2f} s" \
+            if "latency_s" in s else ""
+        print(f"{way}: {s['wall_s']['median']:.1f} s ({s['wall_s']['p10']:.1f}–{s['wall_s']['p90']:.1f}){rate}{latency}")
     print(f"request file: {report['speedup']:.2f}x faster; wrote {args.out}")
 
 
