@@ -7,12 +7,14 @@ scaled-dot-product attention. Which tokens a layer sees:
 - `JointAttnProcessor2_0` (SD3): the rank's image tokens followed by its shard of the text tokens.
 - `FluxAttnProcessor` (Flux): the rank's text shard followed by its image tokens, either as two
   streams (double blocks) or already concatenated (single blocks); RoPE comes pre-sliced for them.
-Cross-attention to the text (PixArt `attn2`) needs nothing from other ranks and keeps its processor.
+- `WanAttnProcessor` self-attention (Wan `attn1`): the rank's video tokens; RoPE comes pre-sliced.
+Cross-attention to the text (PixArt and Wan `attn2`) needs nothing from other ranks and keeps its processor.
 """
 from __future__ import annotations
 
 import torch
 
+from paragen.kernels.rope import apply_rope_pairs
 from paragen.parallel.attention_contract import AttnProcessorContract, heads_first
 from paragen.parallel.sequence.attention import SequenceAttention
 from paragen.parallel.sequence.context import SequenceContext
@@ -21,6 +23,7 @@ from paragen.parallel.sequence.context import SequenceContext
 SELF_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 JOINT_PROCESSORS = ("JointAttnProcessor2_0",)
 FLUX_PROCESSORS = ("FluxAttnProcessor", "FluxAttnProcessor2_0")
+WAN_PROCESSORS = ("WanAttnProcessor", "WanAttnProcessor2_0")
 # Cross-attention processors left in place: their keys are the (whole, replicated) text.
 CROSS_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 
@@ -116,3 +119,27 @@ class SeqFluxAttnProcessor:
         text_out, out = out[:, :text_tokens], out[:, text_tokens:]
         out = attn.to_out[1](attn.to_out[0](out.contiguous()))
         return out, attn.to_add_out(text_out.contiguous())
+
+
+class SeqWanAttnProcessor:
+    """Wan's self-attention: the rank's video tokens (q/k RMS-normed over all heads, RoPE in the interleaved
+    layout) against every shard's keys."""
+
+    def __init__(self, ctx: SequenceContext) -> None:
+        self.ctx = ctx
+        self.core = SequenceAttention(ctx)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        from diffusers.models.transformers.transformer_wan import _get_qkv_projections
+
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("sequence-parallel Wan self-attention takes neither encoder states nor a mask")
+        query, key, value = _get_qkv_projections(attn, hidden_states, None)
+        query, key = attn.norm_q(query), attn.norm_k(key)
+        query, key, value = (t.unflatten(2, (attn.heads, -1)) for t in (query, key, value))  # [B, L, H, D]
+        if rotary_emb is not None:
+            cos, sin = rotary_emb  # [1, L, 1, D], this rank's tokens
+            query, key = apply_rope_pairs(query, cos, sin), apply_rope_pairs(key, cos, sin)
+        out = self.core(*(t.transpose(1, 2) for t in (query, key, value)), self.ctx.lengths(text=False))
+        out = out.flatten(2, 3).type_as(query)
+        return attn.to_out[1](attn.to_out[0](out))

@@ -1,0 +1,81 @@
+"""Sequence parallelism of the Wan video transformer (embedded tiny-wan) on real gloo ranks against the
+single-process pipeline: Ulysses, Ring, both, and CFG over rank halves equal it (fp32, max |Δ| ≤ 1e-4), at a
+latent frame count (5) that no rank count divides and token counts that do (80) and do not (75) split evenly;
+frame counts the Wan VAE cannot take and Ulysses degrees that do not divide the heads are refused on every rank.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from paragen.pipelines.loading import load_pipeline
+from tests.multiproc import run_spec_worker
+from tests.workers.wan_worker import generate
+
+pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
+
+FRAMES, STEPS = 17, 2  # 17 frames: 5 latent frames
+SIZES = {"even": (64, 64), "uneven": (48, 80)}  # 5 × 4 × 4 = 80 and 5 × 3 × 5 = 75 video tokens
+EXACT_ATOL = 1e-4
+LAYOUTS = {
+    2: {"ulysses": {"ulysses": 2}, "ring": {"ring": 2}, "cfg": {"cfg": 2}},
+    4: {"ulysses": {"ulysses": 4}, "ring": {"ring": 4}, "ulysses_ring": {"ulysses": 2, "ring": 2},
+        "cfg_ring": {"cfg": 2, "ring": 2}},
+}
+
+
+def _spec(name: str, size: str, **extra) -> dict:
+    height, width = SIZES[size]
+    return {"name": f"{name}/{size}", "frames": FRAMES, "height": height, "width": width, "steps": STEPS, **extra}
+
+
+def _specs(world: int) -> list[dict]:
+    specs = [_spec(name, size, **degrees) for name, degrees in LAYOUTS[world].items() for size in SIZES]
+    specs += [_spec("frames_16", "even", ring=world, frames=16, expect_error=True),
+              _spec("ulysses_3", "even", ulysses=3, expect_error=True) if world == 4 else
+              _spec("guidance_1_cfg", "even", cfg=2, guidance=1.0, expect_error=True)]
+    return specs
+
+
+@pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
+def parallel(request, tmp_path_factory):
+    world = request.param
+    folder = tmp_path_factory.mktemp(f"wan{world}")
+    return world, run_spec_worker("tests/workers/wan_worker.py", _specs(world), world, folder, timeout=1200)
+
+
+@pytest.fixture(scope="module")
+def single():
+    pipe = load_pipeline("tiny-wan")
+    pipe.set_progress_bar_config(disable=True)
+    return {size: generate(pipe, _spec("single", size)) for size in SIZES}
+
+
+def test_every_layout_equals_the_single_process_video(parallel, single):
+    world, results = parallel
+    for name in LAYOUTS[world]:
+        for size in SIZES:
+            video, reference = results[f"{name}/{size}"]["video"], single[size]
+            assert video.shape == reference.shape == (1, FRAMES, 3, *SIZES[size])
+            assert reference.std() > 0.01  # a real video, not a constant
+            diff = (video - reference).abs().max().item()
+            assert diff <= EXACT_ATOL, f"{world} ranks {name} {size}: max |Δ| {diff:.2e}"
+            assert results[f"{name}/{size}"]["steps"] == STEPS
+
+
+def test_shards_exchange_what_the_layout_needs(parallel):
+    world, results = parallel
+    for name in LAYOUTS[world]:
+        labels = set().union(*(snapshot.keys() for snapshot in results[f"{name}/even"]["stats"]))
+        assert ("wan.ulysses_qkv" in labels) == ("ulysses" in name)
+        assert ("wan.ring_kv" in labels) == ("ring" in name)
+        assert ("wan.cfg" in labels) == name.startswith("cfg")
+
+
+def test_bad_requests_are_refused_on_every_rank(parallel):
+    world, results = parallel
+    frames = results["frames_16/even"]["error"]
+    assert len(frames) == world and all("4k+1 frames" in message for message in frames)
+    other = results["ulysses_3/even" if world == 4 else "guidance_1_cfg/even"]["error"]
+    words = "do not match the world size" if world == 4 else "guidance_scale > 1"
+    assert len(other) == world and all(words in message for message in other), other

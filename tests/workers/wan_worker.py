@@ -1,0 +1,41 @@
+"""Run several sequence-parallel layouts of the embedded tiny-wan on real ranks; rank 0 saves the results.
+
+usage: wan_worker.py SPEC.json OUT.pt   (SPEC: a list of runs, see tests/test_wan_parallel.py)
+Each run builds its pipeline afresh; a spec without parallel degrees runs unparallelised (the reference).
+A spec with "expect_error" must be refused with a ValueError on every rank; its result is the message.
+"""
+import torch
+
+import paragen
+from paragen.comms import all_gather_objects, world_comm
+from paragen.pipelines.loading import load_pipeline
+from tests.workers.specs import serve_specs
+
+
+def generate(pipe, spec: dict) -> torch.Tensor:
+    """The spec's video as a `[1, F, 3, H, W]` tensor (fixed prompt and seed)."""
+    return pipe("a red fox running through snow", negative_prompt="blurry", num_frames=spec["frames"],
+                height=spec["height"], width=spec["width"], num_inference_steps=spec["steps"],
+                guidance_scale=spec.get("guidance", 5.0), max_sequence_length=24,
+                generator=torch.Generator().manual_seed(11), output_type="pt").frames
+
+
+def run(spec: dict) -> dict:
+    pipe = load_pipeline("tiny-wan")
+    pipe.set_progress_bar_config(disable=True)
+    config = paragen.ParallelConfig(cfg=spec.get("cfg", 1), ulysses=spec.get("ulysses", 1), ring=spec.get("ring"))
+    try:
+        paragen.parallelize(pipe, config, paragen.ExchangeConfig(mode=spec.get("mode", "sync")))
+        video = generate(pipe, spec)
+    except ValueError as error:
+        if not spec.get("expect_error"):
+            raise
+        return {"error": all_gather_objects(world_comm(), str(error))}
+    if spec.get("expect_error"):
+        raise AssertionError(f"{spec['name']}: no error")
+    stats = all_gather_objects(pipe.paragen.mesh.group("world"), pipe.paragen.stats.snapshot())
+    return {"video": video, "stats": stats, "steps": len(pipe.paragen.step_seconds)}
+
+
+if __name__ == "__main__":
+    serve_specs(run)
