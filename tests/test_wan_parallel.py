@@ -1,7 +1,9 @@
 """Sequence parallelism of the Wan video transformer (embedded tiny-wan) on real gloo ranks against the
 single-process pipeline: Ulysses, Ring, both, and CFG over rank halves equal it (fp32, max |Δ| ≤ 1e-4), at a
 latent frame count (5) that no rank count divides and token counts that do (80) and do not (75) split evenly;
-frame counts the Wan VAE cannot take and Ulysses degrees that do not divide the heads are refused on every rank.
+the VAE decode in time chunks over the ranks equals the one-process decode (chunks of uneven length, and a rank
+with no latent frame); frame counts the Wan VAE cannot take and degrees that do not divide the ranks are refused
+on every rank.
 """
 from __future__ import annotations
 
@@ -10,13 +12,14 @@ import torch
 
 from paragen.pipelines.loading import load_pipeline
 from tests.multiproc import run_spec_worker
-from tests.workers.wan_worker import generate
+from tests.workers.wan_worker import generate, latent
 
 pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
 
 FRAMES, STEPS = 17, 2  # 17 frames: 5 latent frames
 SIZES = {"even": (64, 64), "uneven": (48, 80)}  # 5 × 4 × 4 = 80 and 5 × 3 × 5 = 75 video tokens
 EXACT_ATOL = 1e-4
+VAE_FRAMES = {2: (5, 2), 4: (5, 3)}  # latent frames: uneven chunks; 4 chunks of 3 frames leave a rank without one
 LAYOUTS = {
     2: {"ulysses": {"ulysses": 2}, "ring": {"ring": 2}, "cfg": {"cfg": 2}},
     4: {"ulysses": {"ulysses": 4}, "ring": {"ring": 4}, "ulysses_ring": {"ulysses": 2, "ring": 2},
@@ -34,6 +37,7 @@ def _specs(world: int) -> list[dict]:
     specs += [_spec("frames_16", "even", ring=world, frames=16, expect_error=True),
               _spec("ulysses_3", "even", ulysses=3, expect_error=True) if world == 4 else
               _spec("guidance_1_cfg", "even", cfg=2, guidance=1.0, expect_error=True)]
+    specs += [{"name": f"vae/{frames}", "vae_frames": frames, "ring": world} for frames in VAE_FRAMES[world]]
     return specs
 
 
@@ -48,7 +52,9 @@ def parallel(request, tmp_path_factory):
 def single():
     pipe = load_pipeline("tiny-wan")
     pipe.set_progress_bar_config(disable=True)
-    return {size: generate(pipe, _spec("single", size)) for size in SIZES}
+    videos = {size: generate(pipe, _spec("single", size)) for size in SIZES}
+    decoded = {frames: pipe.vae.decode(latent(frames), return_dict=False)[0] for frames in (2, 3, 5)}
+    return {**videos, "decoded": decoded}
 
 
 def test_every_layout_equals_the_single_process_video(parallel, single):
@@ -79,3 +85,14 @@ def test_bad_requests_are_refused_on_every_rank(parallel):
     other = results["ulysses_3/even" if world == 4 else "guidance_1_cfg/even"]["error"]
     words = "do not match the world size" if world == 4 else "guidance_scale > 1"
     assert len(other) == world and all(words in message for message in other), other
+
+
+def test_the_vae_decode_in_time_chunks_equals_the_one_process_decode(parallel, single):
+    world, results = parallel
+    for frames in VAE_FRAMES[world]:
+        result, reference = results[f"vae/{frames}"], single["decoded"][frames]
+        assert reference.shape == (1, 3, 1 + 4 * (frames - 1), 48, 80)
+        diff = (result["decoded"] - reference).abs().max().item()
+        assert diff <= EXACT_ATOL, f"{world} ranks, {frames} latent frames: max |Δ| {diff:.2e}"
+        handed_on = [snapshot.get("wan.vae_cache", {}).get("bytes_sent", 0) for snapshot in result["stats"]]
+        assert all(sent > 0 for sent in handed_on[:-1]) and handed_on[-1] == 0, handed_on

@@ -6,6 +6,8 @@ the blocking form is the async one waited on at once, so both are accounted the 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -224,6 +226,41 @@ class GroupComm:
                 recv += _nbytes(received[src])
         self.stats.record(label, sent=(self.size - 1) * _nbytes(payload), recv=recv)
         return Pending(works, lambda: received, self.stats, label)
+
+    # ---- a state handed down the ranks ---------------------------------------------------------
+    def send_to_next(self, items: list, label: str) -> None:
+        """Send `items` (tensors of one dtype and device, and picklable markers such as None) to rank+1, which
+        takes them with `recv_from_prev`; nothing on the last rank. Blocking: a hand-over along a pipeline."""
+        if self.rank == self.size - 1:
+            return
+        tensors = [item for item in items if isinstance(item, torch.Tensor)]
+        if len({(t.dtype, t.device) for t in tensors}) > 1:
+            raise ValueError(f"{label}: the tensors handed on must share one dtype and device")
+        layout = [tuple(item.shape) if isinstance(item, torch.Tensor) else ("marker", item) for item in items]
+        flat = torch.cat([t.reshape(-1) for t in tensors]) if tensors else None
+        with backend_call(label):
+            dist.send_object_list([layout, None if flat is None else str(flat.dtype).removeprefix("torch.")],
+                                  group=self.cpu_group, group_dst=self.rank + 1)
+            if flat is not None:
+                dist.send(flat, group=self.p2p_group, group_dst=self.rank + 1)
+        self.stats.record(label, sent=0 if flat is None else _nbytes(flat), recv=0)
+
+    def recv_from_prev(self, device: torch.device, label: str) -> list | None:
+        """What rank-1 handed on with `send_to_next` (tensors on `device`); None on the first rank."""
+        if self.rank == 0:
+            return None
+        header: list = [None, None]
+        with backend_call(label):
+            dist.recv_object_list(header, group=self.cpu_group, group_src=self.rank - 1)
+            layout, dtype = header
+            shapes = [shape for shape in layout if shape[:1] != ("marker",)]
+            flat = None
+            if dtype is not None:
+                flat = torch.empty(sum(math.prod(shape) for shape in shapes), dtype=getattr(torch, dtype), device=device)
+                dist.recv(flat, group=self.p2p_group, group_src=self.rank - 1)
+        self.stats.record(label, sent=0, recv=0 if flat is None else _nbytes(flat))
+        pieces = iter([] if flat is None else flat.split([math.prod(shape) for shape in shapes]))
+        return [entry[1] if entry[:1] == ("marker",) else next(pieces).view(entry) for entry in layout]
 
     # ---- neighbours ---------------------------------------------------------------------------
     def exchange_neighbours_async(

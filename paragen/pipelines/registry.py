@@ -90,7 +90,8 @@ JOBS = {
     "image": ("paragen.pipelines.jobs.image",
               "text-to-image across ranks (patch parallelism for UNets, sequence parallelism for DiTs, hires windows)"),
     "video": ("paragen.pipelines.jobs.video",
-              "text-to-video across ranks (clip parallelism with dual-scope temporal attention)"),
+              "text-to-video across ranks (clip parallelism with dual-scope temporal attention for UNet video models, "
+              "token shards for Wan)"),
     "llm": ("paragen.pipelines.jobs.llm",
             "long-context causal-LM generation across ranks (sequence-sharded prefill and KV cache)"),
 }
@@ -112,7 +113,8 @@ def find(class_name: str, options: Any = None, workloads: tuple[Workload, ...] =
             return workload
     fitting = [w for w in workloads if isinstance(options, w.options)]
     if fitting:
-        names = " and ".join(w.name for w in fitting)
+        names = [w.name for w in fitting]
+        names = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
         accepted = ", ".join(dict.fromkeys(name for w in fitting for name in w.accepts))
         verb = "supports" if len(fitting) == 1 else "support"
         raise TypeError(f"{names} {verb} {accepted}; got {class_name} (with {type(options).__name__} options)")

@@ -3,6 +3,7 @@
 usage: wan_worker.py SPEC.json OUT.pt   (SPEC: a list of runs, see tests/test_wan_parallel.py)
 Each run builds its pipeline afresh; a spec without parallel degrees runs unparallelised (the reference).
 A spec with "expect_error" must be refused with a ValueError on every rank; its result is the message.
+A spec with "vae_frames" decodes a fixed random latent of that many frames through the parallelised VAE.
 """
 import torch
 
@@ -20,12 +21,21 @@ def generate(pipe, spec: dict) -> torch.Tensor:
                 generator=torch.Generator().manual_seed(11), output_type="pt").frames
 
 
+def latent(frames: int) -> torch.Tensor:
+    """A fixed random latent video `[1, 16, frames, 6, 10]` (tiny-wan's VAE: 16 channels, 8x spatial)."""
+    return torch.randn(1, 16, frames, 6, 10, generator=torch.Generator().manual_seed(frames))
+
+
 def run(spec: dict) -> dict:
     pipe = load_pipeline("tiny-wan")
     pipe.set_progress_bar_config(disable=True)
     config = paragen.ParallelConfig(cfg=spec.get("cfg", 1), ulysses=spec.get("ulysses", 1), ring=spec.get("ring"))
     try:
         paragen.parallelize(pipe, config, paragen.ExchangeConfig(mode=spec.get("mode", "sync")))
+        if "vae_frames" in spec:
+            decoded = pipe.vae.decode(latent(spec["vae_frames"]), return_dict=False)[0]
+            stats = all_gather_objects(pipe.paragen.mesh.group("world"), pipe.paragen.stats.snapshot())
+            return {"decoded": decoded, "stats": stats}
         video = generate(pipe, spec)
     except ValueError as error:
         if not spec.get("expect_error"):

@@ -1,4 +1,9 @@
-"""`paragen video`: one text-to-video request — check, load, parallelise, generate, report, write MP4/GIF."""
+"""`paragen video`: one text-to-video request — check, load, parallelise, generate, report, write MP4/GIF.
+
+The model's pipeline class picks the workload: UNet video models (TextToVideoSD, AnimateDiff) split the frames
+into clips (`--clip`, dual-scope temporal attention); Wan video transformers shard the video tokens
+(`--ulysses`, `--ring`, `--cfg`).
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +18,8 @@ import torch
 
 from paragen.log import get_logger, warn_once
 from paragen.parallel.clip import SCOPE_HELP, SCOPES, TemporalAttention, plan_clips
-from paragen.parallel.config import ParallelConfig
+from paragen.comms import is_output_rank, world_size
+from paragen.parallel.config import ExchangeConfig, ParallelConfig
 from paragen.pipelines import registry
 from paragen.pipelines.dtypes import check_dtype
 from paragen.pipelines.jobs.batch import open_batch
@@ -80,7 +86,8 @@ class VideoRequest:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `paragen video`."""
     defaults, temporal = VideoRequest(), TemporalAttention()
-    p.description = "Generate one video with its frames split into clips, one per rank."
+    p.description = ("Generate one video across every rank: UNet video models split its frames into clips, one per "
+                     "rank; Wan models shard its tokens (Ulysses, Ring).")
     p.add_argument("--model", default=defaults.model,
                    help=f"embedded model name ({', '.join(m for m in EMBEDDED_MODELS if m in ('tiny-t2v', 'tiny-animatediff'))}) "
                         "or a local diffusers TextToVideoSD/AnimateDiff directory (safetensors)")
@@ -95,7 +102,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale; default: the pipeline's")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (the same on every rank)")
-    p.add_argument("--clip", type=int, default=-1, help="clips (ranks) the frames are split into (-1: every rank)")
+    p.add_argument("--clip", type=int, default=-1,
+                   help="UNet video models: clips (ranks) the frames are split into (-1: every rank)")
+    p.add_argument("--ulysses", type=int, default=1,
+                   help="Wan models: Ulysses degree (all-to-all to head shards; must divide the head count)")
+    p.add_argument("--ring", type=int, default=-1, help="Wan models: Ring degree (-1: the ranks left over)")
+    p.add_argument("--cfg", type=int, default=1, choices=(1, 2),
+                   help="Wan models: 2 runs the conditional and unconditional calls on different halves of the ranks")
     p.add_argument("--scope", choices=SCOPES, default=temporal.scope,
                    help="; ".join(f"{s}: {text}" for s, text in SCOPE_HELP.items()))
     p.add_argument("--local", type=int, default=temporal.local, help="dual scope: local window half width p, in frames")
@@ -113,6 +126,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output_arguments(p, defaults.out_dir, "the video and the JSON run report")
 
 
+def _options(args: argparse.Namespace, class_name: str) -> TemporalAttention | ExchangeConfig:
+    """The workload options for the model's class: exact token shards for Wan, temporal attention for clips."""
+    if class_name in registry.VIDEO_DIT_PIPELINES:
+        return ExchangeConfig()
+    return TemporalAttention(scope=args.scope, local=args.local, global_frames=args.global_frames, bias=args.bias,
+                             bias_switch=args.bias_switch, overlap=not args.blocking)
+
+
 def prepare(args: argparse.Namespace, launch) -> Prepared:
     """Every check of the request that needs no other rank, on every rank, before the process group."""
     segments = None if args.segment_frames is None else tuple(int_list(args.segment_frames, "--segment-frames"))
@@ -123,15 +144,18 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
         allow_pickle=args.allow_pickle, fps=args.fps, format=args.format, out_dir=args.out, name=args.name,
         checkpoint_dir=checkpoint_folder(args), checkpoint_every=args.checkpoint_every, resume=args.resume is not None,
     )
-    options = TemporalAttention(scope=args.scope, local=args.local, global_frames=args.global_frames, bias=args.bias,
-                                bias_switch=args.bias_switch, overlap=not args.blocking)
     class_name = check_model_source(args.model, allow_pickle=args.allow_pickle)
+    options = _options(args, class_name)
     workload = registry.find_for_job("video", class_name, options, args.model)
-    config = workload.resolve(ParallelConfig(clip=args.clip), launch.world_size)
+    config = workload.resolve(ParallelConfig(clip=args.clip, cfg=args.cfg, ulysses=args.ulysses, ring=args.ring),
+                              launch.world_size)
+    if workload.name == "wan" and request.checkpoint_dir is not None:
+        raise ValueError("checkpoints are taken by clip-parallel video runs; Wan runs do not take them yet")
 
     def check(one: VideoRequest) -> VideoRequest:
         """The request as it runs: checked, and written as a GIF when MP4 was asked for but cannot be written."""
-        plan_clips(one.frames, config.clip, options, conv_halo=0)  # the model's own halo: at the call
+        if isinstance(options, TemporalAttention):
+            plan_clips(one.frames, config.clip, options, conv_halo=0)  # the model's own halo: at the call
         check_room(args, one, config, launch, options)
         if one.format == "mp4" and not mp4_available():
             warn_once("imageio-ffmpeg is not installed (pip install 'paragen[video]'): writing a GIF instead of MP4")
@@ -150,7 +174,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
 def load(job: Prepared) -> Any:
     """The job's pipeline on this rank's device, parallelised."""
     pipe = build_parallel_pipeline(job)
-    pipe.set_progress_bar_config(disable=pipe.paragen.comm.rank != 0, desc=f"{pipe.paragen.comm.size} clip(s)")
+    pipe.set_progress_bar_config(disable=not is_output_rank(), desc=f"{world_size()} rank(s)")
     return pipe
 
 

@@ -13,7 +13,7 @@ differing by at most one token, so any frame count and size works):
 Classifier-free guidance: the pipeline calls the transformer twice per step (conditional, then unconditional).
 With `cfg=2` the second half of the ranks makes the unconditional call during the first, with the negative
 prompt embeddings taken from `encode_prompt`; the two results are exchanged, and the second call returns the
-one already made. The VAE decode is the pipeline's own on every rank.
+one already made. The VAE decode runs over all ranks by time chunks (`vae_decode.ChunkedWanDecode`).
 """
 from __future__ import annotations
 
@@ -31,6 +31,7 @@ from paragen.parallel.sequence import SequenceContext
 from paragen.parallel.sequence.processors import WAN_PROCESSORS, SeqWanAttnProcessor
 from paragen.pipelines.dit.runtime import DiTRuntime
 from paragen.pipelines.request_args import check_steps, request_arg, share_generator
+from paragen.pipelines.wan.vae_decode import ChunkedWanDecode
 
 
 def _sample(output: Any) -> torch.Tensor:
@@ -107,6 +108,14 @@ class WanRuntime(DiTRuntime):
         super().end_request()
         self.calls, self.stash, self.negative = 0, None, None
 
+    def take_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Refuse paragen's per-segment prompts: they belong to clips, which Wan runs do not have yet."""
+        given = [name for name in ("segment_prompts", "segment_frames") if name in kwargs]
+        if given:
+            raise ValueError(f"{', '.join(given)}: one prompt per segment needs clips, which Wan runs do not have "
+                             "yet; give one prompt")
+        return {}
+
     def prepare_call(self, pipe, bound: inspect.BoundArguments) -> None:
         """Check the request on every rank before any collective; share the generator."""
         check_steps(bound)
@@ -182,5 +191,6 @@ def install(pipe, config: ParallelConfig, options: ExchangeConfig):
         intercept(transformer.proj_out, "forward", runtime.proj_out_call)
     if config.cfg == 2:
         intercept(pipe, "encode_prompt", runtime.encode_prompt_call)
+    intercept(pipe.vae, "decode", ChunkedWanDecode(pipe.vae, mesh.group("world")))
     runtime.install(pipe)
     return pipe
