@@ -1,0 +1,122 @@
+"""Benchmark of the Wan workload on this machine: paragen's exact sequence parallelism for a Wan video
+transformer against the stock pipeline and diffusers' own context parallelism.
+
+One run, side by side, for the embedded tiny-wan (Wan2.1 architecture) at 161 frames — twice the 81 frames Wan2.1
+generates — and 256², seed 0, guidance 5 (two transformer calls per step): the stock pipeline on 1 process ×
+1 thread and 1 process × 2 threads, diffusers' Ulysses (`enable_parallelism`) on 2 ranks, and paragen's Ulysses,
+Ring and CFG-parallel layouts on 2 ranks. Every configuration runs in fresh processes, in rounds; step times
+(both guidance calls, the scheduler step) are pooled over rounds, the first step of each request left out. One
+rank is one core, as on a cluster one rank is one GPU. The steps are compared, not the VAE decode (the latent is
+returned). Bytes per step and rank are checked against the formulas: Ulysses 4(N-1)/N²·S·C per attention layer
+and call, Ring (N-1)·2·(S/N)·C, fp32.
+
+    python bench/bench_wan.py [--frames 161] [--size 256] [--steps 6] [--rounds 2]   → bench/results/wan_cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from common import ROOT, report_header, run_worker, spread
+
+WORKER = ROOT / "bench" / "wan_worker.py"
+CONFIGS = {  # name -> (variant, ranks, threads)
+    "stock_1x1": ("stock", 1, 1),
+    "stock_1x2": ("stock", 1, 2),
+    "diffusers_ulysses_2x1": ("diffusers_ulysses", 2, 1),
+    "ulysses_2x1": ("ulysses", 2, 1),
+    "ring_2x1": ("ring", 2, 1),
+    "cfg_2x1": ("cfg", 2, 1),
+}
+CALLS_PER_STEP = 2  # guidance: the conditional and the unconditional transformer call
+
+
+def _comm_per_step(result: dict) -> dict[str, float]:
+    """Mean over ranks and steps after the first of bytes sent and seconds blocked, per label and in total."""
+    rows: dict[str, list[float]] = {}
+    for rank_steps in result["comm_per_step_by_rank"]:
+        for step in rank_steps[1:]:
+            step = {label: row for label, row in step.items() if label != "total"}  # the snapshot's sum row
+            for label, row in step.items():
+                rows.setdefault(f"{label}.bytes_sent", []).append(row["bytes_sent"])
+            rows.setdefault("bytes_sent", []).append(sum(r["bytes_sent"] for r in step.values()))
+            rows.setdefault("wait_s", []).append(sum(r["wait_s"] for r in step.values()))
+    return {k: statistics.fmean(v) for k, v in rows.items()}
+
+
+def _formula_bytes(result: dict, ranks: int) -> dict[str, float]:
+    """Attention traffic per step and rank from the formulas (fp32)."""
+    t, tokens = result["transformer"], result["video_tokens"]
+    width = t["num_attention_heads"] * t["attention_head_dim"]
+    per_call = t["num_layers"] * tokens * width * 4
+    return {"wan.ulysses_qkv+ulysses_out": CALLS_PER_STEP * per_call * 4 * (ranks - 1) / ranks**2,
+            "wan.ring_kv": CALLS_PER_STEP * per_call * (ranks - 1) * 2 / ranks}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--frames", type=int, default=161)
+    p.add_argument("--size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "wan_cpu.json"))
+    args = p.parse_args()
+    common = ["--frames", str(args.frames), "--size", str(args.size), "--steps", str(args.steps)]
+    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(args.rounds):
+            print(f"round {round_index + 1}/{args.rounds}", file=sys.stderr)
+            for name, (variant, ranks, threads) in CONFIGS.items():
+                out = Path(tmp) / f"{name}_{round_index}.json"
+                runs[name].append(run_worker(WORKER, name, [*common, "--variant", variant], ranks, threads, out))
+
+    reference = runs["stock_1x1"][0]["image"]
+    summary: dict[str, dict] = {}
+    for name, results in runs.items():
+        steps = [s for r in results for s in r["step_s"][1:]]
+        summary[name] = {
+            "step_s_steady": spread(steps),
+            "request_s": spread([r["request_s"] for r in results]),
+            "max_abs_diff_vs_stock_1x1": (results[0]["image"] - reference).abs().max().item(),
+            "peak_rss_mib_by_rank": [b / 2**20 for b in results[0]["peak_rss_bytes_by_rank"]],
+        }
+        if results[0]["comm_per_step_by_rank"]:
+            comm = [_comm_per_step(r) for r in results]
+            summary[name]["comm_per_step_per_rank"] = {k: statistics.fmean(c[k] for c in comm) for k in comm[0]}
+    one, two = (summary[n]["step_s_steady"]["median"] for n in ("stock_1x1", "stock_1x2"))
+    for name in CONFIGS:
+        t = summary[name]["step_s_steady"]["median"]
+        summary[name]["speedup_vs_1x1"], summary[name]["speedup_vs_1x2"] = one / t, two / t
+        summary[name]["frames_per_s"] = args.frames / (t * args.steps)
+    formula = _formula_bytes(runs["ulysses_2x1"][0], 2)
+    measured = {
+        "wan.ulysses_qkv+ulysses_out": sum(summary["ulysses_2x1"]["comm_per_step_per_rank"].get(f"wan.{k}.bytes_sent", 0)
+                                           for k in ("ulysses_qkv", "ulysses_out")),
+        "wan.ring_kv": summary["ring_2x1"]["comm_per_step_per_rank"].get("wan.ring_kv.bytes_sent", 0),
+    }
+    first = runs["ulysses_2x1"][0]
+    report = {
+        **report_header("Wan sequence parallelism vs diffusers context parallelism"),
+        "workload": {"model": "tiny-wan", "frames": args.frames, "size": args.size,
+                     "video_tokens": first["video_tokens"], "steps": args.steps, "guidance_scale": 5.0,
+                     "rounds": args.rounds, "transformer": first["transformer"]},
+        "diffusers_shim": "torch.accelerator.device_count() returns 1 during enable_parallelism (0 on a CPU build)",
+        "threading_gain_1x2_over_1x1": one / two,
+        "attention_bytes_per_step_per_rank": {"formula": formula, "measured": measured},
+        "configs": summary,
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in report.items() if k != "configs"}, indent=2))
+    for name in CONFIGS:
+        s = summary[name]
+        print(f"{name:22s} step {s['step_s_steady']['median']:.3f} s ({s['step_s_steady']['p10']:.3f}-{s['step_s_steady']['p90']:.3f})  "
+              f"x{s['speedup_vs_1x1']:.2f} vs 1x1  x{s['speedup_vs_1x2']:.2f} vs 1x2  "
+              f"max|Δ| {s['max_abs_diff_vs_stock_1x1']:.1e}  peak RSS {max(s['peak_rss_mib_by_rank']):.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
