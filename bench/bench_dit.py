@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
-import tempfile
 from pathlib import Path
 
-from common import ROOT, psnr, report_header, run_worker, spread
+from common import ROOT, add_speedups, comm_per_step, psnr, report_header, run_rounds, spread
 
 
 WORKER = ROOT / "bench" / "dit_worker.py"
@@ -35,19 +32,6 @@ def _steady(result: dict) -> list[int]:
     """Steps that run the variant itself (displaced: after its exact warm-up steps)."""
     first = result["warmup_steps"] if result["variant"] == "displaced" else 0
     return list(range(first, len(result["step_s"])))
-
-
-def _comm_per_step(result: dict) -> dict[str, float]:
-    """Mean over ranks and steady steps of bytes sent and seconds blocked, per label and in total."""
-    rows: dict[str, list[float]] = {}
-    for rank_steps in result["comm_per_step_by_rank"]:
-        for i in _steady(result):
-            step = {k: v for k, v in rank_steps[i].items() if k.startswith("dit.")}
-            for label, row in step.items():
-                rows.setdefault(f"{label}.bytes_sent", []).append(row["bytes_sent"])
-            rows.setdefault("bytes_sent", []).append(sum(r["bytes_sent"] for r in step.values()))
-            rows.setdefault("wait_s", []).append(sum(r["wait_s"] for r in step.values()))
-    return {k: statistics.fmean(v) for k, v in rows.items()}
 
 
 def _ulysses_formula_bytes(result: dict, ranks: int) -> float:
@@ -70,13 +54,8 @@ def main() -> None:
     args = p.parse_args()
     common = ["--model", args.model, "--size", str(args.size), "--steps", str(args.steps),
               "--text-tokens", str(args.text_tokens), "--warmup-steps", str(args.warmup_steps)]
-    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for round_index in range(args.rounds):
-            print(f"round {round_index + 1}/{args.rounds}", file=sys.stderr)
-            for name, (variant, ranks, threads) in CONFIGS.items():
-                out = Path(tmp) / f"{name}_{round_index}.json"
-                runs[name].append(run_worker(WORKER, name, [*common, "--variant", variant], ranks, threads, out))
+    plan = {name: ([*common, "--variant", variant], ranks, threads) for name, (variant, ranks, threads) in CONFIGS.items()}
+    runs = run_rounds(WORKER, plan, args.rounds)
 
     reference = runs["stock_1x1"][0]["image"]
     diffusers_image = runs["diffusers_ulysses_2x1"][0]["image"]
@@ -92,14 +71,9 @@ def main() -> None:
             "psnr_vs_stock_1x1_db": psnr(image, reference),
         }
         if results[0]["comm_per_step_by_rank"]:
-            comm = [_comm_per_step(r) for r in results]
-            summary[name]["comm_per_step_per_rank"] = {k: statistics.fmean(c[k] for c in comm) for k in comm[0]}
+            summary[name]["comm_per_step_per_rank"] = comm_per_step(results, _steady, "dit.")
     summary["diffusers_ulysses_2x1"]["formula_bytes_sent_per_step_per_rank"] = _ulysses_formula_bytes(runs["ulysses_2x1"][0], 2)
-    one, two = (summary[n]["step_s_steady"]["median"] for n in ("stock_1x1", "stock_1x2"))
-    for name in CONFIGS:
-        t = summary[name]["step_s_steady"]["median"]
-        summary[name]["speedup_vs_1x1"] = one / t
-        summary[name]["speedup_vs_1x2"] = two / t
+    one, two = add_speedups(summary)
     exact_wait = summary["ulysses_2x1"]["comm_per_step_per_rank"]["wait_s"]
     displaced_wait = summary["displaced_2x1"]["comm_per_step_per_rank"]["wait_s"]
     first = runs["ulysses_2x1"][0]

@@ -16,12 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import sys
-import tempfile
 from pathlib import Path
 
-from common import ROOT, report_header, run_worker, spread
+from common import ROOT, add_speedups, comm_per_step, report_header, run_rounds, spread
 
 WORKER = ROOT / "bench" / "wan_worker.py"
 CONFIGS = {  # name -> (variant, ranks, threads)
@@ -35,17 +32,9 @@ CONFIGS = {  # name -> (variant, ranks, threads)
 CALLS_PER_STEP = 2  # guidance: the conditional and the unconditional transformer call
 
 
-def _comm_per_step(result: dict) -> dict[str, float]:
-    """Mean over ranks and steps after the first of bytes sent and seconds blocked, per label and in total."""
-    rows: dict[str, list[float]] = {}
-    for rank_steps in result["comm_per_step_by_rank"]:
-        for step in rank_steps[1:]:
-            step = {label: row for label, row in step.items() if label != "total"}  # the snapshot's sum row
-            for label, row in step.items():
-                rows.setdefault(f"{label}.bytes_sent", []).append(row["bytes_sent"])
-            rows.setdefault("bytes_sent", []).append(sum(r["bytes_sent"] for r in step.values()))
-            rows.setdefault("wait_s", []).append(sum(r["wait_s"] for r in step.values()))
-    return {k: statistics.fmean(v) for k, v in rows.items()}
+def _after_first(result: dict) -> range:
+    """The steps after the first of a request (the first pays one-off costs)."""
+    return range(1, len(result["step_s"]))
 
 
 def _formula_bytes(result: dict, ranks: int) -> dict[str, float]:
@@ -66,18 +55,13 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "wan_cpu.json"))
     args = p.parse_args()
     common = ["--frames", str(args.frames), "--size", str(args.size), "--steps", str(args.steps)]
-    runs: dict[str, list[dict]] = {name: [] for name in CONFIGS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for round_index in range(args.rounds):
-            print(f"round {round_index + 1}/{args.rounds}", file=sys.stderr)
-            for name, (variant, ranks, threads) in CONFIGS.items():
-                out = Path(tmp) / f"{name}_{round_index}.json"
-                runs[name].append(run_worker(WORKER, name, [*common, "--variant", variant], ranks, threads, out))
+    plan = {name: ([*common, "--variant", variant], ranks, threads) for name, (variant, ranks, threads) in CONFIGS.items()}
+    runs = run_rounds(WORKER, plan, args.rounds)
 
     reference = runs["stock_1x1"][0]["image"]
     summary: dict[str, dict] = {}
     for name, results in runs.items():
-        steps = [s for r in results for s in r["step_s"][1:]]
+        steps = [r["step_s"][i] for r in results for i in _after_first(r)]
         summary[name] = {
             "step_s_steady": spread(steps),
             "request_s": spread([r["request_s"] for r in results]),
@@ -85,13 +69,10 @@ def main() -> None:
             "peak_rss_mib_by_rank": [b / 2**20 for b in results[0]["peak_rss_bytes_by_rank"]],
         }
         if results[0]["comm_per_step_by_rank"]:
-            comm = [_comm_per_step(r) for r in results]
-            summary[name]["comm_per_step_per_rank"] = {k: statistics.fmean(c[k] for c in comm) for k in comm[0]}
-    one, two = (summary[n]["step_s_steady"]["median"] for n in ("stock_1x1", "stock_1x2"))
-    for name in CONFIGS:
-        t = summary[name]["step_s_steady"]["median"]
-        summary[name]["speedup_vs_1x1"], summary[name]["speedup_vs_1x2"] = one / t, two / t
-        summary[name]["frames_per_s"] = args.frames / (t * args.steps)
+            summary[name]["comm_per_step_per_rank"] = comm_per_step(results, _after_first, "wan.")
+    one, two = add_speedups(summary)
+    for row in summary.values():
+        row["frames_per_s"] = args.frames / (row["step_s_steady"]["median"] * args.steps)
     formula = _formula_bytes(runs["ulysses_2x1"][0], 2)
     measured = {
         "wan.ulysses_qkv+ulysses_out": sum(summary["ulysses_2x1"]["comm_per_step_per_rank"].get(f"wan.{k}.bytes_sent", 0)

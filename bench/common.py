@@ -8,6 +8,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,6 +92,47 @@ def step_deltas(snapshots: list[dict]) -> list[dict]:
             step[label] = {k: row[k] - prev[k] for k in ("bytes_recv", "bytes_sent", "wait_s", "calls")}
         out.append(step)
     return out
+
+
+def run_rounds(worker: Path, plan: dict[str, tuple[list[str], int, int]], rounds: int) -> dict[str, list[dict]]:
+    """Every configuration of `plan` (name -> (worker arguments, ranks, threads)) in fresh processes, once per
+    round, in the same order each round (slow drifts of the machine hit all alike); the results by name."""
+    runs: dict[str, list[dict]] = {name: [] for name in plan}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_index in range(rounds):
+            print(f"round {round_index + 1}/{rounds}", file=sys.stderr)
+            for name, (args, ranks, threads) in plan.items():
+                out = Path(tmp) / f"{name}_{round_index}.json"
+                runs[name].append(run_worker(worker, name, args, ranks, threads, out))
+    return runs
+
+
+def comm_per_step(results: list[dict], steps, prefix: str) -> dict[str, float]:
+    """Bytes sent and seconds blocked per step and rank, per label starting with `prefix` (`<label>.bytes_sent`)
+    and in total (`bytes_sent`, `wait_s`): the mean over ranks and the steps `steps(result)` of each result,
+    then over the results."""
+    per_result = []
+    for result in results:
+        rows: dict[str, list[float]] = {}
+        for rank_steps in result["comm_per_step_by_rank"]:
+            for i in steps(result):
+                step = {k: v for k, v in rank_steps[i].items() if k.startswith(prefix)}
+                for label, row in step.items():
+                    rows.setdefault(f"{label}.bytes_sent", []).append(row["bytes_sent"])
+                rows.setdefault("bytes_sent", []).append(sum(r["bytes_sent"] for r in step.values()))
+                rows.setdefault("wait_s", []).append(sum(r["wait_s"] for r in step.values()))
+        per_result.append({k: statistics.fmean(v) for k, v in rows.items()})
+    return {k: statistics.fmean(c[k] for c in per_result) for k in per_result[0]}
+
+
+def add_speedups(summary: dict[str, dict]) -> tuple[float, float]:
+    """Each configuration's `speedup_vs_1x1` / `speedup_vs_1x2` (median steady step against `stock_1x1` /
+    `stock_1x2`); returns those two medians."""
+    one, two = (summary[n]["step_s_steady"]["median"] for n in ("stock_1x1", "stock_1x2"))
+    for row in summary.values():
+        t = row["step_s_steady"]["median"]
+        row["speedup_vs_1x1"], row["speedup_vs_1x2"] = one / t, two / t
+    return one, two
 
 
 def median_ratio(summary: dict, slow: str, fast: str, key: str) -> float | None:
