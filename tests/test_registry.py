@@ -25,7 +25,7 @@ def test_a_new_workload_is_a_package_and_a_record():
         TOY.parallelize(ToyModel(), None, ToyOptions(scale=0.0))
     with pytest.raises(ValueError, match="patch=2: the toy splits by clip only"):
         TOY.resolve(ParallelConfig(patch=2), 2)
-    with pytest.raises(TypeError, match=r"patch, dit and wan support .*; got ToyModel \(with ExchangeConfig options\)"):
+    with pytest.raises(TypeError, match=r"patch and dit support .*; got ToyModel \(with ExchangeConfig options\)"):
         registry.find("ToyModel", ExchangeConfig(), workloads)
     with pytest.raises(TypeError, match="ToyModel takes options of type ToyOptions; got int"):
         registry.find("ToyModel", 3, workloads)

@@ -35,9 +35,9 @@ def test_writes_an_mp4_and_a_report(tmp_path):
     assert data["comm_per_rank"]["1"]["clip.halo_kv"]["bytes_sent"] > 0
 
 
-def test_a_wan_model_runs_sharded_over_the_video_tokens(tmp_path):
+def test_a_wan_model_runs_sharded_over_the_video_tokens_and_over_clips(tmp_path):
     frames = {}
-    for layout in (["--ring", "2"], ["--ulysses", "2"]):
+    for layout in (["--ring", "2"], ["--ulysses", "2"], ["--clip", "2", "--scope", "full"]):
         out = tmp_path / layout[0].strip("-")
         check_all_ok(run_ranks([*VIDEO, "--model", "tiny-wan", "--frames", "17", "--steps", "2", "--format", "gif",
                                 *layout, "--out", str(out)], 2))
@@ -47,7 +47,8 @@ def test_a_wan_model_runs_sharded_over_the_video_tokens(tmp_path):
         assert data["workload"] == "wan" and data["config"][layout[0].strip("-")] == 2
     assert frames["--ring"].shape == (17, 64, 64, 3) and frames["--ring"].std() > 5
     # the same video (exact in float: tests/test_wan_parallel.py); here only the 8-bit GIF's rounding may differ
-    assert np.abs(frames["--ring"].astype(int) - frames["--ulysses"].astype(int)).mean() < 0.5
+    for other in ("--ulysses", "--clip"):
+        assert np.abs(frames["--ring"].astype(int) - frames[other].astype(int)).mean() < 0.5
 
 
 BAD_INPUTS = {
@@ -62,9 +63,12 @@ BAD_INPUTS = {
     "image model": (2, ["--model", "tiny-sd"], "paragen video runs"),
     "clip not the world size": (2, ["--clip", "4"], "clip (4) = 4, but the world size is 2"),
     "bad bias switch": (2, ["--bias-switch", "2000"], "bias_switch"),
-    "wan: clips": (2, ["--model", "tiny-wan", "--frames", "17", "--clip", "2"], "use ulysses and ring"),
+    "wan: clips shorter than the halo": (2, ["--model", "tiny-wan", "--frames", "17", "--clip", "2"],
+                                         "clips shorter than the halo"),
+    "wan: a local/global bias": (2, ["--model", "tiny-wan", "--frames", "17", "--clip", "2", "--bias", "5"],
+                                 "bias is not supported"),
     "wan: segment prompts": (2, ["--model", "tiny-wan", "--frames", "17", "--prompt", "a", "--prompt", "b"],
-                             "needs clips"),
+                             "not supported by Wan runs yet"),
 }
 
 

@@ -1,6 +1,10 @@
-"""Sequence parallelism of the Wan video transformer (embedded tiny-wan) on real gloo ranks against the
+"""Clip and sequence parallelism of the Wan video transformer (embedded tiny-wan) on real gloo ranks against the
 single-process pipeline: Ulysses, Ring, both, and CFG over rank halves equal it (fp32, max |Δ| ≤ 1e-4), at a
 latent frame count (5) that no rank count divides and token counts that do (80) and do not (75) split evenly;
+clips of latent frames (9, over 2 and 4 clips: uneven) with `full` scope equal it too, alone and with Ulysses,
+Ring and CFG inside; `dual` scope equals a separately written single-process reference (tests/wan_reference.py:
+a frame mask over the whole sequence), overlapped and blocking, and sends each clip exactly the K/V of the frames
+it sees;
 the VAE decode in time chunks over the ranks equals the one-process decode (chunks of uneven length, and a rank
 with no latent frame); frame counts the Wan VAE cannot take and degrees that do not divide the ranks are refused
 on every rank.
@@ -12,6 +16,7 @@ import torch
 
 from paragen.pipelines.loading import load_pipeline
 from tests.multiproc import run_spec_worker
+from tests.wan_reference import install_wan_reference
 from tests.workers.wan_worker import generate, latent
 
 pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
@@ -24,6 +29,14 @@ LAYOUTS = {
     2: {"ulysses": {"ulysses": 2}, "ring": {"ring": 2}, "cfg": {"cfg": 2}},
     4: {"ulysses": {"ulysses": 4}, "ring": {"ring": 4}, "ulysses_ring": {"ulysses": 2, "ring": 2},
         "cfg_ring": {"cfg": 2, "ring": 2}},
+}
+CLIP_FRAMES, LATENT, LOCAL, GLOBAL = 33, 9, 2, 3  # 9 latent frames of 3 × 5 tokens; halo 2, global frames 0, 4, 8
+HEADS_DIM, LAYERS = 64, 2  # tiny-wan: 4 heads × 16, 2 blocks
+CLIPS = {  # name -> (degrees, scope); "full" must equal the single-process video, "dual" the reference
+    2: {"clip_full": ({"clip": 2}, "full"), "clip_dual": ({"clip": 2}, "dual"),
+        "clip_dual_blocking": ({"clip": 2, "overlap": False}, "dual")},
+    4: {"clip_ring_full": ({"clip": 2, "ring": 2}, "full"), "cfg_clip_full": ({"cfg": 2, "clip": 2}, "full"),
+        "clip_ulysses_dual": ({"clip": 2, "ulysses": 2}, "dual"), "clip4_dual": ({"clip": 4}, "dual")},
 }
 
 
@@ -38,6 +51,10 @@ def _specs(world: int) -> list[dict]:
               _spec("ulysses_3", "even", ulysses=3, expect_error=True) if world == 4 else
               _spec("guidance_1_cfg", "even", cfg=2, guidance=1.0, expect_error=True)]
     specs += [{"name": f"vae/{frames}", "vae_frames": frames, "ring": world} for frames in VAE_FRAMES[world]]
+    specs += [_spec(name, "uneven", frames=CLIP_FRAMES, scope=scope, local=LOCAL, global_frames=GLOBAL, **degrees)
+              for name, (degrees, scope) in CLIPS[world].items()]
+    specs += [_spec("clip_short_halo", "uneven", frames=9, clip=2, local=2, expect_error=True),  # clips of 2 and 1
+              _spec("clip_bias", "uneven", frames=CLIP_FRAMES, clip=2, bias=10.0, expect_error=True)]
     return specs
 
 
@@ -54,7 +71,13 @@ def single():
     pipe.set_progress_bar_config(disable=True)
     videos = {size: generate(pipe, _spec("single", size)) for size in SIZES}
     decoded = {frames: pipe.vae.decode(latent(frames), return_dict=False)[0] for frames in (2, 3, 5)}
-    return {**videos, "decoded": decoded}
+    clips = {"full": generate(pipe, _spec("single", "uneven", frames=CLIP_FRAMES))}
+    for count in (2, 4):
+        reference = load_pipeline("tiny-wan")
+        reference.set_progress_bar_config(disable=True)
+        install_wan_reference(reference, LATENT, count, LOCAL, GLOBAL)
+        clips[count] = generate(reference, _spec("reference", "uneven", frames=CLIP_FRAMES))
+    return {**videos, "decoded": decoded, "clips": clips}
 
 
 def test_every_layout_equals_the_single_process_video(parallel, single):
@@ -96,3 +119,44 @@ def test_the_vae_decode_in_time_chunks_equals_the_one_process_decode(parallel, s
         assert diff <= EXACT_ATOL, f"{world} ranks, {frames} latent frames: max |Δ| {diff:.2e}"
         handed_on = [snapshot.get("wan.vae_cache", {}).get("bytes_sent", 0) for snapshot in result["stats"]]
         assert all(sent > 0 for sent in handed_on[:-1]) and handed_on[-1] == 0, handed_on
+
+
+def test_clips_equal_the_one_device_video_or_the_dual_scope_reference(parallel, single):
+    world, results = parallel
+    references = single["clips"]
+    assert (references[2] - references["full"]).abs().max() > 1e-3  # dual scope really drops keys
+    for name, (degrees, scope) in CLIPS[world].items():
+        video = results[f"{name}/uneven"]["video"]
+        reference = references["full"] if scope == "full" else references[degrees["clip"]]
+        assert video.shape == reference.shape == (1, CLIP_FRAMES, 3, *SIZES["uneven"])
+        diff = (video - reference).abs().max().item()
+        assert diff <= EXACT_ATOL, f"{world} ranks {name}: max |Δ| {diff:.2e}"
+
+
+def _seen_frames(clip: int, clips: int) -> set[int]:
+    """Written apart from paragen: the latent frames outside `clip` that dual scope sees (halo ∪ global)."""
+    sizes = [LATENT // clips + (i < LATENT % clips) for i in range(clips)]
+    start = sum(sizes[:clip])
+    stop = start + sizes[clip]
+    halo = set(range(max(0, start - LOCAL), start)) | set(range(stop, min(LATENT, stop + LOCAL)))
+    return (halo | {0, 4, 8}) - set(range(start, stop))
+
+
+def test_each_clip_receives_exactly_the_frames_it_sees(parallel):
+    world, results = parallel
+    for name, (degrees, scope) in CLIPS[world].items():
+        if scope != "dual" or "ulysses" in degrees:
+            continue
+        clips = degrees["clip"]
+        received = [snapshot["wan.clip_kv"]["bytes_recv"] for snapshot in results[f"{name}/uneven"]["stats"]]
+        calls = 2 * STEPS * LAYERS  # guidance: two transformer calls per step
+        per_frame = 2 * 15 * HEADS_DIM * 4  # K and V of 3 × 5 tokens, fp32
+        expected = [len(_seen_frames(c, clips)) * per_frame * calls for c in range(clips)]
+        assert received == expected, f"{world} ranks {name}"
+
+
+def test_clip_requests_the_layout_cannot_take_are_refused_on_every_rank(parallel):
+    world, results = parallel
+    short, bias = results["clip_short_halo/uneven"]["error"], results["clip_bias/uneven"]["error"]
+    assert len(short) == world and all("clips shorter than the halo" in message for message in short), short
+    assert len(bias) == world and all("bias" in message for message in bias), bias

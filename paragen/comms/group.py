@@ -211,20 +211,31 @@ class GroupComm:
         point-to-point messages: shards may differ in size, and nothing runs in the backend's worker
         threads between the sends and the wait at use.
         """
-        payload = tensor.contiguous()
+        return self.send_pieces_async([tensor] * self.size, shapes, label)
+
+    def send_pieces_async(self, pieces: list[torch.Tensor], shapes: list[tuple[int, ...]], label: str) -> Pending[list]:
+        """Send `pieces[j]` to rank j by P2P and receive from each rank i a tensor of `shapes[i]` (same dtype).
+
+        An all-to-all whose pieces may differ in shape, from point-to-point messages started at once and
+        waited for at use. Empty pieces are not sent (their receivers know their shapes); the result lists
+        what arrived from every rank, None at this rank's place.
+        """
+        payloads = [piece.contiguous() for piece in pieces]
+        dtype, device = payloads[self.rank].dtype, payloads[self.rank].device
         received: list[torch.Tensor | None] = [None] * self.size
-        works, recv = [], 0
+        works, sent, recv = [], 0, 0
         tag = self._next_tag()
         with backend_call(label):
             for offset in range(1, self.size):
                 dst, src = (self.rank + offset) % self.size, (self.rank - offset) % self.size
-                if payload.numel():  # an empty tensor is not sent: its receiver knows its shape
-                    works.append(dist.isend(payload, group=self.p2p_group, group_dst=dst, tag=tag))
-                received[src] = torch.empty(shapes[src], dtype=payload.dtype, device=payload.device)
+                if payloads[dst].numel():
+                    works.append(dist.isend(payloads[dst], group=self.p2p_group, group_dst=dst, tag=tag))
+                    sent += _nbytes(payloads[dst])
+                received[src] = torch.empty(shapes[src], dtype=dtype, device=device)
                 if received[src].numel():
                     works.append(dist.irecv(received[src], group=self.p2p_group, group_src=src, tag=tag))
                 recv += _nbytes(received[src])
-        self.stats.record(label, sent=(self.size - 1) * _nbytes(payload), recv=recv)
+        self.stats.record(label, sent=sent, recv=recv)
         return Pending(works, lambda: received, self.stats, label)
 
     # ---- a state handed down the ranks ---------------------------------------------------------

@@ -15,11 +15,13 @@ model uses `clip`; a causal LM puts its `seq` shards on `ring` and its tensor-pa
 | `ring`    | the ranks passing K/V around one ring (a causal LM's sequence shards) | the position on the ring |
 | `ulysses` | the ranks trading sequence shards for head shards    | the head group                      |
 | `tp`      | the ranks splitting one shard's weights (tensor parallelism) | the weight shard          |
-| `sequence`| every token shard of one CFG branch (patch × ring × ulysses) | the token shard, in sequence order |
+| `sequence`| the token shards of one clip of one CFG branch (patch × ring × ulysses) | the token shard, in sequence order |
+| `branch`  | every token shard of one CFG branch (clip × patch × ring × ulysses) | the token shard, in video order |
 | `world`   | every rank                                           | the global rank                     |
 
 Token shard `i` of `sequence` is `ring_index × ulysses + ulysses_index`, so one Ulysses group's shards are
-contiguous in the sequence and the ring passes contiguous blocks.
+contiguous in the sequence and the ring passes contiguous blocks; `branch` shard `clip_index × sequence + i`
+holds clip `clip_index`'s shard `i`, so a video transformer's shards over clips are in the video's token order.
 """
 from __future__ import annotations
 
@@ -30,9 +32,9 @@ from paragen.parallel.config import ParallelConfig
 
 DIMS = ("cfg", "clip", "patch", "ring", "ulysses", "tp")
 _GROUPS = {"cfg": ("cfg",), "clip": ("clip",), "patch": ("patch",), "ring": ("ring",), "ulysses": ("ulysses",), "tp": ("tp",),
-           "sequence": ("patch", "ring", "ulysses"), "world": DIMS}
+           "sequence": ("patch", "ring", "ulysses"), "branch": ("clip", "patch", "ring", "ulysses"), "world": DIMS}
 # Groups whose neighbour/ring P2P, and whose stale all-gathers, get connections of their own.
-_P2P_TWINS = ("clip", "patch", "ring", "sequence")
+_P2P_TWINS = ("clip", "patch", "ring", "sequence", "branch")
 _STALE_TWINS = ("patch",)
 
 
@@ -52,5 +54,5 @@ class ParallelMesh:
         self.stats: CommStats = self._comms["world"].stats
 
     def group(self, name: str) -> GroupComm:
-        """The communicator of group `name` (`cfg`, `clip`, `patch`, `ring`, `ulysses`, `tp`, `sequence` or `world`)."""
+        """The communicator of group `name` (`cfg`, `clip`, `patch`, `ring`, `ulysses`, `tp`, `sequence`, `branch` or `world`)."""
         return self._comms[name]

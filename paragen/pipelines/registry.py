@@ -77,9 +77,9 @@ WORKLOADS = (
     Workload("video", VIDEO_PIPELINES, TemporalAttention, ("clip",), "clip", "paragen.pipelines.video", "video",
              "temporal", "video pipelines split the frames into clips (clip=N); cfg=2, patch, ulysses, ring, seq "
              "and tp do not apply"),
-    Workload("wan", VIDEO_DIT_PIPELINES, ExchangeConfig, ("cfg", "ulysses", "ring"), "ring", "paragen.pipelines.wan",
-             "video", "exchange", "video diffusion transformers are split along the video token sequence; use ulysses "
-             "and ring (and cfg)"),
+    Workload("wan", VIDEO_DIT_PIPELINES, TemporalAttention, ("cfg", "clip", "ulysses", "ring"), "ring",
+             "paragen.pipelines.wan", "video", "temporal", "video diffusion transformers split the latent frames into "
+             "clips and each clip's tokens into sequence shards; use clip, ulysses and ring (and cfg)"),
     Workload("llm", CAUSAL_LMS, KVConfig, ("seq", "tp"), "seq", "paragen.pipelines.llm", "llm", "kv",
              "seq and tp cut a causal LM's prompt and weights; they do not combine with cfg, patch, ulysses, ring "
              "or clip"),
@@ -142,7 +142,8 @@ def parallelize(model: Any, config: ParallelConfig | None = None, options: Any =
       the training size with `HiresConfig` (windows over the ranks, low-resolution structure guidance);
     - PixArt, SD3, Flux: token shards (`ulysses`, `ring`, `cfg`) with `ExchangeConfig` (sync, displaced);
     - TextToVideoSD, AnimateDiff: clips of frames (`clip`) with `TemporalAttention`;
-    - Wan: video token shards (`ulysses`, `ring`, `cfg`) with `ExchangeConfig` (sync);
+    - Wan: clips of latent frames (`clip`), each clip's tokens in shards (`ulysses`, `ring`), and `cfg`, with
+      `TemporalAttention` (what a clip sees of the others);
     - Llama, Qwen2, Mistral: prompt shards and weight shards (`seq`, `tp`) with `KVConfig`; each request
       takes a cache from `model.paragen.new_cache()`.
     """

@@ -1,4 +1,4 @@
-"""Run several sequence-parallel layouts of the embedded tiny-wan on real ranks; rank 0 saves the results.
+"""Run several clip and sequence-parallel layouts of the embedded tiny-wan on real ranks; rank 0 saves the results.
 
 usage: wan_worker.py SPEC.json OUT.pt   (SPEC: a list of runs, see tests/test_wan_parallel.py)
 Each run builds its pipeline afresh; a spec without parallel degrees runs unparallelised (the reference).
@@ -29,9 +29,13 @@ def latent(frames: int) -> torch.Tensor:
 def run(spec: dict) -> dict:
     pipe = load_pipeline("tiny-wan")
     pipe.set_progress_bar_config(disable=True)
-    config = paragen.ParallelConfig(cfg=spec.get("cfg", 1), ulysses=spec.get("ulysses", 1), ring=spec.get("ring"))
+    config = paragen.ParallelConfig(cfg=spec.get("cfg", 1), clip=spec.get("clip", 1), ulysses=spec.get("ulysses", 1),
+                                    ring=spec.get("ring"))
+    temporal = paragen.TemporalAttention(scope=spec.get("scope", "dual"), local=spec.get("local", 2),
+                                         global_frames=spec.get("global_frames", 3), bias=spec.get("bias"),
+                                         overlap=spec.get("overlap", True))
     try:
-        paragen.parallelize(pipe, config, paragen.ExchangeConfig(mode=spec.get("mode", "sync")))
+        paragen.parallelize(pipe, config, temporal)
         if "vae_frames" in spec:
             decoded = pipe.vae.decode(latent(spec["vae_frames"]), return_dict=False)[0]
             stats = all_gather_objects(pipe.paragen.mesh.group("world"), pipe.paragen.stats.snapshot())

@@ -6,7 +6,7 @@ from typing import Any, Callable
 import torch
 
 from paragen.comms import GroupComm
-from paragen.parallel.clip.config import TemporalAttention
+from paragen.parallel.clip.config import VIDEO_INFINITY_BIAS, TemporalAttention
 from paragen.parallel.clip.layout import ClipLayout
 
 
@@ -60,9 +60,10 @@ class ClipContext:
         """(local, global) logit biases of dual-scope attention at this step's timestep: the global frames are
         favoured at or above the switch (early, noisy steps: the layout of the story), the local window below."""
         switch = self.temporal.bias_switch * self.train_timesteps / 1000
+        bias = VIDEO_INFINITY_BIAS if self.temporal.bias is None else self.temporal.bias
         if self.timestep >= switch:
-            return 0.0, self.temporal.bias
-        return self.temporal.bias, 0.0
+            return 0.0, bias
+        return bias, 0.0
 
     def frame_positions(self, trained: int, device: torch.device | None = None) -> torch.Tensor:
         """Positions, for a model's learned frame-position table of `trained` entries, of this rank's frames.

@@ -14,21 +14,32 @@ the attention output of those queries over *all* shards' keys:
   and waited for only where the next step uses them, a whole step later.
 Attention is permutation-invariant over keys (no mask; positions are already in q and k through RoPE
 or embeddings), so the order in which shards are concatenated does not matter.
+
+`outside`: keys and values from beyond the sequence (a video transformer's other clips, see
+`paragen.parallel.clip.keys`), started from the shard's own K/V before the exact attention and merged into
+its output by log-sum-exp after it.
 """
 from __future__ import annotations
 
 import torch
+
+from typing import Callable
 
 from paragen.comms import Pending
 from paragen.kernels import attention_with_lse, dense_attention, merge_attention_states
 from paragen.parallel.sequence.context import SequenceContext
 
 
+# (key, value) of the shard -> a handle on the K/V it also attends to, [B, H/ulysses, L, D] each, or None.
+OutsideKeys = Callable[[torch.Tensor, torch.Tensor], "Pending[tuple[torch.Tensor, torch.Tensor]] | None"]
+
+
 class SequenceAttention:
     """One attention layer's sequence-parallel core (it keeps that layer's stale K/V)."""
 
-    def __init__(self, ctx: SequenceContext) -> None:
+    def __init__(self, ctx: SequenceContext, outside: OutsideKeys | None = None) -> None:
         self.ctx = ctx
+        self.outside = outside
         self._stale: Pending[list] | None = None
         ctx.on_reset(self.reset)
 
@@ -50,14 +61,22 @@ class SequenceAttention:
     # ---- exact: Ulysses and/or Ring -----------------------------------------------------------------
     def _exact(self, query, key, value, lengths):
         ulysses, ring = self.ctx.ulysses, self.ctx.ring
+        outside = self.outside(key, value) if self.outside is not None else None
         group = lengths[ring.rank * ulysses.size : (ring.rank + 1) * ulysses.size]
         if ulysses.size > 1:
             query, key, value = self._to_heads(query, key, value, group)
         if ring.size > 1:
             blocks = [sum(lengths[r * ulysses.size : (r + 1) * ulysses.size]) for r in range(ring.size)]
-            out = self._ring(query, key, value, blocks)
+            out, lse = self._ring(query, key, value, blocks)
+        elif outside is not None:
+            out, lse = attention_with_lse(query, key, value)
         else:
             out = dense_attention(query, key, value)
+        if outside is not None:
+            seen_key, seen_value = outside.wait()
+            part, part_lse = attention_with_lse(query, seen_key, seen_value)
+            out, lse = merge_attention_states(out.float(), lse, part.float(), part_lse)
+        out = out.to(query.dtype)
         if ulysses.size > 1:
             return self._to_tokens(out, group)
         return out.transpose(1, 2)
@@ -93,8 +112,9 @@ class SequenceAttention:
             batch, tokens, comm.size * per_rank, dim
         )
 
-    def _ring(self, query, key, value, blocks: list[int]) -> torch.Tensor:
-        """Attention of the local queries over every ring position's K/V block, merged by log-sum-exp."""
+    def _ring(self, query, key, value, blocks: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention of the local queries over every ring position's K/V block, merged by log-sum-exp: the
+        output (float) and its log-sum-exp."""
         comm = self.ctx.ring
         held = torch.stack([key, value])  # [2, B, h, L, D]: one message per hop
         out = lse = None
@@ -111,7 +131,7 @@ class SequenceAttention:
                 out, lse = merge_attention_states(out, lse, part.float(), part_lse)
             if pending is not None:
                 held = pending.wait()
-        return out.to(query.dtype)
+        return out, lse
 
     # ---- displaced ------------------------------------------------------------------------------
     def _publish(self, key: torch.Tensor, value: torch.Tensor, lengths: list[int]) -> None:

@@ -16,7 +16,7 @@ import torch
 
 from paragen.kernels.rope import apply_rope_pairs
 from paragen.parallel.attention_contract import AttnProcessorContract, heads_first
-from paragen.parallel.sequence.attention import SequenceAttention
+from paragen.parallel.sequence.attention import OutsideKeys, SequenceAttention
 from paragen.parallel.sequence.context import SequenceContext
 
 # diffusers processor class -> the paragen processor that replaces it on a self/joint attention.
@@ -123,11 +123,12 @@ class SeqFluxAttnProcessor:
 
 class SeqWanAttnProcessor:
     """Wan's self-attention: the rank's video tokens (q/k RMS-normed over all heads, RoPE in the interleaved
-    layout) against every shard's keys."""
+    layout) against every shard's keys (with clips: every shard of the clip, and the `outside` K/V it sees of
+    the other clips)."""
 
-    def __init__(self, ctx: SequenceContext) -> None:
+    def __init__(self, ctx: SequenceContext, outside: OutsideKeys | None = None) -> None:
         self.ctx = ctx
-        self.core = SequenceAttention(ctx)
+        self.core = SequenceAttention(ctx, outside)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
         from diffusers.models.transformers.transformer_wan import _get_qkv_projections

@@ -1,8 +1,8 @@
 """`paragen video`: one text-to-video request — check, load, parallelise, generate, report, write MP4/GIF.
 
 The model's pipeline class picks the workload: UNet video models (TextToVideoSD, AnimateDiff) split the frames
-into clips (`--clip`, dual-scope temporal attention); Wan video transformers shard the video tokens
-(`--ulysses`, `--ring`, `--cfg`).
+into clips (`--clip`, dual-scope temporal attention); Wan video transformers split the latent frames into clips
+(`--clip`, dual-scope 3D attention) and shard each clip's tokens (`--ulysses`, `--ring`), with `--cfg`.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 from paragen.log import get_logger, warn_once
 from paragen.parallel.clip import SCOPE_HELP, SCOPES, TemporalAttention, plan_clips
 from paragen.comms import is_output_rank, world_size
-from paragen.parallel.config import ExchangeConfig, ParallelConfig
+from paragen.parallel.config import ParallelConfig
 from paragen.pipelines import registry
 from paragen.pipelines.dtypes import check_dtype
 from paragen.pipelines.jobs.batch import open_batch
@@ -87,10 +87,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `paragen video`."""
     defaults, temporal = VideoRequest(), TemporalAttention()
     p.description = ("Generate one video across every rank: UNet video models split its frames into clips, one per "
-                     "rank; Wan models shard its tokens (Ulysses, Ring).")
+                     "rank; Wan models split its latent frames into clips and each clip's tokens into shards "
+                     "(Ulysses, Ring).")
     p.add_argument("--model", default=defaults.model,
-                   help=f"embedded model name ({', '.join(m for m in EMBEDDED_MODELS if m in ('tiny-t2v', 'tiny-animatediff'))}) "
-                        "or a local diffusers TextToVideoSD/AnimateDiff directory (safetensors)")
+                   help=f"embedded model name ({', '.join(m for m in EMBEDDED_MODELS if m in ('tiny-t2v', 'tiny-animatediff', 'tiny-wan'))}) "
+                        "or a local diffusers TextToVideoSD/AnimateDiff/Wan directory (safetensors)")
     p.add_argument("--prompt", action="append", default=None,
                    help=f"text prompt; repeat it for one prompt per consecutive segment of the video (default: {defaults.prompts[0]!r})")
     p.add_argument("--segment-frames", default=None,
@@ -103,7 +104,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale; default: the pipeline's")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (the same on every rank)")
     p.add_argument("--clip", type=int, default=-1,
-                   help="UNet video models: clips (ranks) the frames are split into (-1: every rank)")
+                   help="clips the frames are split into (UNet video models, -1: every rank; Wan models: latent "
+                        "frames, -1: 1 clip, the ranks left over go to --ring)")
     p.add_argument("--ulysses", type=int, default=1,
                    help="Wan models: Ulysses degree (all-to-all to head shards; must divide the head count)")
     p.add_argument("--ring", type=int, default=-1, help="Wan models: Ring degree (-1: the ranks left over)")
@@ -111,11 +113,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Wan models: 2 runs the conditional and unconditional calls on different halves of the ranks")
     p.add_argument("--scope", choices=SCOPES, default=temporal.scope,
                    help="; ".join(f"{s}: {text}" for s, text in SCOPE_HELP.items()))
-    p.add_argument("--local", type=int, default=temporal.local, help="dual scope: local window half width p, in frames")
+    p.add_argument("--local", type=int, default=temporal.local, help="dual scope: local window half width p, in frames (Wan: the latent "
+                        "edge frames each clip sees of each neighbouring clip)")
     p.add_argument("--global-frames", type=int, default=temporal.global_frames,
-                   help="dual scope: frames sampled evenly over the video that every frame also attends to")
+                   help="dual scope: frames sampled evenly over the video that every frame also attends to (Wan: "
+                        "latent frames)")
     p.add_argument("--bias", type=float, default=temporal.bias,
-                   help="dual scope: logit bias for the global frames at timesteps >= --bias-switch, for the local window below")
+                   help="dual scope, UNet video models: logit bias for the global frames at timesteps >= --bias-switch, "
+                        "for the local window below (default: Video-Infinity's 10; Wan models take none)")
     p.add_argument("--bias-switch", type=int, default=temporal.bias_switch, help="dual scope: timestep (of 1000) where the bias switches")
     p.add_argument("--blocking", action="store_true",
                    help="exchange, wait, then attend (Video-Infinity's released code), instead of overlapping the exchange")
@@ -126,10 +131,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_output_arguments(p, defaults.out_dir, "the video and the JSON run report")
 
 
-def _options(args: argparse.Namespace, class_name: str) -> TemporalAttention | ExchangeConfig:
-    """The workload options for the model's class: exact token shards for Wan, temporal attention for clips."""
-    if class_name in registry.VIDEO_DIT_PIPELINES:
-        return ExchangeConfig()
+def _options(args: argparse.Namespace) -> TemporalAttention:
+    """What each clip's attention sees of the other clips (the same options for UNet and Wan video models)."""
     return TemporalAttention(scope=args.scope, local=args.local, global_frames=args.global_frames, bias=args.bias,
                              bias_switch=args.bias_switch, overlap=not args.blocking)
 
@@ -145,7 +148,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
         checkpoint_dir=checkpoint_folder(args), checkpoint_every=args.checkpoint_every, resume=args.resume is not None,
     )
     class_name = check_model_source(args.model, allow_pickle=args.allow_pickle)
-    options = _options(args, class_name)
+    options = _options(args)
     workload = registry.find_for_job("video", class_name, options, args.model)
     config = workload.resolve(ParallelConfig(clip=args.clip, cfg=args.cfg, ulysses=args.ulysses, ring=args.ring),
                               launch.world_size)
@@ -154,7 +157,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
 
     def check(one: VideoRequest) -> VideoRequest:
         """The request as it runs: checked, and written as a GIF when MP4 was asked for but cannot be written."""
-        if isinstance(options, TemporalAttention):
+        if workload.name == "video":  # a Wan model's clips cut latent frames: checked at the call, on every rank
             plan_clips(one.frames, config.clip, options, conv_halo=0)  # the model's own halo: at the call
         check_room(args, one, config, launch, options)
         if one.format == "mp4" and not mp4_available():

@@ -1,15 +1,25 @@
-"""Wan2.1/2.2 video transformers with the video tokens sharded along the sequence (Ulysses, Ring, both), exact.
+"""Wan2.1/2.2 video transformers over clips of latent frames and, in each clip, sequence shards of its tokens.
 
 A Wan transformer patchifies the latent video (frames × rows × columns, patch (1, 2, 2)) into one token
 sequence; every block's self-attention sees all of it, with 3D RoPE (frame, row, column angles), and
-cross-attends to the text. Here the sequence is cut into contiguous shards over the `sequence` group (sizes
-differing by at most one token, so any frame count and size works):
+cross-attends to the text. Here the latent frames are cut into `clip` contiguous clips, and each clip's tokens
+into contiguous shards over its `sequence` group (Ulysses × Ring; sizes differing by at most one token, so any
+frame count and size works); `ClipTokens` is the layout:
 - the patch embedding's call is intercepted to keep the rank's tokens (its output is returned as
   `[B, C, tokens, 1, 1]`, which the transformer's own flatten turns into the rank's `[B, tokens, C]`);
-- the rotary embedding's call, to keep the angles of the rank's tokens;
+- the rotary embedding's call, to keep the angles of the rank's tokens: every frame keeps its index in the
+  whole video (see below);
 - self-attention runs through `SeqWanAttnProcessor` (q/k norms and RoPE on the rank's tokens, then Ulysses
-  and/or Ring); cross-attention to the text is per token and keeps its processor;
-- `proj_out`'s call, to all-gather the shards before the transformer un-patchifies them.
+  and/or Ring within the clip); with clips, the K/V of the frames the clip sees in the other clips (`scope`
+  dual: the neighbours' `local` edge frames and the global frames; full: all) are sent as soon as they exist
+  (`ClipKeyExchange`) and merged by log-sum-exp behind the attention within the clip. Cross-attention to the
+  text is per token and keeps its processor;
+- `proj_out`'s call, to all-gather every shard of the guidance branch before the transformer un-patchifies them.
+Positions: RoPE is relative, so a frame's angle only matters through its distance to the frames it sees. Every
+frame keeps its index in the whole video (the model's own table: up to `rope_max_seq_len` latent frames), so
+within a clip and its halo every distance is one the model was trained on, and only the global frames are seen
+from further away than the training length (extrapolation). Interpolating the positions instead would shrink
+every distance, the short ones that carry motion too. `--scope full` on clips is exactly the one-device video.
 Classifier-free guidance: the pipeline calls the transformer twice per step (conditional, then unconditional).
 With `cfg=2` the second half of the ranks makes the unconditional call during the first, with the negative
 prompt embeddings taken from `encode_prompt`; the two results are exchanged, and the second call returns the
@@ -25,7 +35,9 @@ from typing import Any
 import torch
 
 from paragen.parallel import ParallelConfig, ParallelMesh
-from paragen.parallel.config import ExchangeConfig
+from paragen.parallel.clip import TemporalAttention, plan_clips
+from paragen.parallel.clip.keys import ClipKeyExchange
+from paragen.parallel.clip.tokens import ClipTokens
 from paragen.parallel.intercept import intercept
 from paragen.parallel.sequence import SequenceContext
 from paragen.parallel.sequence.processors import WAN_PROCESSORS, SeqWanAttnProcessor
@@ -48,6 +60,9 @@ def _with_sample(output: Any, sample: torch.Tensor) -> Any:
 class WanRuntime(DiTRuntime):
     """What `parallelize` attaches to a Wan pipeline as `pipe.paragen`."""
 
+    temporal: TemporalAttention = TemporalAttention()
+    keys: ClipKeyExchange | None = None  # with clips: the seen-frame K/V exchange of every self-attention
+    tokens: ClipTokens | None = None  # this request's layout of the tokens over clips and shards
     calls_per_step: int = 1  # transformer calls the pipeline makes per denoising step (2 with guidance)
     calls: int = 0  # calls made in the current step
     negative: torch.Tensor | None = None  # cfg=2: this request's negative prompt embeddings
@@ -65,9 +80,7 @@ class WanRuntime(DiTRuntime):
             cond = kwargs["encoder_hidden_states"]
             kwargs["encoder_hidden_states"] = self.negative.to(cond.device, cond.dtype)
         if self.calls == 0:
-            frames, rows, cols = kwargs["hidden_states"].shape[-3:]
-            patch_t, patch_h, patch_w = module.config.patch_size
-            self.seq.set_tokens((frames // patch_t) * (rows // patch_h) * (cols // patch_w))
+            self._lay_out(module, kwargs["hidden_states"].shape[-3:])
             self.start_step(pipe)
         self.seq.begin_step()
         output = forward(*args, **kwargs)
@@ -76,6 +89,17 @@ class WanRuntime(DiTRuntime):
             self.stash = _with_sample(output, both[1])
             output = _with_sample(output, both[0])
         return self._count(output)
+
+    def _lay_out(self, module, latent_shape: tuple[int, int, int]) -> None:
+        """This step's token layout over clips and sequence shards."""
+        frames, rows, cols = latent_shape
+        patch_t, patch_h, patch_w = module.config.patch_size
+        clips = plan_clips(frames // patch_t, self.config.clip, self.temporal, conv_halo=0)
+        self.tokens = ClipTokens(clips, (rows // patch_h) * (cols // patch_w), self.seq.comm.size, self.temporal.scope,
+                                 self.temporal.local)
+        self.seq.set_tokens(self.tokens.clips.sizes[self.mesh.group("clip").rank] * self.tokens.per_frame)
+        if self.keys is not None:
+            self.keys.layout = self.tokens
 
     def _count(self, output: Any) -> Any:
         self.calls += 1
@@ -86,18 +110,17 @@ class WanRuntime(DiTRuntime):
 
     def embed_call(self, forward, *args, **kwargs) -> torch.Tensor:
         """This rank's patch-embedded tokens, as `[B, C, tokens, 1, 1]` (the transformer flattens them)."""
-        start, end = self._shard(self.seq.image_sizes)
+        start, end = self.tokens.bounds(self.mesh.group("branch").rank)
         return forward(*args, **kwargs).flatten(2)[:, :, start:end, None, None]
 
     def rope_call(self, forward, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary angles of this rank's tokens."""
-        start, end = self._shard(self.seq.image_sizes)
+        """The rotary angles of this rank's tokens, at their places in the whole video."""
+        start, end = self.tokens.bounds(self.mesh.group("branch").rank)
         return tuple(angles[:, start:end] for angles in forward(*args, **kwargs))
 
     def proj_out_call(self, forward, *args, **kwargs) -> torch.Tensor:
-        """Every shard's output tokens of this guidance branch, in order."""
-        return self.mesh.group("sequence").all_gather_varlen(forward(*args, **kwargs), 1, self.seq.image_sizes,
-                                                             "wan.output")
+        """Every shard's output tokens of this guidance branch, in video order."""
+        return self.mesh.group("branch").all_gather_varlen(forward(*args, **kwargs), 1, self.tokens.sizes, "wan.output")
 
     def encode_prompt_call(self, forward, *args, **kwargs):
         """Keep the negative prompt embeddings for the unconditional half of the ranks (cfg=2)."""
@@ -109,11 +132,11 @@ class WanRuntime(DiTRuntime):
         self.calls, self.stash, self.negative = 0, None, None
 
     def take_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Refuse paragen's per-segment prompts: they belong to clips, which Wan runs do not have yet."""
+        """Refuse paragen's per-segment prompts: Wan runs take one prompt for now."""
         given = [name for name in ("segment_prompts", "segment_frames") if name in kwargs]
         if given:
-            raise ValueError(f"{', '.join(given)}: one prompt per segment needs clips, which Wan runs do not have "
-                             "yet; give one prompt")
+            raise ValueError(f"{', '.join(given)}: one prompt per segment is not supported by Wan runs yet; "
+                             "give one prompt")
         return {}
 
     def prepare_call(self, pipe, bound: inspect.BoundArguments) -> None:
@@ -131,9 +154,16 @@ class WanRuntime(DiTRuntime):
             if value <= 0 or value % factor:
                 raise ValueError(f"{name} {value} must be a positive multiple of {factor} (VAE factor × patch size)")
             sides.append(value // factor)
-        tokens = ((frames - 1) // temporal + 1) // patch_t * sides[0] * sides[1]
+        latent_frames = ((frames - 1) // temporal + 1) // patch_t
+        positions = pipe.transformer.config.rope_max_seq_len
+        if latent_frames > positions:
+            raise ValueError(f"num_frames {frames} makes {latent_frames} latent frames; the model's rotary table "
+                             f"holds {positions} (at most {(positions - 1) * temporal + 1} frames)")
+        clips = plan_clips(latent_frames, self.config.clip, self.temporal, conv_halo=0)
+        tokens = min(clips.sizes) * sides[0] * sides[1]
         if tokens < self.seq.comm.size:
-            raise ValueError(f"more ranks than video tokens: {self.seq.comm.size} sequence shards for {tokens} tokens")
+            raise ValueError(f"more ranks than video tokens: {self.seq.comm.size} sequence shards for a clip of "
+                             f"{tokens} tokens")
         guided = request_arg(bound, "guidance_scale") > 1
         if self.config.cfg == 2 and not guided:
             raise ValueError("cfg=2 runs the two classifier-free-guidance branches on different ranks; it needs "
@@ -164,26 +194,29 @@ def _self_attentions(transformer, config: ParallelConfig) -> list[Any]:
     return found
 
 
-def check(pipe, config: ParallelConfig, options: ExchangeConfig) -> None:
-    """Refuse what this workload cannot run: stale modes, per-token timesteps (Wan2.2 TI2V), unknown attention
-    processors, a Ulysses degree that does not divide the heads."""
-    if options.mode != "sync":
-        raise ValueError(f"mode {options.mode!r}: Wan runs exact sequence parallelism (sync); its guidance branches "
-                         "are separate transformer calls, whose stale keys and values would mix")
+def check(pipe, config: ParallelConfig, options: TemporalAttention) -> None:
+    """Refuse what this workload cannot run: a local/global bias, per-token timesteps (Wan2.2 TI2V), unknown
+    attention processors, a Ulysses degree that does not divide the heads."""
+    if options.bias not in (None, 0.0):
+        raise ValueError(f"bias {options.bias}: a Wan clip's 3D attention sees its halo and global frames as "
+                         "ordinary keys beside the whole clip; a local/global bias is not supported")
     if getattr(pipe.config, "expand_timesteps", False):
         raise ValueError("per-token timesteps (Wan2.2 TI2V, expand_timesteps) are not supported yet")
     for transformer in _transformers(pipe):
         _self_attentions(transformer, config)
 
 
-def install(pipe, config: ParallelConfig, options: ExchangeConfig):
+def install(pipe, config: ParallelConfig, options: TemporalAttention):
     """Make a checked Wan pipeline run each request across the ranks of the resolved `config`."""
     mesh = ParallelMesh(config, pipe.device)
     seq = SequenceContext(mesh.group("sequence"), mesh.group("ulysses"), mesh.group("ring"), label_prefix="wan.")
-    runtime = WanRuntime(config, mesh, seq, None, family="wan")
+    keys = None
+    if config.clip > 1:
+        keys = ClipKeyExchange(mesh.group("branch"), config.ulysses, "wan.clip_kv", options.overlap)
+    runtime = WanRuntime(config, mesh, seq, None, family="wan", temporal=options, keys=keys)
     for transformer in _transformers(pipe):
         for attn in _self_attentions(transformer, config):
-            attn.set_processor(SeqWanAttnProcessor(seq))
+            attn.set_processor(SeqWanAttnProcessor(seq, None if keys is None else keys.start))
         call = functools.partial(runtime.transformer_call, pipe, transformer)
         intercept(transformer, "forward", call)
         intercept(transformer.patch_embedding, "forward", runtime.embed_call)
