@@ -108,8 +108,8 @@ def run_rounds(worker: Path, plan: dict[str, tuple[list[str], int, int]], rounds
 
 
 def comm_per_step(results: list[dict], steps, prefix: str) -> dict[str, float]:
-    """Bytes sent and seconds blocked per step and rank, per label starting with `prefix` (`<label>.bytes_sent`)
-    and in total (`bytes_sent`, `wait_s`): the mean over ranks and the steps `steps(result)` of each result,
+    """Bytes sent and seconds blocked per step and rank, per label starting with `prefix` (`<label>.bytes_sent`,
+    `<label>.wait_s`) and in total (`bytes_sent`, `wait_s`): the mean over ranks and the steps `steps(result)` of each result,
     then over the results."""
     per_result = []
     for result in results:
@@ -119,6 +119,7 @@ def comm_per_step(results: list[dict], steps, prefix: str) -> dict[str, float]:
                 step = {k: v for k, v in rank_steps[i].items() if k.startswith(prefix)}
                 for label, row in step.items():
                     rows.setdefault(f"{label}.bytes_sent", []).append(row["bytes_sent"])
+                    rows.setdefault(f"{label}.wait_s", []).append(row["wait_s"])
                 rows.setdefault("bytes_sent", []).append(sum(r["bytes_sent"] for r in step.values()))
                 rows.setdefault("wait_s", []).append(sum(r["wait_s"] for r in step.values()))
         per_result.append({k: statistics.fmean(v) for k, v in rows.items()})

@@ -1,7 +1,9 @@
 """One benchmark configuration of the Wan workload (run by bench_wan.py, alone or under torchrun).
 
 Variants: `stock` (the plain diffusers WanPipeline), `diffusers_ulysses` (diffusers' own context parallelism,
-`enable_parallelism(ContextParallelConfig(ulysses_degree=N))`), and paragen's `ulysses`, `ring` and `cfg`. Every
+`enable_parallelism(ContextParallelConfig(ulysses_degree=N))`), and paragen's `ulysses`, `ring` and `cfg`, and
+its clips: `clip_full` (exact), `clip_dual` and `clip_dual_blocking` (one clip per rank), `clip_ring_dual` (two
+clips, each over a ring of the other ranks). Every
 denoising step (both guidance calls) is timed with diffusers' step-end callback, the same clock for all variants,
 after a warm-up request. The latent is returned (no VAE decode: the steps are what is compared). Rank 0 writes a
 JSON result and the latent tensor.
@@ -18,7 +20,8 @@ from dit_worker import enable_diffusers_context_parallelism
 import paragen
 from paragen.comms import all_gather_objects, world_comm, world_size
 
-VARIANTS = ("stock", "diffusers_ulysses", "ulysses", "ring", "cfg")
+VARIANTS = ("stock", "diffusers_ulysses", "ulysses", "ring", "cfg", "clip_full", "clip_dual", "clip_dual_blocking",
+            "clip_ring_dual")
 PROMPT = "a red fox running through fresh snow, long shot"
 
 
@@ -30,6 +33,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup-request-steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--local", type=int, default=2, help="clips, dual scope: halo latent frames")
+    p.add_argument("--global-frames", type=int, default=4, help="clips, dual scope: global latent frames")
     p.add_argument("--out", required=True)
     args = p.parse_args()
 
@@ -37,9 +42,15 @@ def main() -> None:
     stats = None
     if args.variant == "diffusers_ulysses":
         enable_diffusers_context_parallelism(pipe.transformer, world_size())
+    elif args.variant.startswith("clip"):
+        degrees = {"clip": 2, "ring": world_size() // 2}
+        temporal = paragen.TemporalAttention(scope="full" if args.variant == "clip_full" else "dual", local=args.local,
+                                             global_frames=args.global_frames, overlap="blocking" not in args.variant)
+        paragen.parallelize(pipe, paragen.ParallelConfig(**degrees), temporal)
+        stats = pipe.paragen.stats
     elif args.variant != "stock":
         degrees = {args.variant: world_size()} if args.variant != "cfg" else {"cfg": 2, "ring": world_size() // 2}
-        paragen.parallelize(pipe, paragen.ParallelConfig(**degrees))
+        paragen.parallelize(pipe, paragen.ParallelConfig(**degrees), paragen.TemporalAttention())
         stats = pipe.paragen.stats
     recorder = StepRecorder(stats)
 

@@ -15,7 +15,7 @@ from paragen.parallel.clip.positions import sinusoid
 from paragen.parallel.group_norm import combine_group_stats, part_stats
 from paragen.parallel.partition import split_sizes
 from paragen.pipelines.loading import load_pipeline
-from paragen.pipelines.video import segment_bounds
+from paragen.pipelines.segments import segment_bounds
 
 
 def test_clips_are_contiguous_and_as_even_as_possible():

@@ -12,11 +12,10 @@ on every rank.
 from __future__ import annotations
 
 import pytest
-import torch
 
 from paragen.pipelines.loading import load_pipeline
 from tests.multiproc import run_spec_worker
-from tests.wan_reference import install_wan_reference
+from tests.wan_reference import install_segment_reference, install_wan_reference
 from tests.workers.wan_worker import generate, latent
 
 pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
@@ -38,6 +37,9 @@ CLIPS = {  # name -> (degrees, scope); "full" must equal the single-process vide
     4: {"clip_ring_full": ({"clip": 2, "ring": 2}, "full"), "cfg_clip_full": ({"cfg": 2, "clip": 2}, "full"),
         "clip_ulysses_dual": ({"clip": 2, "ulysses": 2}, "dual"), "clip4_dual": ({"clip": 4}, "dual")},
 }
+SEGMENTS = ["a red fox running through snow", "a green forest at night"]
+SEGMENT_OF_LATENT = [0] * 5 + [1] * 4  # 33 frames: 17 + 16; latent frame l holds frames up to 4l
+SEGMENT_RUNS = {2: ("clip_segments_full", {"clip": 2}, "full"), 4: ("cfg_clip_segments_dual", {"cfg": 2, "clip": 2}, "dual")}
 
 
 def _spec(name: str, size: str, **extra) -> dict:
@@ -53,6 +55,9 @@ def _specs(world: int) -> list[dict]:
     specs += [{"name": f"vae/{frames}", "vae_frames": frames, "ring": world} for frames in VAE_FRAMES[world]]
     specs += [_spec(name, "uneven", frames=CLIP_FRAMES, scope=scope, local=LOCAL, global_frames=GLOBAL, **degrees)
               for name, (degrees, scope) in CLIPS[world].items()]
+    name, degrees, scope = SEGMENT_RUNS[world]
+    specs.append(_spec(name, "uneven", frames=CLIP_FRAMES, scope=scope, local=LOCAL, global_frames=GLOBAL,
+                       segments=SEGMENTS, **degrees))
     specs += [_spec("clip_short_halo", "uneven", frames=9, clip=2, local=2, expect_error=True),  # clips of 2 and 1
               _spec("clip_bias", "uneven", frames=CLIP_FRAMES, clip=2, bias=10.0, expect_error=True)]
     return specs
@@ -77,6 +82,12 @@ def single():
         reference.set_progress_bar_config(disable=True)
         install_wan_reference(reference, LATENT, count, LOCAL, GLOBAL)
         clips[count] = generate(reference, _spec("reference", "uneven", frames=CLIP_FRAMES))
+        install_segment_reference(reference, SEGMENTS, SEGMENT_OF_LATENT, max_sequence_length=24)
+        clips[f"segments_{count}"] = generate(reference, _spec("reference", "uneven", frames=CLIP_FRAMES))
+    stock = load_pipeline("tiny-wan")
+    stock.set_progress_bar_config(disable=True)
+    install_segment_reference(stock, SEGMENTS, SEGMENT_OF_LATENT, max_sequence_length=24)
+    clips["segments_full"] = generate(stock, _spec("reference", "uneven", frames=CLIP_FRAMES))
     return {**videos, "decoded": decoded, "clips": clips}
 
 
@@ -160,3 +171,12 @@ def test_clip_requests_the_layout_cannot_take_are_refused_on_every_rank(parallel
     short, bias = results["clip_short_halo/uneven"]["error"], results["clip_bias/uneven"]["error"]
     assert len(short) == world and all("clips shorter than the halo" in message for message in short), short
     assert len(bias) == world and all("bias" in message for message in bias), bias
+
+
+def test_segment_prompts_equal_the_per_token_reference(parallel, single):
+    world, results = parallel
+    name, degrees, scope = SEGMENT_RUNS[world]
+    reference = single["clips"]["segments_full" if scope == "full" else f"segments_{degrees['clip']}"]
+    assert (single["clips"]["segments_full"] - single["clips"]["full"]).abs().max() > 1e-3  # the prompts matter
+    diff = (results[f"{name}/uneven"]["video"] - reference).abs().max().item()
+    assert diff <= EXACT_ATOL, f"{world} ranks {name}: max |Δ| {diff:.2e}"

@@ -7,6 +7,9 @@ sequence: a token in latent frame i, which lies in clip c, sees the tokens of la
     most one, the first ones longer), or
   - j lies within `local` frames before clip c's first frame or after its last, or
   - j is one of `count` global frames, evenly spaced over the video (numpy's linspace, rounded).
+`install_segment_reference(pipe, prompts, segment_of_latent, max_sequence_length)` gives each token of latent
+frame l, in the conditional transformer call, the cross-attention output computed with prompt
+`segment_of_latent[l]` (the stock processor run once per prompt over every token).
 Nothing here imports paragen: this is what the partitioned implementation must equal.
 """
 from __future__ import annotations
@@ -51,3 +54,35 @@ def install_wan_reference(pipe, frames: int, clips: int, local: int, count: int)
     """Dual-scope reference processors on the pipeline's self-attention modules (`frames`: latent frames)."""
     for block in pipe.transformer.blocks:
         block.attn1.set_processor(MaskedWanAttention(block.attn1.processor, frames, clips, local, count))
+
+
+class SegmentTextReference:
+    """The stock cross-attention run once per segment prompt over all tokens; each token keeps the output of
+    its latent frame's segment (conditional calls only: the odd-numbered transformer calls)."""
+
+    def __init__(self, stock, state: dict, texts: list[torch.Tensor], segment_of_latent: list[int], project) -> None:
+        self.stock, self.state, self.texts, self.project = stock, state, texts, project
+        self.segments = torch.tensor(segment_of_latent)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        if self.state["calls"] % 2 == 0:  # the unconditional call of the step
+            return self.stock(attn, hidden_states, encoder_hidden_states, attention_mask, rotary_emb)
+        per_frame = hidden_states.shape[1] // len(self.segments)
+        of_token = self.segments.repeat_interleave(per_frame)
+        outs = [self.stock(attn, hidden_states, self.project(text), None, None) for text in self.texts]
+        out = outs[0].clone()
+        for segment, other in enumerate(outs):
+            out[:, of_token == segment] = other[:, of_token == segment]
+        return out
+
+
+def install_segment_reference(pipe, prompts: list[str], segment_of_latent: list[int], max_sequence_length: int) -> None:
+    """Segment-prompt reference processors on the cross-attention (`attn2`) modules of a stock Wan pipeline,
+    which must be called with guidance (two transformer calls a step, the conditional first)."""
+    texts = [pipe.encode_prompt(p, do_classifier_free_guidance=False, max_sequence_length=max_sequence_length)[0]
+             for p in prompts]
+    state = {"calls": 0}
+    pipe.transformer.register_forward_pre_hook(lambda module, args: state.update(calls=state["calls"] + 1))
+    project = pipe.transformer.condition_embedder.text_embedder
+    for block in pipe.transformer.blocks:
+        block.attn2.set_processor(SegmentTextReference(block.attn2.processor, state, texts, segment_of_latent, project))

@@ -242,6 +242,19 @@ class StepCheckpoints:
         done = step + 1
         return done % self.every == 0 and done < total and done > self.resume_step
 
+    def save(self, step: int, scheduler, generator, latents: torch.Tensor, **more: Any) -> None:
+        """Write this rank's state after step `step`: `latents` (its part), the scheduler's and the generator's
+        states, and `more` (a workload's own)."""
+        self.checkpoints.save(step + 1, {"latents": latents, "scheduler": scheduler_state(scheduler),
+                                         "generator": generator_states(generator), **more})
+
+    def restore(self, scheduler, generator) -> dict[str, Any]:
+        """Load the state saved at the resume step into `scheduler` and `generator`; return the whole state."""
+        state = self.checkpoints.load(self.resume_step)
+        load_scheduler_state(scheduler, state["scheduler"])
+        set_generator_states(generator, state["generator"])
+        return state
+
 
 def generator_states(generator) -> Any:
     """The state of a torch generator, or of each of a list of them (None for None)."""

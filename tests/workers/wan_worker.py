@@ -13,9 +13,13 @@ from paragen.pipelines.loading import load_pipeline
 from tests.workers.specs import serve_specs
 
 
+PROMPT = "a red fox running through snow"
+
+
 def generate(pipe, spec: dict) -> torch.Tensor:
-    """The spec's video as a `[1, F, 3, H, W]` tensor (fixed prompt and seed)."""
-    return pipe("a red fox running through snow", negative_prompt="blurry", num_frames=spec["frames"],
+    """The spec's video as a `[1, F, 3, H, W]` tensor (fixed prompt, or the spec's segment prompts, and seed)."""
+    text = {"segment_prompts": spec["segments"]} if "segments" in spec else {"prompt": PROMPT}
+    return pipe(**text, negative_prompt="blurry", num_frames=spec["frames"],
                 height=spec["height"], width=spec["width"], num_inference_steps=spec["steps"],
                 guidance_scale=spec.get("guidance", 5.0), max_sequence_length=24,
                 generator=torch.Generator().manual_seed(11), output_type="pt").frames

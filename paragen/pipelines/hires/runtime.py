@@ -43,9 +43,7 @@ from paragen.parallel.intercept import intercept
 from paragen.parallel.partition import check_image_size
 from paragen.parallel.steps import StepPlan
 from paragen.pipelines.batch_split import repeat_batch
-from paragen.pipelines.checkpoint import (
-    StepCheckpoints, generator_states, load_scheduler_state, scheduler_state, set_generator_states,
-)
+from paragen.pipelines.checkpoint import StepCheckpoints, load_scheduler_state, scheduler_state
 from paragen.pipelines.patch.runtime import unet_downsampling
 from paragen.pipelines.request_args import check_steps, request_arg, share_generator
 from paragen.pipelines.runtime import PipelineRuntime
@@ -270,12 +268,12 @@ class HiresRuntime(PipelineRuntime):
             latents = pipe.scheduler.add_noise(up, self.noise.to(up.dtype), t_next)
             self.x0_lr = None
         if saved is not None and saved.saves_after(i, self.plan.total_steps):
-            saved.checkpoints.save(i + 1, self._state(pipe, latents))
+            saved.save(i, pipe.scheduler, self.generator, latents, **self._own_state())
         return latents
 
-    def _state(self, pipe, latents: torch.Tensor) -> dict:
-        state: dict[str, Any] = {"latents": latents, "scheduler": scheduler_state(pipe.scheduler),
-                                 "generator": generator_states(self.generator)}
+    def _own_state(self) -> dict:
+        """What a checkpoint holds beyond the latents, the scheduler and the generator."""
+        state: dict[str, Any] = {}
         if self.guidance is not None:
             guide = self.guidance.wait()
             state["guidance"] = {"step": guide.step, "eps": guide.eps, "mask": guide.mask}
@@ -285,9 +283,7 @@ class HiresRuntime(PipelineRuntime):
         return state
 
     def _restore(self, pipe, latents: torch.Tensor) -> torch.Tensor:
-        state = self.checkpoints.checkpoints.load(self.checkpoints.resume_step)
-        load_scheduler_state(pipe.scheduler, state["scheduler"])
-        set_generator_states(self.generator, state["generator"])
+        state = self.checkpoints.restore(pipe.scheduler, self.generator)
         if "guidance" in state:
             g = state["guidance"]
             self.guidance = ready(Guidance(g["step"], g["eps"], g["mask"]))

@@ -29,7 +29,8 @@ from paragen.pipelines.jobs.common import (Prepared, add_checkpoint_arguments, a
 from paragen.pipelines.loading import EMBEDDED_MODELS, check_model_source
 from paragen.pipelines.outputs import VIDEO_FORMATS, mp4_available, save_json, save_video
 from paragen.pipelines.report import job_report
-from paragen.pipelines.video import MAX_FRAMES, MAX_SIDE, segment_bounds
+from paragen.pipelines.segments import segment_bounds
+from paragen.pipelines.video import MAX_FRAMES, MAX_SIDE
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,6 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     workload = registry.find_for_job("video", class_name, options, args.model)
     config = workload.resolve(ParallelConfig(clip=args.clip, cfg=args.cfg, ulysses=args.ulysses, ring=args.ring),
                               launch.world_size)
-    if workload.name == "wan" and request.checkpoint_dir is not None:
-        raise ValueError("checkpoints are taken by clip-parallel video runs; Wan runs do not take them yet")
 
     def check(one: VideoRequest) -> VideoRequest:
         """The request as it runs: checked, and written as a GIF when MP4 was asked for but cannot be written."""

@@ -31,32 +31,18 @@ from paragen.parallel.clip.conv import ClipTemporalConv
 from paragen.parallel.clip.norm import ClipGroupNorm
 from paragen.parallel.clip.positions import ClipFramePositions
 from paragen.parallel.intercept import intercept
-from paragen.parallel.partition import check_image_size, split_sizes
+from paragen.parallel.partition import check_image_size
 from paragen.parallel.steps import StepPlan
-from paragen.pipelines.checkpoint import (
-    StepCheckpoints, generator_states, load_scheduler_state, scheduler_state, set_generator_states,
-)
+from paragen.pipelines.checkpoint import StepCheckpoints
 from paragen.pipelines.patch.runtime import unet_downsampling
 from paragen.pipelines.request_args import check_steps, request_arg, share_generator
 from paragen.pipelines.runtime import PipelineRuntime
+from paragen.pipelines.segments import check_segment_request, take_segment_options
 from paragen.pipelines.step_hook import install_step_hook
 
 TEMPORAL_TRANSFORMERS = ("TransformerTemporalModel", "AnimateDiffTransformer3D")
 MAX_SIDE = 16384  # pixels; beyond this a request is a typo, not a video
 MAX_FRAMES = 1_000_000
-
-
-def segment_bounds(frames: int, segments: int, lengths: list[int] | None) -> list[int]:
-    """The segment index of every frame; ValueError if the prompts and the segment lengths do not match."""
-    if lengths is None:
-        if segments > frames:
-            raise ValueError(f"{segments} segment prompts for {frames} frames: a segment needs at least one frame")
-        lengths = split_sizes(frames, segments)
-    if len(lengths) != segments:
-        raise ValueError(f"{segments} segment prompts but {len(lengths)} segment lengths: give one length per prompt")
-    if any(n < 1 for n in lengths) or sum(lengths) != frames:
-        raise ValueError(f"segment lengths {lengths} must be positive and add up to num_frames ({frames})")
-    return [i for i, n in enumerate(lengths) for _ in range(n)]
 
 
 def check_video_size(frames: int, height: int, width: int, vae_factor: int, unet_factor: int) -> None:
@@ -158,7 +144,7 @@ class VideoRuntime(PipelineRuntime):
 
     # ---- the request ---------------------------------------------------------------------------
     def take_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        return {name: kwargs.pop(name) for name in ("segment_prompts", "segment_frames") if name in kwargs}
+        return take_segment_options(kwargs)
 
     def prepare_call(self, pipe, bound: inspect.BoundArguments, segment_prompts: list[str] | None = None,
                      segment_frames: list[int] | None = None) -> None:
@@ -181,18 +167,10 @@ class VideoRuntime(PipelineRuntime):
 
     def _prepare_segments(self, pipe, bound, prompts: list[str] | None, lengths: list[int] | None) -> None:
         self.segment_text, self.frame_text = None, None
-        if prompts is None:
-            if lengths is not None:
-                raise ValueError("segment_frames needs segment_prompts (one prompt per segment)")
+        of_frame = check_segment_request(bound, self.layout.frames, prompts, lengths)
+        if of_frame is None:
             return
-        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("segment_prompts must be a non-empty list of prompts, one per segment")
-        if request_arg(bound, "prompt") is not None or request_arg(bound, "prompt_embeds") is not None:
-            raise ValueError("give either prompt (one for the whole video) or segment_prompts, not both")
-        if bound.arguments.get("num_videos_per_prompt") not in (None, 1):
-            raise ValueError("segment prompts make one video per call (num_videos_per_prompt=1)")
-        self.segment_of_frame = segment_bounds(self.layout.frames, len(prompts), lengths)
-        bound.arguments["prompt"] = prompts[0]  # the pipeline's own batch and unconditional embedding
+        self.segment_of_frame = of_frame
         with torch.no_grad():
             self.segment_text = torch.cat([pipe.encode_prompt(p, pipe.device, 1, False)[0] for p in prompts])
 
@@ -242,16 +220,10 @@ class VideoRuntime(PipelineRuntime):
             latents = latents.view((-1, self.layout.frames) + latents.shape[1:]).transpose(1, 2)
         i, saved = self.plan.step, self.checkpoints
         if saved.restores_after(i):
-            state = saved.checkpoints.load(saved.resume_step)
-            load_scheduler_state(scheduler, state["scheduler"])
-            set_generator_states(self.generator, state["generator"])
+            state = saved.restore(scheduler, self.generator)
             latents.copy_(self.comm.all_gather_varlen(state["latents"].to(latents), 2, list(self.layout.sizes), "clip.resume"))
         elif saved.saves_after(i, self.plan.total_steps):
-            saved.checkpoints.save(i + 1, {
-                "latents": latents[:, :, self.ctx.start : self.ctx.stop],
-                "scheduler": scheduler_state(scheduler),
-                "generator": generator_states(self.generator),
-            })
+            saved.save(i, scheduler, self.generator, latents[:, :, self.ctx.start : self.ctx.stop])
 
 
 def check(pipe, config: ParallelConfig, options: TemporalAttention) -> None:

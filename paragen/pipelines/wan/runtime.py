@@ -20,6 +20,11 @@ frame keeps its index in the whole video (the model's own table: up to `rope_max
 within a clip and its halo every distance is one the model was trained on, and only the global frames are seen
 from further away than the training length (extrapolation). Interpolating the positions instead would shrink
 every distance, the short ones that carry motion too. `--scope full` on clips is exactly the one-device video.
+Segment prompts (`segment_prompts=[...]`, `segment_frames=[...]` in video frames): latent frame l belongs to the
+segment of video frame 4l (the last of the frames it encodes; frame 0 for the first), and its tokens cross-attend
+to that segment's prompt in the conditional call (`segment_text`). Checkpoints (`enable_checkpoints`, through the
+step hook) save every rank's whole latent, the scheduler and the generator every K steps; a resumed run skips
+the finished steps without computing and restores the last.
 Classifier-free guidance: the pipeline calls the transformer twice per step (conditional, then unconditional).
 With `cfg=2` the second half of the ranks makes the unconditional call during the first, with the negative
 prompt embeddings taken from `encode_prompt`; the two results are exchanged, and the second call returns the
@@ -41,8 +46,12 @@ from paragen.parallel.clip.tokens import ClipTokens
 from paragen.parallel.intercept import intercept
 from paragen.parallel.sequence import SequenceContext
 from paragen.parallel.sequence.processors import WAN_PROCESSORS, SeqWanAttnProcessor
+from paragen.pipelines.checkpoint import StepCheckpoints
 from paragen.pipelines.dit.runtime import DiTRuntime
 from paragen.pipelines.request_args import check_steps, request_arg, share_generator
+from paragen.pipelines.segments import check_segment_request, take_segment_options
+from paragen.pipelines.step_hook import install_step_hook
+from paragen.pipelines.wan.segment_text import SegmentCrossAttention, token_runs
 from paragen.pipelines.wan.vae_decode import ChunkedWanDecode
 
 
@@ -67,6 +76,18 @@ class WanRuntime(DiTRuntime):
     calls: int = 0  # calls made in the current step
     negative: torch.Tensor | None = None  # cfg=2: this request's negative prompt embeddings
     stash: Any = None  # cfg=2: the unconditional output, made beside the conditional call
+    checkpoints: StepCheckpoints | None = None
+    generator: Any = None  # the request's, for checkpoints
+    segment_of_latent: list[int] | None = None  # segment prompts: the segment of every latent frame ...
+    segment_text: torch.Tensor | None = None  # ... every segment's prompt embeddings [S, T, C]
+    projected: torch.Tensor | None = None  # ... projected by the transformer in this (conditional) call
+    runs: list[tuple[int, int, int]] = None  # type: ignore[assignment]  # ... this rank's token runs
+    conditional: bool = False  # the current transformer call is the conditional one
+
+    def enable_checkpoints(self, checkpoints: StepCheckpoints) -> None:
+        """Save every rank's state as `checkpoints` says, and continue from its resume step (checked, with
+        the folder, before any collective: `StepCheckpoints.open`)."""
+        self.checkpoints = checkpoints
 
     def transformer_call(self, pipe, module, forward, *args, **kwargs) -> Any:
         """One transformer call on this rank's token shard (cfg=2: this rank's guidance branch)."""
@@ -76,13 +97,18 @@ class WanRuntime(DiTRuntime):
             return self._count(output)
         if args:
             kwargs["hidden_states"], args = args[0], args[1:]
-        if cfg == 2 and self.mesh.group("cfg").rank == 1:
-            cond = kwargs["encoder_hidden_states"]
-            kwargs["encoder_hidden_states"] = self.negative.to(cond.device, cond.dtype)
         if self.calls == 0:
             self._lay_out(module, kwargs["hidden_states"].shape[-3:])
             self.start_step(pipe)
-        self.seq.begin_step()
+            self.seq.begin_step()
+        if self.checkpoints is not None and self.checkpoints.skipped(self.seq.step):
+            return self._count(_zeros(module, kwargs))  # done before the interruption; restored at its last step
+        unconditional = self.calls == 1 or (cfg == 2 and self.mesh.group("cfg").rank == 1)
+        if cfg == 2 and unconditional:
+            cond = kwargs["encoder_hidden_states"]
+            kwargs["encoder_hidden_states"] = self.negative.to(cond.device, cond.dtype)
+        self.projected = None
+        self.conditional = not unconditional
         output = forward(*args, **kwargs)
         if cfg == 2:
             both = self.mesh.group("cfg").all_gather(_sample(output).contiguous(), "wan.cfg")
@@ -100,6 +126,33 @@ class WanRuntime(DiTRuntime):
         self.seq.set_tokens(self.tokens.clips.sizes[self.mesh.group("clip").rank] * self.tokens.per_frame)
         if self.keys is not None:
             self.keys.layout = self.tokens
+        if self.segment_of_latent is not None:
+            bounds = self.tokens.bounds(self.mesh.group("branch").rank)
+            self.runs = token_runs(bounds, self.tokens.per_frame, self.segment_of_latent)
+
+    # ---- segment prompts ---------------------------------------------------------------------------
+    def text_embed_call(self, forward, text: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """The transformer's text projection; in a conditional call with segment prompts, every segment's too."""
+        if self.segment_text is not None and self.conditional:
+            self.projected = forward(self.segment_text.to(text), *args, **kwargs)
+        return forward(text, *args, **kwargs)
+
+    def text_runs(self) -> list[tuple[int, int, torch.Tensor]] | None:
+        """This rank's runs of tokens with their segment's projected text, in a conditional call with segment
+        prompts (None otherwise: the call's own text)."""
+        if self.projected is None:
+            return None
+        return [(start, stop, self.projected[segment]) for start, stop, segment in self.runs]
+
+    # ---- checkpoints -------------------------------------------------------------------------------
+    def on_step_end(self, scheduler, latents: torch.Tensor) -> torch.Tensor | None:
+        """After a scheduler step: restore a resumed run, or save a checkpoint (every rank its whole latent)."""
+        i, saved = self.seq.step, self.checkpoints
+        if saved.restores_after(i):
+            return saved.restore(scheduler, self.generator)["latents"].to(latents)
+        if saved.saves_after(i, self.seq.total_steps):
+            saved.save(i, scheduler, self.generator, latents)
+        return None
 
     def _count(self, output: Any) -> Any:
         self.calls += 1
@@ -130,17 +183,14 @@ class WanRuntime(DiTRuntime):
     def end_request(self) -> None:
         super().end_request()
         self.calls, self.stash, self.negative = 0, None, None
+        self.segment_of_latent = self.segment_text = self.projected = None
 
     def take_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Refuse paragen's per-segment prompts: Wan runs take one prompt for now."""
-        given = [name for name in ("segment_prompts", "segment_frames") if name in kwargs]
-        if given:
-            raise ValueError(f"{', '.join(given)}: one prompt per segment is not supported by Wan runs yet; "
-                             "give one prompt")
-        return {}
+        return take_segment_options(kwargs)
 
-    def prepare_call(self, pipe, bound: inspect.BoundArguments) -> None:
-        """Check the request on every rank before any collective; share the generator."""
+    def prepare_call(self, pipe, bound: inspect.BoundArguments, segment_prompts: list[str] | None = None,
+                     segment_frames: list[int] | None = None) -> None:
+        """Check the request on every rank before any collective; encode the segment prompts; share the generator."""
         check_steps(bound)
         temporal = pipe.vae_scale_factor_temporal
         frames = request_arg(bound, "num_frames")
@@ -169,7 +219,28 @@ class WanRuntime(DiTRuntime):
             raise ValueError("cfg=2 runs the two classifier-free-guidance branches on different ranks; it needs "
                              "guidance_scale > 1")
         self.calls_per_step = 2 if guided else 1
+        of_frame = check_segment_request(bound, frames, segment_prompts, segment_frames)
+        self.segment_of_latent = self.segment_text = None
+        if of_frame is not None:
+            self.segment_of_latent = [of_frame[frame * patch_t * temporal] for frame in range(latent_frames)]
+            length = request_arg(bound, "max_sequence_length")
+            with torch.no_grad():
+                self.segment_text = torch.cat([pipe.encode_prompt(prompt, do_classifier_free_guidance=False,
+                                                                  max_sequence_length=length, device=pipe.device)[0]
+                                               for prompt in segment_prompts])
+        if self.checkpoints is not None:
+            install_step_hook(pipe.scheduler, lambda latents: self.on_step_end(pipe.scheduler, latents))
         share_generator(bound, self.mesh.group("world"))
+        self.generator = request_arg(bound, "generator")
+
+
+def _zeros(module, kwargs: dict[str, Any]) -> Any:
+    """A transformer output of zeros for the call `kwargs` (a step skipped on resume)."""
+    from diffusers.models.modeling_outputs import Transformer2DModelOutput
+
+    states = kwargs["hidden_states"]
+    sample = states.new_zeros(states.shape[0], module.config.out_channels, *states.shape[2:])
+    return Transformer2DModelOutput(sample=sample) if kwargs.get("return_dict", True) else (sample,)
 
 
 def _transformers(pipe) -> list[Any]:
@@ -217,6 +288,9 @@ def install(pipe, config: ParallelConfig, options: TemporalAttention):
     for transformer in _transformers(pipe):
         for attn in _self_attentions(transformer, config):
             attn.set_processor(SeqWanAttnProcessor(seq, None if keys is None else keys.start))
+        for block in transformer.blocks:
+            block.attn2.set_processor(SegmentCrossAttention(block.attn2.processor, runtime.text_runs))
+        intercept(transformer.condition_embedder.text_embedder, "forward", runtime.text_embed_call)
         call = functools.partial(runtime.transformer_call, pipe, transformer)
         intercept(transformer, "forward", call)
         intercept(transformer.patch_embedding, "forward", runtime.embed_call)
