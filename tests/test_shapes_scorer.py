@@ -1,6 +1,7 @@
 """The shapes world's scorer (tools/shapes_scorer.py) against drawn scenes whose answers are known: right on the
 ground truth of many random scenes (plain and two-tone backgrounds, every shape, colour, size and cell), wrong
-on planted mismatches (another colour, shape or cell named; an object missing; an object drawn twice)."""
+on planted mismatches (another colour, shape or cell named; an object missing; an object drawn twice); and the
+training script's tokenizer, which must make every word of the world one token."""
 from __future__ import annotations
 
 import random
@@ -55,3 +56,15 @@ def test_captions_outside_the_grammar_are_refused():
     for bad in ("a red circle", "a small purple circle at the top", "a small red circle at the moon"):
         with pytest.raises(ValueError, match="not a shapes-world caption"):
             parse_caption(bad)
+
+
+def test_the_training_tokenizer_makes_every_word_of_the_world_one_token(tmp_path):
+    from tools.train_shapes import world_words, write_tokenizer
+
+    tokenizer = write_tokenizer(tmp_path)
+    rng = random.Random(4)
+    for scene in _scenes(20, seed=5) + [sample_scene(rng)]:
+        text = caption(scene)
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)[1:-1]
+        assert [t.removesuffix("</w>") for t in tokens] == text.split()
+    assert len({tokenizer(w).input_ids[1] for w in world_words()}) == len(world_words())
