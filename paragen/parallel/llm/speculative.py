@@ -87,7 +87,9 @@ class SpeculativeStats:
     refresh_s: float = 0.0
     verify_bytes: int = 0  # this rank's bytes sent + received in verification rounds ...
     refresh_bytes: int = 0  # ... and in building the retrieval cache
-    kept: list[int] = field(default_factory=list)  # drafted tokens kept, per verification
+    gammas: list[int] = field(default_factory=list)  # tokens drafted, per verification ...
+    kept: list[int] = field(default_factory=list)  # ... and kept
+    round_s: list[float] = field(default_factory=list)  # each round's wall time: draft, verify, refresh after it
 
     def report(self) -> dict:
         """The run report's fields: TriForce's acceptance rate (accepted / drafted) and mean accepted tokens per
@@ -243,7 +245,8 @@ def speculative_generate(
     while len(out) < max_new_tokens:
         gamma = min(spec.gamma, max_new_tokens - len(out) - 1)
         start, pending = cache.total, out[-1]
-        began, moved = time.perf_counter(), _moved(cache)
+        began = round_began = time.perf_counter()
+        moved = _moved(cache)
         drafted, rows = drafter.propose(pending, start, gamma) if drafting else ([0] * gamma, None)
         stats.draft_s += time.perf_counter() - began
         began = time.perf_counter()
@@ -264,6 +267,7 @@ def speculative_generate(
         stats.verifications += 1
         stats.drafted += gamma
         stats.accepted += kept
+        stats.gammas.append(gamma)
         stats.kept.append(kept)
         out += [*drafted[:kept], after]
         if len(out) < max_new_tokens and refresh.after(gamma, kept):
@@ -274,4 +278,5 @@ def speculative_generate(
             stats.refreshes += 1
             stats.refresh_s += time.perf_counter() - began
             stats.refresh_bytes += _moved(cache) - moved
+        stats.round_s.append(time.perf_counter() - round_began)
     return out[:max_new_tokens], stats, retrieval
