@@ -162,7 +162,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     root = model_root(request.model)
     model_config = AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=request.allow_remote_code)
     workload.check(model_config, config, options)
-    draft_positions = _check_speculative(request, options, config, model_config)
+    draft_positions = _check_speculative(request, options, model_config)
     check_out_dir(args.out)
     tokenizer = None
     if request.model not in EMBEDDED_LLMS:
@@ -190,15 +190,13 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     return Prepared(request, workload, config, options, prompt, item=prompt(request))
 
 
-def _check_speculative(request: LLMRequest, options: KVConfig, config: ParallelConfig, model_config) -> int | None:
+def _check_speculative(request: LLMRequest, options: KVConfig, model_config) -> int | None:
     """Refuse speculative options that cannot run (same answer on every rank, before any collective); the draft
     model's positions, if there is one."""
     if options.mode != "speculative":
         if request.draft is not None:
             raise ValueError("--draft drafts for speculative decoding: add --kv speculative")
         return None
-    if config.tp != 1:
-        raise ValueError("--kv speculative runs with --tp 1 (sequence shards only)")
     if request.top_k is not None:
         raise ValueError("--kv speculative samples with --temperature and --top-p, not --top-k")
     if request.draft is None:

@@ -133,7 +133,7 @@ def _sharded_generate_forward(self: nn.Module, forward, input_ids=None, attentio
 
 def check(model, config: ParallelConfig, kv: KVConfig) -> None:
     """Refuse what the sharded runtime cannot run, before any collective: heads not divisible by `tp`,
-    sliding-window layers, or a key rank larger than the key width allows. `model`: a causal LM or its
+    sliding-window layers, a key rank larger than the key width allows, or speculative decoding with `tp` > 1. `model`: a causal LM or its
     transformers config."""
     model_config = model.config if isinstance(model, nn.Module) else model
     check_tensor_parallel(model_config, config.tp)
@@ -145,6 +145,8 @@ def check(model, config: ParallelConfig, kv: KVConfig) -> None:
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     if kv.mode == "offload":
         kv.key_rank(model_config.num_key_value_heads // config.tp * head_dim)
+    if kv.mode == "speculative" and config.tp != 1:
+        raise ValueError("speculative decoding runs with tp = 1 (sequence shards only)")
 
 
 def install(model: nn.Module, config: ParallelConfig, kv: KVConfig) -> nn.Module:

@@ -52,8 +52,6 @@ def check_speculative(model: nn.Module, prompt_tokens: int, batch: int, new_toke
     if runtime.kv.mode != "speculative":
         raise ValueError(f"speculative decoding needs a model parallelised with KVConfig(mode='speculative'), not "
                          f"{runtime.kv.mode!r}")
-    if runtime.config.tp != 1:
-        raise ValueError("speculative decoding runs with tp = 1 (sequence shards only)")
     if batch != 1:
         raise ValueError(f"speculative decoding takes one prompt at a time (batch 1), got a batch of {batch}")
     if new_tokens < 1:
