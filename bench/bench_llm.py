@@ -10,6 +10,13 @@ Configurations (one rank is one core here, as on a cluster one rank is one GPU; 
   offload_1x1   paragen, seq=1 in one process, `KVConfig(mode="offload")` with its defaults (budget 1/64,
                 key rank 160/1024 of the key width = 10 of 64, chunks of 8 tokens, window 32, outliers 1/256)
   offload_2r    the same offload store on each of 2 ranks (seq=2)
+  spec_1x1      paragen, seq=1, `KVConfig(mode="speculative")`: TriForce over the dense store — the target over a
+                retrieval cache (4096 tokens, capped at the prompt: sink 16, recent 64, top chunks of 8 by landmark
+                score) drafts gamma = 6 tokens, one forward of 7 tokens over the full cache verifies them
+  spec_2r       the same on 2 ranks (seq=2): the chunks are chosen over both shards, the retrieval cache and the
+                drafting live on rank 0, the verification merges across the ranks
+  spec_draft_2r spec_2r with the embedded `tiny-passkey-draft` (1 layer) over a StreamingLLM cache (16 sink, 256
+                in all) drafting 4 tokens per check by the retrieval level
 
 Workload: the embedded `tiny-passkey` model (2 layers, hidden 128, 4 query heads and 2 key/value heads of
 width 32, 131072 positions; random weights if its safetensors are missing, then every answer is wrong).
@@ -61,6 +68,17 @@ rank r is shard r; `paragen/comms/group.py` counts what it puts on the wire):
 A single rank moves nothing. The driver evaluates the formula on the shapes and shard bounds the worker
 recorded and compares it with `CommStats` for every request of every rank.
 
+Speculative decoding has no per-token step: a round (draft, verification, refresh) yields kept + 1 tokens and
+each is given an equal share of the round's time (`bench/llm_worker.py`); its device KV bytes are the full
+cache's plus, on rank 0, the retrieval cache's. Its bytes per request add, besides the merge of each
+verification (the formula's merge over the verified tokens, Σ(gamma_i + 1), instead of one per token):
+  llm_spec_tokens     per round, rank 0 sends (N−1)·8·gamma_i bytes of drafted token ids, every other rank receives 8·gamma_i
+  llm_spec_decision   rank 0 sends (N−1)·8 for the first token, then (N−1)·16 per round (kept, next); the others receive
+  llm_retrieval_query once: the last rank sends (N−1)·ℓ·B·Hq·D·b (the prompt's last query per layer)
+  llm_retrieval_*     the chunk scores and the chosen K/V depend on the selection: measured, not in the formula
+Speculative against paragen dense (`speculative_vs_dense`): spec_2r's and spec_draft_2r's decode tokens/s over
+dense_2r's, and whether their tokens equal dense_2r's; the goal: identical tokens and >= 2x at 32K and 128K.
+
 Summary at each context: offload_1x1 decode tokens/s ÷ dynamic_1x1's and the device KV bytes ratio
 offload_1x1 / dynamic_1x1, with both accuracies; the targets at 32768 tokens: offload ≥ 3× the tokens/s of
 DynamicCache with ≤ 1/6 of its device KV bytes and the same passkey accuracy.
@@ -93,7 +111,13 @@ CONFIGS = {  # name -> (worker --kv, ranks, threads per rank)
     "dense_2r": ("dense", 2, 1),
     "offload_1x1": ("offload", 1, 1),
     "offload_2r": ("offload", 2, 1),
+    "spec_1x1": ("speculative", 1, 1),
+    "spec_2r": ("speculative", 2, 1),
+    "spec_draft_2r": ("speculative_draft", 2, 1),
 }
+SPEC_VS_DENSE = {"spec_2r": "dense_2r", "spec_draft_2r": "dense_2r"}
+SPEC_GOAL = 2.0  # speculative decode tokens/s over paragen dense's, at 32K and 128K
+MEASURED_ONLY = ("llm_retrieval_scores", "llm_retrieval_kv")  # bytes depend on the chunks chosen
 BASELINE = "dynamic_1x1"
 DEFAULT_CONTEXTS = (8192, 32768, 131072)
 TARGET_CONTEXT = 32768
@@ -102,8 +126,10 @@ MANY_KEYS_UP_TO = 32768  # default --keys: 4 prompts up to this context, 1 beyon
 
 
 # ---- the formula --------------------------------------------------------------------------------
-def formula_request(shape: dict, bounds: list[list[int]], rank: int, decode_steps: int, batch: int) -> dict:
-    """Bytes {label: {sent, recv}} rank `rank` should move in one request."""
+def formula_request(shape: dict, bounds: list[list[int]], rank: int, decode_steps: int, batch: int,
+                    gammas: list[int] | None = None) -> dict:
+    """Bytes {label: {sent, recv}} rank `rank` should move in one request (`gammas`: the tokens drafted per
+    verification, speculative; `decode_steps` then counts the verified tokens)."""
     ranks = len(bounds)
     if ranks == 1:
         return {}
@@ -114,12 +140,19 @@ def formula_request(shape: dict, bounds: list[list[int]], rank: int, decode_step
     logits = batch * shape["vocab"] * b
     last = rank == ranks - 1
     merge = decode_steps * layers * (ranks - 1) * batch * shape["q_heads"] * (shape["head_dim"] + 1) * b
-    return {
+    rows = {
         "llm_ring_kv": {"sent": 0 if last else layers * sum(lengths[: rank + 1]) * kv_token,
                         "recv": layers * sum(lengths[:rank]) * kv_token},
         "llm_prefill_logits": {"sent": (ranks - 1) * logits if last else 0, "recv": 0 if last else logits},
         "llm_decode_merge": {"sent": merge, "recv": merge},
     }
+    if gammas is not None:
+        def broadcast(size: int, src: int) -> dict:
+            return {"sent": (ranks - 1) * size if rank == src else 0, "recv": 0 if rank == src else size}
+
+        rows.update(llm_spec_tokens=broadcast(8 * sum(gammas), 0), llm_spec_decision=broadcast(8 + 16 * len(gammas), 0),
+                    llm_retrieval_query=broadcast(layers * batch * shape["q_heads"] * shape["head_dim"] * b, ranks - 1))
+    return rows
 
 
 def merge_bytes_per_token(shape: dict, ranks: int, batch: int = 1) -> int:
@@ -134,8 +167,9 @@ def bytes_check(results: list[dict]) -> list[dict]:
         labels: dict[str, dict] = {}
         for res in results:
             for req in res["ranks"][r]["requests"]:
-                want = formula_request(res["shape"], req["bounds"], r, len(req["decode_s"]), res["batch"])
-                for label in sorted(set(want) | set(req["comm"])):
+                want = formula_request(res["shape"], req["bounds"], r, req.get("verified_tokens", len(req["decode_s"])),
+                                       res["batch"], req.get("gammas"))
+                for label in sorted(set(want) | set(req["comm"]) - set(MEASURED_ONLY)):
                     got = req["comm"].get(label, {"bytes_sent": 0, "bytes_recv": 0})
                     expected = want.get(label, {"sent": 0, "recv": 0})
                     row = labels.setdefault(label, {
@@ -161,7 +195,7 @@ def _summarise(results: list[dict], ranks: int, threads: int) -> dict:
         per_rank.append({
             "rank": r, "shard": reqs[0]["bounds"][r],
             "device_bytes": max(req["device_bytes"] for req in reqs),
-            "device_bytes_after_prefill": max(req["device_bytes_after_prefill"] for req in reqs),
+            "device_bytes_after_prefill": _largest(req["device_bytes_after_prefill"] for req in reqs),
             "host_bytes": max(req["host_bytes"] for req in reqs),
             "fetched_bytes_per_token": statistics.fmean(req["fetched_bytes"] / max(1, len(req["decode_s"]))
                                                         for req in reqs),
@@ -189,12 +223,43 @@ def _summarise(results: list[dict], ranks: int, threads: int) -> dict:
         "new_tokens": [req["new_tokens"] for req in first["ranks"][0]["requests"]],
         "rounds_agree": all(res["ranks"][0]["requests"][i]["new_tokens"] == req["new_tokens"]
                             for res in results for i, req in enumerate(first["ranks"][0]["requests"])),
-        "device_bytes": total("device_bytes"), "device_bytes_after_prefill": total("device_bytes_after_prefill"),
+        "device_bytes": total("device_bytes"),
+        "device_bytes_after_prefill": None if None in [row["device_bytes_after_prefill"] for row in per_rank]
+        else total("device_bytes_after_prefill"),
         "host_bytes": total("host_bytes"), "fetched_bytes_per_token": total("fetched_bytes_per_token"),
         "per_rank": per_rank,
         "merge_bytes_per_token_per_rank": merge_bytes_per_token(first["shape"], ranks, first["batch"]),
         "bytes_per_request": checks,
         "bytes_formula_matches": all(row["match"] for rank in checks for row in rank["labels"].values()),
+        **({"speculative": _speculative_summary(timed)} if "speculative" in timed[0] else {}),
+    }
+
+
+def _largest(values) -> int | None:
+    """The largest of byte counts, None if any is unknown (speculative: not read after the prefill)."""
+    values = list(values)
+    return None if None in values else max(values)
+
+
+def _speculative_summary(timed: list[dict]) -> dict:
+    """Rank 0's speculative counts, pooled over requests: TriForce's acceptance rate (accepted / drafted), mean
+    kept tokens per verification, refreshes, bytes per verification, the retrieval cache's bytes."""
+    reports = [req["speculative"] for req in timed]
+    drafted, accepted = sum(r["drafted"] for r in reports), sum(r["accepted"] for r in reports)
+    verifications = sum(r["verifications"] for r in reports)
+    draft_drafted = sum(r["draft_model"]["drafted"] for r in reports)
+    return {
+        "drafted": drafted, "accepted": accepted, "verifications": verifications,
+        "acceptance_rate": accepted / drafted if drafted else None,
+        "mean_accepted_per_verification": accepted / max(1, verifications),
+        "refreshes": sum(r["refreshes"] for r in reports),
+        "bytes_per_verification": statistics.fmean(r["bytes_per_verification"] for r in reports),
+        "retrieval_bytes": max(req["retrieval_bytes"] for req in timed),
+        "draft_model_acceptance_rate": (sum(r["draft_model"]["accepted"] for r in reports) / draft_drafted
+                                        if draft_drafted else None),
+        "draft_s": statistics.fmean(r["draft_s"] for r in reports),
+        "verify_s": statistics.fmean(r["verify_s"] for r in reports),
+        "refresh_s": statistics.fmean(r["refresh_s"] for r in reports),
     }
 
 
@@ -207,6 +272,11 @@ def summary_lines(report: dict) -> list[str]:
             lines.append(f"{context:>7}: offload_1x1 {row['tokens_per_s_ratio']:.2f}x the tokens/s of DynamicCache with "
                          f"{row['device_kv_ratio']:.3f} of its device KV (1/{1 / row['device_kv_ratio']:.1f}); passkey "
                          f"{row['accuracy']:.2f} vs {row['baseline_accuracy']:.2f}")
+    for context, rows in report.get("speculative_vs_dense", {}).items():
+        for name, row in rows.items():
+            lines.append(f"{context:>7}: {name} {row['tokens_per_s_ratio']:.2f}x the tokens/s of {row['versus']} "
+                         f"(goal {SPEC_GOAL:.0f}x), identical tokens: {row['identical_tokens']}, acceptance "
+                         f"{row['acceptance_rate']}")
     return lines + [f"targets at {TARGET_CONTEXT}: {report['targets']}"]
 
 
@@ -265,6 +335,23 @@ def _versus_baseline(configs: dict, context: str) -> dict:
     return out
 
 
+def speculative_vs_dense(configs: dict, context: str) -> dict:
+    """At one context: each speculative configuration's decode tokens/s over paragen dense's, and whether its
+    tokens equal dense's on every prompt."""
+    out = {}
+    for name, dense in SPEC_VS_DENSE.items():
+        mine = configs.get(name, {}).get("contexts", {}).get(context)
+        base = configs.get(dense, {}).get("contexts", {}).get(context)
+        if mine is None or base is None or "skipped" in mine or "skipped" in base:
+            continue
+        ratio = median_ratio({dense: base, name: mine}, name, dense, "decode_tokens_per_s")
+        out[name] = {"versus": dense, "tokens_per_s_ratio": ratio, "goal_met": ratio >= SPEC_GOAL,
+                     "identical_tokens": mine["new_tokens"] == base["new_tokens"],
+                     "acceptance_rate": mine["speculative"]["acceptance_rate"],
+                     "mean_accepted_per_verification": mine["speculative"]["mean_accepted_per_verification"]}
+    return out
+
+
 def _targets(summary: dict) -> dict | None:
     """The issue's targets for offload_1x1 against DynamicCache at 32K tokens (None where it did not run)."""
     row = summary.get(str(TARGET_CONTEXT), {}).get("offload_1x1")
@@ -303,7 +390,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--keys", type=int, default=None,
                    help=f"passkey prompts per context (default 4 up to {MANY_KEYS_UP_TO} tokens, 1 beyond)")
-    p.add_argument("--warmup-tokens", type=int, default=256)
+    p.add_argument("--warmup-tokens", type=int, default=256,
+                   help="prompt tokens of the warm-up request (speculative: at least the retrieval budget)")
     p.add_argument("--only", default=None, help=f"comma-separated subset of {', '.join(CONFIGS)}")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "llm_cpu.json"))
     args = p.parse_args()
@@ -359,6 +447,7 @@ def main() -> None:
         "rerun": names if previous else None,
         "summary": summary,
         "targets": _targets(summary),
+        "speculative_vs_dense": {str(c): speculative_vs_dense(configs, str(c)) for c in contexts},
         "bytes_formula_matches": {n: {c: row["bytes_formula_matches"] for c, row in entry["contexts"].items()
                                       if "skipped" not in row} for n, entry in configs.items()},
         "configs": configs,

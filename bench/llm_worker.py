@@ -3,11 +3,15 @@ alone or under torchrun).
 
 Loads the embedded `tiny-passkey` model and either leaves it stock (`--kv stock`: transformers'
 `DynamicCache` in this one process, no paragen runtime) or shards it with `parallelize_llm` over the
-world's ranks (`--kv dense` or `--kv offload`: seq = the world size). After a warm-up request it
+world's ranks (`--kv dense`, `--kv offload` or `--kv speculative`: seq = the world size; `speculative_draft` adds
+the embedded `tiny-passkey-draft` as the third level). After a warm-up request it
 answers `--keys` passkey prompts of `context − new_tokens` tokens each (the key at depths
 (i + ½)/keys), greedily. A `LogitsProcessor` stamps `time.perf_counter()` each time `generate` hands
 it the logits of a forward, i.e. once per generated token: the first stamp minus the start of the call
 is the prefill, the intervals after it are the decode steps of the 2nd, 3rd, … generated token.
+Speculative decoding has no per-token forward: a round (draft, one verification, a refresh if due) yields
+kept + 1 tokens, and each of them is given an equal share of the round's time; its run report
+(`SpeculativeStats.report`), the drafted and kept tokens per round and the verified tokens are recorded too.
 Every rank reports per request its KV bytes (device, host, fetched), its `CommStats` deltas and the
 shapes the driver's byte formula needs, and its peak resident memory; rank 0 writes them with the
 generated tokens.
@@ -27,9 +31,13 @@ from transformers import DynamicCache, LogitsProcessor, LogitsProcessorList
 import paragen
 from paragen.comms import all_gather_objects, world_size
 from paragen.parallel.llm import KVConfig, cache_argument
+from paragen.parallel.llm.config import SpeculativeConfig
 from paragen.pipelines.llm import parallelize_llm
 from paragen.pipelines.llm.loading import load_llm
 from paragen.pipelines.llm.passkey import DIGITS, decode_key, make_prompt
+from paragen.pipelines.llm.speculative import generate_speculative
+
+DRAFT_MODEL = "tiny-passkey-draft"
 
 
 def peak_rss_mib() -> float:
@@ -72,12 +80,15 @@ class TokenClock(LogitsProcessor):
 class Runner:
     """One process's model and the way it makes, measures and closes a cache per request."""
 
-    def __init__(self, kv: str, model: str) -> None:
+    def __init__(self, kv: str, model: str, speculative: SpeculativeConfig) -> None:
         self.model = load_llm(model)
         self.runtime = None
+        self.speculative = kv.startswith("speculative")
+        self.draft = load_llm(DRAFT_MODEL) if kv == "speculative_draft" else None
         if kv != "stock":
             config = paragen.ParallelConfig(seq=world_size(), tp=1)
-            self.runtime = parallelize_llm(self.model, config, KVConfig(mode=kv))
+            mode = "speculative" if self.speculative else kv
+            self.runtime = parallelize_llm(self.model, config, KVConfig(mode=mode, speculative=speculative))
 
     def new_cache(self):
         return DynamicCache() if self.runtime is None else self.runtime.new_cache()
@@ -104,6 +115,8 @@ class Runner:
         """Generate greedily after `tokens`; this rank's times, bytes and new tokens."""
         if world_size() > 1:
             dist.barrier()  # every rank starts the request together
+        if self.speculative:
+            return self._speculative(tokens, new_tokens)
         cache = self.new_cache()
         clock = TokenClock(lambda: self.device_bytes(cache))
         before = self.comm_snapshot()
@@ -120,6 +133,23 @@ class Runner:
         }
 
 
+    def _speculative(self, tokens: torch.Tensor, new_tokens: int) -> dict:
+        before = self.comm_snapshot()
+        start = time.perf_counter()
+        out = generate_speculative(self.model, tokens[None], max_new_tokens=new_tokens, draft_model=self.draft)
+        request_s = time.perf_counter() - start
+        stats = out.stats
+        retrieval = out.retrieval.device_bytes() if out.retrieval is not None else 0  # on the drafting rank
+        decode_s = [t / (kept + 1) for t, kept in zip(stats.round_s, stats.kept) for _ in range(kept + 1)]
+        return {
+            "prefill_s": self.runtime.prefill_s, "decode_s": decode_s, "request_s": request_s,
+            "new_tokens": out.sequences[0, len(tokens):].tolist(), "device_bytes_after_prefill": None,
+            "device_bytes": out.cache.device_bytes() + retrieval, **self.close(out.cache), "retrieval_bytes": retrieval,
+            "verified_tokens": sum(gamma + 1 for gamma in stats.gammas), "speculative": stats.report(),
+            "gammas": stats.gammas, "kept": stats.kept, "comm": _delta(before, self.comm_snapshot()),
+        }
+
+
 def model_shape(model) -> dict:
     """What the byte formulas need: layers, heads, head width, vocabulary, element size."""
     config = model.config
@@ -132,8 +162,13 @@ def model_shape(model) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="tiny-passkey")
-    p.add_argument("--kv", choices=("stock", "dense", "offload"), default="stock",
-                   help="stock: DynamicCache, no paragen runtime (one process); dense/offload: paragen's KV store")
+    p.add_argument("--kv", choices=("stock", "dense", "offload", "speculative", "speculative_draft"), default="stock",
+                   help="stock: DynamicCache, no paragen runtime (one process); dense/offload: paragen's KV store; "
+                        "speculative: TriForce over the dense store (speculative_draft: with tiny-passkey-draft)")
+    p.add_argument("--gamma", type=int, default=SpeculativeConfig.gamma, help="speculative: tokens per verification")
+    p.add_argument("--retrieval-budget", type=int, default=SpeculativeConfig.budget,
+                   help="speculative: retrieval cache tokens (capped at the prompt)")
+    p.add_argument("--refresh-every", type=int, default=0, help="speculative: rebuild the retrieval cache every N")
     p.add_argument("--context", type=int, required=True, help="prompt + generated tokens")
     p.add_argument("--keys", type=int, default=1, help="passkey prompts (requests) to answer")
     p.add_argument("--new-tokens", type=int, default=32)
@@ -150,10 +185,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     else:
         paragen.init(threads=args.threads)
-    runner = Runner(args.kv, args.model)
     prompt_length = args.context - args.new_tokens
+    budget = min(args.retrieval_budget, prompt_length)
+    # The warm-up prompt must hold the retrieval budget too (speculative).
+    warm_length = min(max(args.warmup_tokens, budget if args.kv.startswith("speculative") else 0), prompt_length)
+    speculative = SpeculativeConfig(gamma=args.gamma, budget=budget, refresh_every=args.refresh_every)
+    runner = Runner(args.kv, args.model, speculative)
 
-    warm = make_prompt(min(args.warmup_tokens, prompt_length), 0.5, torch.Generator().manual_seed(0))
+    warm = make_prompt(warm_length, 0.5, torch.Generator().manual_seed(0))
     runner.request(warm.tokens, min(4, args.new_tokens))
     requests, answers = [], []
     for i in range(args.keys):

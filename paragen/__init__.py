@@ -12,17 +12,19 @@
 Causal LMs (Llama, Qwen2, Mistral) take `paragen.parallelize_llm(model, ParallelConfig(seq=N, tp=M),
 KVConfig(mode="offload"))` and generate with `model.generate(ids, **paragen.cache_argument(runtime.new_cache()))`
 (`cache=` on transformers ≥ 5.24, `past_key_values=` before; `cache_argument` picks the installed one's).
+Lossless speculative decoding (TriForce): `KVConfig(mode="speculative", speculative=SpeculativeConfig(...))`,
+then `paragen.generate_speculative(model, ids, max_new_tokens=..., do_sample=..., draft_model=...)`.
 """
 from typing import Any
 
 from paragen.comms import is_output_rank, rank_device, world_size
 from paragen.launch.process_group import init, shutdown
 from paragen.parallel import ExchangeConfig, HiresConfig, ParallelConfig, TemporalAttention
-from paragen.parallel.llm.config import KVConfig
+from paragen.parallel.llm.config import KVConfig, SpeculativeConfig
 
-__all__ = ["ExchangeConfig", "HiresConfig", "JobRunner", "KVConfig", "ParallelConfig", "TemporalAttention",
-           "cache_argument", "init", "is_output_rank", "parallelize", "parallelize_llm", "rank_device", "shutdown",
-           "world_size"]
+__all__ = ["ExchangeConfig", "HiresConfig", "JobRunner", "KVConfig", "ParallelConfig", "SpeculativeConfig",
+           "TemporalAttention", "cache_argument", "generate_speculative", "init", "is_output_rank", "parallelize",
+           "parallelize_llm", "rank_device", "shutdown", "world_size"]
 __version__ = "0.1.0"
 
 
@@ -36,6 +38,10 @@ def __getattr__(name: str) -> Any:
         from paragen.pipelines.llm import parallelize_llm
 
         return parallelize_llm
+    if name == "generate_speculative":
+        from paragen.pipelines.llm.speculative import generate_speculative
+
+        return generate_speculative
     if name == "JobRunner":
         from paragen.launch.runner import JobRunner
 

@@ -29,8 +29,26 @@ def test_answers_the_passkey_through_the_offloaded_cache(tmp_path):
     assert ranks["0"]["host_bytes"] > ranks["0"]["device_bytes"] > 0 and ranks["1"]["fetched_bytes_per_token"] > 0
 
 
-def _checkpoint(folder: Path, *, remote: bool = False, pickle: bool = False) -> Path:
+def test_speculative_decoding_answers_the_passkey_with_the_dense_tokens(tmp_path):
+    common = ["--context", "2048", "--depth", "0.6", "--new-tokens", "10"]
+    check_all_ok(run_ranks([*LLM, *common, "--kv", "speculative", "--retrieval-budget", "256", "--gamma", "4",
+                            "--draft", "tiny-passkey-draft", "--refresh-every", "2", "--out", str(tmp_path / "spec")], 2))
+    check_all_ok(run_ranks([*LLM, *common, "--out", str(tmp_path / "dense")], 2))
+    (spec,), (dense,) = (list((tmp_path / name).glob("*.json")) for name in ("spec", "dense"))
+    data, want = json.loads(spec.read_text()), json.loads(dense.read_text())
+    assert data["new_tokens"] == want["new_tokens"] and data["correct"] is True
+    assert data["kv"]["mode"] == "speculative" and data["kv"]["speculative"]["budget"] == 256
+    report = data["speculative"]
+    assert report["verifications"] >= 1 and report["refreshes"] >= 1 and report["draft_model"]["checks"] >= 1
+    assert report["acceptance_rate"] == report["accepted"] / report["drafted"]
+    assert report["bytes_per_verification"] > 0 and data["kv_per_rank"]["0"]["retrieval_bytes"] > 0
+    assert data["kv_per_rank"]["1"]["retrieval_bytes"] == 0  # the retrieval cache lives on the drafting rank
+
+
+def _checkpoint(folder: Path, *, remote: bool = False, pickle: bool = False, vocab: int | None = None) -> Path:
     config = json.loads((Path("paragen/pipelines/configs/tiny-passkey/config.json")).read_text())
+    if vocab is not None:
+        config["vocab_size"] = vocab
     if remote:
         config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
     folder.mkdir()
@@ -52,13 +70,20 @@ BAD_INPUTS = {
     "depth outside [0, 1]": (1, ["--depth", "1.5"], "depth must be in [0, 1]"),
     "remote code": (2, ["--model", "{remote}", "--prompt", "hi"], "needs remote code"),
     "pickle weights": (2, ["--model", "{pickle}", "--prompt", "hi"], "pickle weights"),
+    "gamma below one": (2, ["--kv", "speculative", "--gamma", "0"], "gamma (tokens drafted per verification) must be >= 1"),
+    "retrieval budget above the prompt": (2, ["--kv", "speculative", "--context", "1024", "--retrieval-budget", "2048"],
+                                          "is larger than the prompt (1024 tokens)"),
+    "draft with another tokenizer": (2, ["--kv", "speculative", "--context", "1024", "--retrieval-budget", "512",
+                                         "--draft", "{other_vocab}"], "tokenizer differs from the target's"),
+    "draft without speculative": (2, ["--draft", "tiny-passkey-draft"], "add --kv speculative"),
 }
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=list(BAD_INPUTS))
 def test_bad_input_fails_fast_on_every_rank(tmp_path, case):
     world, args, message = BAD_INPUTS[case]
-    folders = {"remote": _checkpoint(tmp_path / "remote", remote=True), "pickle": _checkpoint(tmp_path / "pickle", pickle=True)}
+    folders = {"remote": _checkpoint(tmp_path / "remote", remote=True), "pickle": _checkpoint(tmp_path / "pickle", pickle=True),
+               "other_vocab": _checkpoint(tmp_path / "other_vocab", vocab=100)}
     args = [a.format(**folders) for a in args]
     procs = start_ranks([*LLM, *args, "--out", str(tmp_path / "out")], world)
     expect_bad_input(procs, message)

@@ -1,6 +1,12 @@
 """Train the embedded `tiny-passkey` model: a 2-layer Llama that retrieves a passkey from long contexts.
 
     python tools/train_passkey.py [--minutes 40] [--out paragen/pipelines/configs/tiny-passkey]
+    python tools/train_passkey.py --draft [--minutes 6]   # the draft model, configs/tiny-passkey-draft
+
+The model's shape is the `config.json` already in `--out`. `--draft` trains `tiny-passkey-draft`, the third
+level of speculative decoding (`paragen llm --kv speculative --draft tiny-passkey-draft`): a 1-layer model on
+the same vocabulary whose loss covers every next token (filler and answer), since a draft guesses whatever
+comes next over a StreamingLLM window rather than retrieving the key.
 
 The data is generated on the fly by `paragen.pipelines.llm.passkey` (filler, a slot-tagged key at a random
 depth, the question, the answer); the loss is on the answer digits only. Two things make it train on
@@ -30,6 +36,7 @@ from paragen.pipelines.llm.passkey import DIGITS, PasskeyPrompt, key_tokens, mak
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "paragen" / "pipelines" / "configs" / "tiny-passkey"
+DRAFT_OUT = ROOT / "paragen" / "pipelines" / "configs" / "tiny-passkey-draft"
 # (fraction of the run, tokens per sequence, position span, sequences per batch)
 CURRICULUM = (
     (0.15, 128, 512, 48),
@@ -39,8 +46,10 @@ CURRICULUM = (
 )
 
 
-def training_batch(length: int, span: int, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Prompts plus answers with spread position ids; labels are -100 except on the answer digits."""
+def training_batch(length: int, span: int, batch: int, generator: torch.Generator,
+                   every_token: bool = False) -> dict[str, torch.Tensor]:
+    """Prompts plus answers with spread position ids; labels are -100 except on the answer digits (on every
+    token with `every_token`)."""
     rows, positions, labels = [], [], []
     for _ in range(batch):
         depth = float(torch.rand((), generator=generator))
@@ -58,7 +67,7 @@ def training_batch(length: int, span: int, batch: int, generator: torch.Generato
         start = int(torch.randint(max(1, 131000 - int(gaps.sum())), (1,), generator=generator))
         rows.append(tokens)
         positions.append(start + torch.cumsum(gaps, 0))
-        label = torch.full_like(tokens, -100)
+        label = tokens.clone() if every_token else torch.full_like(tokens, -100)
         label[-DIGITS:] = answer
         labels.append(label)
     ids = torch.stack(rows)
@@ -87,12 +96,16 @@ def digit_accuracy(model: LlamaForCausalLM, length: int, trials: int, seed: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=40.0, help="training time budget")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--out", type=Path, default=None, help="the model's folder (its config.json); default: "
+                        "configs/tiny-passkey, or configs/tiny-passkey-draft with --draft")
+    parser.add_argument("--draft", action="store_true", help="train the draft model: loss on every next token")
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-every", type=int, default=200)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.out is None:
+        args.out = DRAFT_OUT if args.draft else DEFAULT_OUT
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     config = LlamaConfig.from_pretrained(args.out)
@@ -116,7 +129,7 @@ def main() -> None:
         warm = min(1.0, (step + 1) / 100)
         for group in optimiser.param_groups:
             group["lr"] = args.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-        loss = model(**training_batch(length, span, batch, generator)).loss
+        loss = model(**training_batch(length, span, batch, generator, every_token=args.draft)).loss
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

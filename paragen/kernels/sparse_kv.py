@@ -36,19 +36,24 @@ def low_rank_factors(keys: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch
     return u[..., :rank].contiguous(), (s[..., :rank, None] * vh[..., :rank, :]).contiguous()
 
 
-def select_chunks(
-    query: torch.Tensor, landmarks: torch.Tensor, count: int, excluded: torch.Tensor | None = None
-) -> torch.Tensor:
-    """The `count` chunks per key head whose landmarks score highest against the query heads it serves.
-
-    `query [B, Hq, 1, D]`, `landmarks [B, Hkv, n, D]`; a chunk scores the largest `q · landmark` over the
-    group's query heads. `excluded [B, Hkv, n]` (True: never chosen, e.g. outliers kept exactly).
-    Returns indices `[B, Hkv, count]`, best first.
-    """
+def chunk_scores(query: torch.Tensor, landmarks: torch.Tensor) -> torch.Tensor:
+    """Each chunk's score per key head, `[B, Hkv, n]`: the largest `q · landmark` over the query heads the key
+    head serves. `query [B, Hq, 1, D]`, `landmarks [B, Hkv, n, D]`."""
     batch, heads, _, dim = query.shape
     kv_heads = landmarks.shape[1]
     grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim).to(landmarks.dtype)
-    scores = torch.matmul(grouped, landmarks.transpose(-1, -2)).amax(dim=2)
+    return torch.matmul(grouped, landmarks.transpose(-1, -2)).amax(dim=2)
+
+
+def select_chunks(
+    query: torch.Tensor, landmarks: torch.Tensor, count: int, excluded: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The `count` chunks per key head whose landmarks score highest (`chunk_scores`) against the query.
+
+    `excluded [B, Hkv, n]` (True: never chosen, e.g. outliers kept exactly). Returns indices
+    `[B, Hkv, count]`, best first.
+    """
+    scores = chunk_scores(query, landmarks)
     if excluded is not None:
         scores.masked_fill_(excluded, float("-inf"))
     return scores.topk(count, dim=-1, sorted=False).indices

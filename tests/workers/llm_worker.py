@@ -2,7 +2,8 @@
 
 usage: llm_worker.py SPEC.json OUT.pt   (SPEC: a list of runs, see tests/test_llm_parallel.py)
 A `generate` spec runs `model.generate` through the sharded cache; a `ring` spec runs ring attention
-on random shards and returns every rank's output.
+on random shards and returns every rank's output; a `speculative` spec runs `generate_speculative` (and with
+`caches`, returns every rank's full-cache K/V and the drafting rank's retrieval cache).
 """
 import torch
 
@@ -10,10 +11,12 @@ import paragen
 from paragen.comms import all_gather_objects
 from paragen.parallel import ParallelMesh
 from paragen.parallel.llm import KVConfig, cache_argument
+from paragen.parallel.llm.config import SpeculativeConfig
 from paragen.parallel.llm.ring import ring_causal_attention
 from paragen.parallel.llm.shards import shard_bounds
 from paragen.pipelines.llm import parallelize_llm
 from paragen.pipelines.llm.loading import load_llm
+from paragen.pipelines.llm.speculative import generate_speculative
 from tests.workers.specs import serve_specs
 
 
@@ -49,8 +52,32 @@ def run_generate(spec: dict) -> dict:
             "stats": runtime.mesh.stats.snapshot()}
 
 
+SPECULATIVE_OPTIONS = ("gamma", "budget", "chunk", "sink", "recent", "refresh_every", "refresh_below", "draft_gamma",
+                       "draft_sink", "draft_window")
+
+
+def run_speculative(spec: dict) -> dict:
+    model = load_llm(spec["model"])
+    options = SpeculativeConfig(**{k: spec[k] for k in SPECULATIVE_OPTIONS if k in spec})
+    runtime = parallelize_llm(model, paragen.ParallelConfig(seq=spec["seq"]), KVConfig(mode="speculative",
+                                                                                      speculative=options))
+    draft = load_llm(spec["draft"], seed=spec.get("draft_seed", 0)) if spec.get("draft") else None
+    ids = torch.tensor(spec["prompt"]).unsqueeze(0)
+    out = generate_speculative(model, ids, max_new_tokens=spec["new_tokens"], do_sample=spec.get("sample", False),
+                               temperature=spec.get("temperature", 1.0), top_p=spec.get("top_p", 1.0),
+                               seed=spec.get("seed", 0), draft_model=draft)
+    result = {"tokens": out.sequences[0, ids.shape[1]:], "stats": out.stats.report(),
+              "comm": runtime.mesh.stats.snapshot()}
+    if spec.get("caches"):
+        held = [tuple(t.clone() for t in store.tokens()) for store in out.cache.stores]
+        result["full"] = all_gather_objects(runtime.mesh.group("world"), held)
+        result["retrieval"] = [store.tokens() for store in out.retrieval.stores] if out.retrieval else None
+    return result
+
+
 def run(spec: dict) -> dict:
-    return run_ring(spec) if spec["kind"] == "ring" else run_generate(spec)
+    kinds = {"ring": run_ring, "generate": run_generate, "speculative": run_speculative}
+    return kinds[spec["kind"]](spec)
 
 
 if __name__ == "__main__":

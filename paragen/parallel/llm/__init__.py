@@ -1,10 +1,11 @@
 """Causal LMs across ranks: sequence-sharded prefill (ring attention), decode merged by log-sum-exp,
-and each shard's KV cache dense or offloaded ShadowKV-style (`KVConfig`)."""
+and each shard's KV cache dense or offloaded ShadowKV-style (`KVConfig`), or decoded by lossless speculative
+decoding over the dense cache (`SpeculativeConfig`, `speculative.py`)."""
 from typing import Any
 
-from paragen.parallel.llm.config import KV_MODES, KVConfig
+from paragen.parallel.llm.config import KV_MODES, KVConfig, SpeculativeConfig
 
-__all__ = ["KV_MODES", "KVConfig", "ShardedKVCache", "cache_argument"]
+__all__ = ["KV_MODES", "KVConfig", "ShardedKVCache", "SpeculativeConfig", "cache_argument"]
 
 
 def __getattr__(name: str) -> Any:

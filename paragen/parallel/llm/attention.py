@@ -1,4 +1,5 @@
-"""The attention forward of a Llama-family layer when its cache is a `ShardedKVCache`.
+"""The attention forward of a Llama-family layer when its cache is a paragen `AttendingCache` (the sharded
+cache, or the retrieval and streaming caches speculative decoding drafts over).
 
 Each attention module instance's forward is intercepted (`LlamaAttention`, `Qwen2Attention`,
 `MistralAttention`: q/k/v/o projections, RoPE from the model's rotary embedding). With any other
@@ -12,7 +13,7 @@ from torch import nn
 
 from paragen.kernels.rope import apply_rope
 from paragen.parallel.intercept import intercept
-from paragen.parallel.llm.cache import ShardedKVCache, cache_in
+from paragen.parallel.llm.cache import AttendingCache, cache_in
 
 
 def _sharded_forward(
@@ -21,7 +22,7 @@ def _sharded_forward(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     cache = cache_in(kwargs)
-    if not isinstance(cache, ShardedKVCache):
+    if not isinstance(cache, AttendingCache):
         return forward(hidden_states, position_embeddings=position_embeddings, attention_mask=attention_mask, **kwargs)
     batch, length, _ = hidden_states.shape
     shape = (batch, length, -1, self.head_dim)
@@ -36,5 +37,5 @@ def _sharded_forward(
 
 
 def shard_attention(module: nn.Module) -> None:
-    """Route `module`'s forward through a `ShardedKVCache` when one is passed (in place)."""
+    """Route `module`'s forward through a paragen `AttendingCache` when one is passed (in place)."""
     intercept(module, "forward", lambda forward, *args, **kwargs: _sharded_forward(module, forward, *args, **kwargs))

@@ -7,6 +7,7 @@ by `paragen.parallel.llm.attention`) hand every layer's queries, keys and values
   store — `DenseStore` (exact) or `OffloadStore` (ShadowKV), per `KVConfig.mode`;
 - decode: each rank attends over its own shard and returns `(out, lse)`; the partial results of the
   ring's ranks are all-gathered and merged by log-sum-exp into exact attention over the whole context.
+  A block of several new tokens (speculative verification) is attended causally, in one exchange per layer.
   A generated token's K/V is stored by the last rank only: it holds the sequence's tail, so every
   shard stays one contiguous range of positions and the recent window stays in one place.
 `get_seq_length` reports the whole sequence's length, so `generate` positions new tokens correctly.
@@ -54,13 +55,82 @@ def cache_in(kwargs: dict[str, Any]) -> Cache | None:
     return None
 
 
-class ShardedKVCache(Cache):
+class AttendingCache(Cache):
+    """A cache whose layers' attention paragen computes: the attention modules (`paragen.parallel.llm.attention`)
+    hand it each layer's queries, keys and values through `attend`. The rest is the transformers `Cache`
+    interface, for a cache that serves one request."""
+
+    def __init__(self, num_layers: int) -> None:
+        super().__init__(layers=[])
+        self.num_layers = num_layers
+
+    def attend(
+        self, layer: int, query: torch.Tensor, key_pre: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """Attention output `[B, Hq, L, D]` of the new tokens' queries over the cached tokens and themselves."""
+        raise NotImplementedError
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        raise NotImplementedError
+
+    # ---- the transformers Cache interface -----------------------------------------------------------
+    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return -1
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        raise RuntimeError(f"{type(self).__name__} is filled by paragen's attention: parallelise the model with "
+                           "paragen.parallelize_llm before generating with it")
+
+    @property
+    def is_compileable(self) -> bool:
+        return False
+
+    @property
+    def is_initialized(self) -> bool:
+        return self.get_seq_length() > 0
+
+    @property
+    def is_croppable(self) -> bool:
+        return False
+
+    @property
+    def is_sliding(self) -> list[bool]:
+        return [False] * self.num_layers
+
+    def __len__(self) -> int:
+        return self.num_layers
+
+    def reset(self) -> None:
+        raise NotImplementedError(f"a {type(self).__name__} serves one request: make a new one")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("beam search is not supported with a sequence-sharded cache")
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("assisted decoding (crop) is not supported with a sequence-sharded cache")
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        raise NotImplementedError("expanding the batch (num_return_sequences > 1) is not supported with a sharded cache")
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        raise NotImplementedError("selecting batch rows is not supported with a sequence-sharded cache")
+
+
+class ShardedKVCache(AttendingCache):
     """The KV cache of one request on one rank: `layers` stores of this rank's shard of the sequence."""
 
     def __init__(self, num_layers: int, comm: GroupComm, kv: KVConfig, rope: RopeTable, device: torch.device) -> None:
-        super().__init__(layers=[])
-        self.num_layers, self.comm, self.kv, self.rope = num_layers, comm, kv, rope
+        super().__init__(num_layers)
+        self.comm, self.kv, self.rope = comm, kv, rope
         self.stores: list[DenseStore | OffloadStore | None] = [None] * num_layers
+        # Speculative decoding reads each layer's queries of the last forward (prefill: its last token) and
+        # the keys and values of the last decode block (the verified tokens' exact K/V).
+        self.queries: list[torch.Tensor | None] = [None] * num_layers
+        self.block: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * num_layers
         self.bounds: list[tuple[int, int]] = []
         self.total = 0
         self._pending = 0
@@ -77,7 +147,7 @@ class ShardedKVCache(Cache):
         return self.bounds[self.comm.rank]
 
     def begin_decode(self, count: int) -> int:
-        """Start the forward of `count` new tokens (one at a time); returns the position of the first."""
+        """Start the forward of `count` new tokens (one block, attended causally); returns the position of the first."""
         if not self.total:
             raise RuntimeError("decode before prefill: the cache is empty")
         self._phase, self._pending = "decode", count
@@ -93,6 +163,18 @@ class ShardedKVCache(Cache):
         """Whether this rank stores generated tokens (the last rank of the ring)."""
         return self.comm.rank == self.comm.size - 1
 
+    def rollback(self, count: int) -> None:
+        """Drop the last `count` generated tokens (rejected drafts) from every layer, on every rank."""
+        if not isinstance(self.stores[0], DenseStore):
+            raise NotImplementedError(f"rolling back is supported by the dense store, not {self.kv.mode!r}")
+        generated = self.total - self.bounds[-1][1]
+        if not 0 <= count <= generated:
+            raise ValueError(f"cannot roll back {count} tokens: {generated} were generated")
+        self.total -= count
+        if self.owns_new_tokens:
+            for store in self.stores:
+                store.truncate(store.length - count)
+
     # ---- what the attention modules call -------------------------------------------------------------
     def attend(
         self, layer: int, query: torch.Tensor, key_pre: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -103,17 +185,23 @@ class ShardedKVCache(Cache):
         `query`, `key` are post-RoPE, `key_pre` the same keys before RoPE (the offload store factorises
         those); `key_pre`, `key`, `value` are `[B, Hkv, L, D]`.
         """
+        speculative = self.kv.mode == "speculative"
         if self._phase == "prefill":
             lengths = [end - start for start, end in self.bounds]
             out = ring_causal_attention(query, key, value, self.comm, lengths, scale)
             self.stores[layer] = self._store(key_pre, key, value)
+            if speculative:
+                self.queries[layer] = query[:, :, -1:]
             return out
         if self._phase != "decode":
             raise RuntimeError("attend called outside a forward of the paragen-wrapped model")
+        if speculative:
+            self.queries[layer], self.block[layer] = query, (key, value)
         store = self.stores[layer]
         if self.owns_new_tokens:
-            store.append(key, value)
-        out, lse = store.attend(query, scale)
+            out, lse = store.append_and_attend(query, key, value, scale)
+        else:
+            out, lse = store.attend(query, scale)
         if self.comm.size == 1:
             return out
         packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)
@@ -122,7 +210,7 @@ class ShardedKVCache(Cache):
         return merged.to(query.dtype)
 
     def _store(self, key_pre: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> DenseStore | OffloadStore:
-        if self.kv.mode == "dense":
+        if self.kv.mode != "offload":
             return DenseStore(key, value, grows=self.owns_new_tokens)
         start = self.bounds[self.comm.rank][0]
         return OffloadStore(key_pre, key, value, start, self.rope, self.kv, self.owns_new_tokens, self.fetcher)
@@ -153,50 +241,5 @@ class ShardedKVCache(Cache):
         if self.fetcher is not None:
             self.fetcher.close()
 
-    # ---- the transformers Cache interface -----------------------------------------------------------
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.total
-
-    def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.total + query_length, 0
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return -1
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        raise RuntimeError("ShardedKVCache is filled by paragen's attention: parallelise the model with "
-                           "paragen.parallelize_llm before generating with it")
-
-    @property
-    def is_compileable(self) -> bool:
-        return False
-
-    @property
-    def is_initialized(self) -> bool:
-        return self.total > 0
-
-    @property
-    def is_croppable(self) -> bool:
-        return False
-
-    @property
-    def is_sliding(self) -> list[bool]:
-        return [False] * self.num_layers
-
-    def __len__(self) -> int:
-        return self.num_layers
-
-    def reset(self) -> None:
-        raise NotImplementedError("a ShardedKVCache serves one request: make a new one")
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        raise NotImplementedError("beam search is not supported with a sequence-sharded cache")
-
-    def crop(self, tokens_to_remove: int) -> None:
-        raise NotImplementedError("assisted decoding (crop) is not supported with a sequence-sharded cache")
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        raise NotImplementedError("expanding the batch (num_return_sequences > 1) is not supported with a sharded cache")
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        raise NotImplementedError("selecting batch rows is not supported with a sequence-sharded cache")

@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import torch
 
-from paragen.kernels.attention import grouped_query_attention_with_lse
-
+from paragen.kernels.attention import (
+    causal_attention_with_lse,
+    grouped_query_attention_with_lse,
+    merge_attention_states,
+    repeat_kv,
+)
 
 
 def _room(length: int) -> int:
@@ -48,6 +52,29 @@ class DenseStore:
     def attend(self, query: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of `query [B, Hq, Lq, D]` over every stored token: `(out, lse)`."""
         return grouped_query_attention_with_lse(query, *self.tokens(), scale)
+
+    def append_and_attend(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the L new tokens' keys and values, then attend their `query [B, Hq, L, D]` causally: each over
+        every earlier token and the new ones up to itself. `(out, lse)`."""
+        if keys.shape[2] == 1:
+            self.append(keys, values)
+            return self.attend(query, scale)
+        held_keys, held_values = self.tokens()
+        groups = query.shape[1] // keys.shape[1]
+        out, lse = causal_attention_with_lse(query, repeat_kv(keys, groups), repeat_kv(values, groups), scale)
+        if self.length:
+            past, past_lse = grouped_query_attention_with_lse(query, held_keys, held_values, scale)
+            out, lse = merge_attention_states(past, past_lse, out, lse)
+        self.append(keys, values)
+        return out, lse
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens (drop rejected drafts); the capacity stays."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot keep {length} of the {self.length} stored tokens")
+        self.length = length
 
     def device_bytes(self) -> int:
         """Bytes this store holds on the device (its allocated capacity)."""

@@ -98,6 +98,15 @@ class OffloadStore:
         """Generated tokens stay exact on the device."""
         self.exact.append(keys, values)
 
+    def append_and_attend(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a new token, then attend its query (the offload store decodes one token per forward)."""
+        if keys.shape[2] != 1:
+            raise NotImplementedError("the offload store decodes one token per forward, not a block")
+        self.append(keys, values)
+        return self.attend(query, scale)
+
     def attend(self, query: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention of `query [B, Hq, 1, D]` over outliers, the selected chunks and the exact tokens: `(out, lse)`."""
         keys, values = [], []

@@ -25,7 +25,7 @@ from paragen.pipelines.outputs import save_json
 
 MANIFEST = "manifest.json"
 # Request fields that stay those of the launch: the pipeline is loaded and parallelised once for all lines.
-LAUNCH_FIELDS = ("model", "dtype", "allow_pickle", "allow_remote_code", "out_dir", "name", "checkpoint_dir",
+LAUNCH_FIELDS = ("model", "draft", "dtype", "allow_pickle", "allow_remote_code", "out_dir", "name", "checkpoint_dir",
                  "checkpoint_every", "resume")
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"  # a request id: it names output files
 _ID = re.compile(ID_PATTERN)

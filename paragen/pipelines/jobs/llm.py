@@ -3,7 +3,8 @@
 The embedded models speak the passkey task's vocabulary (`paragen.pipelines.llm.passkey`): their prompt is
 a passkey prompt of `context` tokens with the key at `depth`, and the report says whether the answer
 is the key. A local checkpoint takes a text prompt (`prompt` or `prompt_file`), tokenised by the
-checkpoint's own tokenizer.
+checkpoint's own tokenizer. `--kv speculative` decodes by lossless hierarchical speculative decoding
+(`paragen.pipelines.llm.speculative`), optionally with a draft model (`--draft`) sharing the tokenizer.
 """
 from __future__ import annotations
 
@@ -19,14 +20,15 @@ from paragen.comms import all_gather_objects, rank_device
 from paragen.log import get_logger
 from paragen.parallel.config import ParallelConfig
 from paragen.parallel.llm.cache import cache_argument
-from paragen.parallel.llm.config import KV_MODES, KVConfig
+from paragen.parallel.llm.config import KV_MODES, KVConfig, SpeculativeConfig
 from paragen.pipelines import registry
 from paragen.pipelines.dtypes import check_dtype, resolve_dtype
 from paragen.pipelines.jobs.batch import open_batch
 from paragen.pipelines.jobs.common import Prepared, add_output_arguments, output_stem
 from paragen.pipelines.llm.loading import EMBEDDED_LLMS, build_llm, check_llm_source, model_root
 from paragen.pipelines.llm.passkey import DIGITS, PasskeyPrompt, check_passkey_length, decode_key, make_prompt
-from paragen.pipelines.llm.runtime import check_prompt_length
+from paragen.pipelines.llm.runtime import LLMRuntime, check_prompt_length
+from paragen.pipelines.llm.speculative import check_draft, generate_speculative
 from paragen.pipelines.outputs import check_out_dir, save_json
 from paragen.pipelines.report import job_report
 
@@ -44,10 +46,12 @@ class LLMRequest:
     sample: bool = False
     temperature: float = 1.0
     top_k: int | None = None
+    top_p: float = 1.0
     seed: int = 0
     dtype: str = "auto"  # float32 on CPU, bfloat16/float16 on a GPU
     allow_pickle: bool = False
     allow_remote_code: bool = False
+    draft: str | None = None  # --kv speculative: the draft model (embedded name or local directory)
     out_dir: str = "out"
     name: str | None = None
 
@@ -56,8 +60,9 @@ class LLMRequest:
             raise ValueError(f"context and new tokens must be positive, got {self.context} and {self.new_tokens}")
         if not 0.0 <= self.depth <= 1.0:
             raise ValueError(f"depth must be in [0, 1], got {self.depth}")
-        if self.temperature <= 0 or (self.top_k is not None and self.top_k < 1):
-            raise ValueError(f"temperature must be > 0 and top-k >= 1, got {self.temperature} and {self.top_k}")
+        if self.temperature <= 0 or (self.top_k is not None and self.top_k < 1) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"temperature must be > 0, top-k >= 1 and top-p in (0, 1]; got {self.temperature}, "
+                             f"{self.top_k} and {self.top_p}")
         check_dtype(self.dtype)
         if self.prompt is not None and self.prompt_file is not None:
             raise ValueError("give --prompt or --prompt-file, not both")
@@ -80,6 +85,14 @@ class Prompted:
     tokenizer: Any
 
 
+@dataclass
+class LoadedLLM:
+    """What `load` hands `generate`: the parallelised model's runtime and the draft model (speculative)."""
+
+    runtime: LLMRuntime
+    draft: torch.nn.Module | None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `paragen llm`."""
     defaults, kv = LLMRequest(), KVConfig()
@@ -96,16 +109,33 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (same seed on every rank)")
     p.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
+    p.add_argument("--top-p", type=float, default=defaults.top_p,
+                   help="sample from the most likely tokens whose mass reaches p (nucleus sampling)")
     p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (prompt and sampling)")
     p.add_argument("--seq", type=int, default=-1, help="sequence shards (-1: the ranks / --tp)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per shard (DeepSpeed AutoTP)")
     p.add_argument("--kv", choices=KV_MODES, default=kv.mode,
                    help="dense: exact K/V on the device; offload: ShadowKV — low-rank keys, values in host memory, "
-                        "top-k chunks fetched per token")
+                        "top-k chunks fetched per token; speculative: TriForce — the dense cache verifies tokens "
+                        "drafted by the model over a small retrieval cache (lossless)")
     p.add_argument("--budget", type=float, default=kv.budget, help="offload: fraction of the context fetched per token")
     p.add_argument("--rank", type=int, default=None, help="offload: SVD rank of the keys (default: 160/1024 of the key width)")
     p.add_argument("--chunk", type=int, default=kv.chunk, help="offload: tokens per chunk")
     p.add_argument("--window", type=int, default=kv.window, help="offload: most recent prompt tokens kept exact")
+    spec = kv.speculative
+    p.add_argument("--gamma", type=int, default=spec.gamma, help="speculative: tokens drafted per verification")
+    p.add_argument("--retrieval-budget", type=int, default=spec.budget,
+                   help="speculative: tokens of the retrieval cache (sink, recent window and top chunks over the whole "
+                        "context); at most the prompt")
+    p.add_argument("--refresh-every", type=int, default=spec.refresh_every,
+                   help="speculative: rebuild the retrieval cache every N verifications (0: never)")
+    p.add_argument("--refresh-below", type=float, default=spec.refresh_below,
+                   help="speculative: rebuild it when the acceptance rate since the last build falls below this (0: never)")
+    p.add_argument("--draft", default=None,
+                   help="speculative: a draft model sharing the tokenizer (e.g. tiny-passkey-draft, or a local "
+                        "directory), with a StreamingLLM cache, drafting for the retrieval level")
+    p.add_argument("--draft-gamma", type=int, default=spec.draft_gamma,
+                   help="speculative: tokens the draft model drafts per check by the retrieval level")
     p.add_argument("--allow-remote-code", action="store_true",
                    help="allow a checkpoint whose config names remote code (auto_map), which runs arbitrary Python")
     add_output_arguments(p, defaults.out_dir, "the JSON run report")
@@ -115,11 +145,14 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     """Check the request against the model and build its prompt, before any collective (same on every rank)."""
     request = LLMRequest(
         model=args.model, prompt=args.prompt, prompt_file=args.prompt_file, context=args.context, depth=args.depth,
-        new_tokens=args.new_tokens, sample=args.sample, temperature=args.temperature, top_k=args.top_k, seed=args.seed,
-        dtype=args.dtype, allow_pickle=args.allow_pickle, allow_remote_code=args.allow_remote_code, out_dir=args.out,
-        name=args.name,
+        new_tokens=args.new_tokens, sample=args.sample, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, seed=args.seed, dtype=args.dtype, allow_pickle=args.allow_pickle,
+        allow_remote_code=args.allow_remote_code, draft=args.draft, out_dir=args.out, name=args.name,
     )
-    options = KVConfig(mode=args.kv, budget=args.budget, rank=args.rank, chunk=args.chunk, window=args.window)
+    speculative = SpeculativeConfig(gamma=args.gamma, budget=args.retrieval_budget, refresh_every=args.refresh_every,
+                                    refresh_below=args.refresh_below, draft_gamma=args.draft_gamma)
+    options = KVConfig(mode=args.kv, budget=args.budget, rank=args.rank, chunk=args.chunk, window=args.window,
+                       speculative=speculative)
     class_name = check_llm_source(request.model, allow_pickle=request.allow_pickle,
                                   allow_remote_code=request.allow_remote_code)
     workload = registry.find_for_job("llm", class_name, options, request.model)
@@ -129,6 +162,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     root = model_root(request.model)
     model_config = AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=request.allow_remote_code)
     workload.check(model_config, config, options)
+    draft_positions = _check_speculative(request, options, model_config)
     check_out_dir(args.out)
     tokenizer = None
     if request.model not in EMBEDDED_LLMS:
@@ -144,6 +178,10 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
             text = one.prompt if one.prompt is not None else Path(one.prompt_file).read_text(encoding="utf-8")
             ids, passkey = tokenizer(text, return_tensors="pt").input_ids, None
         check_prompt_length(ids.shape[1], one.new_tokens, model_config.max_position_embeddings, config.seq)
+        if options.mode == "speculative":
+            options.speculative.check_context(ids.shape[1])
+            if draft_positions is not None:
+                check_prompt_length(ids.shape[1], one.new_tokens, draft_positions, 1)
         return Prompted(one, ids, passkey, tokenizer)
 
     batch = open_batch(args, launch, request, prompt)
@@ -152,44 +190,99 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     return Prepared(request, workload, config, options, prompt, item=prompt(request))
 
 
-def load(job: Prepared) -> Any:
-    """The job's model on this rank's device, parallelised; returns its runtime."""
+def _check_speculative(request: LLMRequest, options: KVConfig, model_config) -> int | None:
+    """Refuse speculative options that cannot run (same answer on every rank, before any collective); the draft
+    model's positions, if there is one."""
+    if options.mode != "speculative":
+        if request.draft is not None:
+            raise ValueError("--draft drafts for speculative decoding: add --kv speculative")
+        return None
+    if request.top_k is not None:
+        raise ValueError("--kv speculative samples with --temperature and --top-p, not --top-k")
+    if request.draft is None:
+        return None
+    check_llm_source(request.draft, allow_pickle=request.allow_pickle)
+    from transformers import AutoConfig
+
+    draft_config = AutoConfig.from_pretrained(model_root(request.draft), local_files_only=True)
+    check_draft(model_config, draft_config, _same_tokenizer(request.model, request.draft))
+    return draft_config.max_position_embeddings
+
+
+def _same_tokenizer(model: str, draft: str) -> bool:
+    """Whether `draft` reads the tokens `model` does: both embedded (the passkey vocabulary), or both local with
+    the same tokenizer vocabulary."""
+    if (model in EMBEDDED_LLMS) != (draft in EMBEDDED_LLMS):
+        return False
+    if model in EMBEDDED_LLMS:
+        return True
+    from transformers import AutoTokenizer
+
+    vocabularies = [AutoTokenizer.from_pretrained(model_root(name), local_files_only=True).get_vocab()
+                    for name in (model, draft)]
+    return vocabularies[0] == vocabularies[1]
+
+
+def load(job: Prepared) -> LoadedLLM:
+    """The job's model on this rank's device, parallelised, and the draft model if asked for."""
     request = job.request
     model = build_llm(request.model, dtype=resolve_dtype(request.dtype), device=rank_device(),
                       allow_pickle=request.allow_pickle, allow_remote_code=request.allow_remote_code)
-    return job.workload.install(model, job.config, job.options).paragen
+    draft = None
+    if request.draft is not None:
+        draft = build_llm(request.draft, dtype=resolve_dtype(request.dtype), device=rank_device(),
+                          allow_pickle=request.allow_pickle)
+    return LoadedLLM(job.workload.install(model, job.config, job.options).paragen, draft)
 
 
-def generate(job: Prepared, runtime, prompted: Prompted, load_s: float) -> dict | None:
+def generate(job: Prepared, loaded: LoadedLLM, prompted: Prompted, load_s: float) -> dict | None:
     """One completion on every rank; the output rank writes the JSON report and returns it."""
     log = get_logger()
     request = prompted.request
+    runtime = loaded.runtime
     model = runtime.model  # tensor parallelism may hand back the sharded module
-    cache = runtime.new_cache()
-    loaded = time.perf_counter()
-    torch.manual_seed(request.seed)
-    sampling = {"do_sample": True, "temperature": request.temperature, "top_k": request.top_k} if request.sample \
-        else {"do_sample": False, "top_k": None}
-    try:
-        out = model.generate(prompted.ids.to(rank_device()), **cache_argument(cache),
-                             max_new_tokens=request.new_tokens, top_p=None, **sampling)
-    finally:
-        cache.close()
+    began = time.perf_counter()
+    ids = prompted.ids.to(rank_device())
+    speculative = None
+    if job.options.mode == "speculative":
+        result = generate_speculative(model, ids, max_new_tokens=request.new_tokens, do_sample=request.sample,
+                                      temperature=request.temperature, top_p=request.top_p, seed=request.seed,
+                                      draft_model=loaded.draft)
+        out, cache, speculative = result.sequences, result.cache, result.stats.report()
+        retrieval_bytes = result.retrieval.device_bytes() if result.retrieval is not None else 0
+    else:
+        cache = runtime.new_cache()
+        torch.manual_seed(request.seed)
+        sampling = {"do_sample": True, "temperature": request.temperature, "top_k": request.top_k,
+                    "top_p": request.top_p if request.top_p < 1 else None} if request.sample \
+            else {"do_sample": False, "top_k": None, "top_p": None}
+        try:
+            out = model.generate(ids, **cache_argument(cache), max_new_tokens=request.new_tokens, **sampling)
+        finally:
+            cache.close()
     generated = time.perf_counter()
     new = out[0, prompted.ids.shape[1]:].tolist()
     kv_report = {"device_bytes": cache.device_bytes(), "host_bytes": cache.host_bytes(),
                  "fetched_bytes_per_token": cache.fetched_bytes() / max(1, len(runtime.step_seconds))}
+    if speculative is not None:
+        kv_report.update(retrieval_bytes=retrieval_bytes)  # the drafting rank's retrieval cache (0 elsewhere)
     kv_per_rank = all_gather_objects(runtime.mesh.group("world"), kv_report)
     report = job_report("llm", asdict(request), model, job.workload, job.options, load_s=load_s,
-                        generate_s=generated - loaded)
+                        generate_s=generated - began)
     if report is None:
         return None
-    decode = runtime.step_seconds
+    if speculative is not None:  # the tokens after the prefill's came from rounds of drafting and verification
+        decode_s = speculative["draft_s"] + speculative["verify_s"] + speculative["refresh_s"]
+        tokens_per_s = (len(new) - 1) / decode_s if decode_s and len(new) > 1 else None
+    else:
+        decode = runtime.step_seconds
+        tokens_per_s = len(decode) / sum(decode) if decode else None
     report.update(
         prompt_tokens=prompted.ids.shape[1], new_tokens=new, prefill_s=runtime.prefill_s,
-        decode_tokens_per_s=len(decode) / sum(decode) if decode else None,
-        kv_per_rank={str(rank): value for rank, value in enumerate(kv_per_rank)},
+        decode_tokens_per_s=tokens_per_s, kv_per_rank={str(rank): value for rank, value in enumerate(kv_per_rank)},
     )
+    if speculative is not None:
+        report.update(speculative=speculative)
     if prompted.passkey is not None:
         answer = decode_key(new[:DIGITS])
         report.update(passkey=prompted.passkey.key, answer=answer, correct=answer == prompted.passkey.key)

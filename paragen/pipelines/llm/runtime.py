@@ -21,7 +21,7 @@ from paragen.comms import CommStats
 from paragen.parallel import ParallelConfig, ParallelMesh
 from paragen.parallel.intercept import intercept
 from paragen.parallel.llm.attention import shard_attention
-from paragen.parallel.llm.cache import ShardedKVCache, cache_argument, cache_in
+from paragen.parallel.llm.cache import AttendingCache, ShardedKVCache, cache_argument, cache_in
 from paragen.parallel.llm.config import KVConfig
 from paragen.parallel.llm.tensor_parallel import check_tensor_parallel, shard_weights
 from paragen.pipelines.registry import parallelize
@@ -76,14 +76,38 @@ class LLMRuntime:
 
     def forward_tokens(self, input_ids: torch.Tensor, start: int, cache: ShardedKVCache) -> torch.Tensor:
         """Run the decoder on `input_ids [B, L]` at positions `start…start+L-1`; logits of the last one `[B, 1, V]`."""
-        inner = self.model.model
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device).expand(input_ids.shape[0], -1)
-        hidden = inner.embed_tokens(input_ids)
-        embeddings = inner.rotary_emb(hidden, positions)
-        for layer in inner.layers:
-            hidden = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=positions,
-                           use_cache=True, **cache_argument(cache))
-        return self.model.lm_head(inner.norm(hidden[:, -1:])).float()
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        return forward_tokens(self.model, input_ids, positions, cache, last_only=True)
+
+    def prefill(self, input_ids: torch.Tensor, cache: ShardedKVCache) -> torch.Tensor:
+        """The prompt's forward over the ranks (ring attention) into `cache`; the next-token logits `[B, 1, V]`,
+        the same on every rank (broadcast from the last shard)."""
+        check_prompt_length(input_ids.shape[1], 0, self.model.config.max_position_embeddings, self.config.seq)
+        began = time.perf_counter()
+        start, end = cache.begin_prefill(input_ids.shape[1])
+        logits = self.forward_tokens(input_ids[:, start:end], start, cache)
+        cache.end_forward()
+        comm = cache.comm
+        logits = comm.broadcast_async(logits.contiguous(), comm.size - 1, LOGITS_LABEL).wait()
+        self.prefill_s, self.step_seconds = time.perf_counter() - began, []
+        return logits
+
+
+def forward_tokens(
+    model: nn.Module, input_ids: torch.Tensor, positions: torch.Tensor, cache: AttendingCache, last_only: bool = False
+) -> torch.Tensor:
+    """Run `model`'s decoder on `input_ids [B, L]` at `positions [L]` with a paragen cache; the fp32 logits after
+    each token `[B, L, V]` (`last_only`: after the last, `[B, 1, V]`)."""
+    inner = model.model
+    positions = positions.expand(input_ids.shape[0], -1)
+    hidden = inner.embed_tokens(input_ids)
+    embeddings = inner.rotary_emb(hidden, positions)
+    for layer in inner.layers:
+        hidden = layer(hidden, attention_mask=None, position_embeddings=embeddings, position_ids=positions,
+                       use_cache=True, **cache_argument(cache))
+    if last_only:
+        hidden = hidden[:, -1:]
+    return model.lm_head(inner.norm(hidden)).float()
 
 
 def _sharded_generate_forward(self: nn.Module, forward, input_ids=None, attention_mask=None, **kwargs):
@@ -95,18 +119,10 @@ def _sharded_generate_forward(self: nn.Module, forward, input_ids=None, attentio
         raise ValueError("a sequence-sharded model takes input_ids, not inputs_embeds")
     if attention_mask is not None and not bool(attention_mask.all()):
         raise ValueError("padded batches are not supported by the sequence-sharded cache: give every row the same length")
-    positions = self.config.max_position_embeddings
     if cache.total == 0:
-        check_prompt_length(input_ids.shape[1], 0, positions, runtime.config.seq)
-        began = time.perf_counter()
-        start, end = cache.begin_prefill(input_ids.shape[1])
-        logits = runtime.forward_tokens(input_ids[:, start:end], start, cache)
-        cache.end_forward()
-        comm = cache.comm
-        logits = comm.broadcast_async(logits.contiguous(), comm.size - 1, LOGITS_LABEL).wait()
-        runtime.prefill_s, runtime.step_seconds = time.perf_counter() - began, []
+        logits = runtime.prefill(input_ids, cache)
     else:
-        check_prompt_length(cache.total, input_ids.shape[1], positions, 1)
+        check_prompt_length(cache.total, input_ids.shape[1], self.config.max_position_embeddings, 1)
         for i in range(input_ids.shape[1]):
             began = time.perf_counter()
             logits = runtime.forward_tokens(input_ids[:, i:i + 1], cache.begin_decode(1), cache)
@@ -117,7 +133,7 @@ def _sharded_generate_forward(self: nn.Module, forward, input_ids=None, attentio
 
 def check(model, config: ParallelConfig, kv: KVConfig) -> None:
     """Refuse what the sharded runtime cannot run, before any collective: heads not divisible by `tp`,
-    sliding-window layers, or a key rank larger than the key width allows. `model`: a causal LM or its
+    sliding-window layers, a key rank larger than the key width allows, or speculative decoding with `tp` > 1. `model`: a causal LM or its
     transformers config."""
     model_config = model.config if isinstance(model, nn.Module) else model
     check_tensor_parallel(model_config, config.tp)
@@ -129,6 +145,8 @@ def check(model, config: ParallelConfig, kv: KVConfig) -> None:
     head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
     if kv.mode == "offload":
         kv.key_rank(model_config.num_key_value_heads // config.tp * head_dim)
+    if kv.mode == "speculative" and config.tp != 1:
+        raise ValueError("speculative decoding runs with tp = 1 (sequence shards only)")
 
 
 def install(model: nn.Module, config: ParallelConfig, kv: KVConfig) -> nn.Module:
