@@ -77,7 +77,7 @@ def main() -> None:
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "wan_cpu.json"))
     args = p.parse_args()
     common = ["--frames", str(args.frames), "--size", str(args.size), "--steps", str(args.steps)]
-    common += ["--local", str(LOCAL), "--global-frames", str(GLOBAL)]
+    common += ["--halo", str(LOCAL), "--global-frames", str(GLOBAL)]
     plan = {name: ([*common, "--variant", variant], ranks, threads) for name, (variant, ranks, threads) in CONFIGS.items()}
     runs = run_rounds(WORKER, plan, args.rounds)
 

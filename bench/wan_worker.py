@@ -33,7 +33,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup-request-steps", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--local", type=int, default=2, help="clips, dual scope: halo latent frames")
+    p.add_argument("--halo", type=int, default=2, help="clips, dual scope: halo latent frames (TemporalAttention.local)")
     p.add_argument("--global-frames", type=int, default=4, help="clips, dual scope: global latent frames")
     p.add_argument("--out", required=True)
     args = p.parse_args()
@@ -44,7 +44,7 @@ def main() -> None:
         enable_diffusers_context_parallelism(pipe.transformer, world_size())
     elif args.variant.startswith("clip"):
         degrees = {"clip": 2, "ring": world_size() // 2}
-        temporal = paragen.TemporalAttention(scope="full" if args.variant == "clip_full" else "dual", local=args.local,
+        temporal = paragen.TemporalAttention(scope="full" if args.variant == "clip_full" else "dual", local=args.halo,
                                              global_frames=args.global_frames, overlap="blocking" not in args.variant)
         paragen.parallelize(pipe, paragen.ParallelConfig(**degrees), temporal)
         stats = pipe.paragen.stats
