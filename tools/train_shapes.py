@@ -1,19 +1,20 @@
 """Train `tiny-shapes` (issue 18): a Stable-Diffusion-architecture text-to-image model of the shapes world.
 
-Deterministic from `--seed` on the CPU. Every batch is drawn fresh from the world (`tools/shapes_world.py`,
-64 × 64 pictures), so nothing is stored but the model. Three parts, trained in turn within `--minutes`:
+Deterministic from `--seed` on the CPU at a given `--threads` (steps are counted, not timed). Every batch is drawn
+fresh from the world (`tools/shapes_world.py`, 64 × 64 pictures), so nothing is stored but the model. Three
+parts, trained in turn:
 1. the tokenizer: a CLIP BPE whose merges make every word of the world one token (written, not learned);
-2. the VAE (AutoencoderKL, 8× fewer pixels: 16 × 16 × 4 latents), on reconstruction with a small KL term, for
-   `--vae-share` of the time; its latent scale is then measured (`scaling_factor` = 1 / std);
+2. the VAE (AutoencoderKL, 16 × 16 × 4 latents), on reconstruction with a small KL term, for `--vae-steps`;
+   its latent scale is then measured (`scaling_factor` = 1 / std);
 3. the UNet (UNet2DConditionModel with cross-attention) and the CLIP text encoder together, on the denoising
    loss (ε-prediction, DDPM's scaled-linear betas), the caption dropped for 10% of the pictures so that
-   classifier-free guidance works.
-Every `--eval-every` minutes the pipeline draws `--eval-prompts` captions of held-out seeds (20 DDIM steps,
+   classifier-free guidance works, for `--steps`.
+Every `--eval-every` steps the pipeline draws `--eval-prompts` captions of held-out seeds (20 DDIM steps,
 guidance 4) and `tools/shapes_scorer.py` scores them: the accuracy curve goes into `training_log.json` beside
 the weights. The output folder is a diffusers `StableDiffusionPipeline` folder (safetensors) that the stock
 `StableDiffusionPipeline.from_pretrained` loads.
 
-    python tools/train_shapes.py [--out paragen/pipelines/configs/tiny-shapes] [--minutes 60] [--seed 0]
+    python tools/train_shapes.py [--out paragen/pipelines/configs/tiny-shapes] [--steps 3000] [--seed 0]
 """
 from __future__ import annotations
 
@@ -111,24 +112,33 @@ def draw_batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:
     return torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1, [caption(s) for s in scenes]
 
 
-def train_vae(vae, rng: random.Random, seconds: float, batch: int, log: list) -> None:
-    """Reconstruction (L1 + MSE) with a small KL term, for `seconds`."""
+def update(optimiser: torch.optim.Optimizer, loss: torch.Tensor, parameters) -> None:
+    """One optimiser step on `loss`, gradients clipped to norm 1."""
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(list(parameters), 1.0)
+    optimiser.step()
+
+
+def record(log: list, part: str, step: int, start: float, **values) -> None:
+    """Append a line to the training log and print it."""
+    log.append({"part": part, "step": step, "seconds": round(time.monotonic() - start, 1), **values})
+    print(log[-1], flush=True)
+
+
+def train_vae(vae, rng: random.Random, steps: int, batch: int, log: list) -> None:
+    """Reconstruction (L1 + MSE) with a small KL term, for `steps`."""
     optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     start, step = time.monotonic(), 0
-    while time.monotonic() - start < seconds:
+    while step < steps:
         pictures, _ = draw_batch(rng, batch)
         posterior = vae.encode(pictures).latent_dist
         out = vae.decode(posterior.sample()).sample
         rec = F.l1_loss(out, pictures) + F.mse_loss(out, pictures)
-        loss = rec + 1e-6 * posterior.kl().mean()
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        optimiser.step()
         step += 1
+        update(optimiser, rec + 1e-6 * posterior.kl().mean(), vae.parameters())
         if step % 50 == 0:
-            log.append({"part": "vae", "step": step, "seconds": round(time.monotonic() - start, 1),
-                        "reconstruction": round(rec.item(), 5)})
-            print(log[-1], flush=True)
+            record(log, "vae", step, start, reconstruction=round(rec.item(), 5))
 
 
 @torch.no_grad()
@@ -144,25 +154,22 @@ def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
-def train_denoiser(parts: dict, rng: random.Random, seconds: float, batch: int, log: list, evaluate) -> None:
-    """The UNet and the text encoder on the ε-prediction loss, evaluating along the way."""
+def train_denoiser(parts: dict, rng: random.Random, steps: int, batch: int, log: list, evaluate) -> None:
+    """The UNet and the text encoder on the ε-prediction loss for `steps`, evaluating every `eval_every` and at
+    the end."""
     from diffusers import DDPMScheduler
 
     vae, unet, text, tokenizer = parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"]
     noise_schedule = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one",)})
     optimiser = torch.optim.AdamW([*unet.parameters(), *text.parameters()], lr=3e-4, weight_decay=1e-2)
     scale = vae.config.scaling_factor
-    start, step, next_eval = time.monotonic(), 0, 0.0
+    start, step = time.monotonic(), 0
     while True:
-        elapsed = time.monotonic() - start
-        done = elapsed >= seconds
-        if elapsed >= next_eval or done:
+        if step % parts["eval_every"] == 0 or step == steps:
             unet.eval(), text.eval()
-            log.append({"part": "denoiser", "step": step, "seconds": round(elapsed, 1), **evaluate()})
-            print(log[-1], flush=True)
+            record(log, "denoiser", step, start, **evaluate())
             unet.train(), text.train()
-            next_eval += parts["eval_every"]
-        if done:
+        if step == steps:
             return
         pictures, captions = draw_batch(rng, batch)
         captions = ["" if rng.random() < 0.1 else c for c in captions]
@@ -173,15 +180,10 @@ def train_denoiser(parts: dict, rng: random.Random, seconds: float, batch: int, 
         noisy = noise_schedule.add_noise(latents, noise, t)
         predicted = unet(noisy, t, encode_text(tokenizer, text, captions)).sample
         loss = F.mse_loss(predicted, noise)
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_([*unet.parameters(), *text.parameters()], 1.0)
-        optimiser.step()
         step += 1
+        update(optimiser, loss, [*unet.parameters(), *text.parameters()])
         if step % 50 == 0:
-            log.append({"part": "denoiser", "step": step, "seconds": round(time.monotonic() - start, 1),
-                        "loss": round(loss.item(), 5)})
-            print(log[-1], flush=True)
+            record(log, "denoiser", step, start, loss=round(loss.item(), 5))
 
 
 def pipeline(parts: dict):
@@ -210,10 +212,10 @@ def caption_accuracy(pipe, count: int, steps: int = 20, guidance: float = 4.0) -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "paragen/pipelines/configs/tiny-shapes"))
-    p.add_argument("--minutes", type=float, default=60.0)
-    p.add_argument("--vae-share", type=float, default=0.2, help="share of the time spent on the VAE")
+    p.add_argument("--steps", type=int, default=3000, help="denoiser (UNet + text encoder) steps")
+    p.add_argument("--vae-steps", type=int, default=800)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--eval-every", type=float, default=5.0, help="minutes between accuracy measurements")
+    p.add_argument("--eval-every", type=int, default=500, help="denoiser steps between accuracy measurements")
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
@@ -226,17 +228,17 @@ def main() -> None:
     vae, unet, text = build_models(tokenizer)
     log: list[dict] = []
     started = time.monotonic()
-    train_vae(vae, rng, args.minutes * 60 * args.vae_share, args.batch, log)
+    train_vae(vae, rng, args.vae_steps, args.batch, log)
     vae.register_to_config(scaling_factor=latent_scale(vae, rng))
     vae.requires_grad_(False).eval()
-    parts = {"vae": vae, "unet": unet, "text_encoder": text, "tokenizer": tokenizer, "eval_every": args.eval_every * 60}
-    train_denoiser(parts, rng, args.minutes * 60 * (1 - args.vae_share), args.batch, log,
+    parts = {"vae": vae, "unet": unet, "text_encoder": text, "tokenizer": tokenizer, "eval_every": args.eval_every}
+    train_denoiser(parts, rng, args.steps, args.batch, log,
                    lambda: caption_accuracy(pipeline(parts), args.eval_prompts))
     pipe = pipeline(parts)
     pipe.save_pretrained(out, safe_serialization=True)
     final = log[-1]  # the measurement at the end
     (out / "training_log.json").write_text(json.dumps({
-        "seed": args.seed, "minutes": args.minutes, "batch": args.batch, "threads": args.threads,
+        "seed": args.seed, "steps": args.steps, "vae_steps": args.vae_steps, "batch": args.batch, "threads": args.threads,
         "wall_s": round(time.monotonic() - started, 1), "final": final, "log": log}, indent=1) + "\n")
     print(f"wrote {out}: caption accuracy {final['caption_accuracy']:.2f} on {args.eval_prompts} held-out captions")
 
