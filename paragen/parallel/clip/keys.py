@@ -20,7 +20,22 @@ class ClipKeyExchange:
         """`ulysses`: the Ulysses degree inside each clip (its head shards); `overlap`: False waits for the
         exchange before attending within the clip (the blocking comparison)."""
         self.branch, self.ulysses, self.label, self.overlap = branch, ulysses, label, overlap
-        self.layout: ClipTokens | None = None  # this request's, set by the runtime
+        self.layout: ClipTokens | None = None
+        # per shard of the branch: (this shard's token ranges it receives, relative to this shard's start; the
+        # tokens this shard receives from it)
+        self._plan: list[tuple[list[tuple[int, int]], int]] = []
+
+    def set_layout(self, layout: ClipTokens) -> None:
+        """This request's layout; what goes where is worked out here, once, not in every layer."""
+        if layout == self.layout:
+            return
+        me = self.branch.rank
+        offset = layout.bounds(me)[0]
+        self.layout = layout
+        self._plan = [([], 0) if other == me else
+                      ([(low - offset, high - offset) for low, high in layout.pieces(me, other)],
+                       layout.seen_tokens(other, me))
+                      for other in range(self.branch.size)]
 
     def start(self, key: torch.Tensor, value: torch.Tensor) -> Pending[tuple[torch.Tensor, torch.Tensor]] | None:
         """Send this shard's `[B, H, L, D]` keys and values where they are seen; the handle gives the K/V this
@@ -28,17 +43,15 @@ class ClipKeyExchange:
         layout = self.layout
         if layout is None or len(layout.clips.sizes) == 1:
             return None
-        me, offset = self.branch.rank, layout.bounds(self.branch.rank)[0]
         batch, heads, _, dim = key.shape
         per_rank = heads // self.ulysses
         kv = torch.stack([key, value])  # [2, B, H, L, D]
         pieces, shapes = [], []
-        for other in range(self.branch.size):
+        for other, (ranges, incoming) in enumerate(self._plan):
             head = (other % layout.shards) % self.ulysses * per_rank
-            ranges = layout.pieces(me, other) if other != me else []
-            taken = [kv[:, :, head:head + per_rank, low - offset:high - offset] for low, high in ranges]
+            taken = [kv[:, :, head:head + per_rank, low:high] for low, high in ranges]
             pieces.append(torch.cat(taken, dim=3) if taken else kv.new_empty(2, batch, per_rank, 0, dim))
-            shapes.append((2, batch, per_rank, layout.seen_tokens(other, me) if other != me else 0, dim))
+            shapes.append((2, batch, per_rank, incoming, dim))
         handle = self.branch.send_pieces_async(pieces, shapes, self.label)
 
         def seen() -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,9 +21,9 @@ its output by log-sum-exp after it.
 """
 from __future__ import annotations
 
-import torch
-
 from typing import Callable
+
+import torch
 
 from paragen.comms import Pending
 from paragen.kernels import attention_with_lse, dense_attention, merge_attention_states

@@ -114,8 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="Wan models: 2 runs the conditional and unconditional calls on different halves of the ranks")
     p.add_argument("--scope", choices=SCOPES, default=temporal.scope,
                    help="; ".join(f"{s}: {text}" for s, text in SCOPE_HELP.items()))
-    p.add_argument("--local", type=int, default=temporal.local, help="dual scope: local window half width p, in frames (Wan: the latent "
-                        "edge frames each clip sees of each neighbouring clip)")
+    p.add_argument("--local", type=int, default=temporal.local,
+                   help="dual scope: local window half width p, in frames (Wan: the latent edge frames each clip "
+                        "sees of each neighbouring clip)")
     p.add_argument("--global-frames", type=int, default=temporal.global_frames,
                    help="dual scope: frames sampled evenly over the video that every frame also attends to (Wan: "
                         "latent frames)")

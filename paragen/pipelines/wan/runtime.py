@@ -80,8 +80,8 @@ class WanRuntime(DiTRuntime):
     generator: Any = None  # the request's, for checkpoints
     segment_of_latent: list[int] | None = None  # segment prompts: the segment of every latent frame ...
     segment_text: torch.Tensor | None = None  # ... every segment's prompt embeddings [S, T, C]
-    projected: torch.Tensor | None = None  # ... projected by the transformer in this (conditional) call
-    runs: list[tuple[int, int, int]] = None  # type: ignore[assignment]  # ... this rank's token runs
+    runs: list[tuple[int, int, int]] = None  # type: ignore[assignment]  # ... this rank's token runs, and in a
+    run_texts: list[tuple[int, int, torch.Tensor]] | None = None  # conditional call, each with its projected text
     conditional: bool = False  # the current transformer call is the conditional one
 
     def enable_checkpoints(self, checkpoints: StepCheckpoints) -> None:
@@ -107,7 +107,7 @@ class WanRuntime(DiTRuntime):
         if cfg == 2 and unconditional:
             cond = kwargs["encoder_hidden_states"]
             kwargs["encoder_hidden_states"] = self.negative.to(cond.device, cond.dtype)
-        self.projected = None
+        self.run_texts = None
         self.conditional = not unconditional
         output = forward(*args, **kwargs)
         if cfg == 2:
@@ -125,7 +125,7 @@ class WanRuntime(DiTRuntime):
                                  self.temporal.local)
         self.seq.set_tokens(self.tokens.clips.sizes[self.mesh.group("clip").rank] * self.tokens.per_frame)
         if self.keys is not None:
-            self.keys.layout = self.tokens
+            self.keys.set_layout(self.tokens)
         if self.segment_of_latent is not None:
             bounds = self.tokens.bounds(self.mesh.group("branch").rank)
             self.runs = token_runs(bounds, self.tokens.per_frame, self.segment_of_latent)
@@ -134,15 +134,14 @@ class WanRuntime(DiTRuntime):
     def text_embed_call(self, forward, text: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         """The transformer's text projection; in a conditional call with segment prompts, every segment's too."""
         if self.segment_text is not None and self.conditional:
-            self.projected = forward(self.segment_text.to(text), *args, **kwargs)
+            projected = forward(self.segment_text.to(text), *args, **kwargs)
+            self.run_texts = [(start, stop, projected[segment]) for start, stop, segment in self.runs]
         return forward(text, *args, **kwargs)
 
     def text_runs(self) -> list[tuple[int, int, torch.Tensor]] | None:
         """This rank's runs of tokens with their segment's projected text, in a conditional call with segment
         prompts (None otherwise: the call's own text)."""
-        if self.projected is None:
-            return None
-        return [(start, stop, self.projected[segment]) for start, stop, segment in self.runs]
+        return self.run_texts
 
     # ---- checkpoints -------------------------------------------------------------------------------
     def on_step_end(self, scheduler, latents: torch.Tensor) -> torch.Tensor | None:
@@ -183,7 +182,7 @@ class WanRuntime(DiTRuntime):
     def end_request(self) -> None:
         super().end_request()
         self.calls, self.stash, self.negative = 0, None, None
-        self.segment_of_latent = self.segment_text = self.projected = None
+        self.segment_of_latent = self.segment_text = self.run_texts = None
 
     def take_options(self, kwargs: dict[str, Any]) -> dict[str, Any]:
         return take_segment_options(kwargs)
