@@ -4,14 +4,18 @@ Deterministic from `--seed` on the CPU at a given `--threads` (steps are counted
 fresh from the world (`tools/shapes_world.py`, 64 × 64 pictures), so nothing is stored but the model. Three
 parts, trained in turn:
 1. the tokenizer: a CLIP BPE whose merges make every word of the world one token (written, not learned);
-2. the VAE (AutoencoderKL, 16 × 16 × 4 latents), on reconstruction with a small KL term, for `--vae-steps`;
-   its latent scale is then measured (`scaling_factor` = 1 / std);
+2. the VAE (AutoencoderKL, 16 × 16 × 4 latents), on reconstruction with a small KL term, for `--vae-steps`
+   of `--vae-batch` pictures; its posterior starts nearly deterministic (log-variance bias -10), so
+   reconstruction trains on the mean from the first step; its latent scale is then measured
+   (`scaling_factor` = 1 / std);
 3. the UNet (UNet2DConditionModel with cross-attention) and the CLIP text encoder together, on the denoising
-   loss (ε-prediction, DDPM's scaled-linear betas), the caption dropped for 10% of the pictures so that
-   classifier-free guidance works, for `--steps`.
+   loss (ε-prediction, DDPM's scaled-linear betas, Min-SNR-5 weighting), the caption dropped for 10% of the
+   pictures so that classifier-free guidance works, for `--steps`; an exponential moving average of the
+   weights (decay up to 0.999) is what gets evaluated and saved.
 Every `--eval-every` steps the pipeline draws `--eval-prompts` captions of held-out seeds (20 DDIM steps,
-guidance 4) and `tools/shapes_scorer.py` scores them: the accuracy curve goes into `training_log.json` beside
-the weights. The output folder is a diffusers `StableDiffusionPipeline` folder (safetensors) that the stock
+guidance 4), `tools/shapes_scorer.py` scores them, and the folder is written: the accuracy curve goes into
+`training_log.json` beside the weights, and a run stopped early leaves its last evaluated model. The output
+folder is a diffusers `StableDiffusionPipeline` folder (safetensors, fp16 weights) that the stock
 `StableDiffusionPipeline.from_pretrained` loads.
 
     python tools/train_shapes.py [--out paragen/pipelines/configs/tiny-shapes] [--steps 3000] [--seed 0]
@@ -19,6 +23,7 @@ the weights. The output folder is a diffusers `StableDiffusionPipeline` folder (
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
@@ -128,6 +133,8 @@ def record(log: list, part: str, step: int, start: float, **values) -> None:
 
 def train_vae(vae, rng: random.Random, steps: int, batch: int, log: list) -> None:
     """Reconstruction (L1 + MSE) with a small KL term, for `steps`."""
+    with torch.no_grad():  # log-variance channels of the encoder's output: start at std e^-5
+        vae.encoder.conv_out.bias[vae.config.latent_channels:] = -10.0
     optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     start, step = time.monotonic(), 0
     while step < steps:
@@ -154,21 +161,38 @@ def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
     return text_encoder(ids)[0]
 
 
+class Average:
+    """An exponential moving average of some modules' weights (decay (1 + step) / (10 + step), at most `decay`)."""
+
+    def __init__(self, modules: list[torch.nn.Module], decay: float = 0.999):
+        self.modules, self.decay, self.updates = modules, decay, 0
+        self.averaged = [copy.deepcopy(m).requires_grad_(False).eval() for m in modules]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.updates += 1
+        weight = 1 - min(self.decay, (1 + self.updates) / (10 + self.updates))
+        for module, average in zip(self.modules, self.averaged):
+            for p, a in zip(module.parameters(), average.parameters()):
+                a.lerp_(p, weight)
+
+
 def train_denoiser(parts: dict, rng: random.Random, steps: int, batch: int, log: list, evaluate) -> None:
-    """The UNet and the text encoder on the ε-prediction loss for `steps`, evaluating every `eval_every` and at
-    the end."""
+    """The UNet and the text encoder on the ε-prediction loss for `steps`; every `eval_every` steps and at the
+    end, `evaluate(averaged parts)` is logged."""
     from diffusers import DDPMScheduler
 
     vae, unet, text, tokenizer = parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"]
     noise_schedule = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one",)})
-    optimiser = torch.optim.AdamW([*unet.parameters(), *text.parameters()], lr=3e-4, weight_decay=1e-2)
+    optimiser = torch.optim.AdamW([*unet.parameters(), *text.parameters()], lr=5e-4, weight_decay=1e-2)
+    average = Average([unet, text])
+    alphas = noise_schedule.alphas_cumprod
     scale = vae.config.scaling_factor
     start, step = time.monotonic(), 0
     while True:
         if step % parts["eval_every"] == 0 or step == steps:
-            unet.eval(), text.eval()
-            record(log, "denoiser", step, start, **evaluate())
-            unet.train(), text.train()
+            averaged = {**parts, "unet": average.averaged[0], "text_encoder": average.averaged[1]}
+            record(log, "denoiser", step, start, **evaluate(averaged))
         if step == steps:
             return
         pictures, captions = draw_batch(rng, batch)
@@ -179,9 +203,12 @@ def train_denoiser(parts: dict, rng: random.Random, steps: int, batch: int, log:
         t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,))
         noisy = noise_schedule.add_noise(latents, noise, t)
         predicted = unet(noisy, t, encode_text(tokenizer, text, captions)).sample
-        loss = F.mse_loss(predicted, noise)
+        snr = alphas[t] / (1 - alphas[t])
+        weight = snr.clamp(max=5.0) / snr  # Min-SNR-5 for ε-prediction
+        loss = (weight * (predicted - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         step += 1
         update(optimiser, loss, [*unet.parameters(), *text.parameters()])
+        average.update()
         if step % 50 == 0:
             record(log, "denoiser", step, start, loss=round(loss.item(), 5))
 
@@ -212,9 +239,10 @@ def caption_accuracy(pipe, count: int, steps: int = 20, guidance: float = 4.0) -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "paragen/pipelines/configs/tiny-shapes"))
-    p.add_argument("--steps", type=int, default=3000, help="denoiser (UNet + text encoder) steps")
-    p.add_argument("--vae-steps", type=int, default=800)
-    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5000, help="denoiser (UNet + text encoder) steps")
+    p.add_argument("--vae-steps", type=int, default=4000)
+    p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--batch", type=int, default=32, help="denoiser batch")
     p.add_argument("--eval-every", type=int, default=500, help="denoiser steps between accuracy measurements")
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -228,18 +256,30 @@ def main() -> None:
     vae, unet, text = build_models(tokenizer)
     log: list[dict] = []
     started = time.monotonic()
-    train_vae(vae, rng, args.vae_steps, args.batch, log)
+    train_vae(vae, rng, args.vae_steps, args.vae_batch, log)
     vae.register_to_config(scaling_factor=latent_scale(vae, rng))
     vae.requires_grad_(False).eval()
     parts = {"vae": vae, "unet": unet, "text_encoder": text, "tokenizer": tokenizer, "eval_every": args.eval_every}
-    train_denoiser(parts, rng, args.steps, args.batch, log,
-                   lambda: caption_accuracy(pipeline(parts), args.eval_prompts))
-    pipe = pipeline(parts)
-    pipe.save_pretrained(out, safe_serialization=True)
+    settings = {k: getattr(args, k) for k in ("seed", "steps", "vae_steps", "vae_batch", "batch", "threads")}
+
+    def write_log(latest: dict) -> None:
+        (out / "training_log.json").write_text(json.dumps({
+            **settings, "wall_s": round(time.monotonic() - started, 1), "latest": latest, "log": log}, indent=1) + "\n")
+
+    def evaluate_and_save(averaged: dict) -> dict:
+        pipe = pipeline(averaged)
+        scores = caption_accuracy(pipe, args.eval_prompts)
+        half = copy.deepcopy(pipe)  # fp16 on disk: half the size in the package
+        for module in half.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.half()
+        half.save_pretrained(out, safe_serialization=True)
+        write_log(scores)
+        return scores
+
+    train_denoiser(parts, rng, args.steps, args.batch, log, evaluate_and_save)
     final = log[-1]  # the measurement at the end
-    (out / "training_log.json").write_text(json.dumps({
-        "seed": args.seed, "steps": args.steps, "vae_steps": args.vae_steps, "batch": args.batch, "threads": args.threads,
-        "wall_s": round(time.monotonic() - started, 1), "final": final, "log": log}, indent=1) + "\n")
+    write_log(final)
     print(f"wrote {out}: caption accuracy {final['caption_accuracy']:.2f} on {args.eval_prompts} held-out captions")
 
 
