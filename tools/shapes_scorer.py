@@ -6,7 +6,7 @@ of a shape colour within `MAX_DISTANCE` form connected regions (4-neighbours); a
 about 1, circle π/4, triangle 1/2), its place from its centroid's cell of the 3 × 3 grid.
 Comparing: each object the caption names is matched by a found object of the same colour, shape and cell (each
 found object used once); the picture is correct when every named object is matched and nothing else was
-found. `copies` counts, for each named (colour, shape), the found objects of that colour and shape — more than
+found. Softer, `placed` counts the named objects whose colour is found in their cell, whatever its shape. `copies` counts, for each named (colour, shape), the found objects of that colour and shape — more than
 the caption names is a duplicated object, the failure ASGDiffusion's structure guidance is meant to prevent.
 
     python tools/shapes_scorer.py PICTURE.png "a small red circle at the top left"
@@ -95,12 +95,19 @@ def score(image: Image.Image, caption: str) -> dict:
         if hit is not None:
             unused.remove(hit)
             matched += 1
+    spots = [(f.colour, f.cell) for f in found]
+    placed = 0
+    for colour, _, cell in named:
+        if (colour, cell) in spots:
+            spots.remove((colour, cell))
+            placed += 1
     wanted = Counter((colour, shape) for colour, shape, _ in named)
     have = Counter((f.colour, f.shape) for f in found)
     copies = {f"{colour} {shape}": have[(colour, shape)] for colour, shape in wanted}
     return {
         "named": len(named),
         "matched": matched,
+        "placed": placed,
         "extra": len(unused),
         "correct": matched == len(named) and not unused,
         "copies": copies,

@@ -177,9 +177,9 @@ class Average:
                 a.lerp_(p, weight)
 
 
-def train_denoiser(parts: dict, rng: random.Random, steps: int, batch: int, log: list, evaluate) -> None:
+def train_denoiser(parts: dict, rng: random.Random, steps: int, batch: int, log: list, evaluate, save) -> None:
     """The UNet and the text encoder on the ε-prediction loss for `steps`; every `eval_every` steps and at the
-    end, `evaluate(averaged parts)` is logged."""
+    end, `evaluate(averaged parts)` is logged, then `save(averaged parts)` is called."""
     from diffusers import DDPMScheduler
 
     vae, unet, text, tokenizer = parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"]
@@ -193,6 +193,7 @@ def train_denoiser(parts: dict, rng: random.Random, steps: int, batch: int, log:
         if step % parts["eval_every"] == 0 or step == steps:
             averaged = {**parts, "unet": average.averaged[0], "text_encoder": average.averaged[1]}
             record(log, "denoiser", step, start, **evaluate(averaged))
+            save(averaged)
         if step == steps:
             return
         pictures, captions = draw_batch(rng, batch)
@@ -262,24 +263,18 @@ def main() -> None:
     parts = {"vae": vae, "unet": unet, "text_encoder": text, "tokenizer": tokenizer, "eval_every": args.eval_every}
     settings = {k: getattr(args, k) for k in ("seed", "steps", "vae_steps", "vae_batch", "batch", "threads")}
 
-    def write_log(latest: dict) -> None:
-        (out / "training_log.json").write_text(json.dumps({
-            **settings, "wall_s": round(time.monotonic() - started, 1), "latest": latest, "log": log}, indent=1) + "\n")
-
-    def evaluate_and_save(averaged: dict) -> dict:
-        pipe = pipeline(averaged)
-        scores = caption_accuracy(pipe, args.eval_prompts)
-        half = copy.deepcopy(pipe)  # fp16 on disk: half the size in the package
+    def save(averaged: dict) -> None:
+        half = copy.deepcopy(pipeline(averaged))  # fp16 on disk: half the size in the package
         for module in half.components.values():
             if isinstance(module, torch.nn.Module):
                 module.half()
         half.save_pretrained(out, safe_serialization=True)
-        write_log(scores)
-        return scores
+        (out / "training_log.json").write_text(json.dumps({
+            **settings, "wall_s": round(time.monotonic() - started, 1), "latest": log[-1], "log": log}, indent=1) + "\n")
 
-    train_denoiser(parts, rng, args.steps, args.batch, log, evaluate_and_save)
+    train_denoiser(parts, rng, args.steps, args.batch, log,
+                   lambda averaged: caption_accuracy(pipeline(averaged), args.eval_prompts), save)
     final = log[-1]  # the measurement at the end
-    write_log(final)
     print(f"wrote {out}: caption accuracy {final['caption_accuracy']:.2f} on {args.eval_prompts} held-out captions")
 
 

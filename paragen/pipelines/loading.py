@@ -6,7 +6,9 @@ Real models cannot be downloaded here, so embedded tiny models stand in for them
 text-to-video, WanTransformer3DModel with a causal 3D VAE and a UMT5 text encoder): the
 real diffusers architectures, built from the configs shipped in `configs/<name>/` with random weights
 drawn from a fixed seed, an offline byte-level CLIP tokenizer and an offline T5 tokenizer (written by
-`tools/make_t5_tokenizer.py`). A local checkpoint goes through `DiffusionPipeline.from_pretrained`
+`tools/make_t5_tokenizer.py`). `tiny-shapes` is different: a Stable Diffusion pipeline trained by
+`tools/train_shapes.py` on a procedural world of coloured shapes, whose weights ship in `configs/tiny-shapes/`
+and load exactly as a local checkpoint does. A local checkpoint goes through `DiffusionPipeline.from_pretrained`
 with hub access off. Nothing here ever touches the network.
 diffusers and transformers (seconds to import) are imported only when a pipeline is built, so
 `check_model_source` rejects a bad argument at once.
@@ -23,8 +25,9 @@ import torch
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
+TRAINED_MODELS: tuple[str, ...] = ("tiny-shapes",)  # trained by a repo script, weights shipped in configs/<name>/
 EMBEDDED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-t2v", "tiny-animatediff",
-                                   "tiny-wan")
+                                   "tiny-wan", *TRAINED_MODELS)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SAFE_WEIGHTS = "*.safetensors"
@@ -33,6 +36,16 @@ PICKLE_WEIGHTS = ("*.bin", "*.ckpt", "*.pt", "*.pth")
 
 class ModelLoadError(ValueError):
     """The model source cannot be loaded; the message says why and what to do."""
+
+
+def model_folder(model: str) -> Path:
+    """The folder of a model's configs (and weights, for a trained embedded model or a local checkpoint)."""
+    return CONFIG_DIR / model if model in EMBEDDED_MODELS else Path(model)
+
+
+def _random_weights(model: str) -> bool:
+    """Whether `model` is an embedded model built from its configs with seeded random weights."""
+    return model in EMBEDDED_MODELS and model not in TRAINED_MODELS
 
 
 def _components(index: dict[str, Any]) -> dict[str, tuple[str, str] | None]:
@@ -67,9 +80,9 @@ def check_model_source(model: str, *, allow_pickle: bool = False) -> str:
     (a sub-folder with a `config.json`) holds safetensors weights; pickle weights run arbitrary code
     when loaded, so they are refused unless `allow_pickle` is set.
     """
-    if model in EMBEDDED_MODELS:
+    if _random_weights(model):
         return read_index(CONFIG_DIR / model)["_class_name"]
-    root = Path(model)
+    root = model_folder(model)
     if not root.exists():
         raise ModelLoadError(
             f"unknown model {model!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}) "
@@ -156,7 +169,7 @@ def load_pipeline(
     """The pipeline for an embedded name or a local checkpoint directory, in eval mode on `device` in `dtype`,
     after `check_model_source`.
 
-    `seed` only matters for embedded models (it draws their random weights, on the CPU, so every device gets the
+    `seed` only matters for embedded models with random weights (it draws them, on the CPU, so every device gets the
     same weights).
     """
     check_model_source(model, allow_pickle=allow_pickle)
@@ -168,14 +181,15 @@ def build_pipeline(
     seed: int = 0,
 ) -> DiffusionPipeline:
     """`load_pipeline` for a `model` that passed `check_model_source` already."""
-    if model in EMBEDDED_MODELS:
+    if _random_weights(model):
         return _build_embedded(model, seed, dtype).to(device)
     from diffusers import DiffusionPipeline
 
+    root = model_folder(model)
     no_checker = {"safety_checker": None, "requires_safety_checker": False}
-    has_checker = "safety_checker" in read_index(Path(model))
+    has_checker = "safety_checker" in read_index(root)
     return DiffusionPipeline.from_pretrained(  # loads on CPU, in eval mode
-        model,
+        root,
         dtype=dtype,
         use_safetensors=None if allow_pickle else True,  # None: safetensors first, else pickle
         local_files_only=True,

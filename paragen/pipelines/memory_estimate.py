@@ -34,7 +34,7 @@ import torch
 
 from paragen.parallel import HiresConfig, ParallelConfig
 from paragen.pipelines.dtypes import resolve_dtype
-from paragen.pipelines.loading import CONFIG_DIR, EMBEDDED_MODELS, read_index
+from paragen.pipelines.loading import model_folder, read_index
 
 if TYPE_CHECKING:
     from paragen.pipelines.jobs.image import ImageRequest
@@ -85,7 +85,7 @@ class Need:
 
 def model_shape(model: str) -> ModelShape | None:
     """The shape of an embedded or local diffusers model, from its JSON configs; None where they do not say."""
-    root = CONFIG_DIR / model if model in EMBEDDED_MODELS else Path(model)
+    root = model_folder(model)
     try:
         index = read_index(root)
         transformer = "transformer" in index
