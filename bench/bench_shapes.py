@@ -13,7 +13,8 @@ found more often than named); and, softer, the share of named objects whose colo
 Nothing is timed (4 ranks oversubscribe this machine's cores): this is the quality side of each mode. The
 training curve is read from the shipped `training_log.json`.
 
-    .venv/bin/python bench/bench_shapes.py [--prompts 32] [--only single,sync_2r] → bench/results/shapes_cpu.json
+    .venv/bin/python bench/bench_shapes.py [--prompts 32] [--prompts-beyond 16] [--only single,sync_2r] [--keep DIR]
+        → bench/results/shapes_cpu.json (with --keep, a rerun makes only the pictures DIR lacks)
 """
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ def example_sheet(requests: list[dict], pictures: dict[str, dict[str, Path]], ou
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--prompts", type=int, default=32)
+    p.add_argument("--prompts", type=int, default=32, help="captions at the training size")
+    p.add_argument("--prompts-beyond", type=int, default=16, help="captions beyond it (the first of the same list)")
     p.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations")
     p.add_argument("--keep", help="folder to keep the pictures in (default: a temporary one)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "shapes_cpu.json"))
@@ -141,18 +143,19 @@ def main() -> None:
         raise SystemExit(f"unknown configurations {unknown}; known: {', '.join(CONFIGS)}")
     if any(CONFIGS[n][0] == "1x" for n in names) and REFERENCE not in names:
         names.insert(0, REFERENCE)  # the training-size modes are compared with it
-    requests = prompts(args.prompts)
+    requests = prompts(max(args.prompts, args.prompts_beyond))
     root = Path(args.keep or tempfile.mkdtemp(prefix="shapes-"))
     pictures: dict[str, dict[str, Path]] = {}
     configs: dict[str, dict] = {}
     for name in names:
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
-        pictures[name] = generate(name, requests, folder)
         area, ranks, cli = CONFIGS[name]
+        asked = requests[: args.prompts if area == "1x" else args.prompts_beyond]
+        pictures[name] = generate(name, asked, folder)
         reference = pictures[REFERENCE] if area == "1x" and name != REFERENCE else None
-        configs[name] = {"area": area, "size": SIZES[area], "ranks": ranks, "args": cli,
-                         **summarise(requests, pictures[name], reference)}
+        configs[name] = {"area": area, "size": SIZES[area], "ranks": ranks, "args": cli, "prompts": len(asked),
+                         **summarise(asked, pictures[name], reference)}
         c = configs[name]
         print(f"{name:>16}: accuracy {c['caption_accuracy']:.2f}  recall {c['object_recall']:.2f}  "
               f"colour+place {c['colour_place_recall']:.2f}  "
@@ -160,13 +163,14 @@ def main() -> None:
                                                              if "psnr_vs_single_db" in c else ""), flush=True)
     training = json.loads((model_folder(MODEL) / "training_log.json").read_text())
     report = {**report_header("shapes"), "workload": {"model": MODEL, "steps": STEPS, "guidance_scale": GUIDANCE,
-                                                      "prompts": args.prompts, "first_scene_seed": EVAL_SEED + 1},
+                                                      "prompts": args.prompts, "prompts_beyond": args.prompts_beyond,
+                                                      "first_scene_seed": EVAL_SEED + 1},
               "pictures": str(root) if args.keep else None, "configs": configs,
               "training_curve": [line for line in training["log"] if "caption_accuracy" in line]}
     out = Path(args.out)
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
-    example_sheet(requests, pictures, out.with_name(out.stem + "_examples.png"))
+    example_sheet(requests[: min(args.prompts, args.prompts_beyond)], pictures, out.with_name(out.stem + "_examples.png"))
 
 
 if __name__ == "__main__":
