@@ -29,9 +29,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
-from common import ROOT, report_header
+from common import ROOT, psnr, report_header
 
 sys.path.insert(0, str(ROOT))
 from paragen.pipelines.loading import model_folder  # noqa: E402
@@ -77,11 +78,8 @@ def generate(name: str, requests: list[dict], out: Path) -> dict[str, Path]:
     return {r["id"]: next(out / p for p in done[r["id"]]["outputs"] if p.endswith(".png")) for r in requests}
 
 
-def psnr_db(a: Path, b: Path) -> float:
-    """PSNR in dB of one 8-bit picture against another."""
-    x, y = (np.asarray(Image.open(p), dtype=np.float64) for p in (a, b))
-    mse = ((x - y) ** 2).mean()
-    return float("inf") if mse == 0 else 10 * np.log10(255.0**2 / mse)
+def _pixels(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(Image.open(path), dtype=np.float32) / 255)
 
 
 def summarise(requests: list[dict], pictures: dict[str, Path], reference: dict[str, Path] | None) -> dict:
@@ -97,7 +95,7 @@ def summarise(requests: list[dict], pictures: dict[str, Path], reference: dict[s
                         "extra": s["extra"], "duplicated": s["duplicated"]} for r, s in zip(requests, scores)],
     }
     if reference is not None:
-        values = [psnr_db(pictures[r["id"]], reference[r["id"]]) for r in requests]
+        values = [psnr(_pixels(pictures[r["id"]]), _pixels(reference[r["id"]])) for r in requests]
         finite = [v for v in values if v != float("inf")]
         summary["psnr_vs_single_db"] = {"median": statistics.median(values), "min": min(values),
                                         "identical": len(values) - len(finite)}

@@ -6,8 +6,9 @@ of a shape colour within `MAX_DISTANCE` form connected regions (4-neighbours); a
 about 1, circle π/4, triangle 1/2), its place from its centroid's cell of the 3 × 3 grid.
 Comparing: each object the caption names is matched by a found object of the same colour, shape and cell (each
 found object used once); the picture is correct when every named object is matched and nothing else was
-found. Softer, `placed` counts the named objects whose colour is found in their cell, whatever its shape. `copies` counts, for each named (colour, shape), the found objects of that colour and shape — more than
-the caption names is a duplicated object, the failure ASGDiffusion's structure guidance is meant to prevent.
+found. Softer, `placed` counts the named objects whose colour is found in their cell, whatever its shape.
+`copies` counts, for each named (colour, shape), the found objects of that colour and shape — more than the
+caption names is a duplicated object, the failure ASGDiffusion's structure guidance is meant to prevent.
 
     python tools/shapes_scorer.py PICTURE.png "a small red circle at the top left"
 """
@@ -84,23 +85,23 @@ def find_objects(image: Image.Image) -> list[Found]:
     return found
 
 
+def _pair_off(wanted: list[tuple], have: list[tuple]) -> tuple[int, list[tuple]]:
+    """How many of `wanted` find an equal item in `have`, each item used once; and the items left over."""
+    left = list(have)
+    hits = 0
+    for item in wanted:
+        if item in left:
+            left.remove(item)
+            hits += 1
+    return hits, left
+
+
 def score(image: Image.Image, caption: str) -> dict:
     """How well a picture shows its caption: matched objects, extras, copies of each named object."""
     named = parse_caption(caption)
     found = find_objects(image)
-    unused = list(found)
-    matched = 0
-    for colour, shape, cell in named:
-        hit = next((f for f in unused if (f.colour, f.shape, f.cell) == (colour, shape, cell)), None)
-        if hit is not None:
-            unused.remove(hit)
-            matched += 1
-    spots = [(f.colour, f.cell) for f in found]
-    placed = 0
-    for colour, _, cell in named:
-        if (colour, cell) in spots:
-            spots.remove((colour, cell))
-            placed += 1
+    matched, unused = _pair_off(named, [(f.colour, f.shape, f.cell) for f in found])
+    placed, _ = _pair_off([(colour, cell) for colour, _, cell in named], [(f.colour, f.cell) for f in found])
     wanted = Counter((colour, shape) for colour, shape, _ in named)
     have = Counter((f.colour, f.shape) for f in found)
     copies = {f"{colour} {shape}": have[(colour, shape)] for colour, shape in wanted}

@@ -240,7 +240,7 @@ def caption_accuracy(pipe, count: int, steps: int = 20, guidance: float = 4.0) -
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "paragen/pipelines/configs/tiny-shapes"))
-    p.add_argument("--steps", type=int, default=5000, help="denoiser (UNet + text encoder) steps")
+    p.add_argument("--steps", type=int, default=3000, help="denoiser (UNet + text encoder) steps")
     p.add_argument("--vae-steps", type=int, default=4000)
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--batch", type=int, default=32, help="denoiser batch")
