@@ -76,6 +76,8 @@ BAD_INPUTS = {
     "draft with another tokenizer": (2, ["--kv", "speculative", "--context", "1024", "--retrieval-budget", "512",
                                          "--draft", "{other_vocab}"], "tokenizer differs from the target's"),
     "draft without speculative": (2, ["--draft", "tiny-passkey-draft"], "add --kv speculative"),
+    "full cache without speculative": (2, ["--kv", "offload", "--full-cache", "host"],
+                                       "--full-cache places speculative decoding's full cache: add --kv speculative"),
 }
 
 

@@ -19,6 +19,7 @@ from paragen.kernels.chunk_fetch import ChunkFetcher
 from paragen.parallel import ParallelConfig
 from paragen.parallel.llm import KVConfig, cache_argument
 from paragen.parallel.llm.dense_store import DenseStore
+from paragen.parallel.llm.host_store import HostStore
 from paragen.parallel.llm.offload_store import OffloadStore
 from paragen.parallel.llm.shards import shard_bounds
 from paragen.pipelines.llm import parallelize_llm
@@ -86,6 +87,25 @@ def test_offload_store_at_full_rank_and_budget_equals_dense():
     dense.append(extra_k, extra_v)
     offload.append(extra_k, extra_v)
     assert torch.allclose(offload.attend(q, 0.25)[0], dense.attend(q, 0.25)[0], atol=1e-4)
+    fetcher.close()
+
+
+def test_host_store_streams_blocks_to_the_same_attention_as_dense():
+    _, k, v = _qkv(2, length=203, dim=16, queries=1)
+    fetcher = ChunkFetcher(torch.device("cpu"))
+    dense, host = DenseStore(k, v, grows=True), HostStore(k, v, True, fetcher, block=50)  # 5 blocks, the last of 3
+    block_q, block_k, block_v = _qkv(2, length=4, dim=16, queries=4)
+    got, got_lse = host.append_and_attend(block_q, block_k, block_v, 0.25)  # a verification block of 4 tokens
+    want, want_lse = dense.append_and_attend(block_q, block_k, block_v, 0.25)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got_lse, want_lse, atol=1e-5)
+    assert host.fetched_bytes == 2 * 203 * 2 * 16 * 4  # the 203 held tokens' K and V, both heads, fp32
+    host.truncate(205)  # two of the four drafted tokens rejected
+    dense.truncate(205)
+    assert torch.equal(host.tokens()[0], dense.tokens()[0])
+    q = block_q[:, :, :1]
+    assert torch.allclose(host.append_and_attend(q, block_k[:, :, :1], block_v[:, :, :1], 0.25)[0],
+                          dense.append_and_attend(q, block_k[:, :, :1], block_v[:, :, :1], 0.25)[0], atol=1e-5)
+    assert host.device_bytes() == 0 and host.host_bytes() == dense.device_bytes()
     fetcher.close()
 
 

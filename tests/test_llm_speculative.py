@@ -3,7 +3,8 @@ one process.
 
 - greedy tokens equal single-process `generate` with `DynamicCache` for tiny-llama (random weights: drafts
   are mostly rejected) and tiny-passkey, with and without a draft model (random tiny-llama weights), with
-  retrieval-cache refreshes, at uneven shard sizes (301 and 601 prompt tokens);
+  retrieval-cache refreshes, with the full cache in host memory (streamed in blocks), at uneven shard sizes
+  (301 and 601 prompt tokens);
 - sampling with a fixed seed gives the same tokens on 1 and 2 ranks;
 - the sampler's tokens follow the target distribution: the rejection test on fixed distributions, and the
   whole pipeline's second token against the marginal computed from plain forwards (chi-square bound);
@@ -46,12 +47,14 @@ def _spec(name: str, model: str, seq: int, **extra) -> dict:
 
 
 SAMPLED = {"sample": True, "temperature": 1.0, "top_p": 0.95, "seed": 5}
+HOST = {"full_cache": "host", "host_block": 64}  # 301 and 601 tokens: several blocks, the last one partial
 
 
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
     specs = [_spec("llama", "tiny-llama", 1), _spec("sampled", "tiny-llama", 1, **SAMPLED),
-             _spec("passkey_draft", "tiny-passkey", 1, **RANDOM_DRAFT)]
+             _spec("passkey_draft", "tiny-passkey", 1, **RANDOM_DRAFT),
+             _spec("passkey_host", "tiny-passkey", 1, **HOST)]
     return run_spec_worker(WORKER, specs, 1, tmp_path_factory.mktemp("spec1"), timeout=600)
 
 
@@ -64,6 +67,7 @@ def two_ranks(tmp_path_factory):
         _spec("passkey_draft", "tiny-passkey", 2, **RANDOM_DRAFT),
         _spec("passkey_refresh", "tiny-passkey", 2, refresh_every=2, new_tokens=LONGER),
         _spec("sampled", "tiny-llama", 2, **SAMPLED),
+        _spec("llama_host", "tiny-llama", 2, caches=True, **HOST),
     ]
     return run_spec_worker(WORKER, specs, 2, tmp_path_factory.mktemp("spec2"), timeout=600)
 
@@ -90,6 +94,7 @@ def dense():
 
 
 CASES = [("one_rank", "llama", "tiny-llama"), ("one_rank", "passkey_draft", "tiny-passkey"),
+         ("one_rank", "passkey_host", "tiny-passkey"), ("two_ranks", "llama_host", "tiny-llama"),
          ("two_ranks", "llama", "tiny-llama"), ("two_ranks", "llama_draft", "tiny-llama"),
          ("two_ranks", "passkey", "tiny-passkey"), ("two_ranks", "passkey_draft", "tiny-passkey"),
          ("two_ranks", "passkey_refresh", "tiny-passkey"), ("four_ranks", "llama", "tiny-llama"),
@@ -134,7 +139,7 @@ def _dense_kv(model_name: str, tokens: torch.Tensor) -> list[tuple[torch.Tensor,
 
 @pytest.mark.slow
 @pytest.mark.parametrize("fixture,name,model", [("two_ranks", "llama", "tiny-llama"), ("two_ranks", "passkey", "tiny-passkey"),
-                                                ("four_ranks", "llama", "tiny-llama"),
+                                                ("two_ranks", "llama_host", "tiny-llama"), ("four_ranks", "llama", "tiny-llama"),
                                                 ("four_ranks", "passkey_draft", "tiny-passkey")])
 def test_every_cache_holds_exactly_the_kept_tokens(request, fixture, name, model):
     result = request.getfixturevalue(fixture)[name]
@@ -150,6 +155,17 @@ def test_every_cache_holds_exactly_the_kept_tokens(request, fixture, name, model
         assert torch.allclose(tail_keys, keys[:, :, -generated:], atol=1e-4)
         assert torch.allclose(tail_values, values[:, :, -generated:], atol=1e-4)
         assert result["retrieval"][layer][0].shape[2] == OPTIONS["budget"] + generated
+
+
+@pytest.mark.slow
+def test_a_full_cache_in_host_memory_streams_every_verification(one_rank, two_ranks):
+    # rank 0's share of the prompt: all 601 tokens on one rank, the first 151 of 301 on two
+    for result, model, held in ((one_rank["passkey_host"], "tiny-passkey", 601), (two_ranks["llama_host"], "tiny-llama", 151)):
+        config = load_llm(model).config
+        per_token = 2 * config.num_key_value_heads * config.head_dim * 4 * LAYERS[model]  # K and V, fp32, every layer
+        kv, stats = result["kv"], result["stats"]
+        assert kv["device_bytes"] == 0 and kv["host_bytes"] >= held * per_token
+        assert kv["fetched_bytes"] >= stats["verifications"] * held * per_token  # every verification reads it all
 
 
 @pytest.mark.slow
@@ -248,6 +264,8 @@ def test_speculative_sampling_follows_the_dense_distribution():
 def test_bad_speculative_input_is_refused():
     with pytest.raises(ValueError, match="gamma"):
         SpeculativeConfig(gamma=0)
+    with pytest.raises(ValueError, match="full cache lives on one of device, host"):
+        SpeculativeConfig(full_cache="disk")
     model = load_llm("tiny-llama")
     parallelize_llm(model, ParallelConfig(), KVConfig(mode="speculative", speculative=SpeculativeConfig(budget=400)))
     ids = torch.tensor([PROMPTS["tiny-llama"]])

@@ -1,10 +1,12 @@
-"""Copying chosen value chunks from host memory to the device, behind other work.
+"""Copying keys and values from host memory to the device, behind other work.
 
-`ChunkFetcher.start` hands the copy to a worker thread and returns at once; the caller rebuilds keys
-meanwhile and calls `wait` when it needs the values. On CUDA the host store is pinned, the worker
-gathers the chunks into a pinned staging buffer and copies them on a side stream, and `wait` makes the
-compute stream wait for that copy; on CPU the worker's gather is the copy. PyTorch releases the GIL
-inside its kernels, so the gather and the key rebuild run at the same time.
+`ChunkFetcher.start` (chosen chunks) and `start_range` (a run of positions) hand the copy to a worker thread
+and return at once; the caller computes meanwhile (rebuilds keys, attends the previous block) and calls
+`wait` when it needs the result. On CUDA the host tensors are pinned: chosen chunks are gathered into a
+pinned staging buffer, a run of positions is copied straight from the store (one contiguous piece per
+batch row and head), both on a side stream, and `wait` makes the compute stream wait for that copy; on
+CPU the worker's gather (or a view) is the copy. PyTorch releases the GIL inside its kernels, so the
+worker's work and the caller's run at the same time.
 """
 from __future__ import annotations
 
@@ -33,23 +35,45 @@ class ChunkFetcher:
         """Begin fetching `host[index]` (advanced indexing on host tensors) to the device."""
         return self._pool.submit(self._fetch, host, tuple(i.cpu() for i in index))
 
+    def start_range(self, host: torch.Tensor, start: int, length: int) -> "Future[tuple[torch.Tensor, object]]":
+        """Begin fetching positions `[start, start + length)` (dim 2) of a host tensor `[B, H, S, D]`."""
+        return self._pool.submit(self._fetch_range, host, start, length)
+
     def _fetch(self, host: torch.Tensor, index: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, object]:
         picked = host[index]
         if self._stream is None:
             return picked, None
         staged = picked.pin_memory()
+        return self._on_side_stream(lambda: staged.to(self.device, non_blocking=True), staged)
+
+    def _fetch_range(self, host: torch.Tensor, start: int, length: int) -> tuple[torch.Tensor, object]:
+        view = host.narrow(2, start, length)
+        if self._stream is None:
+            return view, None
+
+        def copy() -> torch.Tensor:
+            moved = torch.empty(view.shape, dtype=view.dtype, device=self.device)
+            for row in range(view.shape[0]):
+                for head in range(view.shape[1]):  # each [length, D] piece is contiguous in the pinned store
+                    moved[row, head].copy_(view[row, head], non_blocking=True)
+            return moved
+
+        return self._on_side_stream(copy, host)
+
+    def _on_side_stream(self, copy, source: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """Run `copy` on the side stream and record its end; `source` is kept alive until the copy is waited for."""
         # The worker thread has its own current device: name the fetcher's for the stream, event and copy.
         with torch.cuda.device(self.device), torch.cuda.stream(self._stream):
-            moved = staged.to(self.device, non_blocking=True)
+            moved = copy()
             done = torch.cuda.Event()
             done.record(self._stream)
-        return moved, (done, staged)
+        return moved, (done, source)
 
     def wait(self, pending: "Future[tuple[torch.Tensor, object]]") -> torch.Tensor:
         """The fetched tensor, safe to use on the current stream."""
         moved, sync = pending.result()
         if sync is not None:
-            done, _staged = sync
+            done, _source = sync
             compute = torch.cuda.current_stream(self.device)
             compute.wait_event(done)
             moved.record_stream(compute)  # allocated on the side stream, read on this one: not reused before

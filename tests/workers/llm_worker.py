@@ -53,7 +53,7 @@ def run_generate(spec: dict) -> dict:
 
 
 SPECULATIVE_OPTIONS = ("gamma", "budget", "chunk", "sink", "recent", "refresh_every", "refresh_below", "draft_gamma",
-                       "draft_sink", "draft_window")
+                       "draft_sink", "draft_window", "full_cache", "host_block")
 
 
 def run_speculative(spec: dict) -> dict:
@@ -67,7 +67,9 @@ def run_speculative(spec: dict) -> dict:
                                temperature=spec.get("temperature", 1.0), top_p=spec.get("top_p", 1.0),
                                seed=spec.get("seed", 0), draft_model=draft)
     result = {"tokens": out.sequences[0, ids.shape[1]:], "stats": out.stats.report(),
-              "comm": runtime.mesh.stats.snapshot()}
+              "comm": runtime.mesh.stats.snapshot(),
+              "kv": {"device_bytes": out.cache.device_bytes(), "host_bytes": out.cache.host_bytes(),
+                     "fetched_bytes": out.cache.fetched_bytes()}}
     if spec.get("caches"):
         held = [tuple(t.clone() for t in store.tokens()) for store in out.cache.stores]
         result["full"] = all_gather_objects(runtime.mesh.group("world"), held)

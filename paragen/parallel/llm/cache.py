@@ -4,7 +4,8 @@
 `paragen.pipelines.llm`) feeds each rank its shard of the prompt, and the attention modules (replaced
 by `paragen.parallel.llm.attention`) hand every layer's queries, keys and values to `attend`:
 - prefill: ring attention over the shards (exact causal attention), then the shard's K/V go into a
-  store — `DenseStore` (exact) or `OffloadStore` (ShadowKV), per `KVConfig.mode`;
+  store — `DenseStore` (exact), `OffloadStore` (ShadowKV), per `KVConfig.mode`, or `HostStore` (exact, in host
+  memory: speculative decoding's full cache in the offloaded setting);
 - decode: each rank attends over its own shard and returns `(out, lse)`; the partial results of the
   ring's ranks are all-gathered and merged by log-sum-exp into exact attention over the whole context.
   A block of several new tokens (speculative verification) is attended causally, in one exchange per layer.
@@ -27,6 +28,7 @@ from paragen.kernels.attention import merge_attention_partials
 from paragen.kernels.chunk_fetch import ChunkFetcher
 from paragen.parallel.llm.config import KVConfig
 from paragen.parallel.llm.dense_store import DenseStore
+from paragen.parallel.llm.host_store import HostStore
 from paragen.parallel.llm.offload_store import OffloadStore, RopeTable
 from paragen.parallel.llm.ring import ring_causal_attention
 from paragen.parallel.llm.shards import shard_bounds
@@ -126,7 +128,7 @@ class ShardedKVCache(AttendingCache):
     def __init__(self, num_layers: int, comm: GroupComm, kv: KVConfig, rope: RopeTable, device: torch.device) -> None:
         super().__init__(num_layers)
         self.comm, self.kv, self.rope = comm, kv, rope
-        self.stores: list[DenseStore | OffloadStore | None] = [None] * num_layers
+        self.stores: list[DenseStore | HostStore | OffloadStore | None] = [None] * num_layers
         # Speculative decoding reads each layer's queries of the last forward (prefill: its last token) and
         # the keys and values of the last decode block (the verified tokens' exact K/V).
         self.queries: list[torch.Tensor | None] = [None] * num_layers
@@ -135,7 +137,8 @@ class ShardedKVCache(AttendingCache):
         self.total = 0
         self._pending = 0
         self._phase = "idle"
-        self.fetcher = ChunkFetcher(device) if kv.mode == "offload" else None
+        self.streams_host = kv.mode == "speculative" and kv.speculative.full_cache == "host"
+        self.fetcher = ChunkFetcher(device) if kv.mode == "offload" or self.streams_host else None
 
     # ---- what the wrapped model forward calls -----------------------------------------------------
     def begin_prefill(self, length: int) -> tuple[int, int]:
@@ -210,6 +213,8 @@ class ShardedKVCache(AttendingCache):
         return merged.to(query.dtype)
 
     def _store(self, key_pre: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> DenseStore | OffloadStore:
+        if self.streams_host:
+            return HostStore(key, value, self.owns_new_tokens, self.fetcher, self.kv.speculative.host_block)
         if self.kv.mode != "offload":
             return DenseStore(key, value, grows=self.owns_new_tokens)
         start = self.bounds[self.comm.rank][0]
@@ -228,8 +233,8 @@ class ShardedKVCache(AttendingCache):
         return [s for s in self.stores if isinstance(s, OffloadStore)]
 
     def fetched_bytes(self) -> int:
-        """Host→device bytes of value chunks fetched so far (offload)."""
-        return sum(s.fetched_bytes for s in self._offloaded())
+        """Host→device bytes fetched so far: value chunks (offload), or the full cache's blocks (speculative, host)."""
+        return sum(s.fetched_bytes for s in self.stores if isinstance(s, (OffloadStore, HostStore)))
 
     def fetch_overlap_s(self) -> tuple[float, float]:
         """(seconds rebuilding keys while value fetches were in flight, seconds then left waiting for them)."""
@@ -237,7 +242,7 @@ class ShardedKVCache(AttendingCache):
         return sum(s.rebuild_s for s in stores), sum(s.fetch_wait_s for s in stores)
 
     def close(self) -> None:
-        """Stop the fetch worker (offload)."""
+        """Stop the fetch worker (offload, or a full cache in host memory)."""
         if self.fetcher is not None:
             self.fetcher.close()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 KV_MODES = ("dense", "offload", "speculative")
+FULL_CACHE_PLACES = ("device", "host")
 # ShadowKV keeps rank 160 of Llama-3-8B's 8 key heads × 128 dims (1024): the default rank is that fraction.
 DEFAULT_RANK_FRACTION = 160 / 1024
 
@@ -20,7 +21,9 @@ class SpeculativeConfig:
       `refresh_below`: also rebuild it when the acceptance rate of the verifications since the last build
       (at least `gamma` of them) falls below this fraction (0: never);
     - `draft_gamma`: with a draft model (the third level), the tokens it drafts per check by the retrieval
-      level; `draft_sink`, `draft_window`: its StreamingLLM cache (first tokens kept, size in all).
+      level; `draft_sink`, `draft_window`: its StreamingLLM cache (first tokens kept, size in all);
+    - `full_cache`: where each rank keeps its shard's exact keys and values — `device`, or `host` (TriForce's
+      offloaded setting: host memory, streamed to the device in blocks of `host_block` tokens per verification).
     """
 
     gamma: int = 6
@@ -33,6 +36,8 @@ class SpeculativeConfig:
     draft_gamma: int = 4
     draft_sink: int = 16
     draft_window: int = 256
+    full_cache: str = "device"
+    host_block: int = 8192
 
     def __post_init__(self) -> None:
         if self.gamma < 1 or self.draft_gamma < 1:
@@ -47,6 +52,9 @@ class SpeculativeConfig:
         if self.refresh_every < 0 or not 0.0 <= self.refresh_below <= 1.0:
             raise ValueError(f"refresh_every must be >= 0 and refresh_below in [0, 1]; got {self.refresh_every} and "
                              f"{self.refresh_below}")
+        if self.full_cache not in FULL_CACHE_PLACES or self.host_block < 1:
+            raise ValueError(f"the full cache lives on one of {', '.join(FULL_CACHE_PLACES)} (got {self.full_cache!r}), "
+                             f"streamed in blocks of >= 1 token (got {self.host_block})")
         if not 0 <= self.draft_sink < self.draft_window:
             raise ValueError(f"the draft model's window ({self.draft_window}) must exceed its sink ({self.draft_sink})")
 

@@ -30,7 +30,8 @@ class DenseStore:
     @staticmethod
     def _with_room(states: torch.Tensor, room: int) -> torch.Tensor:
         batch, heads, length, dim = states.shape
-        grown = states.new_empty(batch, heads, length + room, dim)
+        grown = torch.empty(batch, heads, length + room, dim, dtype=states.dtype, device=states.device,
+                            pin_memory=states.is_pinned())  # a pinned host store stays pinned as it grows
         grown[:, :, :length] = states
         return grown
 
@@ -61,11 +62,10 @@ class DenseStore:
         if keys.shape[2] == 1:
             self.append(keys, values)
             return self.attend(query, scale)
-        held_keys, held_values = self.tokens()
         groups = query.shape[1] // keys.shape[1]
         out, lse = causal_attention_with_lse(query, repeat_kv(keys, groups), repeat_kv(values, groups), scale)
         if self.length:
-            past, past_lse = grouped_query_attention_with_lse(query, held_keys, held_values, scale)
+            past, past_lse = self.attend(query, scale)
             out, lse = merge_attention_states(past, past_lse, out, lse)
         self.append(keys, values)
         return out, lse
@@ -76,9 +76,13 @@ class DenseStore:
             raise ValueError(f"cannot keep {length} of the {self.length} stored tokens")
         self.length = length
 
+    def allocated_bytes(self) -> int:
+        """Bytes of the store's allocated capacity."""
+        return sum(t.numel() * t.element_size() for t in (self._keys, self._values))
+
     def device_bytes(self) -> int:
         """Bytes this store holds on the device (its allocated capacity)."""
-        return sum(t.numel() * t.element_size() for t in (self._keys, self._values))
+        return self.allocated_bytes()
 
     def host_bytes(self) -> int:
         """Bytes this store holds in host memory (none)."""

@@ -62,8 +62,9 @@ def build_retrieval(cache: ShardedKVCache, queries: list[torch.Tensor], spec: Sp
     counts = [count for _, _, count in plans]
     kept, offset, count = plans[comm.rank]
     region = slice(offset, offset + count * spec.chunk)
-    held = [store.tokens() for store in cache.stores]
-    scores = torch.stack([chunk_scores(query, chunk_landmarks(keys[:, :, region], spec.chunk))
+    held = [store.tokens() for store in cache.stores]  # in host memory when the full cache lives there
+    device = queries[0].device
+    scores = torch.stack([chunk_scores(query, chunk_landmarks(keys[:, :, region], spec.chunk).to(device))
                           for query, (keys, _) in zip(queries, held)]).float()  # [layers, B, Hkv, n]
     everyone = comm.all_gather_varlen(scores, 3, counts, SCORES_LABEL)
     chosen = min((spec.budget - spec.sink - spec.recent) // spec.chunk, sum(counts))
@@ -74,10 +75,10 @@ def build_retrieval(cache: ShardedKVCache, queries: list[torch.Tensor], spec: Sp
     order, _ = _valid_slots(per_rank[comm.rank], slots[comm.rank])
     payload = torch.stack([
         torch.stack([torch.cat([states[:, :, kept], gather_chunks(chunked(states[:, :, region], spec.chunk),
-                                                                   order[layer]).flatten(2, 3)], dim=2)
+                                                                   order[layer].to(states.device)).flatten(2, 3)], dim=2)
                      for states in (keys, values)])
         for layer, (keys, values) in enumerate(held)
-    ])  # [layers, 2, B, Hkv, kept + slots·chunk, D]
+    ]).to(device)  # [layers, 2, B, Hkv, kept + slots·chunk, D]
     sizes = [len(plan[0]) + slots[rank] * spec.chunk for rank, plan in enumerate(plans)]
     gathered = comm.gather_varlen(payload, 4, sizes, DRAFTING_RANK, KV_LABEL)
     if comm.rank != DRAFTING_RANK:

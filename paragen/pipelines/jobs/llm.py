@@ -20,7 +20,7 @@ from paragen.comms import all_gather_objects, rank_device
 from paragen.log import get_logger
 from paragen.parallel.config import ParallelConfig
 from paragen.parallel.llm.cache import cache_argument
-from paragen.parallel.llm.config import KV_MODES, KVConfig, SpeculativeConfig
+from paragen.parallel.llm.config import FULL_CACHE_PLACES, KV_MODES, KVConfig, SpeculativeConfig
 from paragen.pipelines import registry
 from paragen.pipelines.dtypes import check_dtype, resolve_dtype
 from paragen.pipelines.jobs.batch import open_batch
@@ -136,6 +136,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "directory), with a StreamingLLM cache, drafting for the retrieval level")
     p.add_argument("--draft-gamma", type=int, default=spec.draft_gamma,
                    help="speculative: tokens the draft model drafts per check by the retrieval level")
+    p.add_argument("--full-cache", choices=FULL_CACHE_PLACES, default=spec.full_cache,
+                   help="speculative: where each rank keeps its shard's exact K/V — device, or host memory (the "
+                        "offloaded setting: streamed to the device in blocks for each verification)")
     p.add_argument("--allow-remote-code", action="store_true",
                    help="allow a checkpoint whose config names remote code (auto_map), which runs arbitrary Python")
     add_output_arguments(p, defaults.out_dir, "the JSON run report")
@@ -150,7 +153,8 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
         allow_remote_code=args.allow_remote_code, draft=args.draft, out_dir=args.out, name=args.name,
     )
     speculative = SpeculativeConfig(gamma=args.gamma, budget=args.retrieval_budget, refresh_every=args.refresh_every,
-                                    refresh_below=args.refresh_below, draft_gamma=args.draft_gamma)
+                                    refresh_below=args.refresh_below, draft_gamma=args.draft_gamma,
+                                    full_cache=args.full_cache)
     options = KVConfig(mode=args.kv, budget=args.budget, rank=args.rank, chunk=args.chunk, window=args.window,
                        speculative=speculative)
     class_name = check_llm_source(request.model, allow_pickle=request.allow_pickle,
@@ -196,6 +200,8 @@ def _check_speculative(request: LLMRequest, options: KVConfig, model_config) -> 
     if options.mode != "speculative":
         if request.draft is not None:
             raise ValueError("--draft drafts for speculative decoding: add --kv speculative")
+        if options.speculative.full_cache != "device":
+            raise ValueError("--full-cache places speculative decoding's full cache: add --kv speculative")
         return None
     if request.top_k is not None:
         raise ValueError("--kv speculative samples with --temperature and --top-p, not --top-k")
