@@ -14,7 +14,7 @@ from paragen.parallel import ParallelConfig
 from paragen.parallel.llm import KVConfig, cache_argument
 from paragen.pipelines.llm import parallelize_llm
 from paragen.pipelines.llm.loading import load_llm
-from paragen.pipelines.llm.passkey import DIGITS, decode_key, make_prompt
+from paragen.pipelines.llm.passkey import DIGITS, WORD_IDS, decode_key, make_prompt
 
 TRIALS = {4096: 12, 16384: 6}
 
@@ -44,3 +44,19 @@ def test_dense_and_offload_answer_every_key(models, length):
             answers[mode].append(decode_key(out[0, length:].tolist()))
     assert answers["dense"] == keys, f"dense at {length}: {answers['dense']} for {keys}"
     assert answers["offload"] == keys, f"offload at {length}: {answers['offload']} for {keys}"
+
+
+def test_the_language_model_twin_answers_and_goes_on_with_the_text():
+    """`tiny-passkey-lm` (trained also on the text after the answer) answers densely at 4K and then writes
+    filler words, never another digit or marker."""
+    model = load_llm("tiny-passkey-lm")
+    runtime = parallelize_llm(model, ParallelConfig(), KVConfig(mode="dense"))
+    generator = torch.Generator().manual_seed(11)
+    for i in range(4):
+        prompt = make_prompt(4096, (i + 0.5) / 4, generator)
+        cache = runtime.new_cache()
+        out = model.generate(prompt.tokens.unsqueeze(0), **cache_argument(cache), max_new_tokens=DIGITS + 16,
+                             do_sample=False, top_k=None, top_p=None)[0, 4096:].tolist()
+        cache.close()
+        assert decode_key(out) == prompt.key
+        assert set(out[DIGITS:]) <= set(WORD_IDS.values()), out

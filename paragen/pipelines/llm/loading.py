@@ -2,8 +2,10 @@
 
 Embedded: `tiny-llama` (Llama architecture with grouped-query attention, random weights from a fixed
 seed) and `tiny-passkey` (a 2-layer Llama trained by `tools/train_passkey.py` to retrieve a passkey
-from long contexts; its safetensors weights ship in `configs/tiny-passkey/`) and `tiny-passkey-draft` (a 1-layer
-draft for speculative decoding on the same vocabulary, trained by `tools/train_passkey.py --draft`). A local checkpoint is a
+from long contexts; its safetensors weights ship in `configs/tiny-passkey/`), `tiny-passkey-lm` (the same shape
+trained also to go on with the text after the answer, as a language model does: the target that speculative
+decoding's acceptance means something on) and `tiny-passkey-draft` (a 1-layer draft for speculative decoding on
+the same vocabulary); all three trained by `tools/train_passkey.py --model NAME`. A local checkpoint is a
 `from_pretrained` directory with a `config.json` and safetensors weights; pickle weights (`*.bin`,
 `*.pt`) are refused unless allowed, and so is a config that names remote code (`auto_map`). Nothing
 here touches the network. transformers is imported only when a model is built, so
@@ -20,7 +22,7 @@ import torch
 from paragen.pipelines.loading import CONFIG_DIR, PICKLE_WEIGHTS, SAFE_WEIGHTS, ModelLoadError
 from paragen.pipelines.registry import CAUSAL_LMS
 
-EMBEDDED_LLMS: tuple[str, ...] = ("tiny-llama", "tiny-passkey", "tiny-passkey-draft")
+EMBEDDED_LLMS: tuple[str, ...] = ("tiny-llama", "tiny-passkey", "tiny-passkey-lm", "tiny-passkey-draft")
 
 
 def model_root(model: str) -> Path:

@@ -5,7 +5,8 @@ the classic passkey padding: a few fixed sentences repeated. The six digits are 
 (digit v in slot j is its own token), which makes retrieval one attention lookup — the query at
 answer slot j asks for "the slot j+1 digit", and only the key holds one — instead of an induction
 circuit that a 2-layer model learns slowly. Nothing else about the task is easier: the key sits at
-any depth of a context of any length, among thousands of filler tokens.
+any depth of a context of any length, among thousands of filler tokens. After the answer the text goes
+on: the filler continues where the prompt's left off (`make_prompt(..., follow=n)` gives those tokens).
 
 The same vocabulary serves the embedded `tiny-passkey` model (trained by `tools/train_passkey.py`)
 and `tiny-llama` (random weights), so both run the same prompts.
@@ -72,21 +73,25 @@ def filler(length: int, generator: torch.Generator) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PasskeyPrompt:
-    """One prompt: `tokens` (ending with the question), the `key` and where it sits (`key_index`)."""
+    """One prompt: `tokens` (ending with the question), the `key` and where it sits (`key_index`), and
+    `follow`: the filler that continues the text after the answer (empty unless asked for)."""
 
     tokens: torch.Tensor
     key: str
     key_index: int
+    follow: torch.Tensor
 
 
-def make_prompt(length: int, depth: float, generator: torch.Generator) -> PasskeyPrompt:
-    """A prompt of exactly `length` tokens whose key starts at fraction `depth` of the filler."""
+def make_prompt(length: int, depth: float, generator: torch.Generator, follow: int = 0) -> PasskeyPrompt:
+    """A prompt of exactly `length` tokens whose key starts at fraction `depth` of the filler, and the
+    `follow` filler tokens that continue the text after the answer (the same prompt whatever `follow`)."""
     check_passkey_length(length)
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
     key = "".join(str(int(d)) for d in torch.randint(10, (DIGITS,), generator=generator))
-    pad = filler(length - FIXED_TOKENS, generator)
+    text = filler(length - FIXED_TOKENS + follow, generator)
+    pad = text[:length - FIXED_TOKENS]
     at = int(round(depth * len(pad)))
     needle = torch.tensor([KEY] + key_tokens(key))
     tokens = torch.cat([torch.tensor([BOS]), pad[:at], needle, pad[at:], torch.tensor([ASK])])
-    return PasskeyPrompt(tokens=tokens, key=key, key_index=1 + at)
+    return PasskeyPrompt(tokens=tokens, key=key, key_index=1 + at, follow=text[len(pad):])
