@@ -78,6 +78,8 @@ bench: $(STAMP) bench-peers
 	$(BIN)/python bench/plot_video.py
 	$(BIN)/python bench/bench_llm.py
 	$(BIN)/python bench/plot_llm.py
+	$(BIN)/python bench/bench_llm.py --model tiny-passkey-lm --out bench/results/llm_lm_cpu.json
+	$(BIN)/python bench/plot_llm.py bench/results/llm_lm_cpu.json
 	$(BIN)/python bench/bench_requests.py
 	$(BIN)/python bench/plot_requests.py
 	$(BIN)/python bench/bench_shapes.py

@@ -11,11 +11,15 @@ from matplotlib.ticker import ScalarFormatter
 from bench_llm import summary_lines
 from plotting import load_report, save_figure
 
-ORDER = ("dynamic_1x1", "dense_2r", "offload_1x1", "offload_2r")
+ORDER = ("dynamic_1x1", "dense_2r", "offload_1x1", "offload_2r", "spec_1x1", "spec_2r", "spec_draft_2r")
 LABELS = {"dynamic_1x1": "DynamicCache, 1 proc", "dense_2r": "paragen dense, 2 ranks",
-          "offload_1x1": "paragen offload, 1 proc", "offload_2r": "paragen offload, 2 ranks"}
-COLOURS = {"dynamic_1x1": "#999", "dense_2r": "#4c72b0", "offload_1x1": "#55a868", "offload_2r": "#8172b3"}
-MARKERS = {"dynamic_1x1": "o", "dense_2r": "s", "offload_1x1": "^", "offload_2r": "D"}
+          "offload_1x1": "paragen offload, 1 proc", "offload_2r": "paragen offload, 2 ranks",
+          "spec_1x1": "speculative, 1 proc", "spec_2r": "speculative, 2 ranks",
+          "spec_draft_2r": "speculative + draft, 2 ranks"}
+COLOURS = {"dynamic_1x1": "#999", "dense_2r": "#4c72b0", "offload_1x1": "#55a868", "offload_2r": "#8172b3",
+           "spec_1x1": "#dd8452", "spec_2r": "#c44e52", "spec_draft_2r": "#937860"}
+MARKERS = {"dynamic_1x1": "o", "dense_2r": "s", "offload_1x1": "^", "offload_2r": "D", "spec_1x1": "v",
+           "spec_2r": "P", "spec_draft_2r": "X"}
 
 
 def _points(config: dict) -> list[tuple[int, dict]]:
@@ -43,21 +47,23 @@ def _plain_log_y(ax) -> None:
 def table(report: dict) -> str:
     """Markdown table: every configuration at every context."""
     rows = ["| context | configuration | prefill (median) | decode tok/s (median, p10–p90) | vs DynamicCache | "
-            "device KV | host KV | fetched / token | passkey | peak RSS / rank |", "|---" * 10 + "|"]
+            "device KV | host KV | fetched / token | acceptance | passkey | peak RSS / rank |", "|---" * 11 + "|"]
     configs = report["configs"]
     for context in report["workload"]["contexts"]:
         for name in (n for n in ORDER if n in configs and str(context) in configs[n]["contexts"]):
             c = configs[name]["contexts"][str(context)]
             if "skipped" in c:
-                rows.append(f"| {context} | {LABELS[name]} | skipped: {c['skipped']} | | | | | | | |")
+                rows.append(f"| {context} | {LABELS[name]} | skipped: {c['skipped']} | | | | | | | | |")
                 continue
             t = c["decode_tokens_per_s"]
             ratio = report["summary"].get(str(context), {}).get(name, {}).get("tokens_per_s_ratio")
             memory = " / ".join(f"{r['peak_rss_mib']:.0f}" for r in c["per_rank"])
+            accepted = c["speculative"]["acceptance_rate"] if "speculative" in c else None
             rows.append(f"| {context} | {LABELS[name]} | {c['prefill_s']['median']:.2f} s | {t['median']:.1f} "
                         f"({t['p10']:.1f}–{t['p90']:.1f}) | {'' if ratio is None else f'{ratio:.2f}x'} | "
                         f"{c['device_bytes'] / 2**20:.2f} MiB | {c['host_bytes'] / 2**20:.2f} MiB | "
-                        f"{c['fetched_bytes_per_token'] / 2**10:.1f} KiB | {round(c['accuracy'] * c['requests'])}/"
+                        f"{c['fetched_bytes_per_token'] / 2**10:.1f} KiB | "
+                        f"{'—' if accepted is None else f'{accepted:.2f}'} | {round(c['accuracy'] * c['requests'])}/"
                         f"{c['requests']} | {memory} MiB |")
     return "\n".join(rows)
 

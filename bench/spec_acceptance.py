@@ -1,11 +1,12 @@
 """Which retrieval-cache refresh pays, measured by acceptance (counts, not time): speculative decoding of the
-embedded `tiny-passkey` in one process, greedy, under each refresh policy, with and without the draft model.
+embedded `tiny-passkey-lm` in one process, greedy, under each refresh policy, with and without the draft model.
 
-    python bench/spec_acceptance.py [--context 8192] [--budget 1024] [--gamma 6] [--new-tokens 32] [--prompts 2]
-        → bench/results/llm_spec_acceptance.json
+    python bench/spec_acceptance.py [--model tiny-passkey-lm] [--context 32768] [--budget 4096] [--gamma 6]
+        [--new-tokens 32] [--prompts 4] → bench/results/llm_lm_spec_acceptance.json
 
-Policies: `never` (TriForce: the retrieval cache built once, from the prompt's last query), `every4` (rebuilt
-every 4 verifications), `below0.5` (rebuilt when the acceptance since the last build falls below 0.5). Per
+Policies: `never` (TriForce: the retrieval cache built once, from the prompt's last query), `every1` and
+`every4` (rebuilt after every verification, every 4), `below0.5` (rebuilt when the acceptance since the last
+build falls below 0.5). Per
 policy: acceptance rate (accepted / drafted), mean drafted tokens kept per verification, verifications,
 refreshes and their bytes, whether the passkey was answered, and the draft model's acceptance by the retrieval
 level. Fewer verifications for the same tokens is what a refresh has to buy; its cost (a landmark pass over
@@ -27,17 +28,18 @@ from paragen.pipelines.llm.loading import load_llm
 from paragen.pipelines.llm.passkey import DIGITS, decode_key, make_prompt
 from paragen.pipelines.llm.speculative import generate_speculative
 
-POLICIES = {"never": {}, "every4": {"refresh_every": 4}, "below0.5": {"refresh_below": 0.5}}
+POLICIES = {"never": {}, "every1": {"refresh_every": 1}, "every4": {"refresh_every": 4}, "below0.5": {"refresh_below": 0.5}}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--context", type=int, default=8192, help="prompt + new tokens")
-    p.add_argument("--budget", type=int, default=1024, help="retrieval cache tokens")
+    p.add_argument("--model", default="tiny-passkey-lm", help="the target model")
+    p.add_argument("--context", type=int, default=32768, help="prompt + new tokens")
+    p.add_argument("--budget", type=int, default=4096, help="retrieval cache tokens")
     p.add_argument("--gamma", type=int, default=6)
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prompts", type=int, default=2, help="passkey prompts, keys at depths (i + ½)/prompts")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "llm_spec_acceptance.json"))
+    p.add_argument("--prompts", type=int, default=4, help="passkey prompts, keys at depths (i + ½)/prompts")
+    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "llm_lm_spec_acceptance.json"))
     args = p.parse_args()
     torch.set_num_threads(1)
     draft = load_llm("tiny-passkey-draft")
@@ -45,7 +47,7 @@ def main() -> None:
                for i in range(args.prompts)]
     rows = {}
     for name, refresh in POLICIES.items():
-        model = load_llm("tiny-passkey")
+        model = load_llm(args.model)
         parallelize_llm(model, ParallelConfig(), KVConfig(mode="speculative", speculative=SpeculativeConfig(
             gamma=args.gamma, budget=args.budget, **refresh)))
         for level, draft_model in (("target", None), ("with_draft", draft)):
