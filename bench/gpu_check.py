@@ -308,10 +308,13 @@ class Check:
             image, steps, hires = ["--height", "64", "--width", "64"], ["--steps", "2"], ["--window", "16", "--height", "128", "--width", "192"]
             video = ["--frames", "8", "--height", "64", "--width", "64", "--steps", "1"]
             context = ["--context", "1024"]
+            retrieval = ["--retrieval-budget", "512"]  # at most the 1016-token prompt
         else:
             image, steps, hires = ["--height", "512", "--width", "512"], ["--steps", "8"], ["--height", "1024", "--width", "1024"]
             video = ["--frames", "16", "--height", "128", "--width", "128", "--steps", "6"]
             context = ["--context", "16384"]
+            retrieval = []
+        speculative = ["llm", "--model", "tiny-passkey-lm", *context, "--kv", "speculative", *retrieval, "--new-tokens", "16"]
         return [
             ("image_tiny-sd", "image", ["image", "--model", "tiny-sd", *image, *steps]),
             ("image_tiny-pixart", "image", ["image", "--model", "tiny-pixart", *image, *steps]),
@@ -320,6 +323,8 @@ class Check:
             ("video_tiny-t2v", "video", ["video", "--model", "tiny-t2v", *video, "--format", "gif"]),
             ("llm_dense", "llm", ["llm", "--model", "tiny-passkey", *context, "--kv", "dense", "--new-tokens", "8"]),
             ("llm_offload", "llm", ["llm", "--model", "tiny-passkey", *context, "--kv", "offload", "--new-tokens", "8"]),
+            ("llm_speculative", "llm", speculative),
+            ("llm_speculative_host", "llm", [*speculative, "--full-cache", "host"]),
         ]
 
     def cli(self) -> dict:
@@ -344,6 +349,9 @@ class Check:
 
         with ThreadPoolExecutor(max_workers=max(1, self.args.jobs)) as pool:
             entries = dict(pool.map(one, runs))
+        device, host = entries.get("llm_speculative", {}), entries.get("llm_speculative_host", {})
+        if device.get("ok") and host.get("ok") and device["new_token_ids"] != host["new_token_ids"]:
+            host.update(ok=False, error="its tokens differ from the full cache's on the device (both are lossless)")
         bad = [name for name, entry in entries.items() if not entry.get("ok")]
         figures = {"runs": entries, "passed": len(runs) - len(bad), "total": len(runs), "device": self.device, "dtype": self.dtype,
                    "parallel_jobs": self.args.jobs}
@@ -590,7 +598,8 @@ def _check_cli_output(kind: str, folder: Path, device: str, dtype: str, argv: li
     else:
         new = report.get("new_tokens") or []
         entry.update(prefill_s=report.get("prefill_s"), decode_tokens_per_s=report.get("decode_tokens_per_s"),
-                     new_tokens=len(new), passkey_correct=report.get("correct"), kv_per_rank=report.get("kv_per_rank"))
+                     new_tokens=len(new), new_token_ids=new, passkey_correct=report.get("correct"),
+                     kv_per_rank=report.get("kv_per_rank"))
         if len(new) != int(argv[argv.index("--new-tokens") + 1]):
             problems.append(f"{len(new)} new tokens")
         if not (finite(report.get("prefill_s")) and finite(report.get("decode_tokens_per_s"))):
