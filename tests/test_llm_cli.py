@@ -45,6 +45,21 @@ def test_speculative_decoding_answers_the_passkey_with_the_dense_tokens(tmp_path
     assert data["kv_per_rank"]["1"]["retrieval_bytes"] == 0  # the retrieval cache lives on the drafting rank
 
 
+def test_a_full_cache_in_host_memory_decodes_the_dense_tokens_and_counts_its_copies(tmp_path):
+    common = ["--model", "tiny-passkey-lm", "--context", "2048", "--depth", "0.4", "--new-tokens", "12"]
+    check_all_ok(run_ranks([*LLM, *common, "--kv", "speculative", "--retrieval-budget", "256", "--full-cache", "host",
+                            "--out", str(tmp_path / "host")], 2))
+    check_all_ok(run_ranks([*LLM, *common, "--out", str(tmp_path / "dense")], 2))
+    (host,), (dense,) = (list((tmp_path / name).glob("*.json")) for name in ("host", "dense"))
+    data, want = json.loads(host.read_text()), json.loads(dense.read_text())
+    assert data["new_tokens"] == want["new_tokens"] and data["correct"] is True
+    first = data["kv_per_rank"]["0"]  # rank 0 holds the first half of the prompt and never grows
+    assert first["device_bytes"] == 0 and first["host_bytes"] == 2 * 1024 * 2 * 32 * 4 * 2  # layers, tokens, kv heads, dims, fp32, K and V
+    decoded = len(data["new_tokens"]) - 1  # after the prefill's token
+    # every verification streams the whole shard once per layer
+    assert first["fetched_bytes_per_token"] * decoded == data["speculative"]["verifications"] * first["host_bytes"]
+
+
 def _checkpoint(folder: Path, *, remote: bool = False, pickle: bool = False, vocab: int | None = None) -> Path:
     config = json.loads((Path("paragen/pipelines/configs/tiny-passkey/config.json")).read_text())
     if vocab is not None:

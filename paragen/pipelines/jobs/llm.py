@@ -269,7 +269,7 @@ def generate(job: Prepared, loaded: LoadedLLM, prompted: Prompted, load_s: float
     generated = time.perf_counter()
     new = out[0, prompted.ids.shape[1]:].tolist()
     kv_report = {"device_bytes": cache.device_bytes(), "host_bytes": cache.host_bytes(),
-                 "fetched_bytes_per_token": cache.fetched_bytes() / max(1, len(runtime.step_seconds))}
+                 "fetched_bytes_per_token": cache.fetched_bytes() / max(1, len(new) - 1)}  # decoded after the prefill's
     if speculative is not None:
         kv_report.update(retrieval_bytes=retrieval_bytes)  # the drafting rank's retrieval cache (0 elsewhere)
     kv_per_rank = all_gather_objects(runtime.mesh.group("world"), kv_report)
