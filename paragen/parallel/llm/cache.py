@@ -229,17 +229,19 @@ class ShardedKVCache(AttendingCache):
         """KV bytes this rank holds in host memory."""
         return sum(s.host_bytes() for s in self.stores if s is not None)
 
-    def _offloaded(self) -> list[OffloadStore]:
-        return [s for s in self.stores if isinstance(s, OffloadStore)]
+    def _fetching(self) -> list[OffloadStore | HostStore]:
+        return [s for s in self.stores if isinstance(s, (OffloadStore, HostStore))]
 
     def fetched_bytes(self) -> int:
         """Host→device bytes fetched so far: value chunks (offload), or the full cache's blocks (speculative, host)."""
-        return sum(s.fetched_bytes for s in self.stores if isinstance(s, (OffloadStore, HostStore)))
+        return sum(s.fetched_bytes for s in self._fetching())
 
     def fetch_overlap_s(self) -> tuple[float, float]:
-        """(seconds rebuilding keys while value fetches were in flight, seconds then left waiting for them)."""
-        stores = self._offloaded()
-        return sum(s.rebuild_s for s in stores), sum(s.fetch_wait_s for s in stores)
+        """(seconds rebuilding keys while value fetches were in flight (offload), seconds then left waiting for
+        fetches: value chunks, or the full cache's blocks while the previous block was attended)."""
+        stores = self._fetching()
+        return (sum(s.rebuild_s for s in stores if isinstance(s, OffloadStore)),
+                sum(s.fetch_wait_s for s in stores))
 
     def close(self) -> None:
         """Stop the fetch worker (offload, or a full cache in host memory)."""

@@ -268,8 +268,10 @@ def generate(job: Prepared, loaded: LoadedLLM, prompted: Prompted, load_s: float
             cache.close()
     generated = time.perf_counter()
     new = out[0, prompted.ids.shape[1]:].tolist()
+    decoded = max(1, len(new) - 1)  # tokens decoded after the prefill's
     kv_report = {"device_bytes": cache.device_bytes(), "host_bytes": cache.host_bytes(),
-                 "fetched_bytes_per_token": cache.fetched_bytes() / max(1, len(new) - 1)}  # decoded after the prefill's
+                 "fetched_bytes_per_token": cache.fetched_bytes() / decoded,
+                 "fetch_wait_ms_per_token": 1000 * cache.fetch_overlap_s()[1] / decoded}
     if speculative is not None:
         kv_report.update(retrieval_bytes=retrieval_bytes)  # the drafting rank's retrieval cache (0 elsewhere)
     kv_per_rank = all_gather_objects(runtime.mesh.group("world"), kv_report)
