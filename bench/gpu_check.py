@@ -505,12 +505,13 @@ class Check:
         if "forward" in fx:
             summary["flux"] = {"forward_s": fx["forward"]["median"], "estimate_full_s": fx.get("forward_estimate_full_s")}
         lm = s.get("timing_llm", {})
-        for mode in ("stock", "dense", "offload"):
+        for mode in ("stock", "dense", "offload", "speculative", "speculative_host"):
             if mode in lm:
                 summary.setdefault("llm", {})[mode] = {"prefill_s": lm[mode]["prefill_s"]["median"],
                                                        "decode_tokens_per_s": lm[mode]["decode_tokens_per_s"]}
-        if "dense_vs_stock" in lm:
-            summary.setdefault("llm", {})["dense_vs_stock"] = lm["dense_vs_stock"]
+        for versus in ("dense_vs_stock", "speculative_vs_dense", "speculative_host_vs_dense"):
+            if versus in lm:
+                summary.setdefault("llm", {})[versus] = lm[versus]
         self.report["summary"] = summary
 
 

@@ -18,12 +18,16 @@ below (no download): weights are random, so images and tokens are meaningless, t
 - flux: a FLUX.1-dev-shaped transformer (19 double + 38 single blocks, 3072 wide) forward at 1024²
   (4096 image + 512 text tokens); with too little device memory, fewer blocks and a scaled estimate.
 - llm: a Llama-3-8B-shaped model (its widths, 4 layers) at a 32K-token prompt: `generate` with transformers'
-  DynamicCache (stock), and through paragen at 1 rank with the dense and the offloaded (ShadowKV) KV store:
-  prefill seconds and decode tokens/s, requests interleaved across the three.
+  DynamicCache (stock), and through paragen at 1 rank with the dense and the offloaded (ShadowKV) KV store, and
+  speculative decoding (TriForce: retrieval budget 4096, gamma 6) with the full cache on the device and in host
+  memory: prefill seconds and decode tokens/s, requests interleaved across the modes; for the speculative modes
+  the draft and verification seconds per round and the acceptance (random weights: low, so these are per-token
+  costs, not the speedup of a trained model), and whether their tokens equal dense's.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -353,8 +357,9 @@ def llm(args, device, dtype) -> dict:
     from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig, LogitsProcessorList
 
     import paragen
-    from paragen.parallel.llm import KVConfig, cache_argument
+    from paragen.parallel.llm import KVConfig, SpeculativeConfig, cache_argument
     from paragen.pipelines.llm import check, parallelize_llm
+    from paragen.pipelines.llm.speculative import generate_speculative
 
     tiny = args.tiny
     context = 512 if tiny else 32768
@@ -368,12 +373,34 @@ def llm(args, device, dtype) -> dict:
     model = model.to(device).eval()
     out.update(params=params(model), build_s=time.perf_counter() - started)
     runtime = parallelize_llm(model, paragen.ParallelConfig(seq=1), KVConfig(mode="dense"))
-    kv_modes = {"dense": KVConfig(mode="dense"), "offload": KVConfig(mode="offload")}
+    spec = SpeculativeConfig(budget=256 if tiny else 4096)
+    kv_modes = {"dense": KVConfig(mode="dense"), "offload": KVConfig(mode="offload"),
+                "speculative": KVConfig(mode="speculative", speculative=spec),
+                "speculative_host": KVConfig(mode="speculative", speculative=dataclasses.replace(spec, full_cache="host"))}
     for kv in kv_modes.values():
         check(model.config, runtime.config, kv)
     ids = torch.randint(0, config.vocab_size, (1, context), generator=torch.Generator().manual_seed(0)).to(device)
 
+    def speculative(mode: str, prompt: torch.Tensor, count: int) -> dict:
+        runtime.kv = kv_modes[mode]
+        sync(device)
+        result = generate_speculative(model, prompt, max_new_tokens=count)
+        sync(device)
+        stats = result.stats.report()
+        rounds = stats["draft_s"] + stats["verify_s"] + stats["refresh_s"]
+        cache = result.cache
+        _, wait_s = cache.fetch_overlap_s()
+        row = {"prefill_s": runtime.prefill_s, "decode_s": [rounds / (count - 1)] * (count - 1),  # a round's tokens share its time
+               "tokens": result.sequences[0, prompt.shape[1]:].tolist(), "device_kv_bytes": cache.device_bytes(),
+               "host_kv_bytes": cache.host_bytes(), "fetched_bytes": cache.fetched_bytes(),
+               "fetch_wait_s": wait_s, "speculative": {k: stats[k] for k in (
+                    "acceptance_rate", "verifications", "tokens_per_verification", "draft_s", "verify_s", "refresh_s")}}
+        cache.close()
+        return row
+
     def request(mode: str, prompt: torch.Tensor, count: int) -> dict:
+        if mode.startswith("speculative"):
+            return speculative(mode, prompt, count)
         if mode != "stock":
             runtime.kv = kv_modes[mode]
         cache = DynamicCache() if mode == "stock" else runtime.new_cache()
@@ -398,7 +425,7 @@ def llm(args, device, dtype) -> dict:
                        paragen_prefill_s=runtime.prefill_s, paragen_step_s=list(runtime.step_seconds))
         return row
 
-    modes = ("stock", "dense", "offload")
+    modes = ("stock", "dense", "offload", "speculative", "speculative_host")
     deadline = time.monotonic() + args.budget_s
     errors: dict = {}
     for mode in modes:  # warm-up at the full prompt (kernels, allocator, SVD workspaces)
@@ -423,10 +450,10 @@ def llm(args, device, dtype) -> dict:
         decode = [s for row in done for s in row["decode_s"]]
         entry = {"requests": len(done), "prefill_s": spread([r["prefill_s"] for r in done]), "decode_step_s": spread(decode),
                  "decode_tokens_per_s": 1.0 / spread(decode)["median"], "device_kv_bytes": done[-1]["device_kv_bytes"]}
-        for key in ("host_kv_bytes", "fetched_bytes", "rebuild_s", "fetch_wait_s"):
+        for key in ("host_kv_bytes", "fetched_bytes", "rebuild_s", "fetch_wait_s", "speculative"):
             if key in done[-1]:
                 entry[key] = done[-1][key]
-        if mode != "stock":
+        if mode in ("dense", "offload"):
             entry["paragen_internal_prefill_s"] = spread([r["paragen_prefill_s"] for r in done])
         entry["tokens_first_request"] = done[0]["tokens"]
         out[mode] = entry
@@ -438,6 +465,11 @@ def llm(args, device, dtype) -> dict:
             "same_tokens": dense["tokens_first_request"] == stock["tokens_first_request"],
             "note": "paragen at 1 rank with the dense store vs generate with DynamicCache; goal <= 3%",
         }
+    for mode in ("speculative", "speculative_host"):
+        if mode in out and "dense" in out:
+            out[f"{mode}_vs_dense"] = {
+                "decode_speedup": out[mode]["decode_tokens_per_s"] / out["dense"]["decode_tokens_per_s"],
+                "same_tokens": out[mode]["tokens_first_request"] == out["dense"]["tokens_first_request"]}
     if "offload" in out and "stock" in out:
         out["offload_vs_stock_decode_speedup"] = out["offload"]["decode_tokens_per_s"] / out["stock"]["decode_tokens_per_s"]
     if errors:

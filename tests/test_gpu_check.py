@@ -98,9 +98,12 @@ def test_timings_have_medians_over_at_least_five_calls(report):
     assert s["timing_sdxl"]["latents_max_abs_diff_stock_vs_paragen"] == 0.0  # paragen at 1 rank changes no number
     assert s["timing_sdxl"]["unet_full"]["flops"] > 0
     llm = s["timing_llm"]
-    for mode in ("stock", "dense", "offload"):
+    for mode in ("stock", "dense", "offload", "speculative", "speculative_host"):
         assert llm[mode]["requests"] >= 1 and llm[mode]["decode_tokens_per_s"] > 0
         _timing(llm[mode]["decode_step_s"])
+    for mode in ("speculative", "speculative_host"):  # lossless, wherever the full cache lives
+        assert llm[f"{mode}_vs_dense"]["same_tokens"], llm[f"{mode}_vs_dense"]
+    assert llm["speculative_host"]["device_kv_bytes"] == 0 and llm["speculative_host"]["fetched_bytes"] > 0
     assert llm["dense_vs_stock"]["same_tokens"]
     assert llm["offload"]["host_kv_bytes"] > 0 and llm["offload"]["fetched_bytes"] > 0
     summary = report["summary"]
