@@ -140,9 +140,8 @@ class Runner:
         request_s = time.perf_counter() - start
         stats = out.stats
         retrieval = out.retrieval.device_bytes() if out.retrieval is not None else 0  # on the drafting rank
-        decode_s = [t / (kept + 1) for t, kept in zip(stats.round_s, stats.kept) for _ in range(kept + 1)]
         return {
-            "prefill_s": self.runtime.prefill_s, "decode_s": decode_s, "request_s": request_s,
+            "prefill_s": self.runtime.prefill_s, "decode_s": stats.token_seconds(), "request_s": request_s,
             "new_tokens": out.sequences[0, len(tokens):].tolist(), "device_bytes_after_prefill": None,
             "device_bytes": out.cache.device_bytes() + retrieval, **self.close(out.cache), "retrieval_bytes": retrieval,
             "verified_tokens": sum(gamma + 1 for gamma in stats.gammas), "speculative": stats.report(),

@@ -91,6 +91,10 @@ class SpeculativeStats:
     kept: list[int] = field(default_factory=list)  # ... and kept
     round_s: list[float] = field(default_factory=list)  # each round's wall time: draft, verify, refresh after it
 
+    def token_seconds(self) -> list[float]:
+        """Seconds per decoded token: each round's wall time shared equally by the tokens it yielded (kept + 1)."""
+        return [t / (kept + 1) for t, kept in zip(self.round_s, self.kept) for _ in range(kept + 1)]
+
     def report(self) -> dict:
         """The run report's fields: TriForce's acceptance rate (accepted / drafted) and mean accepted tokens per
         verification, beside the raw counts."""
