@@ -2,8 +2,10 @@
 
 Finding: every pixel takes the nearest of the world's shape colours and background tones (RGB distance); pixels
 of a shape colour within `MAX_DISTANCE` form connected regions (4-neighbours); a region smaller than
-`MIN_AREA` of the picture is noise. A region's shape comes from how much of its bounding box it fills (square
-about 1, circle π/4, triangle 1/2), its place from its centroid's cell of the 3 × 3 grid.
+`MIN_AREA` of the picture is noise. A region's shape: a triangle (apex up) when its top quarter is less than
+`TRIANGLE_TAPER` as wide as its bottom quarter; otherwise a square or a circle by how much of its bounding box it
+fills (about 1 against π/4). Both tests hold on pictures blurred by a VAE, where a triangle's tip rounds off and
+its fill rises towards a circle's. Its place is its centroid's cell of the 3 × 3 grid.
 Comparing: each object the caption names is matched by a found object of the same colour, shape and cell (each
 found object used once); the picture is correct when every named object is matched and nothing else was
 found. Softer, `placed` counts the named objects whose colour is found in their cell, whatever its shape.
@@ -27,7 +29,8 @@ from tools.shapes_world import BACKGROUNDS, COLOURS, cell_name, parse_caption  #
 
 MAX_DISTANCE = 100.0  # RGB distance within which a pixel counts as a shape colour
 MIN_AREA = 0.005  # of the picture: a quarter of the smallest object the world draws
-SQUARE_FILL, CIRCLE_FILL = 0.88, 0.64  # fill of the bounding box at or above which a region is a square / circle
+TRIANGLE_TAPER = 0.5  # top quarter's mean width / bottom quarter's below which a region is a triangle (drawn: ~0.25)
+SQUARE_FILL = 0.86  # fill of the bounding box at or above which a region is a square, not a circle
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,15 @@ def _regions(mask: np.ndarray) -> list[np.ndarray]:
     return regions
 
 
+def _shape(rows: np.ndarray, fill: float) -> str:
+    """A region's shape from its pixels' rows and the fraction of its bounding box it fills."""
+    band = max(1, (rows.max() - rows.min() + 1) // 4)
+    top, bottom = (rows < rows.min() + band).sum(), (rows > rows.max() - band).sum()
+    if top < TRIANGLE_TAPER * bottom:
+        return "triangle"
+    return "square" if fill >= SQUARE_FILL else "circle"
+
+
 def find_objects(image: Image.Image) -> list[Found]:
     """The shapes in a picture."""
     pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
@@ -77,8 +89,7 @@ def find_objects(image: Image.Image) -> list[Found]:
                 continue
             rows, cols = region[:, 0], region[:, 1]
             box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
-            fill = len(region) / box
-            shape = "square" if fill >= SQUARE_FILL else "circle" if fill >= CIRCLE_FILL else "triangle"
+            shape = _shape(rows, len(region) / box)
             row = min(2, int(rows.mean() * 3 / height))
             column = min(2, int(cols.mean() * 3 / width))
             found.append(Found(colour, shape, cell_name(row, column), len(region)))
