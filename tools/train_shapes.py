@@ -9,11 +9,13 @@ parts, trained in turn:
    reconstruction trains on the mean from the first step; its latent scale is then measured
    (`scaling_factor` = 1 / std);
 3. the UNet (UNet2DConditionModel with cross-attention) and the CLIP text encoder together, on the denoising
-   loss (v-prediction, DDPM's scaled-linear betas, Min-SNR-5 weighting), the caption dropped for 10% of the
-   pictures so that classifier-free guidance works, for `--steps`; an exponential moving average of the
-   weights (decay up to 0.999) is what gets evaluated and saved. v-prediction, not ε: where the layout is
-   decided (the noisiest steps), an ε-loss weighs an error in the clean latent by the signal-to-noise ratio
-   (~0.01), so a model trained on it learnt shapes and colours but put them anywhere; a v-loss weighs it ~1.
+   loss (v-prediction, DDPM's scaled-linear betas), the caption dropped for 10% of the pictures so that
+   classifier-free guidance works, for `--steps`; an exponential moving average of the weights (decay up to
+   0.999) is what gets evaluated and saved. The layout is decided at the noisiest steps, where a picture is
+   almost all noise. There the plain v-loss weighs an error in the clean latent about 1, while the ε-loss, and
+   Min-SNR weighting of either loss (scaled to weigh that error min(SNR, 5)), weigh it by the signal-to-noise
+   ratio (0.008 at t = 951, the first of 20 DDIM steps); models trained so drew the named shapes and colours
+   in random cells. So the v-loss is kept whole there, and only its less noisy steps are capped as in Min-SNR-5.
    The denoiser is trained on the VAE's fp16-rounded weights (what ships) from its own seed (`--seed` + 1), so
    `--vae-from` an earlier output folder (its VAE and VAE log lines) trains the same denoiser as a full run.
 Every `--eval-every` steps the pipeline draws `--eval-prompts` captions of held-out seeds (20 DDIM steps,
@@ -44,6 +46,7 @@ from tools.shapes_scorer import score  # noqa: E402
 from tools.shapes_world import CELLS, COLOURS, SHAPES, SIZES, caption, render, sample_scene  # noqa: E402
 
 SIDE = 64
+MIN_SNR = 5.0  # steps less noisy than this signal-to-noise ratio weigh as much as one at it (Min-SNR-5)
 EVAL_SEED = 1_000_000  # held-out scenes: training draws from seeds below this
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 16,
@@ -52,12 +55,15 @@ VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers
 UNET_CHANNELS = (64, 128, 128)  # per level, from the full resolution down
 
 
-def unet_config(levels: int) -> dict:
-    """The UNet with cross-attention at every one of `levels` resolutions (16² down to 16² / 2^(levels-1))."""
+def unet_config(levels: int, pooled_text: bool) -> dict:
+    """The UNet with cross-attention at every one of `levels` resolutions (16² down to 16² / 2^(levels-1)); with
+    `pooled_text`, the caption's tokens attention-pooled into a vector added to the timestep embedding as well,
+    which every residual block receives (diffusers' `addition_embed_type="text"`)."""
+    pooled = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4} if pooled_text else {}
     return {"sample_size": SIDE // 4, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
             "block_out_channels": list(UNET_CHANNELS[:levels]), "down_block_types": ["CrossAttnDownBlock2D"] * levels,
             "up_block_types": ["CrossAttnUpBlock2D"] * levels, "attention_head_dim": 8, "cross_attention_dim": 64,
-            "norm_num_groups": 32}
+            "norm_num_groups": 32, **pooled}
 
 
 SCHEDULER_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
@@ -115,12 +121,12 @@ def build_vae():
     return AutoencoderKL(**VAE_CONFIG)
 
 
-def build_denoiser(tokenizer, levels: int):
+def build_denoiser(tokenizer, levels: int, pooled_text: bool):
     """The UNet (`levels` resolutions) and the CLIP text encoder, randomly initialised from the current torch seed."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = UNet2DConditionModel(**unet_config(levels))
+    unet = UNet2DConditionModel(**unet_config(levels, pooled_text))
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=32, projection_dim=64, bos_token_id=tokenizer.bos_token_id,
@@ -231,7 +237,7 @@ def train_denoiser(parts: dict, rng: random.Random, steps: int, batch: int, log:
         noisy = noise_schedule.add_noise(latents, noise, t)
         predicted = unet(noisy, t, encode_text(tokenizer, text, captions)).sample
         snr = alphas[t] / (1 - alphas[t])
-        weight = snr.clamp(max=5.0) / (snr + 1)  # Min-SNR-5 for v-prediction
+        weight = ((MIN_SNR + 1) / (snr + 1)).clamp(max=1.0)  # v-loss, its low-noise steps capped as Min-SNR's
         target = noise_schedule.get_velocity(latents, noise, t)
         loss = (weight * (predicted - target).pow(2).mean(dim=(1, 2, 3))).mean()
         step += 1
@@ -277,6 +283,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--unet-levels", type=int, default=3, choices=(2, 3),
                    help="the UNet's resolutions (16² and 8², and 4²): deeper levels see where they are from the borders")
+    p.add_argument("--pooled-text", action="store_true",
+                   help="also add the attention-pooled caption to the timestep embedding of every residual block")
     p.add_argument("--vae-from", metavar="FOLDER",
                    help="take the VAE (and its log lines) from an earlier run's output folder instead of training it")
     args = p.parse_args()
@@ -286,7 +294,7 @@ def main() -> None:
     out = Path(args.out)
     tokenizer = write_tokenizer(out / "tokenizer")
     log: list[dict] = []
-    settings = {k: getattr(args, k) for k in ("seed", "steps", "vae_steps", "vae_batch", "batch", "threads", "unet_levels")}
+    settings = {k: getattr(args, k) for k in ("seed", "steps", "vae_steps", "vae_batch", "batch", "threads", "unet_levels", "pooled_text")}
     started = time.monotonic()
     if args.vae_from:
         vae, earlier = load_vae(Path(args.vae_from))
@@ -299,7 +307,7 @@ def main() -> None:
     vae = vae.half().float().requires_grad_(False).eval()  # the weights that ship: a run given them trains the same
     torch.manual_seed(args.seed + 1)  # the denoiser's own streams, whether the VAE was trained or loaded
     rng = random.Random(args.seed + 1)
-    unet, text = build_denoiser(tokenizer, args.unet_levels)
+    unet, text = build_denoiser(tokenizer, args.unet_levels, args.pooled_text)
     parts = {"vae": vae, "unet": unet, "text_encoder": text, "tokenizer": tokenizer, "eval_every": args.eval_every}
 
     def save(averaged: dict) -> None:
