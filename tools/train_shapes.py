@@ -9,15 +9,9 @@ parts, trained in turn:
    reconstruction trains on the mean from the first step; its latent scale is then measured
    (`scaling_factor` = 1 / std);
 3. the UNet (UNet2DConditionModel with cross-attention) and the CLIP text encoder together, on the denoising
-   loss (v-prediction, DDPM's scaled-linear betas), the caption dropped for 10% of the pictures so that
-   classifier-free guidance works, for `--steps`; an exponential moving average of the weights (decay up to
-   0.999) is what gets evaluated and saved. The layout is decided at the noisiest steps, where a picture is
-   almost all noise. There the plain v-loss weighs an error in the clean latent about 1, while the ε-loss, and
-   Min-SNR weighting of either loss (scaled to weigh that error min(SNR, 5)), weigh it by the signal-to-noise
-   ratio (0.008 at t = 951, the first of 20 DDIM steps); models trained so drew the named shapes and colours
-   in random cells. So the v-loss is kept whole there, and only its less noisy steps are capped as in Min-SNR-5.
-   The denoiser is trained on the VAE's fp16-rounded weights (what ships) from its own seed (`--seed` + 1), so
-   `--vae-from` an earlier output folder (its VAE and VAE log lines) trains the same denoiser as a full run.
+   loss (ε-prediction, DDPM's scaled-linear betas, Min-SNR-5 weighting), the caption dropped for 10% of the
+   pictures so that classifier-free guidance works, for `--steps`; an exponential moving average of the
+   weights (decay up to 0.999) is what gets evaluated and saved.
 Every `--eval-every` steps the pipeline draws `--eval-prompts` captions of held-out seeds (20 DDIM steps,
 guidance 4), `tools/shapes_scorer.py` scores them, and the folder is written: the accuracy curve goes into
 `training_log.json` beside the weights, and a run stopped early leaves its last evaluated model. The output
@@ -25,7 +19,6 @@ folder is a diffusers `StableDiffusionPipeline` folder (safetensors, fp16 weight
 `StableDiffusionPipeline.from_pretrained` loads.
 
     python tools/train_shapes.py [--out paragen/pipelines/configs/tiny-shapes] [--steps 3000] [--seed 0]
-                                 [--vae-from FOLDER]
 """
 from __future__ import annotations
 
@@ -46,28 +39,17 @@ from tools.shapes_scorer import score  # noqa: E402
 from tools.shapes_world import CELLS, COLOURS, SHAPES, SIZES, caption, render, sample_scene  # noqa: E402
 
 SIDE = 64
-MIN_SNR = 5.0  # steps less noisy than this signal-to-noise ratio weigh as much as one at it (Min-SNR-5)
 EVAL_SEED = 1_000_000  # held-out scenes: training draws from seeds below this
 SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 16,
               "block_out_channels": [32, 64, 64], "down_block_types": ["DownEncoderBlock2D"] * 3,
               "up_block_types": ["UpDecoderBlock2D"] * 3, "sample_size": SIDE}
-UNET_CHANNELS = (64, 128, 128)  # per level, from the full resolution down
-
-
-def unet_config(levels: int, pooled_text: bool) -> dict:
-    """The UNet with cross-attention at every one of `levels` resolutions (16² down to 16² / 2^(levels-1)); with
-    `pooled_text`, the caption's tokens attention-pooled into a vector added to the timestep embedding as well,
-    which every residual block receives (diffusers' `addition_embed_type="text"`)."""
-    pooled = {"addition_embed_type": "text", "addition_embed_type_num_heads": 4} if pooled_text else {}
-    return {"sample_size": SIDE // 4, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-            "block_out_channels": list(UNET_CHANNELS[:levels]), "down_block_types": ["CrossAttnDownBlock2D"] * levels,
-            "up_block_types": ["CrossAttnUpBlock2D"] * levels, "attention_head_dim": 8, "cross_attention_dim": 64,
-            "norm_num_groups": 32, **pooled}
-
-
+UNET_CONFIG = {"sample_size": SIDE // 4, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+               "block_out_channels": [64, 128], "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+               "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "attention_head_dim": 8,
+               "cross_attention_dim": 64, "norm_num_groups": 32}
 SCHEDULER_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
-                    "num_train_timesteps": 1000, "prediction_type": "v_prediction", "set_alpha_to_one": False,
+                    "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
                     "steps_offset": 1, "timestep_spacing": "leading"}
 
 
@@ -114,24 +96,18 @@ def write_tokenizer(folder: Path):
     raise RuntimeError(f"words still split into several tokens: {split}")
 
 
-def build_vae():
-    """The VAE, randomly initialised from the current torch seed."""
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(**VAE_CONFIG)
-
-
-def build_denoiser(tokenizer, levels: int, pooled_text: bool):
-    """The UNet (`levels` resolutions) and the CLIP text encoder, randomly initialised from the current torch seed."""
-    from diffusers import UNet2DConditionModel
+def build_models(tokenizer):
+    """The VAE, UNet and text encoder, randomly initialised from the current torch seed."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = UNet2DConditionModel(**unet_config(levels, pooled_text))
+    vae = AutoencoderKL(**VAE_CONFIG)
+    unet = UNet2DConditionModel(**UNET_CONFIG)
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=32, projection_dim=64, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    return unet, text
+    return vae, unet, text
 
 
 def draw_batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:
@@ -177,14 +153,6 @@ def latent_scale(vae, rng: random.Random) -> float:
     """1 / the standard deviation of the VAE's latents over fresh pictures (SD's `scaling_factor` rule)."""
     pictures, _ = draw_batch(rng, 64)
     return 1.0 / vae.encode(pictures).latent_dist.mode().std().item()
-
-
-def load_vae(folder: Path):
-    """The VAE of an earlier run's output folder, and that run's training log."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).float()
-    return vae, json.loads((folder / "training_log.json").read_text())
 
 
 def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
@@ -237,9 +205,8 @@ def train_denoiser(parts: dict, rng: random.Random, steps: int, batch: int, log:
         noisy = noise_schedule.add_noise(latents, noise, t)
         predicted = unet(noisy, t, encode_text(tokenizer, text, captions)).sample
         snr = alphas[t] / (1 - alphas[t])
-        weight = ((MIN_SNR + 1) / (snr + 1)).clamp(max=1.0)  # v-loss, its low-noise steps capped as Min-SNR's
-        target = noise_schedule.get_velocity(latents, noise, t)
-        loss = (weight * (predicted - target).pow(2).mean(dim=(1, 2, 3))).mean()
+        weight = snr.clamp(max=5.0) / snr  # Min-SNR-5 for ε-prediction
+        loss = (weight * (predicted - noise).pow(2).mean(dim=(1, 2, 3))).mean()
         step += 1
         update(optimiser, loss, [*unet.parameters(), *text.parameters()])
         average.update()
@@ -281,34 +248,20 @@ def main() -> None:
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--unet-levels", type=int, default=3, choices=(2, 3),
-                   help="the UNet's resolutions (16² and 8², and 4²): deeper levels see where they are from the borders")
-    p.add_argument("--pooled-text", action="store_true",
-                   help="also add the attention-pooled caption to the timestep embedding of every residual block")
-    p.add_argument("--vae-from", metavar="FOLDER",
-                   help="take the VAE (and its log lines) from an earlier run's output folder instead of training it")
     args = p.parse_args()
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     out = Path(args.out)
     tokenizer = write_tokenizer(out / "tokenizer")
+    vae, unet, text = build_models(tokenizer)
     log: list[dict] = []
-    settings = {k: getattr(args, k) for k in ("seed", "steps", "vae_steps", "vae_batch", "batch", "threads", "unet_levels", "pooled_text")}
     started = time.monotonic()
-    if args.vae_from:
-        vae, earlier = load_vae(Path(args.vae_from))
-        log += [line for line in earlier["log"] if line["part"] == "vae"]
-        settings.update(vae_steps=earlier["vae_steps"], vae_batch=earlier["vae_batch"], vae_from=args.vae_from)
-    else:
-        vae = build_vae()
-        train_vae(vae, rng, args.vae_steps, args.vae_batch, log)
-        vae.register_to_config(scaling_factor=latent_scale(vae, rng))
-    vae = vae.half().float().requires_grad_(False).eval()  # the weights that ship: a run given them trains the same
-    torch.manual_seed(args.seed + 1)  # the denoiser's own streams, whether the VAE was trained or loaded
-    rng = random.Random(args.seed + 1)
-    unet, text = build_denoiser(tokenizer, args.unet_levels, args.pooled_text)
+    train_vae(vae, rng, args.vae_steps, args.vae_batch, log)
+    vae.register_to_config(scaling_factor=latent_scale(vae, rng))
+    vae.requires_grad_(False).eval()
     parts = {"vae": vae, "unet": unet, "text_encoder": text, "tokenizer": tokenizer, "eval_every": args.eval_every}
+    settings = {k: getattr(args, k) for k in ("seed", "steps", "vae_steps", "vae_batch", "batch", "threads")}
 
     def save(averaged: dict) -> None:
         half = copy.deepcopy(pipeline(averaged))  # fp16 on disk: half the size in the package
