@@ -29,7 +29,7 @@ from tools.shapes_world import BACKGROUNDS, COLOURS, cell_name, parse_caption  #
 
 MAX_DISTANCE = 100.0  # RGB distance within which a pixel counts as a shape colour
 MIN_AREA = 0.005  # of the picture: a quarter of the smallest object the world draws
-TRIANGLE_TAPER = 0.5  # top quarter's mean width / bottom quarter's below which a region is a triangle (drawn: ~0.25)
+TRIANGLE_TAPER = 0.5  # top quarter's width / bottom quarter's below which a region is a triangle (1/7 drawn, ~0.25 decoded)
 SQUARE_FILL = 0.86  # fill of the bounding box at or above which a region is a square, not a circle
 
 
