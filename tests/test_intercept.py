@@ -1,5 +1,6 @@
 """`intercept`: the one way paragen runs code around a method."""
 import copy
+import inspect
 
 import torch
 
@@ -31,6 +32,14 @@ def test_a_special_method_gets_a_same_named_subclass():
     intercept(ours, "__call__", lambda call, x: call(x) + 1)
     assert ours(2) == 21 and other(2) == 20
     assert type(ours).__name__ == "Scheduler" and isinstance(ours, Scheduler) and intercepted(ours, "__call__")
+
+
+def test_an_intercepted_special_method_keeps_its_signature():
+    """Callers read a pipeline's accepted options from `type(pipe).__call__` (the image job's exact-size options):
+    the subclass's method must show the original's parameters, not `*args, **kwargs`."""
+    ours = Scheduler()
+    intercept(ours, "__call__", lambda call, x: call(x))
+    assert list(inspect.signature(type(ours).__call__).parameters) == ["self", "x"]
 
 
 def test_a_deep_copy_is_not_intercepted():

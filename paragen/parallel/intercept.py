@@ -72,5 +72,6 @@ def _intercept_special(obj: Any, name: str, around: Callable[..., Any]) -> None:
                 return getattr(self, slot)(*args, **kwargs)
 
             special.__doc__ = method.__doc__
+            special.__wrapped__ = method  # inspect.signature(type(obj).<name>) is the original's
             _SUBCLASSES[key] = type(cls.__name__, (cls,), {name: special, slot: None, "__module__": cls.__module__})
         obj.__class__ = _SUBCLASSES[key]
