@@ -70,7 +70,7 @@ WORDS = (
 )
 
 
-def vocabulary() -> list[tuple[str, float]]:
+def vocabulary(words: tuple[str, ...] = WORDS) -> list[tuple[str, float]]:
     """(piece, log-probability) in id order; whole words score higher than the characters spelling them."""
     chars = string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation + ACCENTED
     pieces: list[tuple[str, float]] = [(PAD, 0.0), (EOS, 0.0), (UNK, 0.0), (SPACE, -3.0)]
@@ -78,7 +78,7 @@ def vocabulary() -> list[tuple[str, float]]:
     pieces += [(SPACE + c, -9.0) for c in string.ascii_lowercase + string.digits]
     pieces += [(s, -8.0) for s in SUFFIXES]
     seen = {p for p, _ in pieces}
-    for rank, word in enumerate(WORDS):
+    for rank, word in enumerate(words):
         piece = SPACE + word
         if piece not in seen:
             seen.add(piece)
@@ -87,8 +87,9 @@ def vocabulary() -> list[tuple[str, float]]:
     return pieces
 
 
-def build() -> Tokenizer:
-    tok = Tokenizer(Unigram(vocabulary(), unk_id=2, byte_fallback=False))
+def build(words: tuple[str, ...] = WORDS) -> Tokenizer:
+    """The tokenizer whose whole-word pieces are `words`."""
+    tok = Tokenizer(Unigram(vocabulary(words), unk_id=2, byte_fallback=False))
     metaspace = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="always")
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), metaspace])
     tok.decoder = decoders.Metaspace(replacement=SPACE, prepend_scheme="always")
@@ -101,9 +102,10 @@ def build() -> Tokenizer:
     return tok
 
 
-def write(folder: Path) -> None:
+def write(folder: Path, words: tuple[str, ...] = WORDS) -> None:
+    """Write the tokenizer (whole-word pieces `words`) as a transformers T5 tokenizer folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    build().save(str(folder / "tokenizer.json"), pretty=True)
+    build(words).save(str(folder / "tokenizer.json"), pretty=True)
     extra = [f"<extra_id_{i}>" for i in range(EXTRA_IDS)]
     special = {"eos_token": EOS, "unk_token": UNK, "pad_token": PAD, "additional_special_tokens": extra}
     config = {

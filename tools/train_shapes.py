@@ -1,24 +1,37 @@
-"""Train `tiny-shapes` (issue 18): a Stable-Diffusion-architecture text-to-image model of the shapes world.
+"""Train `tiny-shapes` and its DiT twin `tiny-shapes-dit` (issue 18): text-to-image models of the shapes world.
 
-Deterministic from `--seed` on the CPU at a given `--threads` (steps are counted, not timed). Every batch is drawn
-fresh from the world (`tools/shapes_world.py`, 64 × 64 pictures), so nothing is stored but the model. Three
-parts, trained in turn:
-1. the tokenizer: a CLIP BPE whose merges make every word of the world one token (written, not learned);
+Deterministic from `--seed` on the CPU at a given `--threads` (steps are counted, not timed). Scenes are drawn
+from the world (`tools/shapes_world.py`, 64 × 64 pictures), so nothing is stored but the model. Three parts,
+trained in turn:
+1. the tokenizer, written, not learned: for `--arch sd` a CLIP BPE whose merges make every word of the world one
+   token; for `--arch pixart` the offline T5 stand-in (`tools/make_t5_tokenizer.py`) with the world's words as
+   whole pieces;
 2. the VAE (AutoencoderKL, 16 × 16 × 4 latents), on reconstruction with a small KL term, for `--vae-steps`
    of `--vae-batch` pictures; its posterior starts nearly deterministic (log-variance bias -10), so
    reconstruction trains on the mean from the first step; its latent scale is then measured
-   (`scaling_factor` = 1 / std);
-3. the UNet (UNet2DConditionModel with cross-attention) and the CLIP text encoder together, on the denoising
-   loss (ε-prediction, DDPM's scaled-linear betas, Min-SNR-5 weighting), the caption dropped for 10% of the
-   pictures so that classifier-free guidance works, for `--steps`; an exponential moving average of the
-   weights (decay up to 0.999) is what gets evaluated and saved.
+   (`scaling_factor` = 1 / std). `--vae-from FOLDER` takes an earlier run's VAE instead (the twin shares
+   tiny-shapes' VAE);
+3. the denoiser and its text encoder together, the caption dropped for 10% of the pictures so that
+   classifier-free guidance works, for `--steps`; an exponential moving average of the weights (decay up to
+   0.999) is what gets evaluated and saved.
+   - `--arch sd` (tiny-shapes, a `StableDiffusionPipeline`): UNet2DConditionModel with cross-attention and a
+     CLIP text encoder, ε-prediction with Min-SNR-5 weighting, every batch drawn and encoded fresh.
+   - `--arch pixart` (tiny-shapes-dit, a `PixArtSigmaPipeline`): PixArtTransformer2DModel (2 × 2 patches with
+     absolute 2-D position embeddings) and a T5 encoder whose padding is masked out, v-prediction, on the
+     latents of `--scenes` scenes encoded once (the VAE's encoder was most of a step's time). The layout is
+     decided at the noisiest steps, where the ε-loss (and Min-SNR weighting of either loss) weighs an error in
+     the clean latent by the signal-to-noise ratio (0.008 at t = 951, the first of 20 DDIM steps); the v-loss
+     weighs it about 1, so it is kept whole there and only its less noisy steps are capped (Min-SNR-5's cap).
+     The UNet drew named shapes in random cells under both losses; the transformer places them.
 Every `--eval-every` steps the pipeline draws `--eval-prompts` captions of held-out seeds (20 DDIM steps,
 guidance 4), `tools/shapes_scorer.py` scores them, and the folder is written: the accuracy curve goes into
 `training_log.json` beside the weights, and a run stopped early leaves its last evaluated model. The output
-folder is a diffusers `StableDiffusionPipeline` folder (safetensors, fp16 weights) that the stock
-`StableDiffusionPipeline.from_pretrained` loads.
+folder is a diffusers pipeline folder (safetensors, fp16 weights) that the stock pipeline class's
+`from_pretrained` loads.
 
     python tools/train_shapes.py [--out paragen/pipelines/configs/tiny-shapes] [--steps 3000] [--seed 0]
+    python tools/train_shapes.py --arch pixart --out paragen/pipelines/configs/tiny-shapes-dit \\
+        --vae-from paragen/pipelines/configs/tiny-shapes
 """
 from __future__ import annotations
 
@@ -48,9 +61,20 @@ UNET_CONFIG = {"sample_size": SIDE // 4, "in_channels": 4, "out_channels": 4, "l
                "block_out_channels": [64, 128], "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "attention_head_dim": 8,
                "cross_attention_dim": 64, "norm_num_groups": 32}
+PIXART_CONFIG = {"sample_size": SIDE // 4, "patch_size": 2, "in_channels": 4, "out_channels": 4, "num_layers": 6,
+                 "num_attention_heads": 4, "attention_head_dim": 32, "cross_attention_dim": 128, "caption_channels": 64,
+                 "norm_type": "ada_norm_single", "num_embeds_ada_norm": 1000, "use_additional_conditions": False,
+                 "norm_elementwise_affine": False, "norm_eps": 1e-6, "activation_fn": "gelu-approximate",
+                 "attention_bias": True}
+T5_CONFIG = {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_heads": 4, "num_layers": 2, "feed_forward_proj": "gated-gelu",
+             "dropout_rate": 0.0, "is_encoder_decoder": False, "pad_token_id": 0, "eos_token_id": 1}
+TEXT_TOKENS = 32  # caption tokens the text encoders see (the longest caption is 18 words)
 SCHEDULER_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
-                    "num_train_timesteps": 1000, "prediction_type": "epsilon", "set_alpha_to_one": False,
-                    "steps_offset": 1, "timestep_spacing": "leading"}
+                    "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1,
+                    "timestep_spacing": "leading"}
+PREDICTION = {"sd": "epsilon", "pixart": "v_prediction"}
+MIN_SNR = 5.0  # steps less noisy than this signal-to-noise ratio weigh as much as one at it (Min-SNR-5)
+LAYOUT_STEPS = 200  # the noisiest timesteps (t >= 800 of 1000), where a picture's layout is decided
 
 
 def world_words() -> list[str]:
@@ -96,18 +120,51 @@ def write_tokenizer(folder: Path):
     raise RuntimeError(f"words still split into several tokens: {split}")
 
 
-def build_models(tokenizer):
-    """The VAE, UNet and text encoder, randomly initialised from the current torch seed."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+def write_t5_tokenizer(folder: Path):
+    """The offline T5 tokenizer with every word of the world as one piece."""
+    from transformers import AutoTokenizer
+
+    from tools.make_t5_tokenizer import WORDS, write
+
+    write(folder, (*WORDS, *(w for w in world_words() if w not in WORDS)))
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    split = [w for w in world_words() if len(tokenizer(w).input_ids) != 2]  # the word and </s>
+    if split:
+        raise RuntimeError(f"words split into several tokens: {split}")
+    return tokenizer
+
+
+def build_vae():
+    """The VAE, randomly initialised from the current torch seed."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**VAE_CONFIG)
+
+
+def load_vae(folder: Path):
+    """The VAE of an earlier run's output folder (fp32), and that run's training log."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True).float()
+    return vae, json.loads((folder / "training_log.json").read_text())
+
+
+def build_denoiser(arch: str, tokenizer):
+    """The denoiser (UNet or PixArt transformer) and its text encoder, randomly initialised from the torch seed."""
+    if arch == "pixart":
+        from diffusers import PixArtTransformer2DModel
+        from transformers import T5Config, T5EncoderModel
+
+        return PixArtTransformer2DModel(**PIXART_CONFIG), T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5_CONFIG))
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    vae = AutoencoderKL(**VAE_CONFIG)
     unet = UNet2DConditionModel(**UNET_CONFIG)
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-        max_position_embeddings=32, projection_dim=64, bos_token_id=tokenizer.bos_token_id,
+        max_position_embeddings=TEXT_TOKENS, projection_dim=64, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    return vae, unet, text
+    return unet, text
 
 
 def draw_batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:
@@ -155,10 +212,27 @@ def latent_scale(vae, rng: random.Random) -> float:
     return 1.0 / vae.encode(pictures).latent_dist.mode().std().item()
 
 
-def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
-    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                    return_tensors="pt").input_ids
-    return text_encoder(ids)[0]
+def predict(parts: dict, noisy: torch.Tensor, t: torch.Tensor, captions: list[str]) -> torch.Tensor:
+    """The denoiser's output for `noisy` latents at timesteps `t`, conditioned on `captions` as its pipeline
+    conditions it (CLIP: every token; T5: padding masked out of the encoder and of cross-attention)."""
+    tokens = parts["tokenizer"](captions, padding="max_length", max_length=TEXT_TOKENS, truncation=True,
+                                return_tensors="pt")
+    if "transformer" in parts:
+        states = parts["text_encoder"](tokens.input_ids, attention_mask=tokens.attention_mask)[0]
+        return parts["transformer"](noisy, encoder_hidden_states=states, encoder_attention_mask=tokens.attention_mask,
+                                    timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
+    return parts["unet"](noisy, t, parts["text_encoder"](tokens.input_ids)[0]).sample
+
+
+def encoded_scenes(vae, rng: random.Random, count: int, chunk: int = 256) -> tuple[torch.Tensor, list[str]]:
+    """The scaled latents (the posterior's mean) and captions of `count` fresh scenes."""
+    latents, captions = [], []
+    with torch.no_grad():
+        for size in [chunk] * (count // chunk) + [count % chunk] * bool(count % chunk):
+            pictures, texts = draw_batch(rng, size)
+            latents.append(vae.encode(pictures).latent_dist.mode() * vae.config.scaling_factor)
+            captions += texts
+    return torch.cat(latents), captions
 
 
 class Average:
@@ -177,50 +251,61 @@ class Average:
                 a.lerp_(p, weight)
 
 
-def train_denoiser(parts: dict, rng: random.Random, steps: int, batch: int, log: list, evaluate, save) -> None:
-    """The UNet and the text encoder on the ε-prediction loss for `steps`; every `eval_every` steps and at the
-    end, `evaluate(averaged parts)` is logged, then `save(averaged parts)` is called."""
+def train_denoiser(parts: dict, batches, steps: int, log: list, evaluate, save) -> None:
+    """The denoiser and the text encoder on `parts["prediction"]`'s loss for `steps` batches of `batches()`
+    ((latents, captions)); every `eval_every` steps and at the end, `evaluate(averaged parts)` is logged, then
+    `save(averaged parts)` is called."""
     from diffusers import DDPMScheduler
 
-    vae, unet, text, tokenizer = parts["vae"], parts["unet"], parts["text_encoder"], parts["tokenizer"]
-    noise_schedule = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one",)})
-    optimiser = torch.optim.AdamW([*unet.parameters(), *text.parameters()], lr=5e-4, weight_decay=1e-2)
-    average = Average([unet, text])
+    name = "transformer" if "transformer" in parts else "unet"
+    modules = [parts[name], parts["text_encoder"]]
+    parameters = [p for module in modules for p in module.parameters()]
+    noise_schedule = DDPMScheduler(**{k: v for k, v in SCHEDULER_CONFIG.items() if k not in ("set_alpha_to_one",)},
+                                   prediction_type=parts["prediction"])
+    optimiser = torch.optim.AdamW(parameters, lr=5e-4, weight_decay=1e-2)
+    average = Average(modules)
     alphas = noise_schedule.alphas_cumprod
-    scale = vae.config.scaling_factor
     start, step = time.monotonic(), 0
     while True:
         if step % parts["eval_every"] == 0 or step == steps:
-            averaged = {**parts, "unet": average.averaged[0], "text_encoder": average.averaged[1]}
+            averaged = {**parts, name: average.averaged[0], "text_encoder": average.averaged[1]}
             record(log, "denoiser", step, start, **evaluate(averaged))
             save(averaged)
         if step == steps:
             return
-        pictures, captions = draw_batch(rng, batch)
-        captions = ["" if rng.random() < 0.1 else c for c in captions]
-        with torch.no_grad():
-            latents = vae.encode(pictures).latent_dist.sample() * scale
+        latents, captions = batches()
         noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch,))
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (len(latents),))
+        if noisy_count := round(parts["noisy_share"] * len(latents)):
+            t[:noisy_count] = torch.randint(noise_schedule.config.num_train_timesteps - LAYOUT_STEPS,
+                                            noise_schedule.config.num_train_timesteps, (noisy_count,))
         noisy = noise_schedule.add_noise(latents, noise, t)
-        predicted = unet(noisy, t, encode_text(tokenizer, text, captions)).sample
+        predicted = predict(parts, noisy, t, captions)
         snr = alphas[t] / (1 - alphas[t])
-        weight = snr.clamp(max=5.0) / snr  # Min-SNR-5 for ε-prediction
-        loss = (weight * (predicted - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+        if parts["prediction"] == "epsilon":
+            target, weight = noise, snr.clamp(max=MIN_SNR) / snr  # Min-SNR-5 for ε-prediction
+        else:  # the v-loss whole at the noisy steps, its less noisy ones capped as Min-SNR's
+            target, weight = noise_schedule.get_velocity(latents, noise, t), ((MIN_SNR + 1) / (snr + 1)).clamp(max=1.0)
+        loss = (weight * (predicted - target).pow(2).mean(dim=(1, 2, 3))).mean()
         step += 1
-        update(optimiser, loss, [*unet.parameters(), *text.parameters()])
+        update(optimiser, loss, parameters)
         average.update()
         if step % 50 == 0:
             record(log, "denoiser", step, start, loss=round(loss.item(), 5))
 
 
 def pipeline(parts: dict):
-    """The stock StableDiffusionPipeline over the parts (DDIM for sampling)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    """The stock StableDiffusionPipeline or PixArtSigmaPipeline over the parts (DDIM for sampling)."""
+    from diffusers import DDIMScheduler, PixArtSigmaPipeline, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(vae=parts["vae"], text_encoder=parts["text_encoder"], tokenizer=parts["tokenizer"],
-                                   unet=parts["unet"], scheduler=DDIMScheduler(**SCHEDULER_CONFIG), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    scheduler = DDIMScheduler(**SCHEDULER_CONFIG, prediction_type=parts["prediction"])
+    common = {"vae": parts["vae"], "text_encoder": parts["text_encoder"], "tokenizer": parts["tokenizer"],
+              "scheduler": scheduler}
+    if "transformer" in parts:
+        pipe = PixArtSigmaPipeline(transformer=parts["transformer"], **common)
+    else:
+        pipe = StableDiffusionPipeline(unet=parts["unet"], safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False, **common)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -229,8 +314,10 @@ def caption_accuracy(pipe, count: int, steps: int = 20, guidance: float = 4.0) -
     """Scores of `count` held-out captions drawn by `pipe` (one picture each, seed = scene index)."""
     rng = random.Random(EVAL_SEED)
     captions = [caption(sample_scene(rng)) for _ in range(count)]
+    extra = {"use_resolution_binning": False, "clean_caption": False, "max_sequence_length": TEXT_TOKENS} \
+        if hasattr(pipe, "transformer") else {}
     images = pipe(captions, height=SIDE, width=SIDE, num_inference_steps=steps, guidance_scale=guidance,
-                  generator=[torch.Generator().manual_seed(EVAL_SEED + i) for i in range(count)]).images
+                  generator=[torch.Generator().manual_seed(EVAL_SEED + i) for i in range(count)], **extra).images
     scores = [score(image, text) for image, text in zip(images, captions)]
     return {"caption_accuracy": sum(s["correct"] for s in scores) / count,
             "object_recall": sum(s["matched"] for s in scores) / sum(s["named"] for s in scores),
@@ -239,11 +326,17 @@ def caption_accuracy(pipe, count: int, steps: int = 20, guidance: float = 4.0) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--arch", choices=tuple(PREDICTION), default="sd",
+                   help="sd: UNet + CLIP (tiny-shapes); pixart: PixArt transformer + T5 (tiny-shapes-dit)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "paragen/pipelines/configs/tiny-shapes"))
-    p.add_argument("--steps", type=int, default=3000, help="denoiser (UNet + text encoder) steps")
+    p.add_argument("--steps", type=int, default=3000, help="denoiser (and text encoder) steps")
     p.add_argument("--vae-steps", type=int, default=4000)
     p.add_argument("--vae-batch", type=int, default=8)
+    p.add_argument("--vae-from", metavar="FOLDER", help="take the VAE (and its log lines) from an earlier run's folder")
     p.add_argument("--batch", type=int, default=32, help="denoiser batch")
+    p.add_argument("--scenes", type=int, default=12800, help="--arch pixart: scenes encoded once and trained on")
+    p.add_argument("--noisy-share", type=float, default=0.0,
+                   help=f"share of each batch drawn from the {LAYOUT_STEPS} noisiest timesteps (the rest: all of them)")
     p.add_argument("--eval-every", type=int, default=500, help="denoiser steps between accuracy measurements")
     p.add_argument("--eval-prompts", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
@@ -253,15 +346,39 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     out = Path(args.out)
-    tokenizer = write_tokenizer(out / "tokenizer")
-    vae, unet, text = build_models(tokenizer)
+    tokenizer = write_tokenizer(out / "tokenizer") if args.arch == "sd" else write_t5_tokenizer(out / "tokenizer")
     log: list[dict] = []
+    settings = {k: getattr(args, k) for k in ("arch", "seed", "steps", "vae_steps", "vae_batch", "batch", "threads",
+                                              "noisy_share")}
     started = time.monotonic()
-    train_vae(vae, rng, args.vae_steps, args.vae_batch, log)
-    vae.register_to_config(scaling_factor=latent_scale(vae, rng))
+    if args.vae_from:
+        vae, earlier = load_vae(Path(args.vae_from))
+        log += [line for line in earlier["log"] if line["part"] == "vae"]
+        settings.update(vae_steps=earlier["vae_steps"], vae_batch=earlier["vae_batch"], vae_from=Path(args.vae_from).name)
+    else:
+        vae = build_vae()
+    denoiser, text = build_denoiser(args.arch, tokenizer)
+    if not args.vae_from:
+        train_vae(vae, rng, args.vae_steps, args.vae_batch, log)
+        vae.register_to_config(scaling_factor=latent_scale(vae, rng))
     vae.requires_grad_(False).eval()
-    parts = {"vae": vae, "unet": unet, "text_encoder": text, "tokenizer": tokenizer, "eval_every": args.eval_every}
-    settings = {k: getattr(args, k) for k in ("seed", "steps", "vae_steps", "vae_batch", "batch", "threads")}
+    parts = {"vae": vae, "unet" if args.arch == "sd" else "transformer": denoiser, "text_encoder": text,
+             "tokenizer": tokenizer, "eval_every": args.eval_every, "prediction": PREDICTION[args.arch],
+             "noisy_share": args.noisy_share}
+    if args.arch == "sd":  # every batch drawn and encoded fresh
+        def batches() -> tuple[torch.Tensor, list[str]]:
+            pictures, captions = draw_batch(rng, args.batch)
+            with torch.no_grad():
+                latents = vae.encode(pictures).latent_dist.sample() * vae.config.scaling_factor
+            return latents, ["" if rng.random() < 0.1 else c for c in captions]
+    else:  # batches drawn from scenes encoded once
+        settings["scenes"] = args.scenes
+        scenes, scene_captions = encoded_scenes(vae, rng, args.scenes)
+        record(log, "scenes", args.scenes, started)
+
+        def batches() -> tuple[torch.Tensor, list[str]]:
+            picked = [rng.randrange(args.scenes) for _ in range(args.batch)]
+            return scenes[picked], ["" if rng.random() < 0.1 else scene_captions[i] for i in picked]
 
     def save(averaged: dict) -> None:
         half = copy.deepcopy(pipeline(averaged))  # fp16 on disk: half the size in the package
@@ -272,8 +389,8 @@ def main() -> None:
         (out / "training_log.json").write_text(json.dumps({
             **settings, "wall_s": round(time.monotonic() - started, 1), "latest": log[-1], "log": log}, indent=1) + "\n")
 
-    train_denoiser(parts, rng, args.steps, args.batch, log,
-                   lambda averaged: caption_accuracy(pipeline(averaged), args.eval_prompts), save)
+    train_denoiser(parts, batches, args.steps, log, lambda averaged: caption_accuracy(pipeline(averaged), args.eval_prompts),
+                   save)
     final = log[-1]  # the measurement at the end
     print(f"wrote {out}: caption accuracy {final['caption_accuracy']:.2f} on {args.eval_prompts} held-out captions")
 
