@@ -291,5 +291,6 @@ def test_tiny_wan_generates_a_non_constant_video(tiny_wan) -> None:
 
 def test_every_embedded_model_is_tested_somewhere() -> None:
     """Image models and tiny-wan here; the other video models in tests/test_video_parts.py; the trained
-    tiny-shapes in tests/test_shapes_model.py."""
-    assert set(EMBEDDED_MODELS) == set(CLASSES) | {"tiny-t2v", "tiny-animatediff", "tiny-wan", "tiny-shapes"}
+    tiny-shapes and tiny-shapes-dit in tests/test_shapes_model.py."""
+    assert set(EMBEDDED_MODELS) == set(CLASSES) | {"tiny-t2v", "tiny-animatediff", "tiny-wan", "tiny-shapes",
+                                                   "tiny-shapes-dit"}

@@ -79,3 +79,14 @@ def test_the_training_tokenizer_makes_every_word_of_the_world_one_token(tmp_path
         tokens = tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)[1:-1]
         assert [t.removesuffix("</w>") for t in tokens] == text.split()
     assert len({tokenizer(w).input_ids[1] for w in world_words()}) == len(world_words())
+
+
+def test_the_dit_tokenizer_makes_every_word_of_the_world_one_piece(tmp_path):
+    from tools.train_shapes import world_words, write_t5_tokenizer
+
+    tokenizer = write_t5_tokenizer(tmp_path)
+    for scene in _scenes(20, seed=6):
+        text = caption(scene)
+        tokens = tokenizer.convert_ids_to_tokens(tokenizer(text).input_ids)
+        assert tokens[-1] == "</s>" and [t.removeprefix("\u2581") for t in tokens[:-1]] == text.split()
+    assert len({tokenizer(w).input_ids[0] for w in world_words()}) == len(world_words())

@@ -6,9 +6,9 @@ Real models cannot be downloaded here, so embedded tiny models stand in for them
 text-to-video, WanTransformer3DModel with a causal 3D VAE and a UMT5 text encoder): the
 real diffusers architectures, built from the configs shipped in `configs/<name>/` with random weights
 drawn from a fixed seed, an offline byte-level CLIP tokenizer and an offline T5 tokenizer (written by
-`tools/make_t5_tokenizer.py`). `tiny-shapes` is different: a Stable Diffusion pipeline trained by
-`tools/train_shapes.py` on a procedural world of coloured shapes, whose weights ship in `configs/tiny-shapes/`
-and load exactly as a local checkpoint does. A local checkpoint goes through `DiffusionPipeline.from_pretrained`
+`tools/make_t5_tokenizer.py`). `tiny-shapes` and `tiny-shapes-dit` are different: a Stable Diffusion and a
+PixArt-Σ pipeline trained by `tools/train_shapes.py` on a procedural world of coloured shapes, whose weights ship
+in `configs/<name>/` and load exactly as a local checkpoint does. A local checkpoint goes through `DiffusionPipeline.from_pretrained`
 with hub access off. Nothing here ever touches the network.
 diffusers and transformers (seconds to import) are imported only when a pipeline is built, so
 `check_model_source` rejects a bad argument at once.
@@ -25,7 +25,7 @@ import torch
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
-TRAINED_MODELS: tuple[str, ...] = ("tiny-shapes",)  # trained by a repo script, weights shipped in configs/<name>/
+TRAINED_MODELS: tuple[str, ...] = ("tiny-shapes", "tiny-shapes-dit")  # trained by a repo script, weights shipped in configs/<name>/
 EMBEDDED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-t2v", "tiny-animatediff",
                                    "tiny-wan", *TRAINED_MODELS)
 

@@ -1,0 +1,38 @@
+"""tools/train_shapes.py --arch pixart for a few steps: the DiT twin's folder loads in the stock PixArtSigmaPipeline
+with tiny-shapes' VAE, and the same seed trains the same weights."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+from paragen.pipelines.loading import model_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(out: Path) -> None:
+    subprocess.run([sys.executable, "tools/train_shapes.py", "--arch", "pixart", "--out", str(out), "--vae-from",
+                    str(model_folder("tiny-shapes")), "--steps", "2", "--eval-every", "2", "--scenes", "40",
+                    "--batch", "4", "--eval-prompts", "1", "--noisy-share", "0.5", "--threads", "1"],
+                   cwd=ROOT, check=True, capture_output=True, env={"PATH": "", "HF_HUB_OFFLINE": "1"})
+
+
+@pytest.mark.slow
+def test_a_short_pixart_run_writes_a_stock_folder_deterministically(tmp_path) -> None:
+    from diffusers import PixArtSigmaPipeline
+
+    _train(tmp_path / "a")
+    _train(tmp_path / "b")
+    pipe = PixArtSigmaPipeline.from_pretrained(tmp_path / "a", local_files_only=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    shipped = load_file(model_folder("tiny-shapes") / "vae" / "diffusion_pytorch_model.safetensors")
+    assert all((pipe.vae.state_dict()[k] == v.float()).all() for k, v in shipped.items())  # tiny-shapes' VAE
+    log = json.loads((tmp_path / "a" / "training_log.json").read_text())
+    assert log["steps"] == 2 and log["noisy_share"] == 0.5 and log["latest"]["step"] == 2
+    weights = "transformer/diffusion_pytorch_model.safetensors"
+    assert (tmp_path / "a" / weights).read_bytes() == (tmp_path / "b" / weights).read_bytes()
