@@ -1,4 +1,5 @@
-"""Pictures judged by what they show (issue 18): paragen's image modes on `tiny-shapes`, scored by the shapes scorer.
+"""Pictures judged by what they show (issue 18): paragen's image modes on `tiny-shapes` (UNet) and `tiny-shapes-dit`
+(PixArt-Σ), scored by the shapes scorer.
 
 The prompts are captions of held-out scenes (drawn from `EVAL_SEED + 1` up; training draws below `EVAL_SEED`),
 each generated with its own seed. Every configuration makes the same requests through the CLI, in one launch
@@ -10,11 +11,14 @@ found more often than named); and, softer, the share of named objects whose colo
 - Beyond it, at 2x area (64 × 128) and 4x area (128²): `direct` (1 rank, the whole latent at once, the stock
   algorithm), `windows` (hires windows without guidance and without the low-resolution seeding: MultiDiffusion),
   `hires_sync` and `hires_async` (ASGDiffusion's structure guidance) on 2 ranks.
+- `--model tiny-shapes-dit`: the sequence-parallel modes instead — Ring, Ulysses and displaced (stale K/V of the
+  other shards, default warm-up) at 2 and 4 ranks — and `direct` beyond the training size (hires is UNet-only).
 Nothing is timed (4 ranks oversubscribe this machine's cores): this is the quality side of each mode. The
 training curve is read from the shipped `training_log.json`.
 
-    .venv/bin/python bench/bench_shapes.py [--prompts 32] [--prompts-beyond 16] [--only single,sync_2r] [--keep DIR]
-        → bench/results/shapes_cpu.json (with --keep, a rerun makes only the pictures DIR lacks)
+    .venv/bin/python bench/bench_shapes.py [--model tiny-shapes-dit] [--prompts 32] [--prompts-beyond 16]
+        [--only single,sync_2r] [--keep DIR] → bench/results/shapes_cpu.json (shapes_dit_cpu.json for the DiT;
+        with --keep, a rerun makes only the pictures DIR lacks)
 """
 from __future__ import annotations
 
@@ -40,19 +44,28 @@ from tools.shapes_scorer import score  # noqa: E402
 from tools.shapes_world import caption, sample_scene  # noqa: E402
 from tools.train_shapes import EVAL_SEED, SIDE  # noqa: E402
 
-MODEL = "tiny-shapes"
 STEPS, GUIDANCE = 20, 4.0
 SIZES = {"1x": (SIDE, SIDE), "2x": (SIDE, 2 * SIDE), "4x": (2 * SIDE, 2 * SIDE)}
 WINDOWS = ["--hires", "--guidance-weight", "0", "--structure-fraction", "0"]
-CONFIGS = {  # name -> (area, ranks, CLI arguments)
-    "single": ("1x", 1, []),
-    **{f"{mode}_{n}r": ("1x", n, ["--mode", mode]) for n in (2, 4) for mode in ("sync", "displaced", "partial")},
-    **{f"{kind}_{area}": (area, ranks, args) for area in ("2x", "4x") for kind, ranks, args in (
-        ("direct", 1, []), ("windows", 2, WINDOWS),
-        ("hires_sync", 2, ["--hires", "--guidance", "sync"]), ("hires_async", 2, ["--hires", "--guidance", "async"]))},
+MODELS = {  # model -> configuration name -> (area, ranks, CLI arguments)
+    "tiny-shapes": {
+        "single": ("1x", 1, []),
+        **{f"{mode}_{n}r": ("1x", n, ["--mode", mode]) for n in (2, 4) for mode in ("sync", "displaced", "partial")},
+        **{f"{kind}_{area}": (area, ranks, args) for area in ("2x", "4x") for kind, ranks, args in (
+            ("direct", 1, []), ("windows", 2, WINDOWS),
+            ("hires_sync", 2, ["--hires", "--guidance", "sync"]), ("hires_async", 2, ["--hires", "--guidance", "async"]))},
+    },
+    "tiny-shapes-dit": {
+        "single": ("1x", 1, []),
+        **{f"{mode}_{n}r": ("1x", n, args) for n in (2, 4) for mode, args in (
+            ("ring", ["--ring", str(n)]), ("ulysses", ["--ulysses", str(n)]),
+            ("displaced", ["--ring", str(n), "--mode", "displaced"]))},
+        **{f"direct_{area}": (area, 1, []) for area in ("2x", "4x")},
+    },
 }
+RESULTS = {"tiny-shapes": "shapes_cpu.json", "tiny-shapes-dit": "shapes_dit_cpu.json"}
 REFERENCE = "single"  # what the training-size modes are compared with, picture by picture
-EXAMPLES = ("single", "displaced_2r", "partial_2r", "direct_4x", "windows_4x", "hires_async_4x")  # the sheet's columns
+EXAMPLES = ("single", "displaced_2r", "partial_2r", "displaced_4r", "direct_4x", "windows_4x", "hires_async_4x")  # columns
 
 
 def prompts(count: int) -> list[dict]:
@@ -61,15 +74,15 @@ def prompts(count: int) -> list[dict]:
     return [{"id": f"p{i:03d}", "prompt": caption(sample_scene(rng)), "seed": 1000 + i} for i in range(count)]
 
 
-def generate(name: str, requests: list[dict], out: Path) -> dict[str, Path]:
-    """Run configuration `name` on every request in one launch; id -> its PNG."""
-    area, ranks, args = CONFIGS[name]
+def generate(model: str, name: str, requests: list[dict], out: Path) -> dict[str, Path]:
+    """Run `model`'s configuration `name` on every request in one launch; id -> its PNG."""
+    area, ranks, args = MODELS[model][name]
     height, width = SIZES[area]
     lines = [json.dumps({**r, "height": height, "width": width}) for r in requests]
     (out / "requests.jsonl").write_text("\n".join(lines) + "\n")
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "paragen", "image",
-           "--model", MODEL, "--steps", str(STEPS), "--guidance-scale", str(GUIDANCE), *args, "--strict",
+           "--model", model, "--steps", str(STEPS), "--guidance-scale", str(GUIDANCE), *args, "--strict",
            "--requests", str(out / "requests.jsonl"), "--out", str(out)]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
@@ -129,17 +142,19 @@ def example_sheet(requests: list[dict], pictures: dict[str, dict[str, Path]], ou
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=tuple(MODELS), default="tiny-shapes")
     p.add_argument("--prompts", type=int, default=32, help="captions at the training size")
     p.add_argument("--prompts-beyond", type=int, default=16, help="captions beyond it (the first of the same list)")
-    p.add_argument("--only", default=",".join(CONFIGS), help="comma-separated configurations")
+    p.add_argument("--only", help="comma-separated configurations (default: all of the model's)")
     p.add_argument("--keep", help="folder to keep the pictures in (default: a temporary one)")
-    p.add_argument("--out", default=str(ROOT / "bench" / "results" / "shapes_cpu.json"))
+    p.add_argument("--out", help="default: bench/results/shapes_cpu.json, or shapes_dit_cpu.json for the DiT")
     args = p.parse_args()
-    names = args.only.split(",")
-    unknown = sorted(set(names) - set(CONFIGS))
+    known = MODELS[args.model]
+    names = args.only.split(",") if args.only else list(known)
+    unknown = sorted(set(names) - set(known))
     if unknown:
-        raise SystemExit(f"unknown configurations {unknown}; known: {', '.join(CONFIGS)}")
-    if any(CONFIGS[n][0] == "1x" for n in names) and REFERENCE not in names:
+        raise SystemExit(f"unknown configurations {unknown}; known for {args.model}: {', '.join(known)}")
+    if any(known[n][0] == "1x" for n in names) and REFERENCE not in names:
         names.insert(0, REFERENCE)  # the training-size modes are compared with it
     requests = prompts(max(args.prompts, args.prompts_beyond))
     root = Path(args.keep or tempfile.mkdtemp(prefix="shapes-"))
@@ -148,9 +163,9 @@ def main() -> None:
     for name in names:
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
-        area, ranks, cli = CONFIGS[name]
+        area, ranks, cli = known[name]
         asked = requests[: args.prompts if area == "1x" else args.prompts_beyond]
-        pictures[name] = generate(name, asked, folder)
+        pictures[name] = generate(args.model, name, asked, folder)
         reference = pictures[REFERENCE] if area == "1x" and name != REFERENCE else None
         configs[name] = {"area": area, "size": SIZES[area], "ranks": ranks, "args": cli, "prompts": len(asked),
                          **summarise(asked, pictures[name], reference)}
@@ -159,13 +174,13 @@ def main() -> None:
               f"colour+place {c['colour_place_recall']:.2f}  "
               f"duplicated {c['duplicated_rate']:.2f}" + (f"  PSNR {c['psnr_vs_single_db']['median']:.1f} dB"
                                                              if "psnr_vs_single_db" in c else ""), flush=True)
-    training = json.loads((model_folder(MODEL) / "training_log.json").read_text())
-    report = {**report_header("shapes"), "workload": {"model": MODEL, "steps": STEPS, "guidance_scale": GUIDANCE,
+    training = json.loads((model_folder(args.model) / "training_log.json").read_text())
+    report = {**report_header("shapes"), "workload": {"model": args.model, "steps": STEPS, "guidance_scale": GUIDANCE,
                                                       "prompts": args.prompts, "prompts_beyond": args.prompts_beyond,
                                                       "first_scene_seed": EVAL_SEED + 1},
               "pictures": str(root) if args.keep else None, "configs": configs,
               "training_curve": [line for line in training["log"] if "caption_accuracy" in line]}
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "bench" / "results" / RESULTS[args.model])
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}")
     example_sheet(requests[: min(args.prompts, args.prompts_beyond)], pictures, out.with_name(out.stem + "_examples.png"))

@@ -1,20 +1,23 @@
-"""Plot bench/results/shapes_cpu.json and print its README tables.
+"""Plot bench/results/shapes_cpu.json (or the report named, e.g. bench/results/shapes_dit_cpu.json) and print its
+README tables.
 
 Left: the trained model's accuracy over training (held-out captions). Middle: caption accuracy of each mode at
 the training size (PSNR against the single-process picture written on the bar). Right: beyond the training
 size, the duplicated-object rate and the caption accuracy of direct generation, windows without guidance and
-hires with structure guidance.
+hires with structure guidance (direct only for the DiT).
 """
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
 from plotting import load_report, save_figure
 
-TRAINING_SIZE = ("single", "sync_2r", "displaced_2r", "partial_2r", "sync_4r", "displaced_4r", "partial_4r")
+TRAINING_SIZE = ("single", "sync_2r", "ring_2r", "ulysses_2r", "displaced_2r", "partial_2r", "sync_4r", "ring_4r",
+                 "ulysses_4r", "displaced_4r", "partial_4r")
 BEYOND = ("direct", "windows", "hires_sync", "hires_async")
 LABELS = {"single": "1 process", "sync_2r": "sync, 2 ranks", "displaced_2r": "displaced, 2 ranks",
           "partial_2r": "partial, 2 ranks", "sync_4r": "sync, 4 ranks", "displaced_4r": "displaced, 4 ranks",
-          "partial_4r": "partial, 4 ranks", "direct": "direct (1 process)", "windows": "windows, no guidance (2 ranks)",
+          "partial_4r": "partial, 4 ranks", **{f"{m}_{n}r": f"{m.capitalize()}, {n} ranks" for m in ("ring", "ulysses")
+                                               for n in (2, 4)}, "direct": "direct (1 process)", "windows": "windows, no guidance (2 ranks)",
           "hires_sync": "hires sync (2 ranks)", "hires_async": "hires async (2 ranks)"}
 
 
@@ -58,7 +61,7 @@ def main() -> None:
     ax_curve.plot(steps, [line["object_recall"] for line in curve], marker="s", label="object recall")
     ax_curve.set_xlabel("denoiser training step")
     ax_curve.set_ylim(0, 1)
-    ax_curve.set_title("tiny-shapes over training (held-out captions)", fontsize=10)
+    ax_curve.set_title(f"{report['workload']['model']} over training (held-out captions)", fontsize=10)
     ax_curve.legend(fontsize=8)
 
     names = [m for m in TRAINING_SIZE if m in configs]
