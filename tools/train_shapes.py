@@ -22,7 +22,9 @@ trained in turn:
      decided at the noisiest steps, where the ε-loss (and Min-SNR weighting of either loss) weighs an error in
      the clean latent by the signal-to-noise ratio (0.008 at t = 951, the first of 20 DDIM steps); the v-loss
      weighs it about 1, so it is kept whole there and only its less noisy steps are capped (Min-SNR-5's cap).
-     The UNet drew named shapes in random cells under both losses; the transformer places them.
+   - `--noisy-share S` draws that share of each batch from the 200 noisiest timesteps. Drawn uniformly, about a
+     tenth of a batch falls there, and neither the UNet (ε or v) nor the transformer tied the cell words to
+     places within a CPU budget; the transformer trained with S = 0.5 does (tools/shapes_layout_probe.py).
 Every `--eval-every` steps the pipeline draws `--eval-prompts` captions of held-out seeds (20 DDIM steps,
 guidance 4), `tools/shapes_scorer.py` scores them, and the folder is written: the accuracy curve goes into
 `training_log.json` beside the weights, and a run stopped early leaves its last evaluated model. The output
