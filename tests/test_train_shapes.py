@@ -1,5 +1,6 @@
-"""tools/train_shapes.py --arch pixart for a few steps: the DiT twin's folder loads in the stock PixArtSigmaPipeline
-with tiny-shapes' VAE, and the same seed trains the same weights."""
+"""tools/train_shapes.py for a few steps: the DiT twin's folder loads in the stock PixArtSigmaPipeline with
+tiny-shapes' VAE, and the same seed trains the same weights; the UNet's options reach the folder the stock
+StableDiffusionPipeline loads."""
 from __future__ import annotations
 
 import json
@@ -15,10 +16,10 @@ from paragen.pipelines.loading import model_folder
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train(out: Path) -> None:
-    subprocess.run([sys.executable, "tools/train_shapes.py", "--arch", "pixart", "--out", str(out), "--vae-from",
+def _train(out: Path, *options: str) -> None:
+    subprocess.run([sys.executable, "tools/train_shapes.py", "--out", str(out), "--vae-from",
                     str(model_folder("tiny-shapes")), "--steps", "2", "--eval-every", "2", "--scenes", "40",
-                    "--batch", "4", "--eval-prompts", "1", "--noisy-share", "0.5", "--threads", "1"],
+                    "--batch", "4", "--eval-prompts", "1", "--noisy-share", "0.5", "--threads", "1", *options],
                    cwd=ROOT, check=True, capture_output=True, env={"PATH": "", "HF_HUB_OFFLINE": "1"})
 
 
@@ -26,8 +27,8 @@ def _train(out: Path) -> None:
 def test_a_short_pixart_run_writes_a_stock_folder_deterministically(tmp_path) -> None:
     from diffusers import PixArtSigmaPipeline
 
-    _train(tmp_path / "a")
-    _train(tmp_path / "b")
+    _train(tmp_path / "a", "--arch", "pixart")
+    _train(tmp_path / "b", "--arch", "pixart")
     pipe = PixArtSigmaPipeline.from_pretrained(tmp_path / "a", local_files_only=True)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     shipped = load_file(model_folder("tiny-shapes") / "vae" / "diffusion_pytorch_model.safetensors")
@@ -36,3 +37,14 @@ def test_a_short_pixart_run_writes_a_stock_folder_deterministically(tmp_path) ->
     assert log["steps"] == 2 and log["noisy_share"] == 0.5 and log["latest"]["step"] == 2
     weights = "transformer/diffusion_pytorch_model.safetensors"
     assert (tmp_path / "a" / weights).read_bytes() == (tmp_path / "b" / weights).read_bytes()
+
+
+@pytest.mark.slow
+def test_a_short_unet_run_takes_its_levels_and_target(tmp_path) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    _train(tmp_path, "--arch", "sd", "--unet-levels", "3", "--prediction", "v_prediction")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert len(pipe.unet.config.block_out_channels) == 3
+    assert json.loads((tmp_path / "training_log.json").read_text())["unet_levels"] == 3

@@ -14,14 +14,16 @@ trained in turn:
 3. the denoiser and its text encoder together, the caption dropped for 10% of the pictures so that
    classifier-free guidance works, for `--steps`; an exponential moving average of the weights (decay up to
    0.999) is what gets evaluated and saved.
-   - `--arch sd` (tiny-shapes, a `StableDiffusionPipeline`): UNet2DConditionModel with cross-attention and a
-     CLIP text encoder, ε-prediction with Min-SNR-5 weighting, every batch drawn and encoded fresh.
+   - `--arch sd` (tiny-shapes, a `StableDiffusionPipeline`): UNet2DConditionModel with cross-attention at each of
+     `--unet-levels` resolutions and a CLIP text encoder; ε-prediction with Min-SNR-5 weighting by default.
    - `--arch pixart` (tiny-shapes-dit, a `PixArtSigmaPipeline`): PixArtTransformer2DModel (2 × 2 patches with
-     absolute 2-D position embeddings) and a T5 encoder whose padding is masked out, v-prediction, on the
-     latents of `--scenes` scenes encoded once (the VAE's encoder was most of a step's time). The layout is
-     decided at the noisiest steps, where the ε-loss (and Min-SNR weighting of either loss) weighs an error in
-     the clean latent by the signal-to-noise ratio (0.008 at t = 951, the first of 20 DDIM steps); the v-loss
-     weighs it about 1, so it is kept whole there and only its less noisy steps are capped (Min-SNR-5's cap).
+     absolute 2-D position embeddings) and a T5 encoder whose padding is masked out; v-prediction by default.
+   - `--prediction` sets the target. The layout is decided at the noisiest steps, where the ε-loss (and Min-SNR
+     weighting of either loss) weighs an error in the clean latent by the signal-to-noise ratio (0.008 at t = 951,
+     the first of 20 DDIM steps); the v-loss weighs it about 1, so it is kept whole there and only its less noisy
+     steps are capped (Min-SNR-5's cap).
+   - `--scenes N` trains on the latents of N scenes encoded once (the VAE's encoder was most of a transformer
+     step's time); `--scenes 0` draws and encodes every batch fresh, the recipe of the shipped tiny-shapes.
    - `--noisy-share S` draws that share of each batch from the 200 noisiest timesteps. Drawn uniformly, about a
      tenth of a batch falls there, and neither the UNet (ε or v) nor the transformer tied the cell words to
      places within a CPU budget; the transformer trained with S = 0.5 does (tools/shapes_layout_probe.py).
@@ -31,9 +33,9 @@ guidance 4), `tools/shapes_scorer.py` scores them, and the folder is written: th
 folder is a diffusers pipeline folder (safetensors, fp16 weights) that the stock pipeline class's
 `from_pretrained` loads.
 
-    python tools/train_shapes.py [--out paragen/pipelines/configs/tiny-shapes] [--steps 3000] [--seed 0]
+    python tools/train_shapes.py --scenes 0 [--out paragen/pipelines/configs/tiny-shapes] [--steps 3000] [--seed 0]
     python tools/train_shapes.py --arch pixart --out paragen/pipelines/configs/tiny-shapes-dit \\
-        --vae-from paragen/pipelines/configs/tiny-shapes
+        --vae-from paragen/pipelines/configs/tiny-shapes --steps 4000 --noisy-share 0.5
 """
 from __future__ import annotations
 
@@ -59,10 +61,17 @@ SPECIAL = ("<|startoftext|>", "<|endoftext|>")
 VAE_CONFIG = {"in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 1, "norm_num_groups": 16,
               "block_out_channels": [32, 64, 64], "down_block_types": ["DownEncoderBlock2D"] * 3,
               "up_block_types": ["UpDecoderBlock2D"] * 3, "sample_size": SIDE}
-UNET_CONFIG = {"sample_size": SIDE // 4, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
-               "block_out_channels": [64, 128], "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
-               "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"], "attention_head_dim": 8,
-               "cross_attention_dim": 64, "norm_num_groups": 32}
+UNET_CHANNELS = (64, 128, 128)  # per resolution of the UNet, from 16² down
+
+
+def unet_config(levels: int) -> dict:
+    """The UNet with cross-attention at each of `levels` resolutions (16², 8², and 4² for 3)."""
+    return {"sample_size": SIDE // 4, "in_channels": 4, "out_channels": 4, "layers_per_block": 1,
+            "block_out_channels": list(UNET_CHANNELS[:levels]), "down_block_types": ["CrossAttnDownBlock2D"] * levels,
+            "up_block_types": ["CrossAttnUpBlock2D"] * levels, "attention_head_dim": 8, "cross_attention_dim": 64,
+            "norm_num_groups": 32}
+
+
 PIXART_CONFIG = {"sample_size": SIDE // 4, "patch_size": 2, "in_channels": 4, "out_channels": 4, "num_layers": 6,
                  "num_attention_heads": 4, "attention_head_dim": 32, "cross_attention_dim": 128, "caption_channels": 64,
                  "norm_type": "ada_norm_single", "num_embeds_ada_norm": 1000, "use_additional_conditions": False,
@@ -151,8 +160,9 @@ def load_vae(folder: Path):
     return vae, json.loads((folder / "training_log.json").read_text())
 
 
-def build_denoiser(arch: str, tokenizer):
-    """The denoiser (UNet or PixArt transformer) and its text encoder, randomly initialised from the torch seed."""
+def build_denoiser(arch: str, tokenizer, levels: int):
+    """The denoiser (a UNet of `levels` resolutions, or the PixArt transformer) and its text encoder, randomly
+    initialised from the torch seed."""
     if arch == "pixart":
         from diffusers import PixArtTransformer2DModel
         from transformers import T5Config, T5EncoderModel
@@ -161,7 +171,7 @@ def build_denoiser(arch: str, tokenizer):
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = UNet2DConditionModel(**UNET_CONFIG)
+    unet = UNet2DConditionModel(**unet_config(levels))
     text = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=TEXT_TOKENS, projection_dim=64, bos_token_id=tokenizer.bos_token_id,
@@ -332,11 +342,16 @@ def main() -> None:
                    help="sd: UNet + CLIP (tiny-shapes); pixart: PixArt transformer + T5 (tiny-shapes-dit)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "paragen/pipelines/configs/tiny-shapes"))
     p.add_argument("--steps", type=int, default=3000, help="denoiser (and text encoder) steps")
+    p.add_argument("--unet-levels", type=int, default=2, choices=(2, 3),
+                   help="--arch sd: the UNet's resolutions (16² and 8², and 4²)")
     p.add_argument("--vae-steps", type=int, default=4000)
     p.add_argument("--vae-batch", type=int, default=8)
     p.add_argument("--vae-from", metavar="FOLDER", help="take the VAE (and its log lines) from an earlier run's folder")
     p.add_argument("--batch", type=int, default=32, help="denoiser batch")
-    p.add_argument("--scenes", type=int, default=12800, help="--arch pixart: scenes encoded once and trained on")
+    p.add_argument("--scenes", type=int, default=12800,
+                   help="scenes encoded once and trained on; 0: every batch drawn and encoded fresh")
+    p.add_argument("--prediction", choices=("epsilon", "v_prediction"),
+                   help="the denoiser's target (default: the arch's, " + ", ".join(f"{a}: {k}" for a, k in PREDICTION.items()) + ")")
     p.add_argument("--noisy-share", type=float, default=0.0,
                    help=f"share of each batch drawn from the {LAYOUT_STEPS} noisiest timesteps (the rest: all of them)")
     p.add_argument("--eval-every", type=int, default=500, help="denoiser steps between accuracy measurements")
@@ -347,11 +362,14 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
+    args.prediction = args.prediction or PREDICTION[args.arch]
     out = Path(args.out)
     tokenizer = write_tokenizer(out / "tokenizer") if args.arch == "sd" else write_t5_tokenizer(out / "tokenizer")
     log: list[dict] = []
     settings = {k: getattr(args, k) for k in ("arch", "seed", "steps", "vae_steps", "vae_batch", "batch", "threads",
-                                              "noisy_share")}
+                                              "noisy_share", "scenes", "prediction")}
+    if args.arch == "sd":
+        settings["unet_levels"] = args.unet_levels
     started = time.monotonic()
     if args.vae_from:
         vae, earlier = load_vae(Path(args.vae_from))
@@ -359,22 +377,21 @@ def main() -> None:
         settings.update(vae_steps=earlier["vae_steps"], vae_batch=earlier["vae_batch"], vae_from=Path(args.vae_from).name)
     else:
         vae = build_vae()
-    denoiser, text = build_denoiser(args.arch, tokenizer)
+    denoiser, text = build_denoiser(args.arch, tokenizer, args.unet_levels)
     if not args.vae_from:
         train_vae(vae, rng, args.vae_steps, args.vae_batch, log)
         vae.register_to_config(scaling_factor=latent_scale(vae, rng))
     vae.requires_grad_(False).eval()
     parts = {"vae": vae, "unet" if args.arch == "sd" else "transformer": denoiser, "text_encoder": text,
-             "tokenizer": tokenizer, "eval_every": args.eval_every, "prediction": PREDICTION[args.arch],
+             "tokenizer": tokenizer, "eval_every": args.eval_every, "prediction": args.prediction,
              "noisy_share": args.noisy_share}
-    if args.arch == "sd":  # every batch drawn and encoded fresh
+    if not args.scenes:  # every batch drawn and encoded fresh (the recipe of the first tiny-shapes)
         def batches() -> tuple[torch.Tensor, list[str]]:
             pictures, captions = draw_batch(rng, args.batch)
             with torch.no_grad():
                 latents = vae.encode(pictures).latent_dist.sample() * vae.config.scaling_factor
             return latents, ["" if rng.random() < 0.1 else c for c in captions]
     else:  # batches drawn from scenes encoded once
-        settings["scenes"] = args.scenes
         scenes, scene_captions = encoded_scenes(vae, rng, args.scenes)
         record(log, "scenes", args.scenes, started)
 
