@@ -51,7 +51,7 @@ def main() -> None:
     from diffusers import DiffusionPipeline
 
     torch.set_num_threads(1)
-    pipe = DiffusionPipeline.from_pretrained(args.folder, local_files_only=True, torch_dtype=torch.float32)
+    pipe = DiffusionPipeline.from_pretrained(args.folder, local_files_only=True, dtype=torch.float32)
     grids = {cell: redness_by_cell(pipe, cell, args.noises) for cell in sorted(CELLS)}
     shared = np.mean(list(grids.values()), axis=0)  # what the model draws whatever the cell word says
     hits = relative_hits = 0
