@@ -4,8 +4,10 @@ For "a large red square at the {cell}" and each of the 9 cells, the clean latent
 noisiest step of a 20-step DDIM run (t = 951, almost pure noise), averaged over `--noises` noises, is decoded; the
 picture's redness (red minus the mean of green and blue) is averaged over each cell of the 3 × 3 grid. A model that
 ties the cell words to places makes the named cell the reddest; one that does not puts its red in the same cell
-whatever the caption says. Prints each cell's reddest cell and contrast (named cell minus the mean of the others),
-and how many of the 9 named cells are the reddest.
+whatever the caption says. A weaker tie can hide under such a shared red, so each map is also compared with the
+mean of the 9 captions' maps: which cell does the caption's word raise most? Prints, for each named cell, the
+reddest cell, the contrast (named cell minus the mean of the others) and the most raised cell, and how many of
+the 9 named cells are the reddest and the most raised.
 
     python tools/shapes_layout_probe.py paragen/pipelines/configs/tiny-shapes-dit [--noises 8]
 """
@@ -66,6 +68,7 @@ def main() -> None:
         print(f"{cell:>12}: reddest cell {reddest}, named cell's contrast {contrast:+.3f}, "
               f"most raised above the 9 captions' mean {most_raised}")
     print(f"named cell reddest in {hits} of 9; most raised by its word in {relative_hits} of 9")
+
 
 if __name__ == "__main__":
     main()
