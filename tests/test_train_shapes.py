@@ -1,6 +1,6 @@
 """tools/train_shapes.py for a few steps: the DiT twin's folder loads in the stock PixArtSigmaPipeline with
 tiny-shapes' VAE, and the same seed trains the same weights; the UNet's options reach the folder the stock
-StableDiffusionPipeline loads."""
+StableDiffusionPipeline loads, and it trains on the conditioning the pipeline gives (CLIP or T5)."""
 from __future__ import annotations
 
 import json
@@ -40,11 +40,25 @@ def test_a_short_pixart_run_writes_a_stock_folder_deterministically(tmp_path) ->
 
 
 @pytest.mark.slow
-def test_a_short_unet_run_takes_its_levels_and_target(tmp_path) -> None:
+@pytest.mark.parametrize("text", ["clip", "t5"])
+def test_a_short_unet_run_takes_its_options_and_trains_on_the_pipelines_conditioning(tmp_path, text) -> None:
+    import torch
     from diffusers import StableDiffusionPipeline
 
-    _train(tmp_path, "--arch", "sd", "--unet-levels", "3", "--prediction", "v_prediction")
-    pipe = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True)
+    from tools.train_shapes import TEXT_TOKENS, predict
+
+    _train(tmp_path, "--arch", "sd", "--unet-levels", "3", "--prediction", "v_prediction", "--text", text)
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path, local_files_only=True, dtype=torch.float32)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
     assert len(pipe.unet.config.block_out_channels) == 3
     assert json.loads((tmp_path / "training_log.json").read_text())["unet_levels"] == 3
+    assert pipe.tokenizer.model_max_length == TEXT_TOKENS  # what the pipeline pads to
+    # Training conditions the UNet on what the stock pipeline's prompt encoding gives it.
+    prompt, x, t = "a small red circle at the top left", torch.randn(1, 4, 16, 16), torch.tensor([900])
+    states, _ = pipe.encode_prompt(prompt, "cpu", 1, False)
+    with torch.no_grad():
+        assert torch.allclose(predict(pipe.components, x, t, [prompt]), pipe.unet(x, t, states).sample, atol=1e-6)
+    ids = pipe.tokenizer(prompt, padding="max_length", max_length=TEXT_TOKENS, return_tensors="pt").input_ids
+    with torch.no_grad():
+        unmasked = pipe.text_encoder(ids)[0]
+    assert torch.allclose(states, unmasked) == (text == "clip")  # T5's padding is masked out of its encoder

@@ -102,15 +102,16 @@ def build(words: tuple[str, ...] = WORDS) -> Tokenizer:
     return tok
 
 
-def write(folder: Path, words: tuple[str, ...] = WORDS) -> None:
-    """Write the tokenizer (whole-word pieces `words`) as a transformers T5 tokenizer folder."""
+def write(folder: Path, words: tuple[str, ...] = WORDS, max_length: int = MODEL_MAX_LENGTH) -> None:
+    """Write the tokenizer (whole-word pieces `words`, `max_length` tokens a pipeline pads to by default) as a
+    transformers T5 tokenizer folder."""
     folder.mkdir(parents=True, exist_ok=True)
     build(words).save(str(folder / "tokenizer.json"), pretty=True)
     extra = [f"<extra_id_{i}>" for i in range(EXTRA_IDS)]
     special = {"eos_token": EOS, "unk_token": UNK, "pad_token": PAD, "additional_special_tokens": extra}
     config = {
         "tokenizer_class": "T5Tokenizer",
-        "model_max_length": MODEL_MAX_LENGTH,
+        "model_max_length": max_length,
         "extra_ids": EXTRA_IDS,
         "clean_up_tokenization_spaces": False,
         "legacy": False,

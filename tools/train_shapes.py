@@ -3,39 +3,46 @@
 Deterministic from `--seed` on the CPU at a given `--threads` (steps are counted, not timed). Scenes are drawn
 from the world (`tools/shapes_world.py`, 64 × 64 pictures), so nothing is stored but the model. Three parts,
 trained in turn:
-1. the tokenizer, written, not learned: for `--arch sd` a CLIP BPE whose merges make every word of the world one
-   token; for `--arch pixart` the offline T5 stand-in (`tools/make_t5_tokenizer.py`) with the world's words as
-   whole pieces;
+1. the tokenizer, written, not learned: the offline T5 stand-in (`tools/make_t5_tokenizer.py`) with the world's
+   words as whole pieces (for `--arch sd` its default length is the 32 tokens trained on, which
+   StableDiffusionPipeline pads to); `--text clip`: a CLIP BPE whose merges make every word of the world one token;
 2. the VAE (AutoencoderKL, 16 × 16 × 4 latents), on reconstruction with a small KL term, for `--vae-steps`
    of `--vae-batch` pictures; its posterior starts nearly deterministic (log-variance bias -10), so
    reconstruction trains on the mean from the first step; its latent scale is then measured
-   (`scaling_factor` = 1 / std). `--vae-from FOLDER` takes an earlier run's VAE instead (the twin shares
-   tiny-shapes' VAE);
+   (`scaling_factor` = 1 / std). `--vae-from FOLDER` takes an earlier run's VAE instead;
 3. the denoiser and its text encoder together, the caption dropped for 10% of the pictures so that
    classifier-free guidance works, for `--steps`; an exponential moving average of the weights (decay up to
    0.999) is what gets evaluated and saved.
    - `--arch sd` (tiny-shapes, a `StableDiffusionPipeline`): UNet2DConditionModel with cross-attention at each of
-     `--unet-levels` resolutions and a CLIP text encoder; ε-prediction with Min-SNR-5 weighting by default.
+     `--unet-levels` resolutions.
    - `--arch pixart` (tiny-shapes-dit, a `PixArtSigmaPipeline`): PixArtTransformer2DModel (2 × 2 patches with
-     absolute 2-D position embeddings) and a T5 encoder whose padding is masked out; v-prediction by default.
-   - `--prediction` sets the target. The layout is decided at the noisiest steps, where the ε-loss (and Min-SNR
-     weighting of either loss) weighs an error in the clean latent by the signal-to-noise ratio (0.008 at t = 951,
-     the first of 20 DDIM steps); the v-loss weighs it about 1, so it is kept whole there and only its less noisy
-     steps are capped (Min-SNR-5's cap).
-   - `--scenes N` trains on the latents of N scenes encoded once (the VAE's encoder was most of a transformer
-     step's time); `--scenes 0` draws and encodes every batch fresh, the recipe of the shipped tiny-shapes.
+     absolute 2-D position embeddings); its pipeline masks the caption's padding out of cross-attention too.
+   - `--text`: the text encoder. T5 (2 layers, width 64) has its padding masked out: its config says
+     `use_attention_mask`, so StableDiffusionPipeline passes the mask to it. CLIP (causal, nothing masked) left
+     the UNet attending to up to 23 paddings that had each read the whole caption, and the UNet never tied the
+     cell words to places (tools/shapes_layout_probe.py); with T5 it does.
+   - `--prediction` sets the target (v by default). The layout is decided at the noisiest steps, where the
+     ε-loss (and Min-SNR weighting of either loss) weighs an error in the clean latent by the signal-to-noise
+     ratio (0.008 at t = 951, the first of 20 DDIM steps); the v-loss weighs it about 1, so it is kept whole
+     there and only its less noisy steps are capped (Min-SNR-5's cap). ε gets Min-SNR-5 weighting.
    - `--noisy-share S` draws that share of each batch from the 200 noisiest timesteps. Drawn uniformly, about a
-     tenth of a batch falls there, and neither the UNet (ε or v) nor the transformer tied the cell words to
-     places within a CPU budget; the transformer trained with S = 0.5 does (tools/shapes_layout_probe.py).
+     tenth of a batch falls there, and the transformer did not tie the cell words to places within a CPU
+     budget; with S = 0.5 it does.
+   - `--scenes N` trains on the latents of N scenes encoded once (the VAE's encoder was most of a transformer
+     step's time); `--scenes 0` draws and encodes every batch fresh.
 Every `--eval-every` steps the pipeline draws `--eval-prompts` captions of held-out seeds (20 DDIM steps,
 guidance 4), `tools/shapes_scorer.py` scores them, and the folder is written: the accuracy curve goes into
 `training_log.json` beside the weights, and a run stopped early leaves its last evaluated model. The output
 folder is a diffusers pipeline folder (safetensors, fp16 weights) that the stock pipeline class's
 `from_pretrained` loads.
 
-    python tools/train_shapes.py --scenes 0 [--out paragen/pipelines/configs/tiny-shapes] [--steps 3000] [--seed 0]
-    python tools/train_shapes.py --arch pixart --out paragen/pipelines/configs/tiny-shapes-dit \\
-        --vae-from paragen/pipelines/configs/tiny-shapes --steps 4000 --noisy-share 0.5
+The shipped models share one VAE, that of the first tiny-shapes (CLIP, ε, fresh batches; the first command
+with `--steps 3000` is that run, bit for bit; `--steps 0` stops after the VAE):
+
+    python tools/train_shapes.py --text clip --prediction epsilon --noisy-share 0 --scenes 0 --steps 0 --out VAE
+    python tools/train_shapes.py --vae-from VAE [--out paragen/pipelines/configs/tiny-shapes] [--steps 3000]
+    python tools/train_shapes.py --arch pixart --out paragen/pipelines/configs/tiny-shapes-dit --vae-from VAE \\
+        --steps 4000
 """
 from __future__ import annotations
 
@@ -83,7 +90,6 @@ TEXT_TOKENS = 32  # caption tokens the text encoders see (the longest caption is
 SCHEDULER_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
                     "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1,
                     "timestep_spacing": "leading"}
-PREDICTION = {"sd": "epsilon", "pixart": "v_prediction"}
 MIN_SNR = 5.0  # steps less noisy than this signal-to-noise ratio weigh as much as one at it (Min-SNR-5)
 LAYOUT_STEPS = 200  # the noisiest timesteps (t >= 800 of 1000), where a picture's layout is decided
 
@@ -131,13 +137,14 @@ def write_tokenizer(folder: Path):
     raise RuntimeError(f"words still split into several tokens: {split}")
 
 
-def write_t5_tokenizer(folder: Path):
-    """The offline T5 tokenizer with every word of the world as one piece."""
+def write_t5_tokenizer(folder: Path, max_length: int | None = None):
+    """The offline T5 tokenizer with every word of the world as one piece; `max_length`: what a pipeline that
+    does not pass its own length pads to (StableDiffusionPipeline), else T5's 512."""
     from transformers import AutoTokenizer
 
-    from tools.make_t5_tokenizer import WORDS, write
+    from tools.make_t5_tokenizer import MODEL_MAX_LENGTH, WORDS, write
 
-    write(folder, (*WORDS, *(w for w in world_words() if w not in WORDS)))
+    write(folder, (*WORDS, *(w for w in world_words() if w not in WORDS)), max_length or MODEL_MAX_LENGTH)
     tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     split = [w for w in world_words() if len(tokenizer(w).input_ids) != 2]  # the word and </s>
     if split:
@@ -160,23 +167,30 @@ def load_vae(folder: Path):
     return vae, json.loads((folder / "training_log.json").read_text())
 
 
-def build_denoiser(arch: str, tokenizer, levels: int):
-    """The denoiser (a UNet of `levels` resolutions, or the PixArt transformer) and its text encoder, randomly
-    initialised from the torch seed."""
+def build_denoiser(arch: str, levels: int):
+    """The denoiser (a UNet of `levels` resolutions, or the PixArt transformer), randomly initialised from the
+    torch seed."""
     if arch == "pixart":
         from diffusers import PixArtTransformer2DModel
-        from transformers import T5Config, T5EncoderModel
 
-        return PixArtTransformer2DModel(**PIXART_CONFIG), T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5_CONFIG))
+        return PixArtTransformer2DModel(**PIXART_CONFIG)
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = UNet2DConditionModel(**unet_config(levels))
-    text = CLIPTextModel(CLIPTextConfig(
+    return UNet2DConditionModel(**unet_config(levels))
+
+
+def build_text_encoder(text: str, tokenizer):
+    """The text encoder (64 wide, 2 layers), randomly initialised from the torch seed: CLIP (causal, its padding
+    attended), or T5 whose configuration asks StableDiffusionPipeline to mask the padding (`use_attention_mask`;
+    PixArt's pipeline masks it anyway)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    if text == "t5":
+        return T5EncoderModel(T5Config(vocab_size=len(tokenizer), **T5_CONFIG, use_attention_mask=True))
+    return CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=TEXT_TOKENS, projection_dim=64, bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
-    return unet, text
 
 
 def draw_batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:
@@ -226,14 +240,17 @@ def latent_scale(vae, rng: random.Random) -> float:
 
 def predict(parts: dict, noisy: torch.Tensor, t: torch.Tensor, captions: list[str]) -> torch.Tensor:
     """The denoiser's output for `noisy` latents at timesteps `t`, conditioned on `captions` as its pipeline
-    conditions it (CLIP: every token; T5: padding masked out of the encoder and of cross-attention)."""
+    conditions it: the text encoder's padding masked where the pipeline masks it (PixArt: always, and out of
+    cross-attention too; StableDiffusionPipeline: in the encoder, where its config says `use_attention_mask`)."""
     tokens = parts["tokenizer"](captions, padding="max_length", max_length=TEXT_TOKENS, truncation=True,
                                 return_tensors="pt")
+    encoder = parts["text_encoder"]
+    masked = "transformer" in parts or getattr(encoder.config, "use_attention_mask", False)
+    states = encoder(tokens.input_ids, attention_mask=tokens.attention_mask if masked else None)[0]
     if "transformer" in parts:
-        states = parts["text_encoder"](tokens.input_ids, attention_mask=tokens.attention_mask)[0]
         return parts["transformer"](noisy, encoder_hidden_states=states, encoder_attention_mask=tokens.attention_mask,
                                     timestep=t, added_cond_kwargs={"resolution": None, "aspect_ratio": None}).sample
-    return parts["unet"](noisy, t, parts["text_encoder"](tokens.input_ids)[0]).sample
+    return parts["unet"](noisy, t, states).sample
 
 
 def encoded_scenes(vae, rng: random.Random, count: int, chunk: int = 256) -> tuple[torch.Tensor, list[str]]:
@@ -338,10 +355,12 @@ def caption_accuracy(pipe, count: int, steps: int = 20, guidance: float = 4.0) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--arch", choices=tuple(PREDICTION), default="sd",
-                   help="sd: UNet + CLIP (tiny-shapes); pixart: PixArt transformer + T5 (tiny-shapes-dit)")
+    p.add_argument("--arch", choices=("sd", "pixart"), default="sd",
+                   help="sd: UNet (tiny-shapes); pixart: PixArt transformer (tiny-shapes-dit)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "paragen/pipelines/configs/tiny-shapes"))
     p.add_argument("--steps", type=int, default=3000, help="denoiser (and text encoder) steps")
+    p.add_argument("--text", choices=("t5", "clip"), default="t5",
+                   help="the text encoder (--arch pixart: t5 only)")
     p.add_argument("--unet-levels", type=int, default=2, choices=(2, 3),
                    help="--arch sd: the UNet's resolutions (16² and 8², and 4²)")
     p.add_argument("--vae-steps", type=int, default=4000)
@@ -350,9 +369,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=32, help="denoiser batch")
     p.add_argument("--scenes", type=int, default=12800,
                    help="scenes encoded once and trained on; 0: every batch drawn and encoded fresh")
-    p.add_argument("--prediction", choices=("epsilon", "v_prediction"),
-                   help="the denoiser's target (default: the arch's, " + ", ".join(f"{a}: {k}" for a, k in PREDICTION.items()) + ")")
-    p.add_argument("--noisy-share", type=float, default=0.0,
+    p.add_argument("--prediction", choices=("v_prediction", "epsilon"), default="v_prediction",
+                   help="the denoiser's target")
+    p.add_argument("--noisy-share", type=float, default=0.5,
                    help=f"share of each batch drawn from the {LAYOUT_STEPS} noisiest timesteps (the rest: all of them)")
     p.add_argument("--eval-every", type=int, default=500, help="denoiser steps between accuracy measurements")
     p.add_argument("--eval-prompts", type=int, default=32)
@@ -362,14 +381,16 @@ def main() -> None:
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
-    args.prediction = args.prediction or PREDICTION[args.arch]
+    if args.arch == "pixart" and args.text != "t5":
+        p.error("--arch pixart takes --text t5")
     out = Path(args.out)
-    tokenizer = write_tokenizer(out / "tokenizer") if args.arch == "sd" else write_t5_tokenizer(out / "tokenizer")
+    tokenizer = write_tokenizer(out / "tokenizer") if args.text == "clip" else \
+        write_t5_tokenizer(out / "tokenizer", TEXT_TOKENS if args.arch == "sd" else None)
     log: list[dict] = []
     settings = {k: getattr(args, k) for k in ("arch", "seed", "steps", "vae_steps", "vae_batch", "batch", "threads",
                                               "noisy_share", "scenes", "prediction")}
     if args.arch == "sd":
-        settings["unet_levels"] = args.unet_levels
+        settings.update(unet_levels=args.unet_levels, text=args.text)
     started = time.monotonic()
     if args.vae_from:
         vae, earlier = load_vae(Path(args.vae_from))
@@ -377,7 +398,8 @@ def main() -> None:
         settings.update(vae_steps=earlier["vae_steps"], vae_batch=earlier["vae_batch"], vae_from=Path(args.vae_from).name)
     else:
         vae = build_vae()
-    denoiser, text = build_denoiser(args.arch, tokenizer, args.unet_levels)
+    denoiser = build_denoiser(args.arch, args.unet_levels)
+    text = build_text_encoder(args.text, tokenizer)
     if not args.vae_from:
         train_vae(vae, rng, args.vae_steps, args.vae_batch, log)
         vae.register_to_config(scaling_factor=latent_scale(vae, rng))
