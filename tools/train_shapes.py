@@ -86,7 +86,7 @@ PIXART_CONFIG = {"sample_size": SIDE // 4, "patch_size": 2, "in_channels": 4, "o
                  "attention_bias": True}
 T5_CONFIG = {"d_model": 64, "d_kv": 16, "d_ff": 128, "num_heads": 4, "num_layers": 2, "feed_forward_proj": "gated-gelu",
              "dropout_rate": 0.0, "is_encoder_decoder": False, "pad_token_id": 0, "eos_token_id": 1}
-TEXT_TOKENS = 32  # caption tokens the text encoders see (the longest caption is 18 words)
+TEXT_TOKENS = 32  # caption tokens the text encoders see (the longest caption is 17 words)
 SCHEDULER_CONFIG = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "clip_sample": False,
                     "num_train_timesteps": 1000, "set_alpha_to_one": False, "steps_offset": 1,
                     "timestep_spacing": "leading"}
