@@ -1,5 +1,5 @@
 # paragen: two commands from a fresh machine.
-#   make demo          set up .venv (the tested lock), then draw a picture on 2 ranks (embedded, trained tiny-shapes-dit) into out/
+#   make demo          set up .venv (the tested lock), then draw a picture on 2 ranks (embedded, trained tiny-shapes) into out/
 #   make test          set up .venv, then run the test suite
 #   make test-fast     the suite without the long multi-process end-to-end runs (-m "not slow")
 #   make test-latest   a separate .venv-latest with the newest transformers and diffusers, then the suite
@@ -17,8 +17,8 @@ LATEST      ?= transformers diffusers accelerate huggingface-hub tokenizers safe
 VENV_LATEST ?= .venv-latest
 LATEST_RE   := $(shell echo $(LATEST) | sed 's/ /|/g; s/-/[-_]/g')
 NPROC       ?= 2
-DEMO_ARGS   ?= --model tiny-shapes-dit --prompt "a large red circle at the top left" --height 64 --width 64 --steps 20 \
-               --guidance-scale 4 --ring 2 --mode displaced
+DEMO_ARGS   ?= --model tiny-shapes --prompt "a large red circle at the top left" --height 64 --width 64 --steps 20 \
+               --guidance-scale 4 --mode displaced
 
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.paragen-installed
