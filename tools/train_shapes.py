@@ -120,8 +120,8 @@ def write_tokenizer(folder: Path):
         (folder / "vocab.json").write_text(json.dumps({**vocab, **{t: len(vocab) + i for i, t in enumerate(SPECIAL)}}))
         (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
         (folder / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "CLIPTokenizer", "model_max_length": 32, "bos_token": SPECIAL[0], "eos_token": SPECIAL[1],
-            "unk_token": SPECIAL[1], "pad_token": SPECIAL[1], "do_lower_case": True}, indent=2))
+            "tokenizer_class": "CLIPTokenizer", "model_max_length": TEXT_TOKENS, "bos_token": SPECIAL[0],
+            "eos_token": SPECIAL[1], "unk_token": SPECIAL[1], "pad_token": SPECIAL[1], "do_lower_case": True}, indent=2))
         return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
 
     for word in world_words():
