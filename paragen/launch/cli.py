@@ -27,7 +27,7 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from paragen.comms import DEVICE_CHOICES, CommError
 from paragen.launch.env import LaunchError, discover
 from paragen.launch.process_group import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S, init, shutdown
-from paragen.launch.slurm import sbatch_script
+from paragen.launch.slurm import CPU_JOB_CPUS, CPUS_PER_GPU, SLURM_PORT_BASE, sbatch_script
 from paragen.log import get_logger, setup_logging
 from paragen.pipelines.jobs.batch import run_job
 from paragen.pipelines.registry import JOBS
@@ -85,11 +85,17 @@ def _add_slurm_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--job-name", default="paragen", help="SLURM job name")
     p.add_argument("--time", default="01:00:00", help="SLURM time limit")
     p.add_argument("--partition", default=None, help="SLURM partition")
-    p.add_argument("--port", type=int, default=29500, help="rendezvous port on the head node (array task k: port + k)")
+    p.add_argument("--port", type=int, default=None,
+                   help="rendezvous port on the head node (array task k: port + k); None: the script derives it "
+                        f"from the job id, {SLURM_PORT_BASE} + SLURM_JOB_ID %% 10000, so jobs sharing a head node "
+                        "do not collide")
+    p.add_argument("--cpus-per-task", type=int, default=None, metavar="N",
+                   help="cores of each node's task (its torchrun agent and workers), given to sbatch and srun; "
+                        f"None: {CPUS_PER_GPU} per GPU of the node, {CPU_JOB_CPUS} for a CPU job")
     p.add_argument("--requeue", action="store_true",
                    help="let SLURM requeue the job after a preemption; a --requests run then skips what is done")
     p.add_argument("--array", type=int, default=None, metavar="N",
-                   help="N array tasks, each running its share of the command's --requests file")
+                   help="N array tasks, each running its share of the command's --requests FILE (or --requests=FILE)")
     p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="command",
                    help="the paragen command to run, after `--`")
     p.set_defaults(handler=_run_slurm)
@@ -99,7 +105,7 @@ def _run_slurm(args: argparse.Namespace) -> int:
     command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
     print(sbatch_script(nodes=args.nodes, gpus_per_node=args.gpus_per_node, command=command,
                         job_name=args.job_name, time=args.time, partition=args.partition, port=args.port,
-                        requeue=args.requeue, array=args.array))
+                        cpus_per_task=args.cpus_per_task, requeue=args.requeue, array=args.array))
     return 0
 
 
