@@ -4,15 +4,17 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
 import diffusers
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
+from paragen.pipelines import checkpoint
 from paragen.pipelines.checkpoint import (CheckpointError, Checkpoints, load_scheduler_state, pack_state,
-                                          scheduler_state, unpack_state)
+                                          scheduler_state, state_file_problem, unpack_state)
 
 FINGERPRINT = {"model": "tiny-sd", "steps": 50, "size": (64, 64), "seed": 0}
 
@@ -185,6 +187,79 @@ def test_pruning_when_another_rank_lags(tmp_path):
     assert rank0.path(10).exists() and rank1.path(10).exists()
     assert rank0.latest() == 10 and rank1.resume() == 10
     assert rank0.load(rank0.resume()) == {"step": 10}
+
+
+def damage(path: Path, keep: int) -> None:
+    """`path` as a crash can leave it when the rename reached the disk but not all of the data: `keep` bytes."""
+    path.write_bytes(path.read_bytes()[:keep])
+
+
+@pytest.mark.parametrize("keep", [-1, 40, 8, 3, 0], ids=["tail", "header", "length", "short", "empty"])
+def test_a_truncated_newest_step_is_not_resumed_from(tmp_path, keep):
+    ckpt = Checkpoints(tmp_path, FINGERPRINT, rank=0, world_size=1)
+    ckpt.save(10, {"step": 10, "x": torch.arange(100)})
+    ckpt.path(20).parent.mkdir()
+    ckpt.path(20).write_bytes(ckpt.path(10).read_bytes())  # step 20's file, as whole as step 10's
+    assert ckpt.latest() == 20
+    damage(ckpt.path(20), keep)
+    assert ckpt.latest() == 10 and ckpt.load(ckpt.resume())["step"] == 10
+    with pytest.raises(CheckpointError, match=re.escape(f"{ckpt.path(20)} is not a whole state file")):
+        ckpt.load(20)
+
+
+def test_a_truncated_only_step_is_refused(tmp_path):
+    ckpt = Checkpoints(tmp_path, FINGERPRINT, rank=0, world_size=1)
+    ckpt.save(10, {"step": 10, "x": torch.arange(100)})
+    ckpt.save(20, {"step": 20, "x": torch.arange(100)})
+    assert not ckpt.path(10).exists()  # step 20 verified: step 10 pruned
+    damage(ckpt.path(20), -1)
+    with pytest.raises(CheckpointError, match=re.escape(f"no complete checkpoint to resume from in {tmp_path}; "
+                                                        f"step 20: {ckpt.path(20)}: ")):
+        ckpt.resume()
+
+
+def test_pruning_waits_until_the_newer_step_verifies_on_every_rank(tmp_path):
+    rank0, rank1 = two_ranks(tmp_path)
+    rank0.save(10, {"step": 10})
+    rank1.save(10, {"step": 10})
+    rank0.save(20, {"step": 20, "x": torch.zeros(10)})
+    damage(rank0.path(20), -4)  # the node of rank 0 crashed: its step 20 lost its tail
+    rank1.save(20, {"step": 20})
+    assert rank1.path(10).exists() and rank0.path(10).exists()
+    assert rank0.latest() == 10 and rank1.load(rank1.resume()) == {"step": 10}
+
+
+def test_save_verifies_its_own_file(tmp_path, monkeypatch):
+    ckpt = Checkpoints(tmp_path, FINGERPRINT, rank=0, world_size=1)
+    ckpt.save(10, {"step": 10})
+
+    def lossy_save_file(tensors, filename, metadata):
+        save_file(tensors, filename, metadata=metadata)
+        damage(Path(filename), -1)
+
+    monkeypatch.setattr(checkpoint, "save_file", lossy_save_file)
+    with pytest.raises(CheckpointError, match=re.escape(f"{ckpt.path(20)} is not a whole state file")):
+        ckpt.save(20, {"step": 20, "x": torch.ones(3)})
+    assert ckpt.latest() == 10 and ckpt.load(10) == {"step": 10}
+
+
+def test_state_file_problem(tmp_path):
+    ckpt = Checkpoints(tmp_path, FINGERPRINT, rank=0, world_size=1)
+    whole = ckpt.save(10, {"x": torch.ones(3), "y": np.zeros(2)})
+    empty = Checkpoints(tmp_path / "empty", FINGERPRINT, rank=0, world_size=1).save(10, {})
+    foreign = tmp_path / "foreign.safetensors"
+    save_file({"x": torch.ones(3)}, str(foreign))  # a safetensors file, but no paragen state
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes((4).to_bytes(8, "little") + b"{no}")
+    assert state_file_problem(whole) is None and state_file_problem(empty) is None
+    assert state_file_problem(tmp_path / "absent") == "missing"
+    assert state_file_problem(foreign) == "no skeleton in its metadata"
+    assert state_file_problem(garbage) == "the header is not JSON"
+    size = whole.stat().st_size
+    damage(whole, size - 1)
+    assert state_file_problem(whole) == f"{size - 1} bytes, but its header describes {size}"
+    damage(whole, 20)
+    assert re.fullmatch(r"a header of \d+ bytes does not fit in 20 bytes", state_file_problem(whole))
 
 
 def test_check_fresh(tmp_path):

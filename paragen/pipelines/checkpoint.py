@@ -6,18 +6,24 @@ On-disk layout of a checkpoint folder:
     folder/step-000010/rank-0.safetensors    rank 0's state after step 10
     folder/step-000010/rank-1.safetensors    ...
 
-Each rank writes only its own files. A step is complete when the file of every rank exists; resuming starts
-from the newest complete step. A state file holds the tensors (and numpy arrays) of a nested state in
+Each rank writes only its own files. A state file holds the tensors (and numpy arrays) of a nested state in
 safetensors; the rest of the state (dicts, lists, tuples, numbers, strings, None) is a JSON skeleton kept in
 its metadata under "skeleton", whose leaves name the tensors. Nothing is pickled. Every file is written to a
-temporary file in the same folder and renamed into place, so a file that exists is whole; leftover `*.tmp`
-files of a killed writer are ignored.
+temporary file in the same folder, fsynced, renamed into place and its folder fsynced (outputs.write_atomic),
+so that a file that exists is whole, even after a crash of the node; leftover `*.tmp` files of a killed writer
+are ignored. As a disk or filesystem that drops fsync can still leave a truncated file, a file counts only when
+it verifies: its safetensors header parses, holds the skeleton, and the file's size is exactly what the header
+describes (no tensor is read for that). A step is complete when the file of every rank verifies; resuming starts
+from the newest complete step, and a rank deletes its files of older steps only once a newer step is complete,
+so one complete checkpoint always survives.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +42,43 @@ RESUMABLE_CHANGES = ("out_dir", "name", "checkpoint_dir", "checkpoint_every", "r
 
 
 class CheckpointError(ValueError):
-    """A checkpoint folder that cannot be used: another run's, already used, or holding nothing to resume."""
+    """A checkpoint folder that cannot be used: another run's, already used, holding nothing to resume, or a state
+    file that is not whole."""
+
+
+def state_file_problem(path: Path) -> str | None:
+    """Why `path` is no whole state file (missing, truncated, not safetensors, no skeleton), or None when it is.
+    Reads the header only: an 8-byte little-endian length N, N bytes of JSON naming each tensor's byte range in
+    the data that follows, and "__metadata__"."""
+    try:
+        with path.open("rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size < 8:
+                return f"{size} bytes, too short for the header length"
+            (length,) = struct.unpack("<Q", file.read(8))
+            if 8 + length > size:
+                return f"a header of {length} bytes does not fit in {size} bytes"
+            header = json.loads(file.read(length))
+    except FileNotFoundError:
+        return "missing"
+    except ValueError:  # bad JSON or UTF-8
+        return "the header is not JSON"
+    metadata = header.pop("__metadata__", None) if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("skeleton"), str):
+        return "no skeleton in its metadata"
+    try:
+        end = max((int(tensor["data_offsets"][1]) for tensor in header.values()), default=0)
+    except (TypeError, KeyError, IndexError, ValueError):
+        return "a tensor entry of the header has no data_offsets"
+    if size != 8 + length + end:
+        return f"{size} bytes, but its header describes {8 + length + end}"
+    return None
+
+
+def check_state_file(path: Path) -> None:
+    """CheckpointError naming `path` unless it is a whole state file (state_file_problem)."""
+    if (problem := state_file_problem(path)) is not None:
+        raise CheckpointError(f"{path} is not a whole state file: {problem}")
 
 
 def pack_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict]:
@@ -131,32 +173,33 @@ class Checkpoints:
             raise CheckpointError(f"{self.folder} already holds a checkpoint: resume from it, or pick another folder")
 
     def latest(self) -> int | None:
-        """The newest step whose files exist for every rank; None when there is none.
+        """The newest complete step (every rank's file verifies); None when there is none.
         CheckpointError if the folder belongs to a different run (fingerprint or world size differ)."""
         self._check_run()
-        complete = [step for step in self._steps()
-                    if all(self.path(step, rank).exists() for rank in range(self.world_size))]
-        return max(complete, default=None)
+        return next((step for step in reversed(self._steps()) if not self._problems(step)), None)
 
     def resume(self) -> int:
-        """latest(), but CheckpointError if there is no complete checkpoint."""
+        """latest(), but CheckpointError if there is no complete checkpoint, naming the newest step's bad files."""
         step = self.latest()
         if step is None:
-            raise CheckpointError(f"no complete checkpoint to resume from in {self.folder}")
+            steps = self._steps()
+            newest = f"; step {steps[-1]}: " + "; ".join(self._problems(steps[-1])) if steps else ""
+            raise CheckpointError(f"no complete checkpoint to resume from in {self.folder}{newest}")
         return step
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
-        """Write this rank's state for `step` atomically (run.json too, identical on every rank), then delete this
-        rank's files of steps older than the newest complete step, so one complete checkpoint always survives."""
+        """Write this rank's state for `step` atomically and durably (run.json too, identical on every rank) and
+        verify it (CheckpointError if it is not whole), then delete this rank's files of steps older than the newest
+        complete step, so one complete checkpoint always survives."""
         if type(step) is not int or step < 0:
             raise CheckpointError(f"a checkpoint step must be an int >= 0, not {step!r}")
         self._check_run()
         tensors, skeleton = pack_state(state)
         save_json(self.run, self.folder / "run.json")
         path = self.path(step)
-        path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"skeleton": json.dumps(skeleton, allow_nan=False)}
         write_atomic(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        check_state_file(path)
         newest = self.latest()
         for old in [old for old in self._steps() if newest is not None and old < newest]:
             self.path(old).unlink(missing_ok=True)
@@ -165,15 +208,21 @@ class Checkpoints:
         return path
 
     def load(self, step: int) -> dict[str, Any]:
-        """This rank's state of `step`."""
+        """This rank's state of `step`; CheckpointError if its file is missing or not whole."""
         self._check_run()
         path = self.path(step)
         if not path.exists():
             raise CheckpointError(f"{path} does not exist: no state of rank {self.rank} for step {step}")
+        check_state_file(path)
         with safe_open(str(path), framework="pt", device="cpu") as file:
             skeleton = json.loads(file.metadata()["skeleton"])
             tensors = {name: file.get_tensor(name) for name in file.keys()}
         return unpack_state(tensors, skeleton)
+
+    def _problems(self, step: int) -> list[str]:
+        """What keeps `step` from being complete: each rank's file that does not verify, and why."""
+        paths = [self.path(step, rank) for rank in range(self.world_size)]
+        return [f"{path}: {problem}" for path in paths if (problem := state_file_problem(path)) is not None]
 
     def _steps(self) -> list[int]:
         """Steps that have a folder, complete or not, in ascending order."""

@@ -1,6 +1,7 @@
-"""Outputs (PNG, JSON, MP4/GIF) are written by one rank, atomically: a temporary file in the same folder, then a rename,
-so a crashed or failed run never leaves a partial file that looks like a result. Files get the mode any new file
-gets (0666 less the umask), like the output of any other program."""
+"""Outputs (PNG, JSON, MP4/GIF) are written by one rank, atomically and durably: a temporary file in the same folder,
+fsynced, renamed into place, then the folder fsynced, so neither a failed run nor a crash of the node (power loss,
+kernel panic) leaves a partial file that looks like a result. Files get the mode any new file gets (0666 less the
+umask), like the output of any other program."""
 from __future__ import annotations
 
 import json
@@ -37,17 +38,58 @@ def _new_temp_file(path: Path) -> Path:
             continue  # another writer drew the same name: draw again
 
 
+def _fsync(path: Path, flags: int = 0) -> None:
+    """Flush what the kernel holds of `path` (opened read-only with `flags`) to the disk."""
+    fd = os.open(path, os.O_RDONLY | flags)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush the entries of folder `path` to the disk, so that a file created, renamed or removed in it stays so
+    after a crash (fsyncing the file itself does not make its name durable)."""
+    _fsync(path, os.O_DIRECTORY)
+
+
+def _make_folders(folder: Path) -> None:
+    """Create `folder` and its missing parents durably: each new folder's parent is fsynced once it exists."""
+    missing = [parent for parent in (folder, *folder.parents) if not parent.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    for made in reversed(missing):
+        fsync_dir(made.parent)
+
+
 def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
-    """Call `write(tmp)` on a temporary path next to `path`, then rename it into place (the temporary file is
-    removed if anything fails)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Call `write(tmp)` on a temporary path next to `path`, fsync its data (reopened: writers write by path), rename
+    it into place and fsync the folder, so that after a crash `path` is either the old file or the whole new one
+    (the temporary file is removed if anything fails)."""
+    _make_folders(path.parent)
     tmp = _new_temp_file(path)
     try:
         write(tmp)
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+    fsync_dir(path.parent)
     return path
+
+
+def append_durable(path: Path, line: str) -> None:
+    """Append `line` and a newline to `path` in one write and fsync it (its folder too when the file is new, made
+    with mode 0666 less the umask), so that the line survives a crash once this returns. ValueError if `line` holds
+    a newline: it would be read back as two lines."""
+    if "\n" in line:
+        raise ValueError(f"append_durable writes one line; {line[:80]!r} holds a newline")
+    created = not path.exists()
+    with open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666), "ab") as file:
+        file.write(f"{line}\n".encode())
+        file.flush()
+        os.fsync(file.fileno())
+    if created:
+        fsync_dir(path.parent)
 
 
 def save_png(image: Image.Image, path: Path) -> Path:
