@@ -39,6 +39,7 @@ from PIL import Image
 from common import ROOT, psnr, report_header
 
 sys.path.insert(0, str(ROOT))
+from paragen.pipelines.jobs.journal import journal_path, read_journal  # noqa: E402
 from paragen.pipelines.loading import model_folder  # noqa: E402
 from tools.shapes_scorer import score  # noqa: E402
 from tools.shapes_world import caption, sample_scene  # noqa: E402
@@ -87,7 +88,7 @@ def generate(model: str, name: str, requests: list[dict], out: Path) -> dict[str
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{name}: {' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-    done = json.loads((out / "manifest.json").read_text())["done"]
+    done = read_journal(journal_path(str(out), (0, 1)))
     return {r["id"]: next(out / p for p in done[r["id"]]["outputs"] if p.endswith(".png")) for r in requests}
 
 

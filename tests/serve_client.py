@@ -2,6 +2,7 @@
 exercises the server, not a client library)."""
 from __future__ import annotations
 
+import http.client
 import json
 import re
 import signal
@@ -35,6 +36,48 @@ def call(url: str, path: str, body: dict | bytes | None = None, token: str | Non
     except urllib.error.HTTPError as error:
         status, raw, kind = error.code, error.read(), error.headers.get("content-type", "")
     return Reply(status, json.loads(raw) if kind.startswith("application/json") else raw.decode())
+
+
+def _connection(url: str) -> http.client.HTTPConnection:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return http.client.HTTPConnection(host, int(port), timeout=60)
+
+
+def call_declaring(url: str, path: str, length: int, token: str | None = None, send: int = 65536) -> Reply:
+    """POST with a declared Content-Length of `length` bytes of which only the first `send` are sent: the server must
+    answer from the headers (or the bytes it has) without waiting for the rest."""
+    connection = _connection(url)
+    connection.putrequest("POST", path)
+    for name, value in {"Content-Type": "application/json", "Content-Length": str(length),
+                        **({"Authorization": f"Bearer {token}"} if token else {})}.items():
+        connection.putheader(name, value)
+    connection.endheaders()
+    try:
+        connection.send(b" " * min(send, length))
+    except OSError:
+        pass  # the server may close the connection once it has answered
+    response = connection.getresponse()
+    raw, kind = response.read(), response.getheader("content-type", "")
+    connection.close()
+    return Reply(response.status, json.loads(raw) if kind.startswith("application/json") else raw.decode())
+
+
+def open_request(url: str, path: str, body: dict, token: str | None = None) -> http.client.HTTPConnection:
+    """POST `body` without reading the answer; `.close()` the connection to be a client that went away."""
+    connection = _connection(url)
+    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})}
+    connection.request("POST", path, body=json.dumps(body).encode(), headers=headers)
+    return connection
+
+
+def wait_for(url: str, text: str, timeout: float = 120) -> str:
+    """Poll `/metrics` until it holds `text`; the metrics then."""
+    deadline = time.monotonic() + timeout
+    while text not in (metrics := call(url, "/metrics").body):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"/metrics never said {text!r}:\n{metrics}")
+        time.sleep(0.05)
+    return metrics
 
 
 @dataclass

@@ -82,7 +82,7 @@ BAD_INPUTS = {
     "rank too large": (2, ["--kv", "offload", "--rank", "65"], "larger than the key width allows"),
     "seq x tp not the world": (2, ["--seq", "3"], "seq (3) × tp (1) = 3, but the world size is 2"),
     "heads not divisible by tp": (4, ["--tp", "4"], "does not divide the model's 2 key-value heads"),
-    "depth outside [0, 1]": (1, ["--depth", "1.5"], "depth must be in [0, 1]"),
+    "depth outside [0, 1]": (1, ["--depth", "1.5"], "depth must be at most 1, got 1.5"),
     "remote code": (2, ["--model", "{remote}", "--prompt", "hi"], "needs remote code"),
     "pickle weights": (2, ["--model", "{pickle}", "--prompt", "hi"], "pickle weights"),
     "gamma below one": (2, ["--kv", "speculative", "--gamma", "0"], "gamma (tokens drafted per verification) must be >= 1"),

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -17,6 +18,7 @@ from PIL import Image
 from paragen.parallel import ExchangeConfig, ParallelConfig
 from paragen.parallel.hires import HiresConfig
 from paragen.pipelines import memory_estimate
+from paragen.pipelines.jobs.common import fit_to_model
 from paragen.pipelines.jobs.image import ImageRequest
 from paragen.pipelines.jobs.llm import LLMRequest
 from paragen.pipelines.loading import ModelLoadError, check_model_source
@@ -28,6 +30,12 @@ from tests.multiproc import ROOT, expect_bad_input, rank_env, start_ranks
 
 CPU = torch.device("cpu")
 GiB = 1024**3
+
+
+def _asked(model: str = "tiny-sd", frames: int | None = None, **sizes) -> SimpleNamespace:
+    """A request as the memory estimate reads it, at sizes beyond what a request may ask (the estimate's arithmetic
+    is checked far past the schema's bounds)."""
+    return SimpleNamespace(model=model, frames=frames, guidance_scale=None, dtype="auto", **sizes)
 
 
 def _single_env() -> dict[str, str]:
@@ -108,7 +116,7 @@ def test_model_shape_reads_the_configs():
 
 
 def test_unet_image_estimate_matches_a_hand_computation():
-    job = plan_job(model_shape("tiny-sd"), ImageRequest(height=100000, width=100000), ParallelConfig(), 2, 4)
+    job = plan_job(model_shape("tiny-sd"), _asked(height=100000, width=100000), ParallelConfig(), 2, 4)
     assert (job.batch, job.split, job.ranks, job.gathers_whole_image) == (2, 2, 2, True)
     # latent 4·12500² = 625e6; UNet 2·96·(2·6250 + 12500)·12500 = 60e9; VAE decode 2·32·50000·100000 = 320e9 (largest)
     assert need(job).bytes == (625_000_000 + 320_000_000_000) * 4 == 1_282_500_000_000
@@ -131,6 +139,27 @@ def test_dit_and_video_estimates_match_hand_computations():
     assert "gathered" in need(job).what
 
 
+def test_a_video_transformers_estimate_counts_its_latent_frames_and_token_shards():
+    wan = model_shape("tiny-wan")  # 4 heads of 16; Wan's VAE: 8 a side, 4 frames a latent frame; branches in turn
+    assert (wan.transformer, wan.width, wan.vae_factor, wan.vae_temporal, wan.distilled) == (True, 64, 8, 4, True)
+    job = plan_job(wan, VideoRequest(model="tiny-wan", frames=4001, height=1024, width=1024),
+                   ParallelConfig(clip=2, ring=2, patch=1), 4, 4)
+    assert (job.batch, job.split) == (1, 4)
+    # 1001 latent frames of 128²: latent 16·1001·128² = 262_406_144; tokens 1001·64² = 4_100_096, a quarter a rank:
+    # 4·1_025_024·64 = 262_406_144; gathered frames 3·4001·1024² = 12_586_057_728 (largest)
+    assert need(job).bytes == (262_406_144 + 12_586_057_728) * 4
+
+
+def test_a_model_without_an_estimate_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(memory_estimate, "model_shape", lambda model: None)
+    with caplog.at_level("WARNING", logger="paragen"):
+        check_memory(VideoRequest(model="tiny-wan", frames=17, height=64, width=64), ParallelConfig(clip=1, patch=1),
+                     1, CPU, 1)
+    assert "no memory estimate for tiny-wan" in caplog.text
+
+
+
+
 DEMO_AND_TEST_SIZES = [
     (ImageRequest(height=512, width=512), ParallelConfig(), ExchangeConfig(mode="displaced"), 2),  # make demo
     (ImageRequest(height=1024, width=1024), ParallelConfig(), None, 2),
@@ -139,8 +168,9 @@ DEMO_AND_TEST_SIZES = [
     (ImageRequest(model="tiny-sd3", height=1024, width=1024), ParallelConfig(ring=2), None, 2),
     (ImageRequest(model="tiny-flux", height=1024, width=1024), ParallelConfig(), None, 2),
     (ImageRequest(height=192, width=256), ParallelConfig(), HiresConfig(), 2),
-    (VideoRequest(), ParallelConfig(clip=2, patch=1), None, 2),
-    (VideoRequest(model="tiny-animatediff"), ParallelConfig(clip=2, patch=1), None, 2),
+    (VideoRequest(frames=64, height=128, width=128), ParallelConfig(clip=2, patch=1), None, 2),
+    (VideoRequest(model="tiny-animatediff", frames=16, height=256, width=256), ParallelConfig(clip=2, patch=1), None, 2),
+    (VideoRequest(model="tiny-wan", frames=65, height=128, width=128), ParallelConfig(clip=2, patch=1), None, 2),
 ]
 
 
@@ -153,7 +183,7 @@ def test_demo_and_test_sizes_are_not_refused(request_, config, options, world):
 def test_refusal_names_the_figure_and_what_would_fit(monkeypatch):
     monkeypatch.setattr(memory_estimate, "available_bytes", lambda device, local_ranks: 22 * GiB)
     with pytest.raises(ValueError) as error:
-        check_memory(ImageRequest(height=100000, width=100000), ParallelConfig(), 2, CPU, 2)
+        check_memory(_asked(height=100000, width=100000), ParallelConfig(), 2, CPU, 2)
     message = str(error.value)
     assert message.startswith("a 100000x100000 image needs at least 1.2 TiB per rank with 2 ranks (patch 2), mostly the "
                               "VAE decoder's full-resolution feature maps; this rank has 22 GiB available (44 GiB on this "
@@ -168,7 +198,7 @@ def test_refusal_suggests_more_shards_where_they_help(monkeypatch):
     # On N ranks: the latent 4·5000² = 1e8 elements plus the VAE decode's 2·32·(40000 // N)·40000 (more than the
     # transformer's 4·2·(2500²/N)·256), of 4 bytes, fit 10 GiB = 2_684_354_560 elements once 40000 // N <= 1009: N >= 40.
     with pytest.raises(ValueError, match=r"with 2 ranks \(ulysses × ring 2\).* it would fit with ulysses × ring ≥ 40 or"):
-        check_memory(ImageRequest(model="tiny-pixart", height=40000, width=40000), ParallelConfig(ring=2), 2, CPU, 2)
+        check_memory(_asked("tiny-pixart", height=40000, width=40000), ParallelConfig(ring=2), 2, CPU, 2)
 
 
 def test_format_bytes():
@@ -186,7 +216,9 @@ def test_a_passkey_context_must_hold_the_fixed_tokens():
 # ---- every rank refuses at once, and writes nothing (one case per command) ---------------------------------------
 BAD_REQUESTS = {
     "out is a file": (["image"], "is a file, not a folder"),
-    "image beyond memory": (["image", "--height", "100000", "--width", "100000"], "needs at least 1.2 TiB per rank"),
+    # 16384²: the VAE decode's 2·32·8192·16384 elements of 4 bytes a rank, 32 GiB (CI has 24 GiB for 2 ranks)
+    "image beyond memory": (["image", "--height", "16384", "--width", "16384"], "needs at least 32 GiB per rank"),
+    "image beyond the schema": (["image", "--height", "100000"], "height must be at most 16384, got 100000"),
     "video beyond memory": (["video", "--frames", "100000", "--height", "1024", "--width", "1024"], "per rank with 2 ranks (clip 2)"),
     "passkey context too short": (["llm", "--context", "5"], "a passkey prompt of 5 tokens is too short"),
 }
@@ -203,3 +235,58 @@ def test_bad_requests_fail_fast_on_every_rank(tmp_path, case):
     expect_bad_input(start_ranks(["-m", "paragen", *args, "--out", str(out), "--timeout", "30"], 2, cwd=tmp_path), message)
     assert time.monotonic() - start < 45
     assert (out.read_text() == "keep me") if case == "out is a file" else not out.exists()
+
+
+# ---- a request's bounds come before its allocations -----------------------------------------------------------
+OVERSIZED_CONTEXT = """
+import resource, sys, time
+from types import SimpleNamespace
+from paragen.pipelines.jobs import llm, schema
+from paragen.launch.cli import build_parser
+args = build_parser("llm").parse_args(["llm", "--out", sys.argv[1]])
+launch = SimpleNamespace(world_size=1, rank=0, local_rank=0, local_world_size=1, array_task=0, array_tasks=1)
+job = llm.prepare(args, launch)
+before, started = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.monotonic()
+try:
+    job.check(schema.replace(job.request, context=60_000_000))
+except ValueError as error:
+    print(f"{time.monotonic() - started:.3f} {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before} {error}")
+"""
+
+
+def test_an_oversized_context_is_refused_before_its_prompt_is_built(tmp_path):
+    """`{"context": 2e8}` once built the whole prompt (GBs) before the length check."""
+    done = subprocess.run([sys.executable, "-c", OVERSIZED_CONTEXT, str(tmp_path)], env=_single_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    seconds, grown_kib, message = done.stdout.split(" ", 2)
+    assert "exceeds the model's" in message, done.stdout + done.stderr[-2000:]
+    assert float(seconds) < 1 and int(grown_kib) < 50 * 1024, done.stdout
+
+
+def test_the_default_size_is_the_pipelines_own(tmp_path):
+    """Every model once defaulted to 512 × 512: tiny-shapes drew at 8 times its training area."""
+    done = subprocess.run([sys.executable, "-m", "paragen", "image", "--model", "tiny-shapes", "--steps", "1",
+                           "--out", str(tmp_path)], env=_single_env(), cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    (png,) = tmp_path.glob("*.png")
+    assert png.name.startswith("tiny-shapes_64x64_") and Image.open(png).size == (64, 64)
+
+
+@pytest.mark.parametrize("request_,size", [
+    (ImageRequest(model="tiny-shapes"), (64, 64, None)),  # UNet sample_size 16 × VAE factor 4
+    (ImageRequest(model="tiny-sdxl"), (512, 512, None)),
+    (ImageRequest(model="tiny-flux"), (1024, 1024, None)),  # FluxPipeline.default_sample_size 128 × 8
+    (ImageRequest(model="tiny-flux", height=256), (256, 1024, None)),  # what is given stays
+    (VideoRequest(model="tiny-t2v"), (256, 256, 16)),
+    (VideoRequest(model="tiny-wan"), (480, 832, 81)),  # WanPipeline.__call__'s own defaults
+])
+def test_a_request_fits_its_models_own_size_and_frames(request_, size):
+    fitted = fit_to_model(request_)
+    assert (fitted.height, fitted.width, getattr(fitted, "frames", None)) == size
+
+
+def test_steps_beyond_the_schedulers_training_timesteps_are_refused():
+    fit_to_model(ImageRequest(steps=1000))
+    with pytest.raises(ValueError, match="trained on 1000 timesteps, so at most 1000 steps"):
+        fit_to_model(ImageRequest(steps=1001))

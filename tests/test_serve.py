@@ -6,7 +6,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,14 +20,42 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from paragen.launch.serve.api import CompletionBody, ImageBody, VideoBody, completion_fields, image_fields, video_fields
-from paragen.launch.serve.front import BROKEN, STOPPING, Front, Outcome, Ticket
-from paragen.launch.serve.loop import FAILED, REFUSED, _outcome
-from tests.multiproc import check_all_ok, run_ranks
-from tests.serve_client import Server, call
+from paragen.launch.serve.api import ENDPOINTS, Limits, completion_fields, image_fields, video_fields
+from paragen.launch.serve.front import BROKEN, CLIENT_GONE, STOPPING, Front, Outcome, Ticket
+from paragen.pipelines.jobs import schema
+from paragen.pipelines.jobs.image import ImageRequest
+from paragen.pipelines.jobs.llm import LLMRequest
+from tests.multiproc import ROOT, check_all_ok, run_ranks
+from tests.serve_client import Server, call, call_declaring, open_request, wait_for
+
+ImageBody, VideoBody, CompletionBody = (ENDPOINTS[job].body() for job in ("image", "video", "llm"))
 
 
 # ---- bodies ------------------------------------------------------------------------------------------
+def test_a_body_is_the_request_schema_beside_openais_fields():
+    assert set(ImageBody.model_fields) == {"model", "id", "user", "n", "size", "response_format", "prompt",
+                                           "negative_prompt", "height", "width", "steps", "guidance_scale", "seed"}
+    assert "prompt_file" not in CompletionBody.model_fields  # a path on the ranks' machines: not for clients
+    assert not {"new_tokens", "sample", "temperature"} - set(LLMRequest.__pydantic_fields__)  # replaced by OpenAI's
+    assert ImageBody.model_fields["steps"].metadata == ImageRequest.__pydantic_fields__["steps"].metadata
+
+
+@pytest.mark.parametrize("raw,words", [
+    (b'{"prompt": "a fox", "guidance_scale": NaN}', "guidance_scale must be a finite number"),
+    (b'{"prompt": "a fox", "guidance_scale": 1e999}', "guidance_scale must be a finite number"),
+    (b'{"prompt": "a fox", "steps": 1.5}', "steps must be a whole number"),
+    (b'{"prompt": "a fox", "steps": true}', "steps must be a whole number"),
+    (b'{"prompt": "a fox", "seed": -1}', "seed must be at least 0"),
+    (b'{"prompt": "a fox", "steps": 0}', "steps must be positive"),
+    (b'{"prompt": 7}', "prompt must be a string"),
+    (b'[1, 2]', "the request must be an object"),
+    (b'{not json', "not valid JSON"),
+])
+def test_image_bodies_are_parsed_strictly(raw, words):
+    with pytest.raises(ValueError, match=words):
+        schema.parse_fields(ImageBody, raw)
+
+
 def test_an_image_body_becomes_one_request_per_image_with_consecutive_seeds():
     assert image_fields(ImageBody(prompt="a fox")) == [{"prompt": "a fox"}]
     many = image_fields(ImageBody(prompt="a fox", n=3, seed=7, size="256x128", steps=4))
@@ -53,9 +85,22 @@ def test_video_and_completion_bodies():
     assert completion_fields(CompletionBody(context=256, max_tokens=6)) == [{"new_tokens": 6, "context": 256}]
     assert completion_fields(CompletionBody(temperature=0))[0]["sample"] is False
     assert completion_fields(CompletionBody(temperature=0.7))[0] == {"sample": True, "temperature": 0.7}
-    for bad in ({"stream": True}, {"n": 2}, {"temperature": -1}, {"stop": ["\n"]}):
+    for bad in ({"stream": True}, {"n": 2}, {"temperature": -1}, {"stop": ["\n"]}, {"context": 2e8},
+                {"prompt_file": "/etc/passwd"}):
         with pytest.raises(ValidationError):
             CompletionBody(**bad)
+    with pytest.raises(ValueError, match="give size, or height and width, not both"):
+        image_fields(ImageBody(prompt="a fox", size="64x64", height=64))
+
+
+def test_the_limits_name_their_flag_and_allow_the_models_own_size():
+    limits = Limits(steps=50, pixels=128 * 128, frames=16, new_tokens=8)
+    limits.check(ImageRequest(steps=50, height=128, width=128))
+    limits.check(ImageRequest())  # the model's default size: the operator chose the model
+    for request, flag in ((ImageRequest(steps=51), "--max-steps 50"), (ImageRequest(height=256, width=128), "--max-pixels"),
+                          (LLMRequest(new_tokens=9), "--max-new-tokens 8")):
+        with pytest.raises(ValueError, match=flag):
+            limits.check(request)
 
 
 # ---- the queue ---------------------------------------------------------------------------------------
@@ -93,10 +138,32 @@ def test_a_stop_signal_ends_the_wait_for_a_request_at_once():
     assert front.next(30.0, stopping) is None and time.monotonic() - started < 5
 
 
-def test_verdicts_make_a_400_when_every_failing_rank_refused_else_a_500_naming_the_ranks():
-    assert _outcome([None, (REFUSED, "height 100")]).status == 400
-    failed = _outcome([(FAILED, "OSError: disk full"), (REFUSED, "x")])
-    assert failed.status == 500 and failed.message.startswith("rank 0: OSError: disk full; rank 1:")
+def test_the_front_drops_a_gone_clients_queued_request_and_marks_one_in_flight():
+    front, stopping = Front(max_queue=4), threading.Event()
+    front.open()
+    running, waiting = Ticket("a", 1), Ticket("b", 2)
+    futures = front.submit([running]) + front.submit([waiting])
+    assert front.next(1.0, stopping) is running
+    front.cancel([waiting], "the client went away")
+    front.cancel([running], "the client went away")
+    assert futures[1].exception(timeout=1).status == CLIENT_GONE and front.health()[1]["queue"] == 0
+    assert running.cancelled and not futures[0].done()  # the ranks stop it at their next step
+    assert front.next(0.05, stopping) is None  # the dropped one never reaches the ranks
+    assert _status(lambda: front.submit([Ticket(str(i), i) for i in range(5)])) == 400  # can never fit: not 429
+
+
+def test_a_stop_signal_makes_the_server_stopping_at_once():
+    stopping = threading.Event()
+    front = Front(max_queue=2, stopping=stopping)
+    front.open()
+    assert front.health()[0] == 200
+    stopping.set()  # what the SIGTERM handler does, before the ranks' next round
+    assert front.health() == (503, {"status": STOPPING, "queue": 0, "in_flight": False,
+                                    "reason": "a stop signal arrived"})
+    assert _status(lambda: front.submit([Ticket("a", 1)])) == 503
+
+
+def test_a_closed_front_says_why():
     front = Front(1)
     front.open()
     front.submit([Ticket("x", 0)])
@@ -121,11 +188,16 @@ def _png(b64: str) -> bytes:
 def test_a_server_on_two_ranks_serves_concurrent_clients_refuses_bad_input_and_stops_cleanly(tmp_path, monkeypatch):
     out = tmp_path / "served"
     monkeypatch.setenv("PARAGEN_API_KEY", TOKEN)
-    with Server([*IMAGE, "--out", str(out)]) as server:
+    with Server([*IMAGE, "--out", str(out), "--max-steps", "100"]) as server:
         url = server.url
         assert call(url, "/health").status == 200
         assert call(url, "/v1/images/generations", {"prompt": "a fox"}).status == 401
         assert call(url, "/v1/images/generations", {"prompt": "a fox"}, token="wrong").status == 401
+        # a 300 MiB body: without a token 401 before a byte of it is read, with one 413 from its declared length
+        huge = 300 << 20
+        assert call_declaring(url, "/v1/images/generations", huge).status == 401
+        too_big = call_declaring(url, "/v1/images/generations", huge, TOKEN)
+        assert too_big.status == 413 and "--max-body-bytes" in too_big.body["error"]["message"], too_big
 
         # 10 requests from 5 clients at once
         with ThreadPoolExecutor(5) as clients:
@@ -144,12 +216,36 @@ def test_a_server_on_two_ranks_serves_concurrent_clients_refuses_bad_input_and_s
                ({"prompt": "a fox", "size": "0x64"}, 400, "width must be positive"),
                ({"prompt": "a fox", "size": "100x64"}, 400, "not a multiple of the VAE factor"),  # refused by the ranks
                ({"prompt": "a fox", "model": "tiny-sdxl"}, 404, "not served here"),
-               ({"prompt": "a fox", "id": "r1"}, 409, "already names outputs")]
+               ({"prompt": "a fox", "id": "r1"}, 409, "already names outputs"),
+               ({"prompt": "a fox", "guidance_scale": float("nan")}, 400, "finite number"),  # once written, then a 500
+               ({"prompt": "a fox", "steps": 1000}, 400, "(--max-steps 100)"),  # once an IndexError 500
+               ({"prompt": "a fox", "steps": 2.5}, 400, "steps must be a whole number"),
+               ({"prompt": "a fox", "id": "manifest"}, 400, "reserved")]
         for body, status, words in bad:
             reply = call(url, "/v1/images/generations", body, TOKEN)
             assert reply.status == status and words in reply.body["error"]["message"], (body, reply)
         reply = call(url, "/v1/completions", {"prompt": "hi"}, TOKEN)
         assert reply.status == 404 and "runs the image job" in reply.body["error"]["message"]
+
+        # a client that goes away: its queued request is never made, its request in flight stops at the next step
+        slow = {"prompt": "a slow one", "size": "128x128", "steps": 30}
+        with ThreadPoolExecutor(1) as client:
+            kept = client.submit(call, url, "/v1/images/generations", {**slow, "id": "kept"}, TOKEN)
+            wait_for(url, "paragen_in_flight 1")
+            leaving = open_request(url, "/v1/images/generations", {"prompt": "never", "id": "gone-queued"}, TOKEN)
+            wait_for(url, "paragen_queue_length 1")
+            leaving.close()
+            wait_for(url, 'paragen_requests_total{outcome="cancelled"} 1')
+            assert "paragen_queue_length 0" in call(url, "/metrics").body
+            assert kept.result(timeout=180).status == 200
+        leaving = open_request(url, "/v1/images/generations", {**slow, "id": "gone-in-flight"}, TOKEN)
+        wait_for(url, "paragen_in_flight 1")
+        leaving.close()
+        wait_for(url, 'paragen_requests_total{outcome="cancelled"} 2')
+        stopped = re.search(r"request gone-in-flight: 499 .* cancelled after (\d+) denoising steps", server.log(0))
+        assert stopped and int(stopped.group(1)) < 30, server.log(0)[-3000:]
+        assert "request gone-queued" not in server.log(0)  # the ranks never saw it
+        assert not list(out.glob("gone-*"))
 
         # a request that fails on the output rank only (its PNG's path is a folder): 500, then the server goes on
         (out / "clash.png").mkdir()
@@ -159,7 +255,7 @@ def test_a_server_on_two_ranks_serves_concurrent_clients_refuses_bad_input_and_s
         assert again.status == 200 and _png(again.body["data"][0]["b64_json"]) == pngs["r0"]
 
         metrics = call(url, "/metrics").body
-        assert f'paragen_requests_total{{outcome="ok"}} {len(REQUESTS) + 1}' in metrics
+        assert f'paragen_requests_total{{outcome="ok"}} {len(REQUESTS) + 2}' in metrics
         assert 'paragen_requests_total{outcome="refused"} 1' in metrics  # the one the ranks refused
         assert 'paragen_requests_total{outcome="failed"} 1' in metrics
 
@@ -167,9 +263,17 @@ def test_a_server_on_two_ranks_serves_concurrent_clients_refuses_bad_input_and_s
         slow = {"prompt": "a slow one", "size": "128x128", "steps": 30, "id": "last"}
         with ThreadPoolExecutor(1) as client:
             pending = client.submit(call, url, "/v1/images/generations", slow, TOKEN)
-            while 'paragen_in_flight 1' not in call(url, "/metrics").body:
-                time.sleep(0.05)
+            wait_for(url, "paragen_in_flight 1")
             server.signal(signal.SIGTERM)
+            health = call(url, "/health")  # stopping at once, while the request in flight goes on
+            for _ in range(40):
+                if health.status == 503:
+                    break
+                time.sleep(0.05)
+                health = call(url, "/health")
+            assert health.status == 503 and health.body["status"] == "stopping" and health.body["in_flight"], health
+            refused = call(url, "/v1/images/generations", {"prompt": "too late"}, TOKEN)
+            assert refused.status == 503 and refused.body["error"]["type"] == "unavailable", refused
             last = pending.result(timeout=120)
         assert server.wait() == [0, 0], server.log(0)[-2000:] + server.log(1)[-2000:]
         assert last.status in (200, 503), last
@@ -236,3 +340,21 @@ def test_a_video_server_returns_each_video_inline(tmp_path):
         assert _png(reply.body["data"][0]["b64_json"]) == (tmp_path / "clip.gif").read_bytes()
         assert Image.open(tmp_path / "clip.gif").n_frames == 16
         assert call(server.url, "/v1/videos/generations", {"prompt": "a fox", "frames": 0}).status == 400
+
+
+HIDDEN_EXTRA = """
+import importlib.util, sys
+found = importlib.util.find_spec
+importlib.util.find_spec = lambda name, *rest: None if name in ("fastapi", "uvicorn") else found(name, *rest)
+from paragen.launch.cli import main
+sys.exit(main(["serve", "image", "--port", "0"]))
+"""
+
+
+def test_serve_without_its_extra_says_what_to_install_before_anything_starts():
+    """It once printed nothing for 100 s (the process group and the model first, then the import)."""
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", HIDDEN_EXTRA], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2 and "pip install 'paragen[serve]'" in done.stderr, done.stderr[-2000:]
+    assert "process group up" not in done.stderr and time.monotonic() - started < 60

@@ -338,6 +338,16 @@ def all_gather_objects(comm: GroupComm, obj: object) -> list[object]:
     return out
 
 
+def broadcast_object(comm: GroupComm, obj: object, src: int = 0) -> object:
+    """Rank `src`'s picklable `obj` on every rank of `comm` (what one rank decided, for all to follow)."""
+    if comm.size == 1:
+        return obj
+    box = [obj if comm.rank == src else None]
+    with backend_call("broadcast_object"):
+        dist.broadcast_object_list(box, group=comm.cpu_group, group_src=src)
+    return box[0]
+
+
 def world_comm() -> GroupComm:
     """A communicator over every rank (its host-side twin for objects); one rank alone without a process group."""
     if not is_initialized():

@@ -8,7 +8,8 @@
     torchrun --nproc-per-node 2 -m paragen serve image --model /models/sdxl --port 8000
 
 Every job (`paragen.pipelines.registry.JOBS`) goes through one lifecycle: parse its arguments, `prepare` (every
-check of the request, on every rank, before the process group), init, `run` (which writes the outputs and the
+check of the request, on every rank, before the process group), init, agree (the ranks' verdicts on `prepare`
+gathered: one rank's refusal stops every rank with the same error), `run` (which writes the outputs and the
 report). `paragen serve <job>` keeps the job's model up behind HTTP (`paragen.launch.serve`). Only the chosen
 job's module is imported: `paragen slurm` and `paragen --help` import no diffusers.
 """
@@ -24,12 +25,13 @@ import warnings
 from torch.distributed import DistError
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from paragen.comms import DEVICE_CHOICES, CommError
+from paragen.comms import DEVICE_CHOICES, CommError, world_comm
 from paragen.launch.env import LaunchError, discover
 from paragen.launch.process_group import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S, init, shutdown
 from paragen.launch.slurm import CPU_JOB_CPUS, CPUS_PER_GPU, SLURM_PORT_BASE, sbatch_script
 from paragen.log import get_logger, setup_logging
-from paragen.pipelines.jobs.batch import run_job
+from paragen.pipelines.jobs.agree import attempt
+from paragen.pipelines.jobs.batch import agree_prepared, run_job
 from paragen.pipelines.registry import JOBS
 
 EXIT_BAD_INPUT = 2
@@ -49,12 +51,13 @@ def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _run_job(args: argparse.Namespace) -> int:
-    """parse → check → init → run → report, for every job alike."""
+    """parse → check → init → agree → run → report, for every job alike."""
     job = importlib.import_module(JOBS[args.command][0])
     launch = discover()
-    prepared = job.prepare(args, launch)  # everything that can be checked without the other ranks, on every rank
+    prepared, verdict = attempt(lambda _: job.prepare(args, launch), None)  # every check of this rank's own
     init(device=args.device, init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads,
          verbose=args.verbose)
+    agree_prepared(world_comm(), prepared, verdict)  # one rank's refusal is every rank's, before anything runs
     run_job(job, prepared)
     return 0
 

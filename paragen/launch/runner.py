@@ -5,21 +5,25 @@ number of requests.
     report = runner(prompt="a lighthouse", seed=3, height=1024, width=1024)            # every rank, same call
 
 Every rank creates it with the same options and makes the same calls. The options are the command line's
-(`paragen image --help`), spelt as keywords; a call's keywords are the request fields a request-file line may set.
-Outputs go to `out` (default `out/`), named by the call's `name` (default: the layout, as on the command line).
-`paragen serve` keeps one of these up behind HTTP.
+(`paragen image --help`), spelt as keywords; a call's keywords are the request fields a request-file line may set
+(and `name`). Outputs go to `out` (default `out/`), named by the call's `name` (default: the layout, as on the
+command line). A call is checked on every rank and the verdicts gathered before it starts, so a request one rank
+refuses (its memory, its folder) raises the same ValueError on every rank. `paragen serve` keeps one of these up
+behind HTTP.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib
 import time
 from typing import Any
 
-from paragen.comms import is_initialized, world_size
+from paragen.comms import is_initialized, world_comm, world_size
 from paragen.launch.env import discover
-from paragen.pipelines.jobs.batch import LAUNCH_FIELDS
+from paragen.parallel.interrupt import Interrupt
+from paragen.pipelines.jobs import schema
+from paragen.pipelines.jobs.agree import agreed, attempt
+from paragen.pipelines.jobs.batch import agree_prepared, checked
 from paragen.pipelines.registry import JOBS
 
 
@@ -43,7 +47,9 @@ class JobRunner:
             raise TypeError(f"JobRunner({command!r}) got unknown options {', '.join(unknown)}; "
                             f"see `paragen {command} --help`")
         vars(args).update(options, requests=None)
-        self.command, self.module, self.job = command, module, module.prepare(args, discover())
+        job, verdict = attempt(lambda _: module.prepare(args, discover()), None)
+        agree_prepared(world_comm(), job, verdict)
+        self.command, self.module, self.job = command, module, job
         self.load()
 
     @classmethod
@@ -60,21 +66,26 @@ class JobRunner:
         self.load_s = time.perf_counter() - start
 
     def request(self, **fields: Any) -> Any:
-        """The launch's request with `fields` changed (its own range checks run; no model check yet)."""
-        launch_wide = sorted(set(fields) & set(LAUNCH_FIELDS) - {"name"})
+        """The launch's request with `fields` changed (its declared types and bounds checked; no model check yet)."""
+        launch_wide = sorted(set(fields) & set(schema.fields_of(type(self.job.request), (schema.LAUNCH,))) - {"name"})
         if launch_wide:
             raise TypeError(f"{', '.join(launch_wide)}: launch-wide, set when making the JobRunner")
-        return dataclasses.replace(self.job.request, **fields)
+        return schema.replace(self.job.request, **fields)
 
     def check(self, request: Any) -> Any:
         """The job's checks of one request on this rank (no collective); what `generate` takes."""
         return self.job.check(request)
 
-    def generate(self, item: Any) -> dict | None:
-        """Make one checked request on every rank; the report on the output rank, None on the others."""
-        return self.module.generate(self.job, self.state, item, self.load_s)
+    def checked(self, request: Any) -> Any:
+        """The job's checks of one request on every rank, agreed (a collective); what `generate` takes."""
+        return checked(world_comm(), self.job, request)
+
+    def generate(self, item: Any, interrupt: Interrupt | None = None) -> dict | None:
+        """Make one checked request on every rank; the report on the output rank, None on the others. `interrupt`
+        may stop it between steps (RequestCancelled on every rank)."""
+        return self.module.generate(self.job, self.state, item, self.load_s, interrupt)
 
     def __call__(self, **fields: Any) -> dict | None:
         """Make one request (the launch's request with `fields` changed); the report on the output rank, None on
         the others. Every rank must make the same call."""
-        return self.generate(self.check(self.request(**fields)))
+        return agreed(world_comm(), self.generate, self.checked(self.request(**fields)))

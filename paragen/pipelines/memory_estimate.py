@@ -25,22 +25,24 @@ and the allocator's slack. A model whose configs do not say its widths is not ch
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
+from paragen.log import warn_once
 from paragen.parallel import HiresConfig, ParallelConfig
 from paragen.pipelines.dtypes import resolve_dtype
-from paragen.pipelines.loading import model_folder, read_index
+from paragen.pipelines.model_facts import model_facts
 
 if TYPE_CHECKING:
     from paragen.pipelines.jobs.image import ImageRequest
     from paragen.pipelines.jobs.video import VideoRequest
 
-DISTILLED_PIPELINES = ("FluxPipeline",)  # guidance-distilled: a guidance embedding, no batched guidance branches
+# No batched guidance branches: Flux is guidance-distilled (a guidance embedding); Wan calls its transformer once
+# per branch, one after the other.
+UNBATCHED_GUIDANCE = ("FluxPipeline", "WanPipeline")
 DIT_TOKEN_SIDE = 2  # latent pixels per token side: PixArt and SD3 patchify 2 × 2, Flux packs 2 × 2
 SIZE_STEP = 8  # latent pixels: suggested sizes are multiples of this (64 pixels for SD), which most layouts split
 UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
@@ -57,6 +59,7 @@ class ModelShape:
     vae_channels: int  # the VAE decoder's full-resolution channels
     vae_factor: int  # image pixels per latent pixel along a side
     latent_channels: int
+    vae_temporal: int = 1  # video frames per latent frame (Wan's causal 3D VAE: 4)
 
 
 @dataclass(frozen=True)
@@ -85,28 +88,24 @@ class Need:
 
 def model_shape(model: str) -> ModelShape | None:
     """The shape of an embedded or local diffusers model, from its JSON configs; None where they do not say."""
-    root = model_folder(model)
+    facts = model_facts(model)
+    if facts is None:
+        return None
+    net, transformer = facts.denoiser_config, facts.denoiser == "transformer"
     try:
-        index = read_index(root)
-        transformer = "transformer" in index
-        net = _config(root / ("transformer" if transformer else "unet"))
-        vae = _config(root / "vae")
         return ModelShape(
             transformer=transformer,
             width=(net["num_attention_heads"] * net["attention_head_dim"] if transformer
                    else net["block_out_channels"][0]),
             first_level_attention=transformer or "CrossAttn" in net["down_block_types"][0],
-            distilled=index["_class_name"] in DISTILLED_PIPELINES or net.get("time_cond_proj_dim") is not None,
-            vae_channels=vae["block_out_channels"][0],
-            vae_factor=2 ** (len(vae["block_out_channels"]) - 1),
-            latent_channels=vae["latent_channels"],
+            distilled=facts.pipeline in UNBATCHED_GUIDANCE or net.get("time_cond_proj_dim") is not None,
+            vae_channels=facts.vae.channels,
+            vae_factor=facts.vae.factor,
+            latent_channels=facts.vae.latent_channels,
+            vae_temporal=facts.vae.temporal,
         )
-    except (OSError, ValueError, KeyError, IndexError, TypeError):
+    except (KeyError, IndexError, TypeError):
         return None
-
-
-def _config(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text(encoding="utf-8"))
 
 
 def need(job: Job) -> Need:
@@ -114,8 +113,13 @@ def need(job: Job) -> Need:
     shape, b = job.shape, job.batch
     h, w = job.height // shape.vae_factor, job.width // shape.vae_factor
     frames = job.frames or 1
-    latent = shape.latent_channels * frames * h * w
-    if job.frames is not None:
+    latent_frames = (frames - 1) // shape.vae_temporal + 1
+    latent = shape.latent_channels * latent_frames * h * w
+    if job.frames is not None and shape.transformer:
+        tokens = latent_frames * (h // DIT_TOKEN_SIDE) * (w // DIT_TOKEN_SIDE)
+        denoise = (4 * b * (tokens // job.split) * shape.width,
+                   "the transformer's hidden states and Q/K/V of its share of the video's tokens")
+    elif job.frames is not None:
         denoise = 2 * b * shape.width * (frames // job.split) * h * w, "the UNet's first-level activations of its clip"
     elif job.hires:
         denoise = 0, "the latent"
@@ -143,7 +147,8 @@ def plan_job(shape: ModelShape, request: ImageRequest | VideoRequest, config: Pa
     options = config.legacy_options if options is None else options
     frames = getattr(request, "frames", None)
     guided = not shape.distilled and (request.guidance_scale is None or request.guidance_scale > 1)
-    split = resolved.clip if frames is not None else resolved.patch * resolved.sequence  # a DiT's ring of ranks left
+    # the ranks the denoiser's work is cut over: clips (and a video transformer's token shards), bands or token shards
+    split = resolved.clip * resolved.sequence if frames is not None else resolved.patch * resolved.sequence
     return Job(shape=shape, height=request.height, width=request.width, frames=frames, dtype_bytes=dtype_bytes,
                batch=2 if guided and resolved.cfg == 1 else 1, split=split, ranks=world,
                gathers_whole_image=getattr(options, "mode", None) != "partial", hires=isinstance(options, HiresConfig))
@@ -179,6 +184,9 @@ def check_memory(request: ImageRequest | VideoRequest, config: ParallelConfig, w
     shape = model_shape(request.model)
     available = available_bytes(device, local_ranks)
     if shape is None or available is None:
+        missing = "its configs do not say its widths" if shape is None else f"the free memory of {device} is unknown"
+        warn_once(f"no memory estimate for {request.model}: {missing}; a request too large for a rank fails when "
+                  "it allocates")
         return
     job = plan_job(shape, request, config, world, resolve_dtype(request.dtype, device).itemsize, options)
     required = need(job)
@@ -203,7 +211,7 @@ def _layout(job: Job, config: ParallelConfig) -> str:
 def _degree(job: Job) -> str:
     """The name of the degree `job.split` counts."""
     if job.frames is not None:
-        return "clip"
+        return "clip × ulysses × ring" if job.shape.transformer else "clip"
     return "ulysses × ring" if job.shape.transformer else "patch"
 
 

@@ -79,10 +79,11 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> Path:
 
 def append_durable(path: Path, line: str) -> None:
     """Append `line` and a newline to `path` in one write and fsync it (its folder too when the file is new, made
-    with mode 0666 less the umask), so that the line survives a crash once this returns. ValueError if `line` holds
-    a newline: it would be read back as two lines."""
+    with mode 0666 less the umask, in folders made as needed), so that the line survives a crash once this returns.
+    ValueError if `line` holds a newline: it would be read back as two lines."""
     if "\n" in line:
         raise ValueError(f"append_durable writes one line; {line[:80]!r} holds a newline")
+    _make_folders(path.parent)
     created = not path.exists()
     with open(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666), "ab") as file:
         file.write(f"{line}\n".encode())

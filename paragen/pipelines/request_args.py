@@ -8,6 +8,10 @@ import torch
 
 from paragen.comms import GroupComm, broadcast_int
 
+MAX_SIDE = 16384  # pixels a side; beyond this a request is a typo, not an image or a video (hires 8K is 8192)
+MAX_FRAMES = 1_000_000  # frames of a video
+
+
 def request_arg(bound: inspect.BoundArguments, name: str) -> Any:
     """The value the pipeline will see for `name`: passed, or the signature's default."""
     if name in bound.arguments:

@@ -11,7 +11,10 @@ from paragen.comms import CommStats
 from paragen.parallel import ParallelConfig, ParallelMesh
 from paragen.parallel.intercept import intercept
 from paragen.parallel.steps import StepPlan
+from paragen.parallel.interrupt import Interrupt, check_interrupt
 from paragen.pipelines.vae_decode import ParallelVaeDecoder
+
+INTERRUPT_OPTION = "paragen_interrupt"  # a call option: stop the request between steps (`paragen.parallel.interrupt`)
 
 
 @dataclass
@@ -24,6 +27,7 @@ class PipelineRuntime:
     vae: ParallelVaeDecoder | None  # None: the runtime decodes its own way (video: per clip)
     step_seconds: list[float] = field(default_factory=list)
     in_request: bool = False
+    interrupt: Interrupt | None = None  # the request's, asked before every step
     _step_start: float = 0.0
 
     @property
@@ -38,14 +42,18 @@ class PipelineRuntime:
 
     def call(self, pipe: Any, original, *args, **kwargs):
         """One request: take paragen's options, check it on every rank before any collective
-        (`prepare_call`), then run the pipeline's own call between `begin_request` and `end_request`."""
+        (`prepare_call`), then run the pipeline's own call between `begin_request` and `end_request`.
+        `paragen_interrupt=` (an `Interrupt`) may stop it between steps (RequestCancelled on every rank)."""
+        interrupt = kwargs.pop(INTERRUPT_OPTION, None)
         options = self.take_options(kwargs)
         bound = inspect.signature(original).bind(*args, **kwargs)
         self.prepare_call(pipe, bound, **options)
         self.begin_request()
+        self.interrupt = interrupt
         try:
             return original(*bound.args, **bound.kwargs)
         finally:
+            self.interrupt = None
             self.end_request()
 
     def prepare_call(self, pipe: Any, bound: inspect.BoundArguments) -> None:
@@ -70,7 +78,9 @@ class PipelineRuntime:
             self.vae.end_request()
 
     def start_step(self, pipe: Any) -> None:
-        """Before a denoiser forward: learn the request's length on its first step, start the clock."""
+        """Before a step's denoiser forward, on every rank: stop here if the request's interrupt says so, learn the
+        request's length on its first step, start the clock."""
+        check_interrupt(self.interrupt, f"after {len(self.step_seconds)} denoising steps")
         if self.in_request and self.plan.step == -1:
             self.plan.total_steps = len(pipe.scheduler.timesteps)
         self._step_start = time.perf_counter()

@@ -6,14 +6,18 @@ answers HTTP and hands each request to all ranks.
 
 The job's options are those of `paragen image|video|llm` (the defaults of every request); the serving options
 are below. The output rank listens on 127.0.0.1 unless `--host` says otherwise; with `PARAGEN_API_KEY` (or the
-variable `--api-key-env` names) set, the job's endpoint wants that bearer token. Requests wait in a queue and are
-made one at a time by all ranks; each request's outputs are written to `--out` as the job writes them (named by
-the request's id) and come back inline. SIGTERM or SIGINT on any rank: the request in flight finishes, those
-waiting get 503, every rank exits 0. A dead or stuck rank: 503 for everything waiting, then a non-zero exit.
+variable `--api-key-env` names) set, the job's endpoint wants that bearer token. Each request is held to the
+server's limits (`--max-body-bytes`, `--max-steps`, `--max-pixels`, `--max-frames`, `--max-new-tokens`). Requests
+wait in a queue and are made one at a time by all ranks; each request's outputs are written to `--out` as the job
+writes them (named by the request's id) and come back inline. A client that goes away has its request dropped
+from the queue, or stopped at the ranks' next step. SIGTERM or SIGINT on any rank: the server is stopping at once
+(`/health` and new requests 503), the request in flight finishes, those waiting get 503, every rank exits 0. A
+dead or stuck rank: 503 for everything waiting, then a non-zero exit.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import signal
 import socket
@@ -26,9 +30,12 @@ from paragen.comms import all_gather_objects, is_output_rank, world_comm
 from paragen.launch.env import discover
 from paragen.launch.process_group import init
 from paragen.launch.runner import JobRunner
+from paragen.launch.serve.api import Limits
 from paragen.launch.serve.front import BROKEN, STOPPING, Front
 from paragen.launch.serve.loop import serve_ranks
 from paragen.log import get_logger
+from paragen.pipelines.jobs.agree import attempt
+from paragen.pipelines.jobs.batch import agree_prepared
 
 HEARTBEAT_S = 2.0  # at most this long between the ranks' rounds while idle
 GRACE_S = 30.0  # how long responses in flight may take to go out at shutdown
@@ -42,10 +49,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
     g.add_argument("--api-key-env", default="PARAGEN_API_KEY",
                    help="environment variable holding the bearer token clients must send (unset or empty: none)")
+    limits = Limits()
+    g.add_argument("--max-body-bytes", type=int, default=limits.body_bytes, help="largest request body (413 beyond)")
+    g.add_argument("--max-steps", type=int, default=limits.steps, help="most denoising steps a request may ask for")
+    g.add_argument("--max-pixels", type=int, default=limits.pixels,
+                   help="most pixels (height × width) an image or a video frame may have; the model's own default "
+                        "size is always allowed")
+    g.add_argument("--max-frames", type=int, default=limits.frames, help="most frames a video may have")
+    g.add_argument("--max-new-tokens", type=int, default=limits.new_tokens,
+                   help="most tokens a completion may generate")
 
 
-def _check(args: argparse.Namespace) -> str | None:
-    """Refuse options that do not apply to a server; the API key, if one is set."""
+def _check(args: argparse.Namespace) -> tuple[str | None, Limits]:
+    """Refuse options that do not apply to a server, and a server without its optional packages (before the
+    process group, on every rank alike); the API key, if one is set, and the limits."""
+    missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ValueError(f"paragen serve needs {' and '.join(missing)}, which this environment lacks: "
+                         "pip install 'paragen[serve]'")
     given = [flag for flag, value in (("--requests", args.requests), ("--name", args.name),
                                       ("--checkpoint", getattr(args, "checkpoint", None)),
                                       ("--resume", getattr(args, "resume", None))) if value]
@@ -53,9 +74,14 @@ def _check(args: argparse.Namespace) -> str | None:
         raise ValueError(f"{', '.join(given)}: not for a server (requests come over HTTP, each named by its id)")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    if args.max_queue < 1:
-        raise ValueError(f"--max-queue must be at least 1, got {args.max_queue}")
-    return os.environ.get(args.api_key_env) or None
+    bounds = {"--max-queue": args.max_queue, "--max-body-bytes": args.max_body_bytes, "--max-steps": args.max_steps,
+              "--max-pixels": args.max_pixels, "--max-frames": args.max_frames, "--max-new-tokens": args.max_new_tokens}
+    for flag, value in bounds.items():
+        if value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
+    limits = Limits(body_bytes=args.max_body_bytes, steps=args.max_steps, pixels=args.max_pixels,
+                    frames=args.max_frames, new_tokens=args.max_new_tokens)
+    return os.environ.get(args.api_key_env) or None, limits
 
 
 def _listen(host: str, port: int) -> tuple[socket.socket | None, str | None]:
@@ -94,11 +120,12 @@ class _Http:
 
 def serve(args: argparse.Namespace, module: Any) -> int:
     """The lifecycle of `paragen serve <job>`: check, init, listen, load, serve until a signal; the exit status."""
-    api_key = _check(args)
-    job = module.prepare(args, discover())
+    api_key, limits = _check(args)
+    job, verdict = attempt(lambda _: module.prepare(args, discover()), None)
     init(device=args.device, init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads,
          verbose=args.verbose)
     comm, log = world_comm(), get_logger()
+    agree_prepared(comm, job, verdict)
     sock, problem = _listen(args.host, args.port) if is_output_rank() else (None, None)
     problem = all_gather_objects(comm, problem)[0]
     if problem:
@@ -106,13 +133,13 @@ def serve(args: argparse.Namespace, module: Any) -> int:
     stopping = threading.Event()
     previous = {number: signal.signal(number, lambda *_: stopping.set()) for number in (signal.SIGTERM, signal.SIGINT)}
     runner = JobRunner.prepared(args.serve_job, module, job)
-    front, http = (Front(args.max_queue), None) if is_output_rank() else (None, None)
+    front, http = (Front(args.max_queue, stopping), None) if is_output_rank() else (None, None)
     try:
         if front is not None:
             from paragen.launch.serve.app import build_app
 
             model = Path(args.model).name if Path(args.model).exists() else args.model
-            app = build_app(args.serve_job, model, runner, front, args.out, threading.Lock(), api_key)
+            app = build_app(args.serve_job, model, runner, front, args.out, threading.Lock(), api_key, limits)
             http = _Http(app, sock)
             http.start()
             host, port = sock.getsockname()[:2]

@@ -3,7 +3,15 @@
 Routes: the served job's endpoint (`api.ENDPOINTS`), `GET /health` (200 while serving, 503 while loading,
 stopping or broken) and `GET /metrics` (Prometheus text). The other jobs' endpoints answer 404 saying which job
 this server runs. With an API key, the job's endpoint wants `Authorization: Bearer <key>`; health and metrics
-stay open. Errors come back in OpenAI's shape, `{"error": {"message", "type", "code"}}`.
+stay open. Every error, an unexpected one too, comes back as JSON in OpenAI's shape,
+`{"error": {"message", "type", "code"}}`.
+
+The job's endpoint reads a request in this order, each step before the next costs anything: the API key (401,
+before a byte of the body is read), the body's size (413 as soon as its Content-Length, or the bytes read so far,
+pass `--max-body-bytes`), its JSON against the job's body schema (400: strict types, finite numbers, no unknown
+field), the server's limits (400), the job's own checks (400), then the queue (429, 503). While a request waits or
+runs, its connection is watched: a client that goes away has its request dropped from the queue, or stopped by
+the ranks at their next step.
 """
 from __future__ import annotations
 
@@ -14,17 +22,18 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from paragen.launch.serve.api import ENDPOINTS, Endpoint
+from paragen.launch.serve.api import ENDPOINTS, Endpoint, Limits
 from paragen.launch.serve.front import Front, Outcome, Ticket
+from paragen.pipelines.jobs import schema
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 409: "conflict_error", 429: "server_busy", 500: "server_error",
-               503: "unavailable"}
+               405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 429: "server_busy",
+               499: "client_closed_request", 500: "server_error", 503: "unavailable"}
+WATCH_S = 0.25  # how often a waiting request's connection is checked
 
 
 def error_response(status: int, message: str) -> JSONResponse:
@@ -34,25 +43,12 @@ def error_response(status: int, message: str) -> JSONResponse:
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-def _validation_message(error: RequestValidationError) -> str:
-    parts = []
-    for problem in error.errors():
-        where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body")
-        if problem.get("type") == "json_invalid":
-            return f"the body is not valid JSON: {problem.get('ctx', {}).get('error', problem.get('msg'))}"
-        parts.append(f"{where or 'body'}: {problem.get('msg')}")
-    return "; ".join(parts)
-
-
 def build_app(job: str, model: str, runner: Any, front: Front, out_dir: str, check_lock: Any,
-              api_key: str | None) -> FastAPI:
-    """The app serving `job` (`model` as clients name it) through `runner`'s checks and `front`'s queue."""
+              api_key: str | None, limits: Limits) -> FastAPI:
+    """The app serving `job` (`model` as clients name it) through `runner`'s checks and `front`'s queue, within
+    `limits`."""
     app = FastAPI(title="paragen", docs_url=None, redoc_url=None, openapi_url=None)
     endpoint = ENDPOINTS[job]
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(400, _validation_message(error))
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
@@ -61,6 +57,10 @@ def build_app(job: str, model: str, runner: Any, front: Front, out_dir: str, che
     @app.exception_handler(Outcome)
     async def outcome(_: Request, error: Outcome) -> JSONResponse:
         return error_response(error.status, error.message)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, error: Exception) -> JSONResponse:
+        return error_response(500, f"{type(error).__name__}: {error}")
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -74,15 +74,34 @@ def build_app(job: str, model: str, runner: Any, front: Front, out_dir: str, che
     for name, other in ENDPOINTS.items():
         if name != job:
             app.add_api_route(other.path, _elsewhere(name, job, endpoint), methods=["POST"])
-    make = _maker(endpoint, model, runner, front, out_dir, check_lock)
+    make = _maker(endpoint, model, runner, front, out_dir, check_lock, limits)
+    body_model = endpoint.body()
 
-    async def generate(request: Request, body) -> JSONResponse:
+    async def generate(request: Request) -> JSONResponse:
         _authorize(request, api_key)
-        return JSONResponse(await make(body))
+        raw = await _read_body(request, limits.body_bytes)
+        try:
+            body = schema.parse_fields(body_model, raw)
+        except ValueError as error:
+            raise Outcome(400, str(error)) from None
+        return JSONResponse(await make(body, request))
 
-    generate.__annotations__ = {"request": Request, "body": endpoint.body, "return": JSONResponse}  # FastAPI reads it
     app.add_api_route(endpoint.path, generate, methods=["POST"])
     return app
+
+
+async def _read_body(request: Request, most: int) -> bytes:
+    """The request's body, refused (413) as soon as its declared or read length passes `most` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > most):
+        raise Outcome(413, f"the body ({declared} bytes) is larger than this server takes (--max-body-bytes {most})")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > most:
+            raise Outcome(413, f"the body is larger than this server takes (--max-body-bytes {most})")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _elsewhere(name: str, job: str, endpoint: Endpoint) -> Callable:
@@ -99,14 +118,19 @@ def _authorize(request: Request, api_key: str | None) -> None:
         raise Outcome(401, "missing or wrong API key (Authorization: Bearer <key>)")
 
 
-def _maker(endpoint: Endpoint, model: str, runner: Any, front: Front, out_dir: str, check_lock: Any) -> Callable:
-    """The coroutine that turns a checked body into job requests, queues them, and waits for their reports."""
+def _maker(endpoint: Endpoint, model: str, runner: Any, front: Front, out_dir: str, check_lock: Any,
+           limits: Limits) -> Callable:
+    """The coroutine that turns a parsed body into job requests, queues them, and waits for their reports while
+    watching the client's connection."""
 
     def tickets(body) -> tuple[str, list[Ticket]]:
         if body.model is not None and body.model not in (model, runner.job.request.model):
             raise Outcome(404, f"model {body.model!r} is not served here (this server runs {model!r})")
-        request_id = body.id or uuid.uuid4().hex[:16]
-        fields = endpoint.fields(body)
+        try:
+            request_id = schema.check_id(body.id) if body.id is not None else uuid.uuid4().hex[:16]
+            fields = endpoint.fields(body)
+        except ValueError as error:
+            raise Outcome(400, str(error)) from None
         ids = [request_id] if len(fields) == 1 else [f"{request_id}-{i}" for i in range(len(fields))]
         out = []
         for one_id, one in zip(ids, fields):
@@ -114,6 +138,7 @@ def _maker(endpoint: Endpoint, model: str, runner: Any, front: Front, out_dir: s
                 raise Outcome(409, f"id {one_id!r} already names outputs in {out_dir}; pick another id")
             try:
                 request = runner.request(**one, name=one_id)
+                limits.check(request)
                 with check_lock:  # the ranks' loop checks on this rank too; tokenizers are not thread-safe
                     runner.check(request)
             except (ValueError, TypeError) as error:
@@ -121,10 +146,15 @@ def _maker(endpoint: Endpoint, model: str, runner: Any, front: Front, out_dir: s
             out.append(Ticket(one_id, request))
         return request_id, out
 
-    async def make(body) -> dict:
+    async def make(body, connection: Request) -> dict:
         request_id, made = await run_in_threadpool(tickets, body)
-        futures = front.submit(made)
-        reports = [await asyncio.wrap_future(future) for future in futures]
+        waiting = [asyncio.wrap_future(future) for future in front.submit(made)]
+        while not all(future.done() for future in waiting):
+            await asyncio.wait(waiting, timeout=WATCH_S)
+            if not all(future.done() for future in waiting) and await connection.is_disconnected():
+                front.cancel(made, "the client went away")
+                await asyncio.wait(waiting)
+        reports = [future.result() for future in waiting]
         return await run_in_threadpool(endpoint.response, request_id, model, reports)
 
     return make

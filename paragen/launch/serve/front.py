@@ -1,8 +1,13 @@
 """Between the HTTP thread and the ranks, on the output rank: the queue of requests, what became of each, the
-server's state and its counters (`/health`, `/metrics`)."""
+server's state and its counters (`/health`, `/metrics`).
+
+A request whose client goes away is dropped from the queue at once (the ranks never see it), or, in flight, marked
+so that the ranks stop it at their next step (`paragen.parallel.interrupt`). The server is stopping from the moment
+a stop signal arrives (`stopping` is set by the signal handler, read here without a lock): `/health` answers 503
+and new requests 503 while the request in flight finishes."""
 from __future__ import annotations
 
-import queue
+import collections
 import statistics
 import threading
 import time
@@ -11,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 LOADING, SERVING, STOPPING, BROKEN = "loading", "serving", "stopping", "broken"
+CLIENT_GONE = 499  # nginx's "client closed request": nobody reads the answer
 RECENT = 256  # requests whose times the latency quantiles cover
 
 
@@ -23,7 +29,7 @@ class Outcome(Exception):
         self.message = message
 
 
-@dataclass
+@dataclass(eq=False)
 class Ticket:
     """One job request waiting for, or being made by, the ranks."""
 
@@ -31,50 +37,81 @@ class Ticket:
     request: Any  # the job's request (a frozen dataclass: it travels to every rank)
     future: Future = field(default_factory=Future)  # the report, or an Outcome
     queued_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # its client went away: the ranks stop it at their next step
 
 
 class Front:
-    """The output rank's queue of tickets (at most `max_queue` waiting) and the server's state."""
+    """The output rank's queue of tickets (at most `max_queue` waiting) and the server's state; `stopping` is set
+    by the stop signal's handler."""
 
-    def __init__(self, max_queue: int) -> None:
-        self._queue: queue.Queue[Ticket] = queue.Queue()
+    def __init__(self, max_queue: int, stopping: threading.Event | None = None) -> None:
+        self._queue: collections.deque[Ticket] = collections.deque()
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)
         self._max_queue = max_queue
+        self._stopping = stopping or threading.Event()
         self._active: set[str] = set()  # ids queued or being made
-        self.state, self.reason = LOADING, "loading the model"
+        self._state, self._reason = LOADING, "loading the model"
         self.in_flight: Ticket | None = None
-        self.counts = {"ok": 0, "refused": 0, "failed": 0, "unavailable": 0}
+        self.counts = {"ok": 0, "refused": 0, "failed": 0, "unavailable": 0, "cancelled": 0}
         self._times = {"request": _Times(), "generate": _Times()}
+
+    @property
+    def state(self) -> str:
+        """loading, serving, stopping (from the stop signal on) or broken."""
+        return STOPPING if self._stopping.is_set() and self._state in (LOADING, SERVING) else self._state
+
+    @property
+    def reason(self) -> str:
+        return "a stop signal arrived" if self.state == STOPPING and self._state != STOPPING else self._reason
 
     # ---- the HTTP side ---------------------------------------------------------------------------
     def submit(self, tickets: list[Ticket]) -> list[Future]:
-        """Queue all `tickets` or none: Outcome 503 when the server does not take work, 429 when the queue has no
-        room for them, 409 when an id is already queued or being made."""
+        """Queue all `tickets` or none: Outcome 503 when the server does not take work, 400 when they can never fit
+        the queue, 429 when it has no room for them now, 409 when an id is already queued or being made."""
         with self._lock:
             if self.state != SERVING:
                 raise Outcome(503, f"the server is {self.state}: {self.reason}")
-            if self._queue.qsize() + len(tickets) > self._max_queue:
+            if len(tickets) > self._max_queue:
+                raise Outcome(400, f"{len(tickets)} requests at once are more than the queue holds "
+                                   f"({self._max_queue}); ask for at most {self._max_queue}")
+            if len(self._queue) + len(tickets) > self._max_queue:
                 raise Outcome(429, f"the queue ({self._max_queue} requests) is full; try again later")
             busy = [ticket.id for ticket in tickets if ticket.id in self._active]
             if busy:
                 raise Outcome(409, f"id {busy[0]!r} is queued or being made")
             for ticket in tickets:
                 self._active.add(ticket.id)
-                self._queue.put(ticket)
+                self._queue.append(ticket)
+            self._arrived.notify()
         return [ticket.future for ticket in tickets]
+
+    def cancel(self, tickets: list[Ticket], reason: str) -> None:
+        """Their client went away: drop the queued ones now (the ranks never see them), mark the one in flight so
+        that the ranks stop it at their next step."""
+        dropped = []
+        with self._lock:
+            for ticket in tickets:
+                ticket.cancelled = True
+                if ticket in self._queue:
+                    self._queue.remove(ticket)
+                    dropped.append(ticket)
+        for ticket in dropped:
+            self.finish(ticket, outcome=Outcome(CLIENT_GONE, f"dropped from the queue: {reason}"))
 
     def health(self) -> tuple[int, dict]:
         """The HTTP status of `/health` (200 only while serving) and its body."""
         with self._lock:
-            body = {"status": self.state, "queue": self._queue.qsize(), "in_flight": self.in_flight is not None,
-                    **({"reason": self.reason} if self.state != SERVING else {})}
-        return (200 if self.state == SERVING else 503), body
+            state = self.state
+            body = {"status": state, "queue": len(self._queue), "in_flight": self.in_flight is not None,
+                    **({"reason": self.reason} if state != SERVING else {})}
+        return (200 if state == SERVING else 503), body
 
     def metrics(self) -> str:
         """The counters in Prometheus' text format."""
         with self._lock:
             counts, times = dict(self.counts), {name: _Times(**vars(t)) for name, t in self._times.items()}
-            waiting, busy, up = self._queue.qsize(), int(self.in_flight is not None), int(self.state == SERVING)
+            waiting, busy, up = len(self._queue), int(self.in_flight is not None), int(self.state == SERVING)
         lines = ["# HELP paragen_up 1 while the server takes requests.", "# TYPE paragen_up gauge", f"paragen_up {up}",
                  "# HELP paragen_queue_length Requests waiting for the ranks.", "# TYPE paragen_queue_length gauge",
                  f"paragen_queue_length {waiting}",
@@ -90,23 +127,21 @@ class Front:
     def open(self) -> None:
         """Take requests (the model is loaded)."""
         with self._lock:
-            if self.state == LOADING:
-                self.state, self.reason = SERVING, ""
+            if self._state == LOADING:
+                self._state, self._reason = SERVING, ""
 
     def next(self, wait_s: float, stopping: threading.Event) -> Ticket | None:
         """The next ticket, or None after `wait_s` seconds without one or once `stopping` is set."""
         deadline = time.monotonic() + wait_s
-        while not stopping.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            try:
-                ticket = self._queue.get(timeout=min(left, 0.2))
-            except queue.Empty:
-                continue
-            with self._lock:
-                self.in_flight = ticket
-            return ticket
+        with self._lock:
+            while not stopping.is_set():
+                if self._queue:
+                    self.in_flight = self._queue.popleft()
+                    return self.in_flight
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._arrived.wait(min(left, 0.2))
         return None
 
     def finish(self, ticket: Ticket, report: Any = None, outcome: Outcome | None = None,
@@ -116,7 +151,8 @@ class Front:
             self._active.discard(ticket.id)
             if self.in_flight is ticket:
                 self.in_flight = None
-            name = "ok" if outcome is None else {400: "refused", 503: "unavailable"}.get(outcome.status, "failed")
+            name = "ok" if outcome is None else {400: "refused", 503: "unavailable",
+                                                 CLIENT_GONE: "cancelled"}.get(outcome.status, "failed")
             self.counts[name] += 1
             if outcome is None:
                 self._times["request"].record(time.monotonic() - ticket.queued_at)
@@ -130,12 +166,10 @@ class Front:
     def close(self, state: str, reason: str) -> None:
         """Stop taking requests (`STOPPING` or `BROKEN`) and answer every waiting one 503."""
         with self._lock:
-            self.state, self.reason = state, reason
-        while True:
-            try:
-                ticket = self._queue.get_nowait()
-            except queue.Empty:
-                return
+            self._state, self._reason = state, reason
+            waiting = list(self._queue)
+            self._queue.clear()
+        for ticket in waiting:
             self.finish(ticket, outcome=Outcome(503, f"the server is {state}: {reason}"))
 
 

@@ -4,22 +4,23 @@ says whether it was asked to stop; then every rank makes the request together.
 A round is one small all-gather over the world: the output rank's ticket (or nothing, after `heartbeat_s` idle
 seconds, so that no collective waits past `--timeout`) and each rank's stop flag. Any rank's SIGTERM stops every
 rank at the next round, after the request in flight. A request is checked on every rank and the verdicts
-exchanged before any rank starts it, and after it every rank says how it went: a refusal (ValueError/TypeError,
-the user's input) answers 400, a failure on any rank (an output that could not be written, …) 500, and the
-server goes on. A failed collective (a dead or stuck rank) leaves the process group unusable: it propagates.
+gathered before any rank starts it, and after it every rank says how it went (`paragen.pipelines.jobs.agree`): a
+refusal (the user's input, or some rank's room) answers 400, a failure on any rank (an output that could not be
+written, …) 500, and the server goes on. Between its steps the ranks ask the output rank whether the request's
+client is still there (one broadcast a step); when it has gone, every rank stops the request at that step (499,
+nothing written). A failed collective (a dead or stuck rank) leaves the process group unusable: it propagates.
 """
 from __future__ import annotations
 
 import threading
 import time
-import traceback
 
 from paragen.comms import all_gather_objects, world_comm
 from paragen.launch.runner import JobRunner
-from paragen.launch.serve.front import Front, Outcome, Ticket
+from paragen.launch.serve.front import CLIENT_GONE, Front, Outcome, Ticket
 from paragen.log import get_logger
-
-REFUSED, FAILED = "refused", "failed"
+from paragen.parallel.interrupt import RequestCancelled, broadcast_stop
+from paragen.pipelines.jobs.agree import RequestFailed, RequestRefused, agreed
 
 
 def serve_ranks(runner: JobRunner, front: Front | None, stopping: threading.Event, heartbeat_s: float) -> None:
@@ -39,7 +40,8 @@ def serve_ranks(runner: JobRunner, front: Front | None, stopping: threading.Even
                 continue
             request_id, request = votes[0][0]
             started = time.perf_counter()
-            report, outcome = _make(runner, comm, request)
+            interrupt = broadcast_stop(comm, lambda made=ticket: made is not None and made.cancelled)
+            report, outcome = _make(runner, comm, request, interrupt)
             if ticket is not None:
                 _log(request_id, outcome, time.perf_counter() - started)
                 front.finish(ticket, report, outcome, time.perf_counter() - started)
@@ -50,34 +52,18 @@ def serve_ranks(runner: JobRunner, front: Front | None, stopping: threading.Even
         raise
 
 
-def _make(runner: JobRunner, comm, request) -> tuple[dict | None, Outcome | None]:
-    """Check `request` on every rank, then (if every rank agrees) make it; its report, or why not."""
-    item, verdict = _attempt(runner.check, request)
-    verdicts = all_gather_objects(comm, verdict)
-    if any(verdicts):
-        return None, _outcome(verdicts)
-    report, verdict = _attempt(runner.generate, item)
-    verdicts = all_gather_objects(comm, verdict)
-    return (report, None) if not any(verdicts) else (None, _outcome(verdicts))
-
-
-def _attempt(step, value):
-    """`step(value)` and None, or None and this rank's verdict: (REFUSED | FAILED, message)."""
+def _make(runner: JobRunner, comm, request, interrupt) -> tuple[dict | None, Outcome | None]:
+    """Check `request` on every rank, then (if every rank agrees) make it, stoppable between steps by
+    `interrupt`; its report, or why not."""
     try:
-        return step(value), None
-    except (ValueError, TypeError) as error:
-        return None, (REFUSED, str(error))
-    except Exception as error:  # noqa: BLE001 — reported to the client; a broken group fails the next round
-        get_logger().error("request failed on this rank:\n%s", traceback.format_exc())
-        return None, (FAILED, f"{type(error).__name__}: {error}")
-
-
-def _outcome(verdicts: list) -> Outcome:
-    """400 when every failing rank refused the request, else 500 naming each failing rank."""
-    failing = [(rank, verdict) for rank, verdict in enumerate(verdicts) if verdict is not None]
-    if all(kind == REFUSED for _, (kind, _) in failing):
-        return Outcome(400, failing[0][1][1])
-    return Outcome(500, "; ".join(f"rank {rank}: {message}" for rank, (_, message) in failing))
+        item = runner.checked(request)
+        return agreed(comm, lambda checked: runner.generate(checked, interrupt), item), None
+    except RequestRefused as error:
+        return None, Outcome(400, str(error))
+    except RequestCancelled as error:
+        return None, Outcome(CLIENT_GONE, f"{error}: the client went away")
+    except RequestFailed as error:
+        return None, Outcome(500, str(error))
 
 
 def _log(request_id: str, outcome: Outcome | None, seconds: float) -> None:

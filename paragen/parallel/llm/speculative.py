@@ -24,6 +24,7 @@ from typing import Callable
 import torch
 
 from paragen.kernels.speculative import draw, sampling_probs, verify_greedy, verify_sampled
+from paragen.parallel.interrupt import Interrupt, check_interrupt
 from paragen.parallel.llm.cache import AttendingCache, ShardedKVCache
 from paragen.parallel.llm.config import SpeculativeConfig
 from paragen.parallel.llm.local_cache import LocalCache, StreamingCache
@@ -228,11 +229,12 @@ def _decide(cache: ShardedKVCache, values: list[int]) -> list[int]:
 
 def speculative_generate(
     forward: Forward, cache: ShardedKVCache, first_logits: torch.Tensor, spec: SpeculativeConfig, sampling: Sampling,
-    max_new_tokens: int, draft: tuple[Forward, StreamingCache] | None = None,
+    max_new_tokens: int, draft: tuple[Forward, StreamingCache] | None = None, interrupt: Interrupt | None = None,
 ) -> tuple[list[int], SpeculativeStats, LocalCache | None]:
     """The new tokens after a prompt whose prefill filled `cache` (`first_logits [V]`: the same on every rank),
     the statistics and the retrieval cache (drafting rank; None elsewhere). Every rank calls it with the same arguments; `draft` (the third level, already holding
-    the prompt: `prefill_streaming`) is used on the drafting rank only."""
+    the prompt: `prefill_streaming`) is used on the drafting rank only. `interrupt` is asked before every round of
+    drafting and verification (RequestCancelled on every rank when it says stop)."""
     comm, stats, device = cache.comm, SpeculativeStats(), first_logits.device
     drafting = comm.rank == DRAFTING_RANK
     generator = torch.Generator().manual_seed(sampling.seed)  # token choices are drawn on the host
@@ -247,6 +249,7 @@ def speculative_generate(
     drafter = Drafter(forward, retrieval, spec, sampling, generator, stats, device, draft) if drafting else None
     refresh = _Refresh(spec)
     while len(out) < max_new_tokens:
+        check_interrupt(interrupt, f"after {len(out)} new tokens")
         gamma = min(spec.gamma, max_new_tokens - len(out) - 1)
         start, pending = cache.total, out[-1]
         began = round_began = time.perf_counter()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import io
 import os
 from typing import Any
@@ -41,13 +42,16 @@ TP_ALL_REDUCE_LABEL = "llm_tp_all_reduce"
 
 
 def check_tensor_parallel(config: Any, tp: int) -> None:
-    """Raise `ValueError` unless `tp` ranks can split the model's attention heads evenly.
+    """Raise `ValueError` unless `tp` ranks can split the model's attention heads evenly, and DeepSpeed (an
+    optional extra) is installed when `tp > 1` — said before the process group exists, with the install command.
 
     `config` is a `transformers.PretrainedConfig`; both the query heads and the key/value heads must be
     divisible by `tp`, so that every rank owns whole heads and whole grouped-query groups.
     """
     if tp < 1:
         raise ValueError(f"tensor parallel degree must be >= 1, got {tp}")
+    if tp > 1 and importlib.util.find_spec("deepspeed") is None:
+        raise ValueError(f"tensor parallelism (tp > 1) needs DeepSpeed, which is not installed: {DEEPSPEED_INSTALL_HINT}")
     heads = getattr(config, "num_attention_heads", None)
     if heads is None:
         raise ValueError(f"{type(config).__name__} has no num_attention_heads; cannot check tensor parallelism")

@@ -1,4 +1,5 @@
-"""What every job shares: the prepared job, output and checkpoint options, the pre-init room check, checkpoints."""
+"""What every job shares: the prepared job, the request fields the jobs have in common (declared once, see
+`schema`), output and checkpoint options, fitting a request to its model, the room check, checkpoints."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +10,13 @@ from typing import Any, Callable
 from paragen.comms import rank_device, resolve_device
 from paragen.parallel.config import ParallelConfig
 from paragen.pipelines.checkpoint import RESUMABLE_CHANGES, Checkpoints, StepCheckpoints, run_fingerprint
-from paragen.pipelines.dtypes import DTYPE_HELP, DTYPES, resolve_dtype
+from paragen.pipelines.dtypes import resolve_dtype
+from paragen.pipelines.jobs import schema
 from paragen.pipelines.loading import build_pipeline
+from paragen.pipelines.model_facts import model_facts
 from paragen.pipelines.registry import Workload
+
+OUTPUT_FIELDS = ("dtype", "allow_pickle", "out_dir", "name")
 
 
 @dataclass(frozen=True)
@@ -22,30 +27,33 @@ class Prepared:
     workload: Workload
     config: ParallelConfig  # resolved
     options: Any  # the workload's options
-    check: Callable[[Any], Any]  # one request's pre-init checks; returns it as the job's `generate` takes it
+    check: Callable[[Any], Any]  # one request's checks on this rank; returns it as the job's `generate` takes it
     item: Any = None  # the single request, checked (None with a request file)
-    batch: Any = None  # --requests: the file's requests (a `jobs.batch.Batch`)
+    batch: Any = None  # --requests: where the file is and how to take it (a `jobs.batch.RequestFile`)
     checkpoints: StepCheckpoints | None = None
+    content: Callable[[Any], str] | None = None  # what a checked item computes on (its token ids), where a rank's
+    # own files feed it; the ranks compare it (`agree.same_everywhere`)
+
+    def layout(self) -> dict:
+        """The resolved degrees and the workload's options: with the request, what makes the outputs."""
+        return {**asdict(self.config), self.workload.options_name: asdict(self.options)}
 
 
-def add_output_arguments(p: argparse.ArgumentParser, out_dir: str, what: str) -> None:
-    """--dtype, --allow-pickle, --out (the folder for `what`) and --name."""
-    p.add_argument("--dtype", choices=list(DTYPES), default="auto", help=DTYPE_HELP)
-    p.add_argument("--allow-pickle", action="store_true",
-                   help="allow loading pickle (.bin/.ckpt) weights, which can run arbitrary code")
-    p.add_argument("--out", default=out_dir, help=f"folder for {what}")
-    p.add_argument("--name", default=None, help="output file name without extension (default: encodes the layout)")
+def add_output_arguments(p: argparse.ArgumentParser, request_class: type) -> None:
+    """--dtype, --allow-pickle, --out and --name (from the request's fields), --requests and --strict."""
+    schema.add_arguments(p, request_class, OUTPUT_FIELDS)
     p.add_argument("--requests", default=None, metavar="FILE.jsonl",
                    help="many requests, one JSON object per line (its fields override the command line's; its 'id' "
-                        "names its outputs); the model is loaded once; a rerun skips what manifest.json records as done")
+                        "names its outputs); the model is loaded once; a rerun skips what the output folder's "
+                        "journal records as done")
     p.add_argument("--strict", action="store_true", help="with --requests: stop at the first refused line")
 
 
-def add_checkpoint_arguments(p, every: int) -> None:
-    """--checkpoint, --checkpoint-every, --resume."""
+def add_checkpoint_arguments(p, request_class: type) -> None:
+    """--checkpoint, --checkpoint-every (the request's field), --resume."""
     p.add_argument("--checkpoint", default=None, metavar="DIR",
                    help="save every rank's state in DIR every --checkpoint-every steps (must not hold a checkpoint)")
-    p.add_argument("--checkpoint-every", type=int, default=every, help="steps between checkpoints")
+    schema.add_arguments(p, request_class, ("checkpoint_every",))
     p.add_argument("--resume", default=None, metavar="DIR",
                    help="continue the run checkpointed in DIR (same request, layout and number of ranks)")
 
@@ -57,12 +65,21 @@ def checkpoint_folder(args: argparse.Namespace) -> str | None:
     return args.resume or args.checkpoint
 
 
-def int_list(text: str, flag: str) -> list[int]:
-    """Comma-separated whole numbers of option `flag`."""
-    try:
-        return [int(part) for part in text.split(",")]
-    except ValueError:
-        raise ValueError(f"{flag} takes comma-separated whole numbers, got {text!r}") from None
+def fit_to_model(request: Any) -> Any:
+    """`request` with the pipeline's own size (and frames) where it gives none; refuses more steps than the model's
+    scheduler has training timesteps. The same answer on every rank (it reads the model's configs)."""
+    facts = model_facts(request.model)
+    wanted = [name for name in ("height", "width", "frames") if getattr(request, name, 0) is None]
+    if facts is None:
+        if wanted:
+            raise ValueError(f"paragen cannot read the default size of {request.model} from its configs: give "
+                             + " and ".join(f"--{name}" for name in wanted))
+        return request
+    if facts.train_timesteps and request.steps > facts.train_timesteps:
+        raise ValueError(f"steps {request.steps}: the scheduler of {request.model} was trained on "
+                         f"{facts.train_timesteps} timesteps, so at most {facts.train_timesteps} steps")
+    defaults = {"height": facts.height, "width": facts.width, "frames": facts.frames}
+    return schema.replace(request, **{name: defaults[name] for name in wanted}) if wanted else request
 
 
 def check_room(args: argparse.Namespace, request, config: ParallelConfig, launch, options: Any) -> None:
@@ -75,14 +92,13 @@ def check_room(args: argparse.Namespace, request, config: ParallelConfig, launch
                  launch.local_world_size, options)
 
 
-def open_checkpoints(request, config: ParallelConfig, workload: Workload, options: Any, rank: int, world: int,
+def open_checkpoints(request, layout: dict, rank: int, world: int,
                      also_resumable: tuple[str, ...] = ()) -> StepCheckpoints | None:
     """The request's checkpoint folder, checked on this rank before any collective: a fresh run refuses a
     folder holding a checkpoint, a resumed run one saved by a different request, layout or world size
     (`also_resumable`: request fields a resumed run may change besides the output's)."""
     if request.checkpoint_dir is None:
         return None
-    layout = {**asdict(config), workload.options_name: asdict(options)}
     fingerprint = run_fingerprint(asdict(request), layout, RESUMABLE_CHANGES + also_resumable)
     checkpoints = Checkpoints(request.checkpoint_dir, fingerprint, rank, world)
     return StepCheckpoints.open(checkpoints, request.checkpoint_every, request.resume)

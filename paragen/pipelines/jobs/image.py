@@ -6,9 +6,10 @@ DiT sequence parallelism, or hires windows.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,61 +20,55 @@ from paragen.log import get_logger
 from paragen.parallel.config import MODE_HELP, MODES, ExchangeConfig, ParallelConfig
 from paragen.parallel.hires import GUIDANCE_MODES, PLACEMENTS, HiresConfig
 from paragen.pipelines import registry
-from paragen.pipelines.dtypes import check_dtype
-from paragen.pipelines.jobs.batch import open_batch
+from paragen.pipelines.dtypes import DtypeName
+from paragen.pipelines.jobs import fields, schema
+from paragen.pipelines.jobs.batch import request_file
 from paragen.pipelines.jobs.common import (Prepared, add_checkpoint_arguments, add_output_arguments,
-                                           build_parallel_pipeline, check_room, checkpoint_folder, open_checkpoints,
-                                           output_stem)
+                                           build_parallel_pipeline, check_room, checkpoint_folder, fit_to_model,
+                                           open_checkpoints, output_stem)
+from paragen.pipelines.jobs.schema import field, request_class
 from paragen.pipelines.loading import EMBEDDED_MODELS, check_model_source
+from paragen.parallel.interrupt import Interrupt
 from paragen.pipelines.outputs import save_json, save_png
+from paragen.pipelines.runtime import INTERRUPT_OPTION
 from paragen.pipelines.report import job_report
 
 
-@dataclass(frozen=True)
+@request_class
 class ImageRequest:
-    """Everything `paragen image` was asked for."""
+    """Everything `paragen image` was asked for: one declaration per field (see `schema`)."""
 
-    model: str = "tiny-sd"
-    prompt: str = "a lighthouse on a cliff at dusk, oil painting"
-    negative_prompt: str = ""
-    height: int = 512
-    width: int = 512
-    steps: int = 20
-    guidance_scale: float | None = None  # None: the pipeline's own default
-    seed: int = 0
-    dtype: str = "auto"  # float32 on CPU, bfloat16/float16 on a GPU
-    allow_pickle: bool = False
-    out_dir: str = "out"
-    name: str | None = None
-    checkpoint_dir: str | None = None  # hires runs: save every rank's state here ...
-    checkpoint_every: int = 5  # ... every this many steps
-    resume: bool = False  # continue the run saved in checkpoint_dir
+    model: str = fields.model("tiny-sd", f"embedded model name ({', '.join(EMBEDDED_MODELS)}) or a local "
+                                         "diffusers directory (safetensors)")
+    prompt: str = field("a lighthouse on a cliff at dusk, oil painting", "text prompt", min_length=1)
+    negative_prompt: str = fields.negative_prompt()
+    height: int | None = fields.side("height", "image")
+    width: int | None = fields.side("width", "image")
+    steps: int = fields.steps()
+    guidance_scale: float | None = fields.guidance_scale("guidance scale (classifier-free; Flux: its guidance "
+                                                         "embedding)")
+    seed: int = fields.seed()
+    dtype: DtypeName = fields.dtype()
+    allow_pickle: bool = fields.allow_pickle()
+    out_dir: str = fields.out_dir("the PNG and the JSON run report")
+    name: str | None = fields.name()
+    checkpoint_dir: str | None = fields.checkpoint_dir()  # hires runs
+    checkpoint_every: int = fields.checkpoint_every(5)
+    resume: bool = fields.resume()
 
     def __post_init__(self) -> None:
-        for field_name in ("height", "width", "steps"):
-            if getattr(self, field_name) <= 0:
-                raise ValueError(f"{field_name} must be positive, got {getattr(self, field_name)}")
-        if self.checkpoint_every <= 0:
-            raise ValueError(f"checkpoint_every must be positive, got {self.checkpoint_every}")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume needs the checkpoint folder of the run to continue")
-        check_dtype(self.dtype)
+
+
+REQUEST_OPTIONS = ("model", "prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `paragen image`."""
-    defaults, hires_defaults = ImageRequest(), HiresConfig()
+    hires_defaults = HiresConfig()
     p.description = "Generate one image with its work split across every rank of the job."
-    p.add_argument("--model", default=defaults.model,
-                   help=f"embedded model name ({', '.join(EMBEDDED_MODELS)}) or a local diffusers directory (safetensors)")
-    p.add_argument("--prompt", default=defaults.prompt, help="text prompt")
-    p.add_argument("--negative-prompt", default=defaults.negative_prompt, help="negative prompt")
-    p.add_argument("--height", type=int, default=defaults.height, help="image height in pixels")
-    p.add_argument("--width", type=int, default=defaults.width, help="image width in pixels")
-    p.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=defaults.guidance_scale,
-                   help="guidance scale (classifier-free; Flux: its guidance embedding); default: the pipeline's")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (the same on every rank)")
+    schema.add_arguments(p, ImageRequest, REQUEST_OPTIONS)
     p.add_argument("--cfg", type=int, default=1, choices=(1, 2),
                    help="2: the conditional and unconditional branches run on different halves of the ranks")
     p.add_argument("--patch", type=int, default=-1, help="UNet models: number of row bands (-1: the ranks left over)")
@@ -106,8 +101,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--placement", choices=PLACEMENTS, default=hires_defaults.placement,
                    help="interleaved: the low-resolution pass is one more unit of a window rank; dedicated: a rank of its own")
     h.add_argument("--window-batch", type=int, default=hires_defaults.window_batch, help="windows per UNet call")
-    add_checkpoint_arguments(h, defaults.checkpoint_every)
-    add_output_arguments(p, defaults.out_dir, "the PNG and the JSON run report")
+    add_checkpoint_arguments(h, ImageRequest)
+    add_output_arguments(p, ImageRequest)
 
 
 def _options(args: argparse.Namespace) -> ExchangeConfig | HiresConfig:
@@ -129,12 +124,8 @@ def _options(args: argparse.Namespace) -> ExchangeConfig | HiresConfig:
 
 def prepare(args: argparse.Namespace, launch) -> Prepared:
     """Every check of the request that needs no other rank, on every rank, before the process group."""
-    request = ImageRequest(
-        model=args.model, prompt=args.prompt, negative_prompt=args.negative_prompt, height=args.height,
-        width=args.width, steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed,
-        dtype=args.dtype, allow_pickle=args.allow_pickle, out_dir=args.out, name=args.name,
-        checkpoint_dir=checkpoint_folder(args), checkpoint_every=args.checkpoint_every, resume=args.resume is not None,
-    )
+    request = schema.from_arguments(ImageRequest, args, checkpoint_dir=checkpoint_folder(args),
+                                    resume=args.resume is not None)
     options = _options(args)
     class_name = check_model_source(args.model, allow_pickle=args.allow_pickle)
     workload = registry.find_for_job("image", class_name, options, args.model)
@@ -144,15 +135,17 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
         raise ValueError("checkpoints are taken by hires runs (--hires); other image runs are short")
 
     def check(one: ImageRequest) -> ImageRequest:
+        """The request as it runs: at the model's own size where it gives none, and fitting this rank."""
+        one = fit_to_model(one)
         check_room(args, one, config, launch, options)
         return one
 
-    batch = open_batch(args, launch, request, check)
-    if batch is not None:
-        return Prepared(request, workload, config, options, check, batch=batch)
+    prepared = Prepared(request, workload, config, options, check, batch=request_file(args, launch))
+    if prepared.batch is not None:
+        return prepared
     item = check(request)
-    checkpoints = open_checkpoints(request, config, workload, options, launch.rank, launch.world_size)
-    return Prepared(request, workload, config, options, check, item=item, checkpoints=checkpoints)
+    checkpoints = open_checkpoints(item, prepared.layout(), launch.rank, launch.world_size)
+    return dataclasses.replace(prepared, item=item, checkpoints=checkpoints)
 
 
 def exact_size_options(pipe) -> dict:
@@ -172,11 +165,14 @@ def load(job: Prepared) -> Any:
     return pipe
 
 
-def generate(job: Prepared, pipe, request: ImageRequest, load_s: float) -> dict | None:
-    """One image on every rank; the output rank writes PNG + JSON and returns the report."""
+def generate(job: Prepared, pipe, request: ImageRequest, load_s: float, interrupt: Interrupt | None = None) -> dict | None:
+    """One image on every rank; the output rank writes PNG + JSON and returns the report. `interrupt` may stop it
+    between steps (RequestCancelled on every rank, nothing written)."""
     log = get_logger()
     loaded = time.perf_counter()
     options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
+    if interrupt is not None:
+        options[INTERRUPT_OPTION] = interrupt
     images = pipe(
         request.prompt,
         **({"negative_prompt": request.negative_prompt} if request.negative_prompt else {}),  # PixArt rejects None

@@ -9,22 +9,28 @@ checkpoint's own tokenizer. `--kv speculative` decodes by lossless hierarchical 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 from paragen.comms import all_gather_objects, rank_device
 from paragen.log import get_logger
 from paragen.parallel.config import ParallelConfig
 from paragen.parallel.llm.cache import cache_argument
 from paragen.parallel.llm.config import FULL_CACHE_PLACES, KV_MODES, KVConfig, SpeculativeConfig
+from paragen.parallel.interrupt import Interrupt, check_interrupt
 from paragen.pipelines import registry
-from paragen.pipelines.dtypes import check_dtype, resolve_dtype
-from paragen.pipelines.jobs.batch import open_batch
+from paragen.pipelines.dtypes import DtypeName, resolve_dtype
+from paragen.pipelines.jobs import fields, schema
+from paragen.pipelines.jobs.batch import request_file
 from paragen.pipelines.jobs.common import Prepared, add_output_arguments, output_stem
+from paragen.pipelines.jobs.schema import LAUNCH, LOCAL, MAX_SEED, field, request_class
 from paragen.pipelines.llm.loading import EMBEDDED_LLMS, build_llm, check_llm_source, model_root
 from paragen.pipelines.llm.passkey import DIGITS, PasskeyPrompt, check_passkey_length, decode_key, make_prompt
 from paragen.pipelines.llm.runtime import LLMRuntime, check_prompt_length
@@ -32,38 +38,40 @@ from paragen.pipelines.llm.speculative import check_draft, generate_speculative
 from paragen.pipelines.outputs import check_out_dir, save_json
 from paragen.pipelines.report import job_report
 
+MAX_POSITIONS = 1 << 26  # tokens; a bound before the model's own positions
+TEXT_BYTES_PER_TOKEN = 32  # a text prompt longer than this many bytes a position cannot fit the model
 
-@dataclass(frozen=True)
+
+@request_class
 class LLMRequest:
-    """Everything `paragen llm` was asked for."""
+    """Everything `paragen llm` was asked for (one declaration per field, see `schema`)."""
 
-    model: str = "tiny-passkey"
-    prompt: str | None = None  # text, for a local checkpoint with a tokenizer
-    prompt_file: str | None = None  # the same, read from a file
-    context: int = 4096  # embedded models: the passkey prompt's tokens
-    depth: float = 0.5  # ... and where in it the key sits
-    new_tokens: int = 16
-    sample: bool = False
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    seed: int = 0
-    dtype: str = "auto"  # float32 on CPU, bfloat16/float16 on a GPU
-    allow_pickle: bool = False
-    allow_remote_code: bool = False
-    draft: str | None = None  # --kv speculative: the draft model (embedded name or local directory)
-    out_dir: str = "out"
-    name: str | None = None
+    model: str = fields.model("tiny-passkey", f"embedded model ({', '.join(EMBEDDED_LLMS)}: passkey prompts) or a "
+                                              "local transformers Llama/Qwen2/Mistral directory (safetensors) with "
+                                              "its tokenizer")
+    prompt: str | None = field(None, "text prompt (local checkpoints)")
+    prompt_file: str | None = field(None, "read the text prompt from this file (local checkpoints)", scope=LOCAL)
+    context: int = field(4096, "embedded models: tokens of the passkey prompt (with --new-tokens, at most the "
+                               "model's positions)", gt=0, le=MAX_POSITIONS)
+    depth: float = field(0.5, "embedded models: where the key sits, 0 (start) to 1 (end)", ge=0, le=1)
+    new_tokens: int = field(16, "tokens to generate", gt=0, le=MAX_POSITIONS)
+    sample: bool = field(False, "sample instead of greedy decoding (same seed on every rank)")
+    temperature: float = field(1.0, "sampling temperature", gt=0, le=100)
+    top_k: int | None = field(None, "sample from the k most likely tokens", ge=1)
+    top_p: float = field(1.0, "sample from the most likely tokens whose mass reaches p (nucleus sampling)", gt=0,
+                         le=1)
+    seed: int = field(0, "random seed (prompt and sampling)", ge=0, le=MAX_SEED)
+    dtype: DtypeName = fields.dtype()
+    allow_pickle: bool = fields.allow_pickle()
+    allow_remote_code: bool = field(False, "allow a checkpoint whose config names remote code (auto_map), which runs "
+                                           "arbitrary Python", scope=LAUNCH)
+    draft: str | None = field(None, "speculative: a draft model sharing the tokenizer (e.g. tiny-passkey-draft, or a "
+                                    "local directory), with a StreamingLLM cache, drafting for the retrieval level",
+                              scope=LAUNCH)
+    out_dir: str = fields.out_dir("the JSON run report")
+    name: str | None = fields.name()
 
     def __post_init__(self) -> None:
-        if self.context < 1 or self.new_tokens < 1:
-            raise ValueError(f"context and new tokens must be positive, got {self.context} and {self.new_tokens}")
-        if not 0.0 <= self.depth <= 1.0:
-            raise ValueError(f"depth must be in [0, 1], got {self.depth}")
-        if self.temperature <= 0 or (self.top_k is not None and self.top_k < 1) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"temperature must be > 0, top-k >= 1 and top-p in (0, 1]; got {self.temperature}, "
-                             f"{self.top_k} and {self.top_p}")
-        check_dtype(self.dtype)
         if self.prompt is not None and self.prompt_file is not None:
             raise ValueError("give --prompt or --prompt-file, not both")
         text = self.prompt is not None or self.prompt_file is not None
@@ -93,25 +101,16 @@ class LoadedLLM:
     draft: torch.nn.Module | None
 
 
+REQUEST_OPTIONS = ("model", "prompt", "prompt_file", "context", "depth", "new_tokens", "sample", "temperature",
+                   "top_k", "top_p", "seed")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `paragen llm`."""
-    defaults, kv = LLMRequest(), KVConfig()
+    kv = KVConfig()
     p.description = ("Generate from one long prompt with its sequence cut into shards, one per ring position, "
                      "each shard's weights optionally split by tensor parallelism.")
-    p.add_argument("--model", default=defaults.model,
-                   help=f"embedded model ({', '.join(EMBEDDED_LLMS)}: passkey prompts) or a local transformers "
-                        "Llama/Qwen2/Mistral directory (safetensors) with its tokenizer")
-    p.add_argument("--prompt", default=None, help="text prompt (local checkpoints)")
-    p.add_argument("--prompt-file", default=None, help="read the text prompt from this file (local checkpoints)")
-    p.add_argument("--context", type=int, default=defaults.context, help="embedded models: tokens of the passkey prompt")
-    p.add_argument("--depth", type=float, default=defaults.depth, help="embedded models: where the key sits, 0 (start) to 1 (end)")
-    p.add_argument("--new-tokens", type=int, default=defaults.new_tokens, help="tokens to generate")
-    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding (same seed on every rank)")
-    p.add_argument("--temperature", type=float, default=defaults.temperature, help="sampling temperature")
-    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens")
-    p.add_argument("--top-p", type=float, default=defaults.top_p,
-                   help="sample from the most likely tokens whose mass reaches p (nucleus sampling)")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (prompt and sampling)")
+    schema.add_arguments(p, LLMRequest, REQUEST_OPTIONS)
     p.add_argument("--seq", type=int, default=-1, help="sequence shards (-1: the ranks / --tp)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per shard (DeepSpeed AutoTP)")
     p.add_argument("--kv", choices=KV_MODES, default=kv.mode,
@@ -131,27 +130,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="speculative: rebuild the retrieval cache every N verifications (0: never)")
     p.add_argument("--refresh-below", type=float, default=spec.refresh_below,
                    help="speculative: rebuild it when the acceptance rate since the last build falls below this (0: never)")
-    p.add_argument("--draft", default=None,
-                   help="speculative: a draft model sharing the tokenizer (e.g. tiny-passkey-draft, or a local "
-                        "directory), with a StreamingLLM cache, drafting for the retrieval level")
+    schema.add_arguments(p, LLMRequest, ("draft",))
     p.add_argument("--draft-gamma", type=int, default=spec.draft_gamma,
                    help="speculative: tokens the draft model drafts per check by the retrieval level")
     p.add_argument("--full-cache", choices=FULL_CACHE_PLACES, default=spec.full_cache,
                    help="speculative: where each rank keeps its shard's exact K/V — device, or host memory (the "
                         "offloaded setting: streamed to the device in blocks for each verification)")
-    p.add_argument("--allow-remote-code", action="store_true",
-                   help="allow a checkpoint whose config names remote code (auto_map), which runs arbitrary Python")
-    add_output_arguments(p, defaults.out_dir, "the JSON run report")
+    schema.add_arguments(p, LLMRequest, ("allow_remote_code",))
+    add_output_arguments(p, LLMRequest)
 
 
 def prepare(args: argparse.Namespace, launch) -> Prepared:
     """Check the request against the model and build its prompt, before any collective (same on every rank)."""
-    request = LLMRequest(
-        model=args.model, prompt=args.prompt, prompt_file=args.prompt_file, context=args.context, depth=args.depth,
-        new_tokens=args.new_tokens, sample=args.sample, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, seed=args.seed, dtype=args.dtype, allow_pickle=args.allow_pickle,
-        allow_remote_code=args.allow_remote_code, draft=args.draft, out_dir=args.out, name=args.name,
-    )
+    request = schema.from_arguments(LLMRequest, args)
     speculative = SpeculativeConfig(gamma=args.gamma, budget=args.retrieval_budget, refresh_every=args.refresh_every,
                                     refresh_below=args.refresh_below, draft_gamma=args.draft_gamma,
                                     full_cache=args.full_cache)
@@ -167,7 +158,8 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     model_config = AutoConfig.from_pretrained(root, local_files_only=True, trust_remote_code=request.allow_remote_code)
     workload.check(model_config, config, options)
     draft_positions = _check_speculative(request, options, model_config)
-    check_out_dir(args.out)
+    check_out_dir(request.out_dir)
+    positions = model_config.max_position_embeddings
     tokenizer = None
     if request.model not in EMBEDDED_LLMS:
         from transformers import AutoTokenizer
@@ -175,23 +167,40 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
         tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=request.allow_remote_code)
 
     def prompt(one: LLMRequest) -> Prompted:
+        """The request's token ids, bounded by the model's positions before they are made."""
         if tokenizer is None:
+            check_prompt_length(one.context, one.new_tokens, positions, config.seq)
             passkey = make_prompt(one.context, one.depth, torch.Generator().manual_seed(one.seed))
             ids = passkey.tokens.unsqueeze(0)
         else:
-            text = one.prompt if one.prompt is not None else Path(one.prompt_file).read_text(encoding="utf-8")
-            ids, passkey = tokenizer(text, return_tensors="pt").input_ids, None
-        check_prompt_length(ids.shape[1], one.new_tokens, model_config.max_position_embeddings, config.seq)
+            ids, passkey = tokenizer(read_text(one, positions), return_tensors="pt").input_ids, None
+        check_prompt_length(ids.shape[1], one.new_tokens, positions, config.seq)
         if options.mode == "speculative":
             options.speculative.check_context(ids.shape[1])
             if draft_positions is not None:
                 check_prompt_length(ids.shape[1], one.new_tokens, draft_positions, 1)
         return Prompted(one, ids, passkey, tokenizer)
 
-    batch = open_batch(args, launch, request, prompt)
-    if batch is not None:
-        return Prepared(request, workload, config, options, prompt, batch=batch)
-    return Prepared(request, workload, config, options, prompt, item=prompt(request))
+    prepared = Prepared(request, workload, config, options, prompt, batch=request_file(args, launch),
+                        content=lambda prompted: hashlib.sha256(prompted.ids.numpy().tobytes()).hexdigest())
+    return prepared if prepared.batch is not None else dataclasses.replace(prepared, item=prompt(request))
+
+
+def read_text(request: LLMRequest, positions: int) -> str:
+    """The request's text prompt (from its file), refused before it is read or tokenised when it is longer than
+    the model's positions could hold at `TEXT_BYTES_PER_TOKEN` bytes a token."""
+    most = positions * TEXT_BYTES_PER_TOKEN
+    if request.prompt is not None:
+        size = len(request.prompt.encode())
+    else:
+        try:
+            size = Path(request.prompt_file).stat().st_size
+        except OSError as error:
+            raise ValueError(f"--prompt-file {request.prompt_file!r} cannot be read: {error.strerror}") from None
+    if size > most:
+        raise ValueError(f"a prompt of {size} bytes cannot fit the model's {positions} positions (at most "
+                         f"{most} bytes, {TEXT_BYTES_PER_TOKEN} a token)")
+    return request.prompt if request.prompt is not None else Path(request.prompt_file).read_text(encoding="utf-8")
 
 
 def _check_speculative(request: LLMRequest, options: KVConfig, model_config) -> int | None:
@@ -229,6 +238,17 @@ def _same_tokenizer(model: str, draft: str) -> bool:
     return vocabularies[0] == vocabularies[1]
 
 
+class AskInterrupt(StoppingCriteria):
+    """Asks the request's interrupt after every decoded token (every rank decodes the same number)."""
+
+    def __init__(self, interrupt: Interrupt) -> None:
+        self.interrupt = interrupt
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        check_interrupt(self.interrupt, f"at {input_ids.shape[1]} tokens")
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
 def load(job: Prepared) -> LoadedLLM:
     """The job's model on this rank's device, parallelised, and the draft model if asked for."""
     request = job.request
@@ -241,7 +261,8 @@ def load(job: Prepared) -> LoadedLLM:
     return LoadedLLM(job.workload.install(model, job.config, job.options).paragen, draft)
 
 
-def generate(job: Prepared, loaded: LoadedLLM, prompted: Prompted, load_s: float) -> dict | None:
+def generate(job: Prepared, loaded: LoadedLLM, prompted: Prompted, load_s: float,
+             interrupt: Interrupt | None = None) -> dict | None:
     """One completion on every rank; the output rank writes the JSON report and returns it."""
     log = get_logger()
     request = prompted.request
@@ -253,7 +274,7 @@ def generate(job: Prepared, loaded: LoadedLLM, prompted: Prompted, load_s: float
     if job.options.mode == "speculative":
         result = generate_speculative(model, ids, max_new_tokens=request.new_tokens, do_sample=request.sample,
                                       temperature=request.temperature, top_p=request.top_p, seed=request.seed,
-                                      draft_model=loaded.draft)
+                                      draft_model=loaded.draft, interrupt=interrupt)
         out, cache, speculative = result.sequences, result.cache, result.stats.report()
         retrieval_bytes = result.retrieval.device_bytes() if result.retrieval is not None else 0
     else:
@@ -262,8 +283,9 @@ def generate(job: Prepared, loaded: LoadedLLM, prompted: Prompted, load_s: float
         sampling = {"do_sample": True, "temperature": request.temperature, "top_k": request.top_k,
                     "top_p": request.top_p if request.top_p < 1 else None} if request.sample \
             else {"do_sample": False, "top_k": None, "top_p": None}
+        stop = {} if interrupt is None else {"stopping_criteria": StoppingCriteriaList([AskInterrupt(interrupt)])}
         try:
-            out = model.generate(ids, **cache_argument(cache), max_new_tokens=request.new_tokens, **sampling)
+            out = model.generate(ids, **cache_argument(cache), max_new_tokens=request.new_tokens, **sampling, **stop)
         finally:
             cache.close()
     generated = time.perf_counter()

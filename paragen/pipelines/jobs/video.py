@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -21,58 +20,63 @@ from paragen.parallel.clip import SCOPE_HELP, SCOPES, TemporalAttention, plan_cl
 from paragen.comms import is_output_rank, world_size
 from paragen.parallel.config import ParallelConfig
 from paragen.pipelines import registry
-from paragen.pipelines.dtypes import check_dtype
-from paragen.pipelines.jobs.batch import open_batch
+from paragen.pipelines.dtypes import DtypeName
+from paragen.parallel.interrupt import Interrupt
+from paragen.pipelines.jobs import fields, schema
+from paragen.pipelines.jobs.batch import request_file
 from paragen.pipelines.jobs.common import (Prepared, add_checkpoint_arguments, add_output_arguments,
-                                           build_parallel_pipeline, check_room, checkpoint_folder, int_list,
+                                           build_parallel_pipeline, check_room, checkpoint_folder, fit_to_model,
                                            open_checkpoints, output_stem)
-from paragen.pipelines.loading import EMBEDDED_MODELS, check_model_source
-from paragen.pipelines.outputs import VIDEO_FORMATS, mp4_available, save_json, save_video
+from paragen.pipelines.jobs.schema import field, request_class
+from paragen.pipelines.loading import check_model_source
+from paragen.pipelines.outputs import mp4_available, save_json, save_video
 from paragen.pipelines.report import job_report
+from paragen.pipelines.request_args import MAX_FRAMES
+from paragen.pipelines.runtime import INTERRUPT_OPTION
 from paragen.pipelines.segments import segment_bounds
-from paragen.pipelines.video import MAX_FRAMES, MAX_SIDE
+
+MAX_SEGMENTS = 4096  # prompts of one video
 
 
-@dataclass(frozen=True)
+@request_class
 class VideoRequest:
-    """Everything `paragen video` was asked for. Several prompts: one per segment of the video."""
+    """Everything `paragen video` was asked for (one declaration per field, see `schema`). Several prompts: one per
+    segment of the video."""
 
-    model: str = "tiny-t2v"
-    prompts: tuple[str, ...] = ("a paper boat drifting down a river, watercolor",)
-    segment_frames: tuple[int, ...] | None = None  # frames of each prompt's segment (default: even)
-    negative_prompt: str = ""
-    frames: int = 64
-    height: int = 128
-    width: int = 128
-    steps: int = 20
-    guidance_scale: float | None = None  # None: the pipeline's own default
-    seed: int = 0
-    dtype: str = "auto"  # float32 on CPU, bfloat16/float16 on a GPU
-    allow_pickle: bool = False
-    fps: int = 8
-    format: str = "mp4"
-    out_dir: str = "out"
-    name: str | None = None
-    checkpoint_dir: str | None = None  # save every rank's state here ...
-    checkpoint_every: int = 5  # ... every this many steps
-    resume: bool = False  # continue the run saved in checkpoint_dir
+    model: str = fields.model("tiny-t2v", "embedded model name (tiny-t2v, tiny-animatediff, tiny-wan) or a local "
+                                          "diffusers TextToVideoSD/AnimateDiff/Wan directory (safetensors)")
+    prompts: tuple[str, ...] = field(("a paper boat drifting down a river, watercolor",),
+                                     "text prompt; repeat it for one prompt per consecutive segment of the video",
+                                     flag="--prompt", min_length=1, max_length=MAX_SEGMENTS)
+    segment_frames: tuple[int, ...] | None = field(None, "frames of each prompt's segment, adding up to --frames "
+                                                         "(default: even)", max_length=MAX_SEGMENTS)
+    negative_prompt: str = fields.negative_prompt()
+    frames: int | None = field(None, "frames of the video (default: the pipeline's own)", gt=0, le=MAX_FRAMES)
+    height: int | None = fields.side("height", "frame")
+    width: int | None = fields.side("width", "frame")
+    steps: int = fields.steps()
+    guidance_scale: float | None = fields.guidance_scale("classifier-free guidance scale")
+    seed: int = fields.seed()
+    dtype: DtypeName = fields.dtype()
+    allow_pickle: bool = fields.allow_pickle()
+    fps: int = field(8, "frames per second of the written video", gt=0, le=240)
+    format: Literal["mp4", "gif"] = field("mp4", "mp4 (needs imageio-ffmpeg: pip install 'paragen[video]'; GIF if "
+                                                 "missing) or gif")
+    out_dir: str = fields.out_dir("the video and the JSON run report")
+    name: str | None = fields.name()
+    checkpoint_dir: str | None = fields.checkpoint_dir()
+    checkpoint_every: int = fields.checkpoint_every(5)
+    resume: bool = fields.resume()
 
     def __post_init__(self) -> None:
-        for field_name in ("frames", "height", "width", "steps", "fps", "checkpoint_every"):
-            if getattr(self, field_name) <= 0:
-                raise ValueError(f"{field_name} must be positive, got {getattr(self, field_name)}")
-        if self.frames > MAX_FRAMES or max(self.height, self.width) > MAX_SIDE:
-            raise ValueError(f"absurd size: {self.frames} frames of {self.height}x{self.width} (at most {MAX_FRAMES} "
-                             f"frames of {MAX_SIDE} pixels a side)")
-        if not self.prompts:
-            raise ValueError("give at least one prompt")
-        if len(self.prompts) > 1 or self.segment_frames is not None:
-            segment_bounds(self.frames, len(self.prompts), None if self.segment_frames is None else list(self.segment_frames))
-        check_dtype(self.dtype)
-        if self.format not in VIDEO_FORMATS:
-            raise ValueError(f"format must be one of {', '.join(VIDEO_FORMATS)}, got {self.format!r}")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume needs the checkpoint folder of the run to continue")
+
+    def check_segments(self) -> None:
+        """Refuse segment prompts and lengths that do not cut the video's frames (known once fitted to the model)."""
+        if len(self.prompts) > 1 or self.segment_frames is not None:
+            segment_bounds(self.frames, len(self.prompts),
+                           None if self.segment_frames is None else list(self.segment_frames))
 
     def prompt_options(self) -> dict:
         """The pipeline call's prompt arguments: one prompt, or paragen's per-segment prompts."""
@@ -84,26 +88,17 @@ class VideoRequest:
         return options
 
 
+REQUEST_OPTIONS = ("model", "prompts", "segment_frames", "negative_prompt", "frames", "height", "width", "steps",
+                   "guidance_scale", "seed")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `paragen video`."""
-    defaults, temporal = VideoRequest(), TemporalAttention()
+    temporal = TemporalAttention()
     p.description = ("Generate one video across every rank: UNet video models split its frames into clips, one per "
                      "rank; Wan models split its latent frames into clips and each clip's tokens into shards "
                      "(Ulysses, Ring).")
-    p.add_argument("--model", default=defaults.model,
-                   help=f"embedded model name ({', '.join(m for m in EMBEDDED_MODELS if m in ('tiny-t2v', 'tiny-animatediff', 'tiny-wan'))}) "
-                        "or a local diffusers TextToVideoSD/AnimateDiff/Wan directory (safetensors)")
-    p.add_argument("--prompt", action="append", default=None,
-                   help=f"text prompt; repeat it for one prompt per consecutive segment of the video (default: {defaults.prompts[0]!r})")
-    p.add_argument("--segment-frames", default=None,
-                   help="comma-separated frames of each prompt's segment, adding up to --frames (default: even)")
-    p.add_argument("--negative-prompt", default=defaults.negative_prompt, help="negative prompt")
-    p.add_argument("--frames", type=int, default=defaults.frames, help="frames of the video")
-    p.add_argument("--height", type=int, default=defaults.height, help="frame height in pixels")
-    p.add_argument("--width", type=int, default=defaults.width, help="frame width in pixels")
-    p.add_argument("--steps", type=int, default=defaults.steps, help="denoising steps")
-    p.add_argument("--guidance-scale", type=float, default=None, help="classifier-free guidance scale; default: the pipeline's")
-    p.add_argument("--seed", type=int, default=defaults.seed, help="random seed (the same on every rank)")
+    schema.add_arguments(p, VideoRequest, REQUEST_OPTIONS)
     p.add_argument("--clip", type=int, default=-1,
                    help="clips the frames are split into (UNet video models, -1: every rank; Wan models: latent "
                         "frames, -1: 1 clip, the ranks left over go to --ring)")
@@ -126,11 +121,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bias-switch", type=int, default=temporal.bias_switch, help="dual scope: timestep (of 1000) where the bias switches")
     p.add_argument("--blocking", action="store_true",
                    help="exchange, wait, then attend (Video-Infinity's released code), instead of overlapping the exchange")
-    p.add_argument("--fps", type=int, default=defaults.fps, help="frames per second of the written video")
-    p.add_argument("--format", choices=VIDEO_FORMATS, default=defaults.format,
-                   help="mp4 (needs imageio-ffmpeg: pip install 'paragen[video]'; GIF if missing) or gif")
-    add_checkpoint_arguments(p, defaults.checkpoint_every)
-    add_output_arguments(p, defaults.out_dir, "the video and the JSON run report")
+    schema.add_arguments(p, VideoRequest, ("fps", "format"))
+    add_checkpoint_arguments(p, VideoRequest)
+    add_output_arguments(p, VideoRequest)
 
 
 def _options(args: argparse.Namespace) -> TemporalAttention:
@@ -141,14 +134,8 @@ def _options(args: argparse.Namespace) -> TemporalAttention:
 
 def prepare(args: argparse.Namespace, launch) -> Prepared:
     """Every check of the request that needs no other rank, on every rank, before the process group."""
-    segments = None if args.segment_frames is None else tuple(int_list(args.segment_frames, "--segment-frames"))
-    request = VideoRequest(
-        model=args.model, prompts=tuple(args.prompt or VideoRequest().prompts), segment_frames=segments,
-        negative_prompt=args.negative_prompt, frames=args.frames, height=args.height, width=args.width,
-        steps=args.steps, guidance_scale=args.guidance_scale, seed=args.seed, dtype=args.dtype,
-        allow_pickle=args.allow_pickle, fps=args.fps, format=args.format, out_dir=args.out, name=args.name,
-        checkpoint_dir=checkpoint_folder(args), checkpoint_every=args.checkpoint_every, resume=args.resume is not None,
-    )
+    request = schema.from_arguments(VideoRequest, args, checkpoint_dir=checkpoint_folder(args),
+                                    resume=args.resume is not None)
     class_name = check_model_source(args.model, allow_pickle=args.allow_pickle)
     options = _options(args)
     workload = registry.find_for_job("video", class_name, options, args.model)
@@ -156,22 +143,25 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
                               launch.world_size)
 
     def check(one: VideoRequest) -> VideoRequest:
-        """The request as it runs: checked, and written as a GIF when MP4 was asked for but cannot be written."""
+        """The request as it runs: at the model's own size and frames where it gives none, fitting this rank, and
+        written as a GIF when MP4 was asked for but cannot be written."""
+        one = fit_to_model(one)
+        one.check_segments()
         if workload.name == "video":  # a Wan model's clips cut latent frames: checked at the call, on every rank
             plan_clips(one.frames, config.clip, options, conv_halo=0)  # the model's own halo: at the call
         check_room(args, one, config, launch, options)
         if one.format == "mp4" and not mp4_available():
             warn_once("imageio-ffmpeg is not installed (pip install 'paragen[video]'): writing a GIF instead of MP4")
-            return dataclasses.replace(one, format="gif")
+            return schema.replace(one, format="gif")
         return one
 
-    batch = open_batch(args, launch, request, check)
-    if batch is not None:
-        return Prepared(request, workload, config, options, check, batch=batch)
+    prepared = Prepared(request, workload, config, options, check, batch=request_file(args, launch))
+    if prepared.batch is not None:
+        return prepared
     item = check(request)
-    checkpoints = open_checkpoints(request, config, workload, options, launch.rank, launch.world_size,
+    checkpoints = open_checkpoints(item, prepared.layout(), launch.rank, launch.world_size,
                                    also_resumable=("format", "fps"))
-    return Prepared(request, workload, config, options, check, item=item, checkpoints=checkpoints)
+    return dataclasses.replace(prepared, item=item, checkpoints=checkpoints)
 
 
 def load(job: Prepared) -> Any:
@@ -181,11 +171,14 @@ def load(job: Prepared) -> Any:
     return pipe
 
 
-def generate(job: Prepared, pipe, request: VideoRequest, load_s: float) -> dict | None:
-    """One video on every rank; the output rank writes the video + JSON and returns the report."""
+def generate(job: Prepared, pipe, request: VideoRequest, load_s: float, interrupt: Interrupt | None = None) -> dict | None:
+    """One video on every rank; the output rank writes the video + JSON and returns the report. `interrupt` may stop
+    it between steps (RequestCancelled on every rank, nothing written)."""
     log = get_logger()
     loaded = time.perf_counter()
     options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
+    if interrupt is not None:
+        options[INTERRUPT_OPTION] = interrupt
     frames = pipe(
         num_frames=request.frames,
         negative_prompt=request.negative_prompt or None,

@@ -1,5 +1,5 @@
 """Workload `video`: TextToVideoSD and AnimateDiff with a video's frames cut into clips, one per rank, whose
 temporal attention sees the other clips (dual scope: local window + global frames, Video-Infinity)."""
-from paragen.pipelines.video.runtime import MAX_FRAMES, MAX_SIDE, VideoRuntime, check, install
+from paragen.pipelines.video.runtime import VideoRuntime, check, install
 
-__all__ = ["MAX_FRAMES", "MAX_SIDE", "VideoRuntime", "check", "install"]
+__all__ = ["VideoRuntime", "check", "install"]

@@ -35,14 +35,12 @@ from paragen.parallel.partition import check_image_size
 from paragen.parallel.steps import StepPlan
 from paragen.pipelines.checkpoint import StepCheckpoints
 from paragen.pipelines.patch.runtime import unet_downsampling
-from paragen.pipelines.request_args import check_steps, request_arg, share_generator
+from paragen.pipelines.request_args import MAX_FRAMES, MAX_SIDE, check_steps, request_arg, share_generator
 from paragen.pipelines.runtime import PipelineRuntime
 from paragen.pipelines.segments import check_segment_request, take_segment_options
 from paragen.pipelines.step_hook import install_step_hook
 
 TEMPORAL_TRANSFORMERS = ("TransformerTemporalModel", "AnimateDiffTransformer3D")
-MAX_SIDE = 16384  # pixels; beyond this a request is a typo, not a video
-MAX_FRAMES = 1_000_000
 
 
 def check_video_size(frames: int, height: int, width: int, vae_factor: int, unet_factor: int) -> None:

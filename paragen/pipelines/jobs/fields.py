@@ -1,0 +1,64 @@
+"""The request fields several jobs declare, each declared once here (see `schema` for what a declaration says).
+A job's request class uses them as `seed: int = fields.seed()`."""
+from __future__ import annotations
+
+from typing import Any
+
+from paragen.pipelines.dtypes import DTYPE_HELP
+from paragen.pipelines.jobs.schema import LAUNCH, MAX_SEED, field
+from paragen.pipelines.request_args import MAX_SIDE
+
+MAX_STEPS = 10_000  # a bound before the model's own (its scheduler's training timesteps, usually 1000)
+
+
+def model(default: str, help: str) -> Any:
+    return field(default, help, scope=LAUNCH)
+
+
+def dtype() -> Any:
+    return field("auto", DTYPE_HELP, scope=LAUNCH)
+
+
+def allow_pickle() -> Any:
+    return field(False, "allow loading pickle (.bin/.ckpt) weights, which can run arbitrary code", scope=LAUNCH)
+
+
+def out_dir(what: str) -> Any:
+    return field("out", f"folder for {what} (created if missing)", scope=LAUNCH, flag="--out")
+
+
+def name() -> Any:
+    return field(None, "output file name without extension (default: encodes the layout)", scope=LAUNCH)
+
+
+def seed() -> Any:
+    return field(0, "random seed (the same on every rank)", ge=0, le=MAX_SEED)
+
+
+def steps() -> Any:
+    return field(20, "denoising steps (at most the scheduler's training timesteps)", gt=0, le=MAX_STEPS)
+
+
+def side(side: str, what: str) -> Any:
+    return field(None, f"{what} {side} in pixels (default: the pipeline's own, its training size)", gt=0,
+                 le=MAX_SIDE)
+
+
+def negative_prompt() -> Any:
+    return field("", "negative prompt")
+
+
+def guidance_scale(what: str) -> Any:
+    return field(None, f"{what}; default: the pipeline's", ge=0, le=1000)
+
+
+def checkpoint_dir() -> Any:
+    return field(None, "save every rank's state here (from --checkpoint or --resume)", scope=LAUNCH, cli=False)
+
+
+def checkpoint_every(every: int) -> Any:
+    return field(every, "steps between checkpoints", scope=LAUNCH, gt=0)
+
+
+def resume() -> Any:
+    return field(False, "continue the run saved in the checkpoint folder (from --resume)", scope=LAUNCH, cli=False)
