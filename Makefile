@@ -17,7 +17,7 @@ LATEST      ?= transformers diffusers accelerate huggingface-hub tokenizers safe
 VENV_LATEST ?= .venv-latest
 LATEST_RE   := $(shell echo $(LATEST) | sed 's/ /|/g; s/-/[-_]/g')
 NPROC       ?= 2
-DEMO_ARGS   ?= --model tiny-shapes --prompt "a large red circle at the top left" --height 64 --width 64 --steps 20 \
+DEMO_ARGS   ?= --model tiny-shapes --prompt "a large red circle at the top left" --steps 20 \
                --guidance-scale 4 --mode displaced
 
 BIN := $(VENV)/bin

@@ -290,3 +290,16 @@ def test_steps_beyond_the_schedulers_training_timesteps_are_refused():
     fit_to_model(ImageRequest(steps=1000))
     with pytest.raises(ValueError, match="trained on 1000 timesteps, so at most 1000 steps"):
         fit_to_model(ImageRequest(steps=1001))
+
+
+def test_tensor_parallelism_without_deepspeed_says_what_to_install_before_the_process_group(monkeypatch):
+    import importlib.util
+
+    from paragen.parallel.llm import tensor_parallel
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *rest: None if name == "deepspeed" else found(name, *rest))
+    config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=4)
+    tensor_parallel.check_tensor_parallel(config, 1)
+    with pytest.raises(ValueError, match=r"pip install 'paragen\[deepspeed\]'"):
+        tensor_parallel.check_tensor_parallel(config, 2)

@@ -100,7 +100,7 @@ def _problem(problem: dict, cls: type | None) -> str:
     if kind == "json_invalid":
         return f"not valid JSON ({context.get('error', problem['msg'])})"
     if kind == "extra_forbidden":
-        allowed = "" if cls is None else f" (the fields: {', '.join(fields_of(cls))})"
+        allowed = "" if cls is None else f" (a request may set: {', '.join(fields_of(cls, PER_REQUEST))})"
         return f"{where} is not a field of this request{allowed}"
     if kind == "missing":
         return f"{where} is required"
@@ -122,6 +122,12 @@ def _problem(problem: dict, cls: type | None) -> str:
 
 
 # ---- request-file lines and HTTP bodies -------------------------------------------------------------------------
+class Strict(pydantic.BaseModel):
+    """A model of request fields: finite numbers, no unknown field (the base of lines and HTTP bodies)."""
+
+    model_config = _CONFIG
+
+
 @functools.lru_cache(maxsize=None)
 def fields_model(cls: type, scopes: tuple[str, ...] = PER_REQUEST, base: type[pydantic.BaseModel] | None = None,
                  leave_out: tuple[str, ...] = ()) -> type[pydantic.BaseModel]:
@@ -133,12 +139,6 @@ def fields_model(cls: type, scopes: tuple[str, ...] = PER_REQUEST, base: type[py
             kind = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
             declared[name] = (kind, Field(None, description=info.description))
     return pydantic.create_model(f"{cls.__name__}Fields", __base__=base or Strict, **declared)
-
-
-class Strict(pydantic.BaseModel):
-    """A model of request fields: finite numbers, no unknown field (the base of lines and HTTP bodies)."""
-
-    model_config = _CONFIG
 
 
 def parse_fields(model: type[pydantic.BaseModel], raw: str | bytes, cls: type | None = None) -> pydantic.BaseModel:
