@@ -158,7 +158,8 @@ def run_batch(plan: Plan, check: Callable[[Any], Any], generate: Callable[[Any],
         if entry is not None:
             log.info("line %d (%s): its request changed since it was made; making it again", line.number, line.id)
         try:
-            report = agreed(comm, generate, check(line.request))
+            agreed(comm, lambda item, line=line: _make_and_record(plan.journal, line, generate, item),
+                   check(line.request))
         except RequestRefused as error:
             message = f"line {line.number} ({line.id}): {error}"
             if strict:
@@ -166,13 +167,17 @@ def run_batch(plan: Plan, check: Callable[[Any], Any], generate: Callable[[Any],
             refused.append(message)
             continue
         made += 1
-        if is_output_rank():
-            record(plan.journal, line.id, line.number, line.digest,
-                   [report[key] for key in ("image", "video") if key in report])
     if is_output_rank():
         log.info("requests: %d made, %d done before, %d refused", made, before, len(refused))
         for message in refused:
             log.warning("refused: %s", message)
+
+
+def _make_and_record(journal: Path, line: Line, generate: Callable[[Any], dict | None], item: Any) -> None:
+    """Make a line's request; the output rank appends it to the journal (a failure there is every rank's)."""
+    report = generate(item)
+    if is_output_rank():
+        record(journal, line.id, line.number, line.digest, [report[key] for key in ("image", "video") if key in report])
 
 
 def checked(comm: GroupComm, job: Any, request: Any) -> Any:
