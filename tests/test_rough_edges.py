@@ -150,6 +150,15 @@ def test_a_video_transformers_estimate_counts_its_latent_frames_and_token_shards
     assert need(job).bytes == (262_406_144 + 12_586_057_728) * 4
 
 
+def test_a_wan_request_is_memory_checked(monkeypatch):
+    """Wan requests were never checked: the estimate read a VAE key Wan's VAE lacks and skipped silently."""
+    monkeypatch.setattr(memory_estimate, "available_bytes", lambda device, local_ranks: 4 * GiB)
+    with pytest.raises(ValueError, match=r"a video of 4001 frames of 1024x1024 needs at least 48 GiB per rank with 4 "
+                                         r"ranks \(clip × ulysses × ring 4\)"):
+        check_memory(VideoRequest(model="tiny-wan", frames=4001, height=1024, width=1024),
+                     ParallelConfig(clip=2, ring=2, patch=1), 4, CPU, 4)
+
+
 def test_a_model_without_an_estimate_says_so(monkeypatch, caplog):
     monkeypatch.setattr(memory_estimate, "model_shape", lambda model: None)
     with caplog.at_level("WARNING", logger="paragen"):

@@ -86,7 +86,7 @@ def test_video_and_completion_bodies():
     assert completion_fields(CompletionBody(temperature=0))[0]["sample"] is False
     assert completion_fields(CompletionBody(temperature=0.7))[0] == {"sample": True, "temperature": 0.7}
     for bad in ({"stream": True}, {"n": 2}, {"temperature": -1}, {"stop": ["\n"]}, {"context": 2e8},
-                {"prompt_file": "/etc/passwd"}):
+                {"context": 10**12}, {"prompt_file": "/etc/passwd"}):
         with pytest.raises(ValidationError):
             CompletionBody(**bad)
     with pytest.raises(ValueError, match="give size, or height and width, not both"):
