@@ -28,7 +28,8 @@ from paragen.pipelines.jobs.llm import LLMRequest
 from tests.multiproc import ROOT, check_all_ok, run_ranks
 from tests.serve_client import Server, call, call_declaring, open_request, wait_for
 
-ImageBody, VideoBody, CompletionBody = (ENDPOINTS[job].body() for job in ("image", "video", "llm"))
+ImageBody, VideoBody, CompletionBody = (ENDPOINTS[job][0].body() for job in ("image", "video", "llm"))
+ChatBody = ENDPOINTS["llm"][1].body()
 
 
 # ---- bodies ------------------------------------------------------------------------------------------
@@ -85,10 +86,16 @@ def test_video_and_completion_bodies():
     assert completion_fields(CompletionBody(context=256, max_tokens=6)) == [{"new_tokens": 6, "context": 256}]
     assert completion_fields(CompletionBody(temperature=0))[0]["sample"] is False
     assert completion_fields(CompletionBody(temperature=0.7))[0] == {"sample": True, "temperature": 0.7}
-    for bad in ({"stream": True}, {"n": 2}, {"temperature": -1}, {"stop": ["\n"]}, {"context": 2e8},
-                {"context": 10**12}, {"prompt_file": "/etc/passwd"}):
+    streamed = completion_fields(CompletionBody(prompt="hi", stream=True, max_tokens=3))
+    assert streamed == [{"prompt": "hi", "new_tokens": 3}]  # streaming is how it answers, not a request field
+    for bad in ({"n": 2}, {"temperature": -1}, {"stop": ["\n"]}, {"context": 2e8}, {"context": 10**12},
+                {"prompt_file": "/etc/passwd"}, {"messages": [{"role": "user", "content": "hi"}]}):
         with pytest.raises(ValidationError):
             CompletionBody(**bad)
+    chat = ChatBody(messages=[{"role": "user", "content": "hi"}], max_completion_tokens=5, temperature=0)
+    assert completion_fields(chat)[0]["new_tokens"] == 5 and "prompt" not in ChatBody.model_fields
+    with pytest.raises(ValueError, match="not both"):
+        completion_fields(ChatBody(messages=[{"role": "user", "content": "hi"}], max_tokens=2, max_completion_tokens=3))
     with pytest.raises(ValueError, match="give size, or height and width, not both"):
         image_fields(ImageBody(prompt="a fox", size="64x64", height=64))
 
@@ -309,24 +316,6 @@ def test_a_dead_rank_makes_the_server_answer_503_and_exit_non_zero():
         statuses = server.wait(timeout=90)
         assert statuses[0] not in (0, None) and time.monotonic() - started < 60, statuses
         assert "communication failed" in server.log(0), server.log(0)[-2000:]
-
-
-@pytest.mark.slow
-def test_an_llm_server_idles_past_the_timeout_then_answers_openai_completions_with_the_passkey(tmp_path):
-    with Server(["llm", "--new-tokens", "6", "--timeout", "6", "--out", str(tmp_path)]) as server:
-        time.sleep(9)  # idle past --timeout: the ranks' rounds keep every collective short
-        reply = call(server.url, "/v1/completions", {"context": 256, "seed": 1, "temperature": 0, "max_tokens": 6})
-        assert reply.status == 200, reply.body
-        report = reply.body["paragen"]["reports"][0]
-        assert reply.body["object"] == "text_completion" and reply.body["choices"][0]["text"] == report["passkey"]
-        assert reply.body["usage"] == {"prompt_tokens": 256, "completion_tokens": 6, "total_tokens": 262}
-        refused = call(server.url, "/v1/completions", {"prompt": "hello"})
-        assert refused.status == 400 and "no tokenizer" in refused.body["error"]["message"]
-        assert call(server.url, "/v1/completions", {"context": 256, "stream": True}).status == 400
-        assert call(server.url, "/v1/completions", {"context": 3}).status == 400
-        server.signal(signal.SIGINT, ranks=(1,))  # any rank's signal stops every rank
-        assert server.wait() == [0, 0]
-    assert json.loads(next(Path(tmp_path).glob("*.json")).read_text())["correct"] is True
 
 
 @pytest.mark.slow

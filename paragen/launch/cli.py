@@ -53,6 +53,10 @@ def _add_runtime_arguments(p: argparse.ArgumentParser) -> None:
 def _run_job(args: argparse.Namespace) -> int:
     """parse → check → init → agree → run → report, for every job alike."""
     job = importlib.import_module(JOBS[args.command][0])
+    answer = job.standalone(args) if hasattr(job, "standalone") else None  # e.g. `paragen llm --print-prompt`
+    if answer is not None:
+        print(answer)
+        return 0
     launch = discover()
     prepared, verdict = attempt(lambda _: job.prepare(args, launch), None)  # every check of this rank's own
     init(device=args.device, init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads,

@@ -20,7 +20,7 @@ from typing import Any
 
 from paragen.comms import is_initialized, world_comm, world_size
 from paragen.launch.env import discover
-from paragen.parallel.interrupt import Interrupt
+from paragen.parallel.interrupt import Watch
 from paragen.pipelines.jobs import schema
 from paragen.pipelines.jobs.agree import agreed, attempt
 from paragen.pipelines.jobs.batch import agree_prepared, checked
@@ -80,10 +80,10 @@ class JobRunner:
         """The job's checks of one request on every rank, agreed (a collective); what `generate` takes."""
         return checked(world_comm(), self.job, request)
 
-    def generate(self, item: Any, interrupt: Interrupt | None = None) -> dict | None:
-        """Make one checked request on every rank; the report on the output rank, None on the others. `interrupt`
-        may stop it between steps (RequestCancelled on every rank)."""
-        return self.module.generate(self.job, self.state, item, self.load_s, interrupt)
+    def generate(self, item: Any, watch: Watch | None = None) -> dict | None:
+        """Make one checked request on every rank; the report on the output rank, None on the others. The `watch`
+        may stop it between steps (RequestCancelled on every rank) and receives an LLM's tokens as they come."""
+        return self.module.generate(self.job, self.state, item, self.load_s, watch)
 
     def __call__(self, **fields: Any) -> dict | None:
         """Make one request (the launch's request with `fields` changed); the report on the output rank, None on

@@ -1,18 +1,36 @@
-"""Stopping a request between its steps, on every rank at the same step.
+"""Following a request in flight: stopping it between its steps on every rank at the same step, and receiving an
+LLM's tokens as they are decided.
 
 A caller that may want to stop a request in flight (`paragen serve`, when the client has gone away) hands the job
 an `Interrupt`: a function every rank calls between two steps (denoising steps, decoded tokens) and that returns
 the same answer on every rank — its decision is made on one rank and broadcast, see `broadcast_stop`. When it says
 stop, the runtime raises `RequestCancelled` on every rank at that step, before the step's first collective, so no
-rank is left waiting and nothing is written.
+rank is left waiting and nothing is written. A caller that streams an LLM's answer adds `on_tokens`, called with
+the new token ids each time the ranks have decided some (every token; a speculative round's accepted tokens
+together).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 from paragen.comms import GroupComm, broadcast_int
 
 Interrupt = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class Watch:
+    """How a caller follows one request: `interrupt` (asked between steps, the same answer on every rank) and
+    `on_tokens` (new token ids as they are decided; set on the rank that streams them, None elsewhere)."""
+
+    interrupt: Interrupt | None = None
+    on_tokens: Callable[[list[int]], None] | None = None
+
+
+def interrupt_of(watch: Watch | None) -> Interrupt | None:
+    """The watch's interrupt (None without a watch)."""
+    return None if watch is None else watch.interrupt
 
 
 class RequestCancelled(Exception):
@@ -33,4 +51,4 @@ def check_interrupt(interrupt: Interrupt | None, where: str) -> None:
         raise RequestCancelled(f"cancelled {where}")
 
 
-__all__ = ["Interrupt", "RequestCancelled", "broadcast_stop", "check_interrupt"]
+__all__ = ["Interrupt", "RequestCancelled", "Watch", "broadcast_stop", "check_interrupt", "interrupt_of"]

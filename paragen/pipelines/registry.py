@@ -8,8 +8,9 @@ and one `Workload` record here. `paragen.parallelize`, the command line and the 
 
 A command-line job (`paragen image`, `paragen video`, `paragen llm`; `paragen/pipelines/jobs/`) is a module
 exporting `add_arguments` (its parser), `prepare` (every check of a request, before the process group), `load`
-(the model, parallelised) and `generate` (one request); it picks its workload with `find`, so one job runs every
-workload that names it. `jobs.batch.run_job` runs a prepared job, one request or a whole request file.
+(the model, parallelised) and `generate` (one request), and may export `standalone` (what it answers without the
+ranks, such as `paragen llm --print-prompt`); it picks its workload with `find`, so one job runs every workload that
+names it. `jobs.batch.run_job` runs a prepared job, one request or a whole request file.
 """
 from __future__ import annotations
 

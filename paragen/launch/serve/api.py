@@ -1,13 +1,14 @@
 """The HTTP shapes of `paragen serve`: each job's request body, what job requests it becomes, the server's limits,
 and the response.
 
-The OpenAI API's shape where one exists — `POST /v1/images/generations` (image) and `POST /v1/completions` (llm);
-video follows the image shape at `POST /v1/videos/generations`. A body is derived from the job's request schema
-(`paragen.pipelines.jobs.schema`): every field a client may set (`REQUEST` scope: prompt, steps, seed, …) with its
-declared type and bounds, beside OpenAI's own fields (`size`, `n`, `max_tokens`, …), which stand in for the request
-fields they replace. Fields OpenAI has and paragen does not serve are refused by name (`response_format: url`,
-`stream`, `n > 1` for completions); unknown fields are refused; numbers must be finite and of the declared kind.
-The optional `id` names the request's output files in `--out`.
+The OpenAI API's shape where one exists — `POST /v1/images/generations` (image), `POST /v1/completions` and
+`POST /v1/chat/completions` (llm; answers whole, or streamed as server-sent events of OpenAI's chunks); video
+follows the image shape at `POST /v1/videos/generations`. A body is derived from the job's request schema
+(`paragen.pipelines.jobs.schema`): every field a client may set (`REQUEST` scope: prompt, messages, steps, seed, …)
+with its declared type and bounds, beside OpenAI's own fields (`size`, `n`, `max_tokens`, …), which stand in for
+the request fields they replace. Fields OpenAI has and paragen does not serve are refused by name
+(`response_format: url`, `n > 1` for completions, `stop`); unknown fields are refused; numbers must be finite and
+of the declared kind. The optional `id` names the request's output files in `--out`.
 """
 from __future__ import annotations
 
@@ -48,11 +49,20 @@ class _VideoOpenAI(_Body):
     response_format: Literal["b64_json"] = "b64_json"
 
 
+class _StreamOptions(schema.Strict):
+    include_usage: bool = False
+
+
 class _CompletionOpenAI(_Body):
     max_tokens: int | None = Field(None, ge=1, description="tokens to generate (the request's new_tokens)")
     temperature: float | None = Field(None, ge=0, description="0: greedy; omitted: the launch's choice")
     n: Literal[1] = 1
-    stream: Literal[False] = False
+    stream: bool = Field(False, description="server-sent events as the ranks decide the tokens")
+    stream_options: _StreamOptions | None = None
+
+
+class _ChatOpenAI(_CompletionOpenAI):
+    max_completion_tokens: int | None = Field(None, ge=1, description="tokens to generate (OpenAI's newer name)")
 
 
 @dataclass(frozen=True)
@@ -104,13 +114,27 @@ def video_fields(body: Any) -> list[dict]:
     return [{"prompts": prompts, **given, **_size(body)}]
 
 
+TEXT_FIELDS = BODY_FIELDS + ("max_tokens", "max_completion_tokens", "temperature", "n", "stream", "stream_options")
+
+
 def completion_fields(body: Any) -> list[dict]:
     """The llm job's request fields (temperature 0: greedy; above: sampling at that temperature)."""
-    given = schema.given(body, BODY_FIELDS + ("max_tokens", "temperature", "n", "stream"))
+    if body.stream_options is not None and not body.stream:
+        raise ValueError("stream_options applies to a streamed answer: add stream: true")
+    given = schema.given(body, TEXT_FIELDS)
     sampling = {} if body.temperature is None else (
         {"sample": False} if body.temperature == 0 else {"sample": True, "temperature": body.temperature})
-    tokens = {} if body.max_tokens is None else {"new_tokens": body.max_tokens}
-    return [{**given, **tokens, **sampling}]
+    most = [value for value in (body.max_tokens, getattr(body, "max_completion_tokens", None)) if value is not None]
+    if len(most) > 1:
+        raise ValueError("give max_tokens or max_completion_tokens, not both")
+    return [{**given, **({"new_tokens": most[0]} if most else {}), **sampling}]
+
+
+def chat_fields(body: Any) -> list[dict]:
+    """The llm job's request fields of a chat body (its messages through the tokenizer's chat template)."""
+    if body.messages is None:
+        raise ValueError("messages is required")
+    return completion_fields(body)
 
 
 def _b64(path: str) -> str:
@@ -130,17 +154,53 @@ def video_response(request_id: str, model: str, reports: list[dict]) -> dict:
     return {"created": int(time.time()), "data": data, "paragen": {"id": request_id, "model": model, "reports": reports}}
 
 
-def completion_response(request_id: str, model: str, reports: list[dict]) -> dict:
-    """An OpenAI text completion: the text (a passkey model's answer digits), usage, and paragen's report."""
-    report = reports[0]
+@dataclass(frozen=True)
+class TextShape:
+    """How a text endpoint answers, whole or streamed: OpenAI's completions (`text`) or chat completions
+    (`message` whole, `delta` streamed)."""
+
+    prefix: str  # of the answer's id
+    object: str
+    chunk_object: str
+    chat: bool
+
+    def response(self, request_id: str, model: str, reports: list[dict]) -> dict:
+        """The whole answer: its text, why it ended, usage, and paragen's report."""
+        report = reports[0]
+        choice = ({"message": {"role": "assistant", "content": report["text"]}} if self.chat
+                  else {"text": report["text"]})
+        return {**self._head(request_id, model, self.object),
+                "choices": [{"index": 0, **choice, "finish_reason": report["finish_reason"], "logprobs": None}],
+                "usage": usage(report), "paragen": {"id": request_id, "reports": reports}}
+
+    def chunk(self, request_id: str, model: str, text: str | None, finish: str | None = None) -> dict:
+        """One streamed piece: `text` (None: the chat's first chunk, which names the role), or the last, empty
+        one with `finish`."""
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if text is None else ({"content": text} if text else {})
+            choice = {"delta": delta}
+        else:
+            choice = {"text": text or ""}
+        return {**self._head(request_id, model, self.chunk_object),
+                "choices": [{"index": 0, **choice, "finish_reason": finish, "logprobs": None}]}
+
+    def usage_chunk(self, request_id: str, model: str, report: dict) -> dict:
+        """The chunk after the last, with no choice and the usage (`stream_options.include_usage`)."""
+        return {**self._head(request_id, model, self.chunk_object), "choices": [], "usage": usage(report)}
+
+    def _head(self, request_id: str, model: str, kind: str) -> dict:
+        return {"id": f"{self.prefix}-{request_id}", "object": kind, "created": int(time.time()), "model": model}
+
+
+def usage(report: dict) -> dict:
+    """OpenAI's token counts of a finished completion."""
     new = len(report["new_tokens"])
-    text = report["text"] if "text" in report else report["answer"]
-    finish = "length" if new >= report["request"]["new_tokens"] else "stop"
-    return {"id": f"cmpl-{request_id}", "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}],
-            "usage": {"prompt_tokens": report["prompt_tokens"], "completion_tokens": new,
-                      "total_tokens": report["prompt_tokens"] + new},
-            "paragen": {"id": request_id, "reports": reports}}
+    return {"prompt_tokens": report["prompt_tokens"], "completion_tokens": new,
+            "total_tokens": report["prompt_tokens"] + new}
+
+
+COMPLETIONS = TextShape("cmpl", "text_completion", "text_completion", chat=False)
+CHAT = TextShape("chatcmpl", "chat.completion", "chat.completion.chunk", chat=True)
 
 
 @dataclass(frozen=True)
@@ -155,6 +215,7 @@ class Endpoint:
     replaced: tuple[str, ...]  # request fields a body sets through OpenAI's instead
     fields: Callable[[Any], list[dict]]
     response: Callable[[str, str, list[dict]], dict]
+    text: TextShape | None = None  # a text endpoint: its answers can be streamed
 
     def body(self) -> type[_Body]:
         """The body's model: the OpenAI fields and the request's `REQUEST` fields (less `replaced`)."""
@@ -167,11 +228,14 @@ def body_model(endpoint: Endpoint) -> type[_Body]:
     return schema.fields_model(request_class, (REQUEST,), endpoint.openai, endpoint.replaced)
 
 
-ENDPOINTS = {
-    "image": Endpoint("image", "/v1/images/generations", "ImageRequest", _ImageOpenAI, (), image_fields,
-                      image_response),
-    "video": Endpoint("video", "/v1/videos/generations", "VideoRequest", _VideoOpenAI, ("prompts",), video_fields,
-                      video_response),
-    "llm": Endpoint("llm", "/v1/completions", "LLMRequest", _CompletionOpenAI, ("new_tokens", "sample", "temperature"),
-                    completion_fields, completion_response),
+_NOT_TEXT = ("new_tokens", "sample", "temperature")  # set through max_tokens and temperature
+ENDPOINTS = {  # every job's endpoints, its main one first
+    "image": (Endpoint("image", "/v1/images/generations", "ImageRequest", _ImageOpenAI, (), image_fields,
+                       image_response),),
+    "video": (Endpoint("video", "/v1/videos/generations", "VideoRequest", _VideoOpenAI, ("prompts",), video_fields,
+                       video_response),),
+    "llm": (Endpoint("llm", "/v1/completions", "LLMRequest", _CompletionOpenAI, (*_NOT_TEXT, "messages"),
+                     completion_fields, COMPLETIONS.response, COMPLETIONS),
+            Endpoint("llm", "/v1/chat/completions", "LLMRequest", _ChatOpenAI,
+                     (*_NOT_TEXT, "prompt", "context", "depth"), chat_fields, CHAT.response, CHAT)),
 }

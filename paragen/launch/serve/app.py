@@ -1,6 +1,6 @@
 """The HTTP front of `paragen serve` (FastAPI, run by uvicorn in a thread of the output rank).
 
-Routes: the served job's endpoint (`api.ENDPOINTS`), `GET /health` (200 while serving, 503 while loading,
+Routes: the served job's endpoints (`api.ENDPOINTS`; a text endpoint's answer streamed when asked, `stream.py`), `GET /health` (200 while serving, 503 while loading,
 stopping or broken) and `GET /metrics` (Prometheus text). The other jobs' endpoints answer 404 saying which job
 this server runs. With an API key, the job's endpoint wants `Authorization: Bearer <key>`; health and metrics
 stay open. Every error, an unexpected one too, comes back as JSON in OpenAI's shape,
@@ -22,25 +22,30 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from paragen.launch.serve.api import ENDPOINTS, Endpoint, Limits
 from paragen.launch.serve.front import Front, Outcome, Ticket
+from paragen.launch.serve.stream import WATCH_S, TokenFeed, events
 from paragen.pipelines.jobs import schema
+from paragen.pipelines.jobs.llm_text import TextStream
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 429: "server_busy",
                499: "client_closed_request", 500: "server_error", 503: "unavailable"}
-WATCH_S = 0.25  # how often a waiting request's connection is checked
 
 
 def error_response(status: int, message: str) -> JSONResponse:
     """An error in OpenAI's shape."""
-    body = {"error": {"message": message, "type": ERROR_TYPES.get(status, "error"), "code": status}}
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(_error_body(Outcome(status, message)), status_code=status, headers=headers)
+
+
+def _error_body(outcome: Outcome) -> dict:
+    return {"error": {"message": outcome.message, "type": ERROR_TYPES.get(outcome.status, "error"),
+                      "code": outcome.status}}
 
 
 def build_app(job: str, model: str, runner: Any, front: Front, out_dir: str, check_lock: Any,
@@ -48,7 +53,6 @@ def build_app(job: str, model: str, runner: Any, front: Front, out_dir: str, che
     """The app serving `job` (`model` as clients name it) through `runner`'s checks and `front`'s queue, within
     `limits`."""
     app = FastAPI(title="paragen", docs_url=None, redoc_url=None, openapi_url=None)
-    endpoint = ENDPOINTS[job]
 
     @app.exception_handler(HTTPException)
     async def http_error(_: Request, error: HTTPException) -> JSONResponse:
@@ -71,23 +75,29 @@ def build_app(job: str, model: str, runner: Any, front: Front, out_dir: str, che
     async def metrics() -> PlainTextResponse:
         return PlainTextResponse(front.metrics(), media_type="text/plain; version=0.0.4")
 
-    for name, other in ENDPOINTS.items():
-        if name != job:
-            app.add_api_route(other.path, _elsewhere(name, job, endpoint), methods=["POST"])
-    make = _maker(endpoint, model, runner, front, out_dir, check_lock, limits)
+    for name, others in ENDPOINTS.items():
+        for other in others if name != job else ():
+            app.add_api_route(other.path, _elsewhere(name, job, ENDPOINTS[job][0]), methods=["POST"])
+    for endpoint in ENDPOINTS[job]:
+        app.add_api_route(endpoint.path, _route(endpoint, _maker(endpoint, model, runner, front, out_dir, check_lock,
+                                                                 limits), api_key, limits), methods=["POST"])
+    return app
+
+
+def _route(endpoint: Endpoint, make: Callable, api_key: str | None, limits: Limits) -> Callable:
+    """The handler of one endpoint: the API key, the body's size, its schema, then the job."""
     body_model = endpoint.body()
 
-    async def generate(request: Request) -> JSONResponse:
+    async def generate(request: Request) -> Response:
         _authorize(request, api_key)
         raw = await _read_body(request, limits.body_bytes)
         try:
             body = schema.parse_fields(body_model, raw)
         except ValueError as error:
             raise Outcome(400, str(error)) from None
-        return JSONResponse(await make(body, request))
+        return await make(body, request)
 
-    app.add_api_route(endpoint.path, generate, methods=["POST"])
-    return app
+    return generate
 
 
 async def _read_body(request: Request, most: int) -> bytes:
@@ -123,7 +133,8 @@ def _maker(endpoint: Endpoint, model: str, runner: Any, front: Front, out_dir: s
     """The coroutine that turns a parsed body into job requests, queues them, and waits for their reports while
     watching the client's connection."""
 
-    def tickets(body) -> tuple[str, list[Ticket]]:
+    def tickets(body) -> tuple[str, list[Ticket], list[Any]]:
+        """The body's requests, each checked on this rank (and its checked item) before it is queued."""
         if body.model is not None and body.model not in (model, runner.job.request.model):
             raise Outcome(404, f"model {body.model!r} is not served here (this server runs {model!r})")
         try:
@@ -132,7 +143,7 @@ def _maker(endpoint: Endpoint, model: str, runner: Any, front: Front, out_dir: s
         except ValueError as error:
             raise Outcome(400, str(error)) from None
         ids = [request_id] if len(fields) == 1 else [f"{request_id}-{i}" for i in range(len(fields))]
-        out = []
+        out, items = [], []
         for one_id, one in zip(ids, fields):
             if (Path(out_dir) / f"{one_id}.json").exists():
                 raise Outcome(409, f"id {one_id!r} already names outputs in {out_dir}; pick another id")
@@ -140,14 +151,16 @@ def _maker(endpoint: Endpoint, model: str, runner: Any, front: Front, out_dir: s
                 request = runner.request(**one, name=one_id)
                 limits.check(request)
                 with check_lock:  # the ranks' loop checks on this rank too; tokenizers are not thread-safe
-                    runner.check(request)
+                    items.append(runner.check(request))
             except (ValueError, TypeError) as error:
                 raise Outcome(400, str(error)) from None
             out.append(Ticket(one_id, request))
-        return request_id, out
+        return request_id, out, items
 
-    async def make(body, connection: Request) -> dict:
-        request_id, made = await run_in_threadpool(tickets, body)
+    async def make(body, connection: Request) -> Response:
+        request_id, made, items = await run_in_threadpool(tickets, body)
+        if getattr(body, "stream", False):
+            return stream(body, connection, request_id, made[0], items[0])
         waiting = [asyncio.wrap_future(future) for future in front.submit(made)]
         while not all(future.done() for future in waiting):
             await asyncio.wait(waiting, timeout=WATCH_S)
@@ -155,6 +168,17 @@ def _maker(endpoint: Endpoint, model: str, runner: Any, front: Front, out_dir: s
                 front.cancel(made, "the client went away")
                 await asyncio.wait(waiting)
         reports = [future.result() for future in waiting]
-        return await run_in_threadpool(endpoint.response, request_id, model, reports)
+        return JSONResponse(await run_in_threadpool(endpoint.response, request_id, model, reports))
+
+    def stream(body, connection: Request, request_id: str, ticket: Ticket, item: Any) -> StreamingResponse:
+        """Queue the ticket with a feed for its tokens; the events of its answer as the ranks decode it."""
+        feed = TokenFeed()
+        ticket.on_tokens = feed.put
+        (future,) = front.submit([ticket])
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        answer = events(endpoint.text, request_id, model, feed, asyncio.wrap_future(future), TextStream(item.tokenizer),
+                        include_usage, connection.is_disconnected,
+                        lambda: front.cancel([ticket], "the client went away"), _error_body)
+        return StreamingResponse(answer, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return make

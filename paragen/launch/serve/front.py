@@ -13,7 +13,7 @@ import threading
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 LOADING, SERVING, STOPPING, BROKEN = "loading", "serving", "stopping", "broken"
 CLIENT_GONE = 499  # nginx's "client closed request": nobody reads the answer
@@ -38,6 +38,7 @@ class Ticket:
     future: Future = field(default_factory=Future)  # the report, or an Outcome
     queued_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # its client went away: the ranks stop it at their next step
+    on_tokens: Callable[[list[int]], None] | None = None  # a streamed answer's feed (the ranks' thread calls it)
 
 
 class Front:

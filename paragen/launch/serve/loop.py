@@ -19,7 +19,7 @@ from paragen.comms import all_gather_objects, world_comm
 from paragen.launch.runner import JobRunner
 from paragen.launch.serve.front import CLIENT_GONE, Front, Outcome, Ticket
 from paragen.log import get_logger
-from paragen.parallel.interrupt import RequestCancelled, broadcast_stop
+from paragen.parallel.interrupt import RequestCancelled, Watch, broadcast_stop
 from paragen.pipelines.jobs.agree import RequestFailed, RequestRefused, agreed
 
 
@@ -40,8 +40,9 @@ def serve_ranks(runner: JobRunner, front: Front | None, stopping: threading.Even
                 continue
             request_id, request = votes[0][0]
             started = time.perf_counter()
-            interrupt = broadcast_stop(comm, lambda made=ticket: made is not None and made.cancelled)
-            report, outcome = _make(runner, comm, request, interrupt)
+            watch = Watch(broadcast_stop(comm, lambda made=ticket: made is not None and made.cancelled),
+                          None if ticket is None else ticket.on_tokens)
+            report, outcome = _make(runner, comm, request, watch)
             if ticket is not None:
                 _log(request_id, outcome, time.perf_counter() - started)
                 front.finish(ticket, report, outcome, time.perf_counter() - started)
@@ -52,12 +53,12 @@ def serve_ranks(runner: JobRunner, front: Front | None, stopping: threading.Even
         raise
 
 
-def _make(runner: JobRunner, comm, request, interrupt) -> tuple[dict | None, Outcome | None]:
-    """Check `request` on every rank, then (if every rank agrees) make it, stoppable between steps by
-    `interrupt`; its report, or why not."""
+def _make(runner: JobRunner, comm, request, watch: Watch) -> tuple[dict | None, Outcome | None]:
+    """Check `request` on every rank, then (if every rank agrees) make it, followed by `watch` (stopped between
+    steps when its client goes away, its tokens streamed); its report, or why not."""
     try:
         item = runner.checked(request)
-        return agreed(comm, lambda checked: runner.generate(checked, interrupt), item), None
+        return agreed(comm, lambda checked: runner.generate(checked, watch), item), None
     except RequestRefused as error:
         return None, Outcome(400, str(error))
     except RequestCancelled as error:

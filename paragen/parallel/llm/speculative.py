@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from paragen.kernels.speculative import draw, sampling_probs, verify_greedy, verify_sampled
-from paragen.parallel.interrupt import Interrupt, check_interrupt
+from paragen.parallel.interrupt import Watch, check_interrupt, interrupt_of
 from paragen.parallel.llm.cache import AttendingCache, ShardedKVCache
 from paragen.parallel.llm.config import SpeculativeConfig
 from paragen.parallel.llm.local_cache import LocalCache, StreamingCache
@@ -227,19 +227,28 @@ def _decide(cache: ShardedKVCache, values: list[int]) -> list[int]:
     return cache.comm.broadcast_async(buf, DRAFTING_RANK, DECISION_LABEL).wait().tolist()
 
 
+def _stream(watch: Watch | None, out: list[int], sent: int, most: int) -> int:
+    """Hand the tokens of `out` after the first `sent` (up to `most`) to the watch's `on_tokens`; how many are sent."""
+    if watch is not None and watch.on_tokens is not None and sent < min(len(out), most):
+        watch.on_tokens(out[sent:most])
+    return min(len(out), most)
+
+
 def speculative_generate(
     forward: Forward, cache: ShardedKVCache, first_logits: torch.Tensor, spec: SpeculativeConfig, sampling: Sampling,
-    max_new_tokens: int, draft: tuple[Forward, StreamingCache] | None = None, interrupt: Interrupt | None = None,
+    max_new_tokens: int, draft: tuple[Forward, StreamingCache] | None = None, watch: Watch | None = None,
 ) -> tuple[list[int], SpeculativeStats, LocalCache | None]:
     """The new tokens after a prompt whose prefill filled `cache` (`first_logits [V]`: the same on every rank),
     the statistics and the retrieval cache (drafting rank; None elsewhere). Every rank calls it with the same arguments; `draft` (the third level, already holding
-    the prompt: `prefill_streaming`) is used on the drafting rank only. `interrupt` is asked before every round of
-    drafting and verification (RequestCancelled on every rank when it says stop)."""
+    the prompt: `prefill_streaming`) is used on the drafting rank only. `watch`: its interrupt is asked before every
+    round of drafting and verification (RequestCancelled on every rank when it says stop); its `on_tokens` gets the
+    first token, then each round's accepted tokens."""
     comm, stats, device = cache.comm, SpeculativeStats(), first_logits.device
     drafting = comm.rank == DRAFTING_RANK
     generator = torch.Generator().manual_seed(sampling.seed)  # token choices are drawn on the host
     first = sampling.choose(first_logits, generator)[0] if drafting else 0
     out = _decide(cache, [first])
+    sent = _stream(watch, out, 0, max_new_tokens)
 
     began, moved = time.perf_counter(), _moved(cache)
     last = torch.stack(cache.queries)  # [layers, B, Hq, 1, D]: the prompt's last token's on the last rank
@@ -249,7 +258,7 @@ def speculative_generate(
     drafter = Drafter(forward, retrieval, spec, sampling, generator, stats, device, draft) if drafting else None
     refresh = _Refresh(spec)
     while len(out) < max_new_tokens:
-        check_interrupt(interrupt, f"after {len(out)} new tokens")
+        check_interrupt(interrupt_of(watch), f"after {len(out)} new tokens")
         gamma = min(spec.gamma, max_new_tokens - len(out) - 1)
         start, pending = cache.total, out[-1]
         began = round_began = time.perf_counter()
@@ -277,6 +286,7 @@ def speculative_generate(
         stats.gammas.append(gamma)
         stats.kept.append(kept)
         out += [*drafted[:kept], after]
+        sent = _stream(watch, out, sent, max_new_tokens)
         if len(out) < max_new_tokens and refresh.after(gamma, kept):
             began, moved = time.perf_counter(), _moved(cache)
             retrieval = build_retrieval(cache, [q[:, :, kept: kept + 1] for q in cache.queries], spec)

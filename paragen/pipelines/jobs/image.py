@@ -28,7 +28,7 @@ from paragen.pipelines.jobs.common import (Prepared, add_checkpoint_arguments, a
                                            open_checkpoints, output_stem)
 from paragen.pipelines.jobs.schema import field, request_class
 from paragen.pipelines.loading import EMBEDDED_MODELS, check_model_source
-from paragen.parallel.interrupt import Interrupt
+from paragen.parallel.interrupt import Watch, interrupt_of
 from paragen.pipelines.outputs import save_json, save_png
 from paragen.pipelines.runtime import INTERRUPT_OPTION
 from paragen.pipelines.report import job_report
@@ -165,14 +165,14 @@ def load(job: Prepared) -> Any:
     return pipe
 
 
-def generate(job: Prepared, pipe, request: ImageRequest, load_s: float, interrupt: Interrupt | None = None) -> dict | None:
-    """One image on every rank; the output rank writes PNG + JSON and returns the report. `interrupt` may stop it
-    between steps (RequestCancelled on every rank, nothing written)."""
+def generate(job: Prepared, pipe, request: ImageRequest, load_s: float, watch: Watch | None = None) -> dict | None:
+    """One image on every rank; the output rank writes PNG + JSON and returns the report. The `watch`'s interrupt may
+    stop it between steps (RequestCancelled on every rank, nothing written)."""
     log = get_logger()
     loaded = time.perf_counter()
     options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
-    if interrupt is not None:
-        options[INTERRUPT_OPTION] = interrupt
+    if interrupt_of(watch) is not None:
+        options[INTERRUPT_OPTION] = watch.interrupt
     images = pipe(
         request.prompt,
         **({"negative_prompt": request.negative_prompt} if request.negative_prompt else {}),  # PixArt rejects None

@@ -1,9 +1,10 @@
 """`paragen llm`: one causal-LM request — check, load, parallelise, generate, report.
 
-The embedded models speak the passkey task's vocabulary (`paragen.pipelines.llm.passkey`): their prompt is
-a passkey prompt of `context` tokens with the key at `depth`, and the report says whether the answer
-is the key. A local checkpoint takes a text prompt (`prompt` or `prompt_file`), tokenised by the
-checkpoint's own tokenizer. `--kv speculative` decodes by lossless hierarchical speculative decoding
+The embedded models speak the passkey task's vocabulary (`paragen.pipelines.llm.passkey`), and ship a tokenizer
+that reads and writes it as text: their prompt is text (`prompt`, `prompt_file`, chat `messages`) or, given none,
+a passkey prompt of `context` tokens with the key at `depth` (`--print-prompt` shows it as text); the report says
+whether the answer is the key whenever the prompt holds one. A local checkpoint takes text, tokenised by its own
+tokenizer (`llm_text`). `--kv speculative` decodes by lossless hierarchical speculative decoding
 (`paragen.pipelines.llm.speculative`), optionally with a draft model (`--draft`) sharing the tokenizer.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ from paragen.log import get_logger
 from paragen.parallel.config import ParallelConfig
 from paragen.parallel.llm.cache import cache_argument
 from paragen.parallel.llm.config import FULL_CACHE_PLACES, KV_MODES, KVConfig, SpeculativeConfig
-from paragen.parallel.interrupt import Interrupt, check_interrupt
+from paragen.parallel.interrupt import Watch, check_interrupt
 from paragen.pipelines import registry
 from paragen.pipelines.dtypes import DtypeName, resolve_dtype
 from paragen.pipelines.jobs import fields, schema
@@ -32,14 +33,15 @@ from paragen.pipelines.jobs.batch import request_file
 from paragen.pipelines.jobs.common import Prepared, add_output_arguments, output_stem
 from paragen.pipelines.jobs.schema import LAUNCH, LOCAL, MAX_SEED, field, request_class
 from paragen.pipelines.llm.loading import EMBEDDED_LLMS, build_llm, check_llm_source, model_root
-from paragen.pipelines.llm.passkey import DIGITS, PasskeyPrompt, check_passkey_length, decode_key, make_prompt
+from paragen.pipelines.jobs.llm_text import Message, Prompted, has_text, prompt_ids
+from paragen.pipelines.llm.passkey import DIGITS, check_passkey_length, decode_key
 from paragen.pipelines.llm.runtime import LLMRuntime, check_prompt_length
 from paragen.pipelines.llm.speculative import check_draft, generate_speculative
 from paragen.pipelines.outputs import check_out_dir, save_json
 from paragen.pipelines.report import job_report
 
 MAX_POSITIONS = 1 << 26  # tokens; a bound before the model's own positions
-TEXT_BYTES_PER_TOKEN = 32  # a text prompt longer than this many bytes a position cannot fit the model
+MAX_MESSAGES = 4096  # chat messages of one request
 
 
 @request_class
@@ -49,11 +51,14 @@ class LLMRequest:
     model: str = fields.model("tiny-passkey", f"embedded model ({', '.join(EMBEDDED_LLMS)}: passkey prompts) or a "
                                               "local transformers Llama/Qwen2/Mistral directory (safetensors) with "
                                               "its tokenizer")
-    prompt: str | None = field(None, "text prompt (local checkpoints)")
-    prompt_file: str | None = field(None, "read the text prompt from this file (local checkpoints)", scope=LOCAL)
-    context: int = field(4096, "embedded models: tokens of the passkey prompt (with --new-tokens, at most the "
-                               "model's positions)", gt=0, le=MAX_POSITIONS)
-    depth: float = field(0.5, "embedded models: where the key sits, 0 (start) to 1 (end)", ge=0, le=1)
+    prompt: str | None = field(None, "text prompt")
+    prompt_file: str | None = field(None, "read the text prompt from this file", scope=LOCAL)
+    messages: tuple[Message, ...] | None = field(None, "chat messages, rendered by the tokenizer's chat template",
+                                                 cli=False, min_length=1, max_length=MAX_MESSAGES)
+    context: int = field(4096, "embedded models without a text prompt: tokens of the passkey prompt made (with "
+                               "--new-tokens, at most the model's positions)", gt=0, le=MAX_POSITIONS)
+    depth: float = field(0.5, "embedded models without a text prompt: where the key sits, 0 (start) to 1 (end)",
+                         ge=0, le=1)
     new_tokens: int = field(16, "tokens to generate", gt=0, le=MAX_POSITIONS)
     sample: bool = field(False, "sample instead of greedy decoding (same seed on every rank)")
     temperature: float = field(1.0, "sampling temperature", gt=0, le=100)
@@ -72,25 +77,13 @@ class LLMRequest:
     name: str | None = fields.name()
 
     def __post_init__(self) -> None:
-        if self.prompt is not None and self.prompt_file is not None:
-            raise ValueError("give --prompt or --prompt-file, not both")
-        text = self.prompt is not None or self.prompt_file is not None
-        if self.model in EMBEDDED_LLMS and text:
-            raise ValueError(f"{self.model} has no tokenizer: it reads passkey prompts (--context, --depth), not text")
-        if self.model not in EMBEDDED_LLMS and not text:
-            raise ValueError("a local checkpoint needs a text prompt: --prompt or --prompt-file")
-        if self.model in EMBEDDED_LLMS:
+        given = [name for name in ("prompt", "prompt_file", "messages") if getattr(self, name) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give one prompt: {' or '.join(given)}, not both")
+        if self.model not in EMBEDDED_LLMS and not given:
+            raise ValueError("a local checkpoint needs a text prompt: --prompt or --prompt-file (or chat messages)")
+        if not given:
             check_passkey_length(self.context)
-
-
-@dataclass(frozen=True)
-class Prompted:
-    """A checked request, the token ids every rank feeds to `generate`, and how to read the answer."""
-
-    request: LLMRequest
-    ids: torch.Tensor  # [1, L]
-    passkey: PasskeyPrompt | None
-    tokenizer: Any
 
 
 @dataclass
@@ -137,6 +130,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="speculative: where each rank keeps its shard's exact K/V — device, or host memory (the "
                         "offloaded setting: streamed to the device in blocks for each verification)")
     schema.add_arguments(p, LLMRequest, ("allow_remote_code",))
+    p.add_argument("--print-prompt", action="store_true",
+                   help="print the passkey prompt of --context, --depth and --seed as text, and exit (no ranks)")
     add_output_arguments(p, LLMRequest)
 
 
@@ -160,47 +155,41 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     draft_positions = _check_speculative(request, options, model_config)
     check_out_dir(request.out_dir)
     positions = model_config.max_position_embeddings
-    tokenizer = None
-    if request.model not in EMBEDDED_LLMS:
-        from transformers import AutoTokenizer
-
-        tokenizer = AutoTokenizer.from_pretrained(root, local_files_only=True, trust_remote_code=request.allow_remote_code)
+    tokenizer = load_tokenizer(request.model, request.allow_remote_code)
 
     def prompt(one: LLMRequest) -> Prompted:
         """The request's token ids, bounded by the model's positions before they are made."""
-        if tokenizer is None:
-            check_prompt_length(one.context, one.new_tokens, positions, config.seq)
-            passkey = make_prompt(one.context, one.depth, torch.Generator().manual_seed(one.seed))
-            ids = passkey.tokens.unsqueeze(0)
-        else:
-            ids, passkey = tokenizer(read_text(one, positions), return_tensors="pt").input_ids, None
-        check_prompt_length(ids.shape[1], one.new_tokens, positions, config.seq)
+        ids, key = prompt_ids(one, tokenizer, positions, config.seq)
         if options.mode == "speculative":
             options.speculative.check_context(ids.shape[1])
             if draft_positions is not None:
                 check_prompt_length(ids.shape[1], one.new_tokens, draft_positions, 1)
-        return Prompted(one, ids, passkey, tokenizer)
+        return Prompted(one, ids, key, tokenizer)
 
     prepared = Prepared(request, workload, config, options, prompt, batch=request_file(args, launch),
                         content=lambda prompted: hashlib.sha256(prompted.ids.numpy().tobytes()).hexdigest())
     return prepared if prepared.batch is not None else dataclasses.replace(prepared, item=prompt(request))
 
 
-def read_text(request: LLMRequest, positions: int) -> str:
-    """The request's text prompt (from its file), refused before it is read or tokenised when it is longer than
-    the model's positions could hold at `TEXT_BYTES_PER_TOKEN` bytes a token."""
-    most = positions * TEXT_BYTES_PER_TOKEN
-    if request.prompt is not None:
-        size = len(request.prompt.encode())
-    else:
-        try:
-            size = Path(request.prompt_file).stat().st_size
-        except OSError as error:
-            raise ValueError(f"--prompt-file {request.prompt_file!r} cannot be read: {error.strerror}") from None
-    if size > most:
-        raise ValueError(f"a prompt of {size} bytes cannot fit the model's {positions} positions (at most "
-                         f"{most} bytes, {TEXT_BYTES_PER_TOKEN} a token)")
-    return request.prompt if request.prompt is not None else Path(request.prompt_file).read_text(encoding="utf-8")
+def load_tokenizer(model: str, allow_remote_code: bool = False) -> Any:
+    """The tokenizer of an embedded model (the passkey world's, shipped beside it) or of a local checkpoint."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_root(model), local_files_only=True, trust_remote_code=allow_remote_code)
+
+
+def standalone(args: argparse.Namespace) -> str | None:
+    """What `paragen llm` answers without the ranks: `--print-prompt`, the passkey prompt `--context`, `--depth` and
+    `--seed` make, as text."""
+    if not args.print_prompt:
+        return None
+    request = schema.from_arguments(LLMRequest, args)
+    if has_text(request):
+        raise ValueError("--print-prompt prints the passkey prompt that --context, --depth and --seed make; drop the "
+                         "text prompt")
+    check_llm_source(request.model)
+    ids, _ = prompt_ids(request, load_tokenizer(request.model), MAX_POSITIONS, 1)
+    return load_tokenizer(request.model).decode(ids[0], skip_special_tokens=True)
 
 
 def _check_speculative(request: LLMRequest, options: KVConfig, model_config) -> int | None:
@@ -238,14 +227,18 @@ def _same_tokenizer(model: str, draft: str) -> bool:
     return vocabularies[0] == vocabularies[1]
 
 
-class AskInterrupt(StoppingCriteria):
-    """Asks the request's interrupt after every decoded token (every rank decodes the same number)."""
+class Follow(StoppingCriteria):
+    """After every decoded token (every rank decodes as many): the watch's interrupt, asked; its `on_tokens`, handed
+    the new token. Never stops the decode itself."""
 
-    def __init__(self, interrupt: Interrupt) -> None:
-        self.interrupt = interrupt
+    def __init__(self, watch: Watch, prompt_length: int) -> None:
+        self.watch, self.sent = watch, prompt_length
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        check_interrupt(self.interrupt, f"at {input_ids.shape[1]} tokens")
+        check_interrupt(self.watch.interrupt, f"after {input_ids.shape[1] - self.sent} new tokens")
+        if self.watch.on_tokens is not None:
+            self.watch.on_tokens(input_ids[0, self.sent:].tolist())
+            self.sent = input_ids.shape[1]
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
@@ -262,8 +255,9 @@ def load(job: Prepared) -> LoadedLLM:
 
 
 def generate(job: Prepared, loaded: LoadedLLM, prompted: Prompted, load_s: float,
-             interrupt: Interrupt | None = None) -> dict | None:
-    """One completion on every rank; the output rank writes the JSON report and returns it."""
+             watch: Watch | None = None) -> dict | None:
+    """One completion on every rank; the output rank writes the JSON report and returns it. The `watch` may stop it
+    between tokens and receives the tokens as they are decided."""
     log = get_logger()
     request = prompted.request
     runtime = loaded.runtime
@@ -274,7 +268,7 @@ def generate(job: Prepared, loaded: LoadedLLM, prompted: Prompted, load_s: float
     if job.options.mode == "speculative":
         result = generate_speculative(model, ids, max_new_tokens=request.new_tokens, do_sample=request.sample,
                                       temperature=request.temperature, top_p=request.top_p, seed=request.seed,
-                                      draft_model=loaded.draft, interrupt=interrupt)
+                                      draft_model=loaded.draft, watch=watch)
         out, cache, speculative = result.sequences, result.cache, result.stats.report()
         retrieval_bytes = result.retrieval.device_bytes() if result.retrieval is not None else 0
     else:
@@ -283,9 +277,9 @@ def generate(job: Prepared, loaded: LoadedLLM, prompted: Prompted, load_s: float
         sampling = {"do_sample": True, "temperature": request.temperature, "top_k": request.top_k,
                     "top_p": request.top_p if request.top_p < 1 else None} if request.sample \
             else {"do_sample": False, "top_k": None, "top_p": None}
-        stop = {} if interrupt is None else {"stopping_criteria": StoppingCriteriaList([AskInterrupt(interrupt)])}
+        follow = {} if watch is None else {"stopping_criteria": StoppingCriteriaList([Follow(watch, ids.shape[1])])}
         try:
-            out = model.generate(ids, **cache_argument(cache), max_new_tokens=request.new_tokens, **sampling, **stop)
+            out = model.generate(ids, **cache_argument(cache), max_new_tokens=request.new_tokens, **sampling, **follow)
         finally:
             cache.close()
     generated = time.perf_counter()
@@ -310,17 +304,17 @@ def generate(job: Prepared, loaded: LoadedLLM, prompted: Prompted, load_s: float
     report.update(
         prompt_tokens=prompted.ids.shape[1], new_tokens=new, prefill_s=runtime.prefill_s,
         decode_tokens_per_s=tokens_per_s, kv_per_rank={str(rank): value for rank, value in enumerate(kv_per_rank)},
+        text=prompted.tokenizer.decode(new, skip_special_tokens=True),
+        finish_reason="length" if len(new) >= request.new_tokens else "stop",  # an end-of-sequence token came first
     )
     if speculative is not None:
         report.update(speculative=speculative)
-    if prompted.passkey is not None:
+    if prompted.key is not None:
         answer = decode_key(new[:DIGITS])
-        report.update(passkey=prompted.passkey.key, answer=answer, correct=answer == prompted.passkey.key)
-        log.info("passkey %s at depth %.2f of %d tokens: answered %s (%s)", prompted.passkey.key, request.depth,
-                 prompted.ids.shape[1], answer, "correct" if report["correct"] else "wrong")
-    else:
-        report.update(text=prompted.tokenizer.decode(new, skip_special_tokens=True))
-        log.info("generated: %s", report["text"])
+        report.update(passkey=prompted.key, answer=answer, correct=answer == prompted.key)
+        log.info("passkey %s in %d tokens: answered %s (%s)", prompted.key, prompted.ids.shape[1], answer,
+                 "correct" if report["correct"] else "wrong")
+    log.info("generated: %s", report["text"])
     stem = output_stem(request, job.config, job.options, f"{prompted.ids.shape[1]}tok")
     path = save_json(report, Path(request.out_dir) / f"{stem}.json")
     log.info("prefill %.2f s, decode %.1f tokens/s; wrote %s", runtime.prefill_s, report["decode_tokens_per_s"] or 0, path)

@@ -99,7 +99,7 @@ def _problem(problem: dict, cls: type | None) -> str:
         return str(context.get("error", problem["msg"]))
     if kind == "json_invalid":
         return f"not valid JSON ({context.get('error', problem['msg'])})"
-    if kind == "extra_forbidden":
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         allowed = "" if cls is None else f" (a request may set: {', '.join(fields_of(cls, PER_REQUEST))})"
         return f"{where} is not a field of this request{allowed}"
     if kind == "missing":
@@ -116,6 +116,8 @@ def _problem(problem: dict, cls: type | None) -> str:
         "string_type": "must be a string", "string_too_short": "must not be empty",
         "string_too_long": f"must be at most {context.get('max_length')} characters",
         "string_pattern_mismatch": f"must match {context.get('pattern')}",
+        "too_short": f"must hold at least {context.get('min_length')}",
+        "too_long": f"must hold at most {context.get('max_length')}",
     }.get(kind, re.sub(r"^Input should be", "must be", problem["msg"]))
     shown = "" if isinstance(given, (dict, list, tuple)) or given is None else f", got {given!r}"[:80]
     return f"{where or 'the request'} {words}{shown}"

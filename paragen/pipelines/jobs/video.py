@@ -21,7 +21,7 @@ from paragen.comms import is_output_rank, world_size
 from paragen.parallel.config import ParallelConfig
 from paragen.pipelines import registry
 from paragen.pipelines.dtypes import DtypeName
-from paragen.parallel.interrupt import Interrupt
+from paragen.parallel.interrupt import Watch, interrupt_of
 from paragen.pipelines.jobs import fields, schema
 from paragen.pipelines.jobs.batch import request_file
 from paragen.pipelines.jobs.common import (Prepared, add_checkpoint_arguments, add_output_arguments,
@@ -171,14 +171,14 @@ def load(job: Prepared) -> Any:
     return pipe
 
 
-def generate(job: Prepared, pipe, request: VideoRequest, load_s: float, interrupt: Interrupt | None = None) -> dict | None:
-    """One video on every rank; the output rank writes the video + JSON and returns the report. `interrupt` may stop
-    it between steps (RequestCancelled on every rank, nothing written)."""
+def generate(job: Prepared, pipe, request: VideoRequest, load_s: float, watch: Watch | None = None) -> dict | None:
+    """One video on every rank; the output rank writes the video + JSON and returns the report. The `watch`'s interrupt
+    may stop it between steps (RequestCancelled on every rank, nothing written)."""
     log = get_logger()
     loaded = time.perf_counter()
     options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
-    if interrupt is not None:
-        options[INTERRUPT_OPTION] = interrupt
+    if interrupt_of(watch) is not None:
+        options[INTERRUPT_OPTION] = watch.interrupt
     frames = pipe(
         num_frames=request.frames,
         negative_prompt=request.negative_prompt or None,

@@ -10,6 +10,10 @@ on: the filler continues where the prompt's left off (`make_prompt(..., follow=n
 
 The same vocabulary serves the embedded `tiny-passkey` model (trained by `tools/train_passkey.py`)
 and `tiny-llama` (random weights), so both run the same prompts.
+
+As text (the surface the shipped tokenizer maps to and from these tokens exactly, `tools/make_passkey_tokenizer.py`):
+words separated by single spaces, the key marker and the six digits as `The pass key is 594833`, the question as
+`What is the pass key?`; the start token is `<s>`, added by the tokenizer. The key's digits are the only digits.
 """
 from __future__ import annotations
 
@@ -26,8 +30,10 @@ FILLER_SENTENCES = (
 )
 DIGITS = 6
 BOS, KEY, ASK = 0, 1, 2
+BOS_TEXT, KEY_TEXT, ASK_TEXT = "<s>", "The pass key is", "What is the pass key?"  # their surface as text
 _WORDS = sorted({w for s in FILLER_SENTENCES for w in s.split()})
 WORD_IDS = {w: 3 + i for i, w in enumerate(_WORDS)}
+UNK = 31  # text outside the passkey world (an id no training sequence holds)
 DIGIT_BASE = 32
 VOCAB_SIZE = DIGIT_BASE + 10 * DIGITS  # 92
 _SENTENCE_IDS = [torch.tensor([WORD_IDS[w] for w in s.split()]) for s in FILLER_SENTENCES]
@@ -61,6 +67,15 @@ def decode_key(tokens: list[int]) -> str:
         value = t - digit_token(j, 0)
         out.append(str(value) if 0 <= value < 10 else "?")
     return "".join(out)
+
+
+def find_key(tokens: list[int]) -> str | None:
+    """The key a prompt's tokens hold after their key marker (None without a whole one)."""
+    if KEY not in tokens:
+        return None
+    at = tokens.index(KEY) + 1
+    key = decode_key(tokens[at:at + DIGITS])
+    return key if len(key) == DIGITS and "?" not in key else None
 
 
 def filler(length: int, generator: torch.Generator) -> torch.Tensor:

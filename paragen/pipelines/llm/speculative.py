@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from paragen.parallel.interrupt import Interrupt
+from paragen.parallel.interrupt import Watch
 from paragen.parallel.llm.attention import shard_attention
 from paragen.parallel.llm.cache import AttendingCache, ShardedKVCache
 from paragen.parallel.llm.local_cache import LocalCache, StreamingCache, empty_stores
@@ -91,13 +91,13 @@ def _streaming_draft(draft_model: nn.Module, prompt: torch.Tensor, sink: int, wi
 def generate_speculative(
     model: nn.Module, input_ids: torch.Tensor, *, max_new_tokens: int, do_sample: bool = False,
     temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, draft_model: nn.Module | None = None,
-    interrupt: Interrupt | None = None,
+    watch: Watch | None = None,
 ) -> SpeculativeOutput:
     """Greedy or sampled continuation of `input_ids [1, L]`, token for token what the model would generate
     with its full cache (greedy), or from its distribution (sampling, with `temperature` and `top_p`; the
     drafting rank's generator seeded by `seed`). Every rank calls it with the same arguments; `draft_model`
-    (optional, sharing the tokenizer) is the third level and runs on the drafting rank; `interrupt` may stop it
-    between rounds (`paragen.parallel.interrupt`)."""
+    (optional, sharing the tokenizer) is the third level and runs on the drafting rank; `watch` may stop it
+    between rounds and receives the tokens as they are accepted (`paragen.parallel.interrupt`)."""
     runtime = model.paragen
     check_speculative(model, input_ids.shape[1], input_ids.shape[0], max_new_tokens, draft_model)
     spec, sampling = runtime.kv.speculative, Sampling(do_sample, temperature, top_p, seed)
@@ -108,6 +108,6 @@ def generate_speculative(
     if draft_model is not None and cache.comm.rank == DRAFTING_RANK:
         draft = _streaming_draft(draft_model, input_ids[0], spec.draft_sink, spec.draft_window)
     tokens, stats, retrieval = speculative_generate(_forward(target), cache, first, spec, sampling, max_new_tokens,
-                                                    draft, interrupt)
+                                                    draft, watch)
     new = torch.tensor([tokens], dtype=input_ids.dtype, device=input_ids.device)
     return SpeculativeOutput(torch.cat([input_ids, new], dim=1), stats, cache, retrieval)
