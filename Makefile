@@ -82,6 +82,8 @@ bench: $(STAMP) bench-peers
 	$(BIN)/python bench/plot_llm.py bench/results/llm_lm_cpu.json
 	$(BIN)/python bench/bench_requests.py
 	$(BIN)/python bench/plot_requests.py
+	$(BIN)/python bench/bench_llm_stream.py
+	$(BIN)/python bench/plot_llm_stream.py
 	$(BIN)/python bench/bench_shapes.py
 	$(BIN)/python bench/plot_shapes.py
 
