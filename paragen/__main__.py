@@ -1,6 +1,4 @@
 """`python -m paragen …` (also under `torchrun -m paragen …`)."""
-import sys
+from paragen.launch.cli import run
 
-from paragen.launch.cli import main
-
-sys.exit(main())
+run()

@@ -110,3 +110,23 @@ def test_a_request_file_line_may_hold_chat_messages():
     assert schema.replace(LLMRequest(), **fields).messages == (Message("user", "here we go ."),)
     with pytest.raises(ValueError, match=r"messages.0.role must be 'system', 'user' or 'assistant'"):
         schema.parse_fields(model, '{"messages": [{"role": "bot", "content": "hi"}]}')
+
+
+@pytest.mark.parametrize("kv", ["dense", "offload", "speculative"])
+def test_every_kv_mode_hands_its_tokens_out_as_decided_and_stops_when_asked(tmp_path, kv):
+    import paragen
+    from paragen.parallel.interrupt import RequestCancelled, Watch
+
+    options = {"retrieval_budget": 256} if kv == "speculative" else {}
+    runner = paragen.JobRunner("llm", model="tiny-passkey-lm", kv=kv, out=str(tmp_path), **options)
+    tokenizer = AutoTokenizer.from_pretrained(model_root("tiny-passkey-lm"), local_files_only=True)
+    text = tokenizer.decode(make_prompt(1024, 0.5, torch.Generator().manual_seed(5)).tokens, skip_special_tokens=True)
+    item = runner.checked(runner.request(prompt=text, new_tokens=20))
+    batches: list[list[int]] = []
+    report = runner.generate(item, Watch(on_tokens=batches.append))
+    assert sum(batches, []) == report["new_tokens"] and len(report["new_tokens"]) == 20
+    assert len(batches) == 20 if kv != "speculative" else len(batches) < 20  # a round's accepted tokens together
+    seen: list[int] = []
+    with pytest.raises(RequestCancelled):
+        runner.generate(item, Watch(interrupt=lambda: len(seen) >= 3, on_tokens=seen.extend))
+    assert 3 <= len(seen) < 20

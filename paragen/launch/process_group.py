@@ -1,6 +1,8 @@
 """`paragen.init()` and `paragen.shutdown()`: the process group of the job, from any launcher."""
 from __future__ import annotations
 
+import gc
+
 import os
 from datetime import timedelta
 
@@ -66,10 +68,17 @@ def init(
 
 
 def shutdown() -> None:
-    """Destroy the process group if one exists (safe to call twice, and after errors)."""
+    """Destroy the process group if one exists (safe to call twice, and after errors).
+
+    The groups and their pending work are then freed at once, while the interpreter is whole: a parallelised
+    pipeline holds its groups in reference cycles (the pipeline and the runtime that intercepts its call), which
+    only the cycle collector frees; left to the interpreter's finalisation, a gloo group's worker threads can be
+    destroyed unjoined, and the process aborts ("terminate called without an active exception") after a run
+    that succeeded."""
     if is_initialized():
         barrier_before_teardown()
         dist.destroy_process_group()
+        gc.collect()
 
 
 __all__ = ["init", "shutdown", "is_output_rank"]
