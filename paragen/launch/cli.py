@@ -26,7 +26,7 @@ from torch.distributed import DistError
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from paragen.comms import DEVICE_CHOICES, CommError, world_comm
-from paragen.launch.env import LaunchError, discover
+from paragen.launch.env import LaunchError, discover, finalize_mpi
 from paragen.launch.process_group import DEFAULT_INIT_TIMEOUT_S, DEFAULT_TIMEOUT_S, init, shutdown
 from paragen.launch.slurm import CPU_JOB_CPUS, CPUS_PER_GPU, SLURM_PORT_BASE, sbatch_script
 from paragen.log import get_logger, setup_logging
@@ -181,8 +181,11 @@ def run() -> None:
     """The `paragen` console script and `python -m paragen`: `main`, then leave at once. After `main` every output is
     written and fsynced and the process group torn down; the interpreter's finalisation would only destroy the
     libraries' native threads in no set order, which once aborted a rank of a run that had succeeded (gloo's
-    "terminate called without an active exception", 3 times in about 100 two-rank runs of one CI run)."""
-    _exit_now(main())
+    "terminate called without an active exception", 3 times in about 100 two-rank runs of one CI run). MPI, if rank
+    discovery started it, is finalised first."""
+    status = main()
+    finalize_mpi()
+    _exit_now(status)
 
 
 def _exit_now(status: int) -> None:

@@ -41,6 +41,7 @@ import ipaddress
 import os
 import re
 import socket
+import sys
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Any, Mapping
@@ -186,6 +187,14 @@ def _mpi(needed_for: str) -> Any:
         raise LaunchError(f"{needed_for} needs mpi4py, which cannot be imported ({exc}); "
                           "install it with `pip install paragen[mpi]`") from exc
     return MPI
+
+
+def finalize_mpi() -> None:
+    """Finalise MPI if rank discovery initialised it (mpi4py imported): a process about to leave with `os._exit`
+    skips mpi4py's own finalisation at exit, and mpirun reports a rank that never finalised as an abnormal end."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
 
 
 def _complete_pmix(reading: _Reading) -> _Reading:
