@@ -125,6 +125,7 @@ BAD_INPUTS = {
     "hires: size not a multiple of the VAE factor": (2, ["--hires", "--height", "516", "--width", "512"], "VAE factor"),
     "hires: window options without --hires": (2, ["--stride", "8"], "only apply with --hires"),
     "hires: DiT model": (2, ["--model", "tiny-pixart", "--hires"], "hires supports"),
+    "checkpoints of a run that takes none": (2, ["--checkpoint", "ck"], "patch runs take no checkpoints"),
 }
 
 

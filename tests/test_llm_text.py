@@ -127,6 +127,7 @@ def test_every_kv_mode_hands_its_tokens_out_as_decided_and_stops_when_asked(tmp_
     assert sum(batches, []) == report["new_tokens"] and len(report["new_tokens"]) == 20
     assert len(batches) == 20 if kv != "speculative" else len(batches) < 20  # a round's accepted tokens together
     seen: list[int] = []
-    with pytest.raises(RequestCancelled):
+    with pytest.raises(RequestCancelled, match=r"cancelled after \d+ new tokens") as stopped:
         runner.generate(item, Watch(interrupt=lambda: len(seen) >= 3, on_tokens=seen.extend))
     assert 3 <= len(seen) < 20
+    assert len(seen) <= int(str(stopped.value).split()[2]) <= len(seen) + 1  # the message counts the new tokens

@@ -45,10 +45,11 @@ def broadcast_stop(comm: GroupComm, wants_stop: Callable[[], bool], src: int = 0
     return interrupt
 
 
-def check_interrupt(interrupt: Interrupt | None, where: str) -> None:
-    """Raise RequestCancelled (on every rank alike) when `interrupt` says stop."""
+def check_interrupt(interrupt: Interrupt | None, where: str, *values: object) -> None:
+    """Raise RequestCancelled (on every rank alike) when `interrupt` says stop, saying where (`where % values`,
+    formatted only then: this runs every step and every token)."""
     if interrupt is not None and interrupt():
-        raise RequestCancelled(f"cancelled {where}")
+        raise RequestCancelled(f"cancelled {where % values}")
 
 
 __all__ = ["Interrupt", "RequestCancelled", "Watch", "broadcast_stop", "check_interrupt", "interrupt_of"]

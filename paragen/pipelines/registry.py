@@ -3,6 +3,8 @@
 A workload is a package under `paragen/pipelines/` whose `__init__` exports
 - `check(model, config, options)`: refuse what it cannot run (same answer on every rank, no collective);
 - `install(model, config, options)`: make `model` parallel in place, with `config` resolved;
+- optionally `check_request(request, config, options)`: refuse a job's request before the model is loaded (what
+  the model's own call checks needs no such hook);
 and one `Workload` record here. `paragen.parallelize`, the command line and the benchmarks all go through
 `find` and `Workload.parallelize`; adding a workload is adding its package and its record.
 
@@ -44,6 +46,7 @@ class Workload:
     job: str  # the command-line job that runs it (a key of `JOBS`)
     options_name: str  # its options' key in reports and checkpoint fingerprints
     refusal: str  # why the degrees it does not split by do not apply
+    checkpoints: bool = False  # its runs save every rank's state every K steps (--checkpoint) and resume from it
 
     def resolve(self, config: ParallelConfig | None, world: int | None = None) -> ParallelConfig:
         """`config` with every degree concrete for `world` ranks (default: the job's), by this workload's degrees."""
@@ -53,6 +56,13 @@ class Workload:
     def check(self, model: Any, config: ParallelConfig, options: Any) -> None:
         """The workload's own checks of `model` and `options` under the resolved `config` (no collective)."""
         importlib.import_module(self.package).check(model, config, options)
+
+    def check_request(self, request: Any, config: ParallelConfig, options: Any) -> None:
+        """The workload's checks of one job request before its model is loaded (its package's `check_request`,
+        where it has one)."""
+        check = getattr(importlib.import_module(self.package), "check_request", None)
+        if check is not None:
+            check(request, config, options)
 
     def install(self, model: Any, config: ParallelConfig, options: Any) -> Any:
         """Make `model` parallel in place under the resolved `config` (checked: see `check`)."""
@@ -72,15 +82,15 @@ WORKLOADS = (
              "(and cfg)"),
     Workload("hires", UNET_PIPELINES, HiresConfig, ("patch",), "patch", "paragen.pipelines.hires", "image", "hires",
              "hires spreads the windows of one image over every rank (patch); it does not combine with cfg=2, "
-             "ulysses, ring, clip, seq or tp"),
+             "ulysses, ring, clip, seq or tp", checkpoints=True),
     Workload("dit", DIT_PIPELINES, ExchangeConfig, ("cfg", "ulysses", "ring"), "ring", "paragen.pipelines.dit", "image",
              "exchange", "diffusion transformers are split along the token sequence; use ulysses and ring (and cfg)"),
     Workload("video", VIDEO_PIPELINES, TemporalAttention, ("clip",), "clip", "paragen.pipelines.video", "video",
              "temporal", "video pipelines split the frames into clips (clip=N); cfg=2, patch, ulysses, ring, seq "
-             "and tp do not apply"),
+             "and tp do not apply", checkpoints=True),
     Workload("wan", VIDEO_DIT_PIPELINES, TemporalAttention, ("cfg", "clip", "ulysses", "ring"), "ring",
              "paragen.pipelines.wan", "video", "temporal", "video diffusion transformers split the latent frames into "
-             "clips and each clip's tokens into sequence shards; use clip, ulysses and ring (and cfg)"),
+             "clips and each clip's tokens into sequence shards; use clip, ulysses and ring (and cfg)", checkpoints=True),
     Workload("llm", CAUSAL_LMS, KVConfig, ("seq", "tp"), "seq", "paragen.pipelines.llm", "llm", "kv",
              "seq and tp cut a causal LM's prompt and weights; they do not combine with cfg, patch, ulysses, ring "
              "or clip"),

@@ -80,7 +80,7 @@ class PipelineRuntime:
     def start_step(self, pipe: Any) -> None:
         """Before a step's denoiser forward, on every rank: stop here if the request's interrupt says so, learn the
         request's length on its first step, start the clock."""
-        check_interrupt(self.interrupt, f"after {len(self.step_seconds)} denoising steps")
+        check_interrupt(self.interrupt, "after %d denoising steps", len(self.step_seconds))
         if self.in_request and self.plan.step == -1:
             self.plan.total_steps = len(pipe.scheduler.timesteps)
         self._step_start = time.perf_counter()

@@ -258,7 +258,7 @@ def speculative_generate(
     drafter = Drafter(forward, retrieval, spec, sampling, generator, stats, device, draft) if drafting else None
     refresh = _Refresh(spec)
     while len(out) < max_new_tokens:
-        check_interrupt(interrupt_of(watch), f"after {len(out)} new tokens")
+        check_interrupt(interrupt_of(watch), "after %d new tokens", len(out))
         gamma = min(spec.gamma, max_new_tokens - len(out) - 1)
         start, pending = cache.total, out[-1]
         began = round_began = time.perf_counter()

@@ -131,8 +131,8 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     workload = registry.find_for_job("image", class_name, options, args.model)
     config = workload.resolve(ParallelConfig(cfg=args.cfg, patch=args.patch, ulysses=args.ulysses, ring=args.ring),
                               launch.world_size)
-    if request.checkpoint_dir is not None and workload.name != "hires":
-        raise ValueError("checkpoints are taken by hires runs (--hires); other image runs are short")
+    if request.checkpoint_dir is not None and not workload.checkpoints:
+        raise ValueError(f"{workload.name} runs take no checkpoints (hires runs do: --hires); they are short")
 
     def check(one: ImageRequest) -> ImageRequest:
         """The request as it runs: at the model's own size where it gives none, and fitting this rank."""

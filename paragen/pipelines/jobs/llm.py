@@ -188,8 +188,9 @@ def standalone(args: argparse.Namespace) -> str | None:
         raise ValueError("--print-prompt prints the passkey prompt that --context, --depth and --seed make; drop the "
                          "text prompt")
     check_llm_source(request.model)
-    ids, _ = prompt_ids(request, load_tokenizer(request.model), MAX_POSITIONS, 1)
-    return load_tokenizer(request.model).decode(ids[0], skip_special_tokens=True)
+    tokenizer = load_tokenizer(request.model)
+    ids, _ = prompt_ids(request, tokenizer, MAX_POSITIONS, 1)
+    return tokenizer.decode(ids[0], skip_special_tokens=True)
 
 
 def _check_speculative(request: LLMRequest, options: KVConfig, model_config) -> int | None:
@@ -232,10 +233,10 @@ class Follow(StoppingCriteria):
     the new token. Never stops the decode itself."""
 
     def __init__(self, watch: Watch, prompt_length: int) -> None:
-        self.watch, self.sent = watch, prompt_length
+        self.watch, self.prompt_length, self.sent = watch, prompt_length, prompt_length
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        check_interrupt(self.watch.interrupt, f"after {input_ids.shape[1] - self.sent} new tokens")
+        check_interrupt(self.watch.interrupt, "after %d new tokens", input_ids.shape[1] - self.prompt_length)
         if self.watch.on_tokens is not None:
             self.watch.on_tokens(input_ids[0, self.sent:].tolist())
             self.sent = input_ids.shape[1]

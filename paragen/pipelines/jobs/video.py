@@ -16,7 +16,7 @@ from typing import Any, Literal
 import torch
 
 from paragen.log import get_logger, warn_once
-from paragen.parallel.clip import SCOPE_HELP, SCOPES, TemporalAttention, plan_clips
+from paragen.parallel.clip import SCOPE_HELP, SCOPES, TemporalAttention
 from paragen.comms import is_output_rank, world_size
 from paragen.parallel.config import ParallelConfig
 from paragen.pipelines import registry
@@ -147,8 +147,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
         written as a GIF when MP4 was asked for but cannot be written."""
         one = fit_to_model(one)
         one.check_segments()
-        if workload.name == "video":  # a Wan model's clips cut latent frames: checked at the call, on every rank
-            plan_clips(one.frames, config.clip, options, conv_halo=0)  # the model's own halo: at the call
+        workload.check_request(one, config, options)
         check_room(args, one, config, launch, options)
         if one.format == "mp4" and not mp4_available():
             warn_once("imageio-ffmpeg is not installed (pip install 'paragen[video]'): writing a GIF instead of MP4")

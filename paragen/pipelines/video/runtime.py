@@ -43,6 +43,12 @@ from paragen.pipelines.step_hook import install_step_hook
 TEMPORAL_TRANSFORMERS = ("TransformerTemporalModel", "AnimateDiffTransformer3D")
 
 
+def check_request(request: Any, config: ParallelConfig, options: TemporalAttention) -> None:
+    """A `paragen video` request's frames cut into `config.clip` clips (the UNet's own halo is checked at the call,
+    once the model is known)."""
+    plan_clips(request.frames, config.clip, options, conv_halo=0)
+
+
 def check_video_size(frames: int, height: int, width: int, vae_factor: int, unet_factor: int) -> None:
     """ValueError for a non-positive or absurd video size, or one the UNet cannot take."""
     if not 0 < frames <= MAX_FRAMES:
