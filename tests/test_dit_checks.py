@@ -4,25 +4,49 @@ import torch
 
 import paragen
 from paragen.parallel.partition import split_bounds, split_sizes
+from paragen.parallel.attention_contract import heads_first
+from paragen.parallel.intercept import intercepted
+from paragen.parallel.sequence.plan import Gather, ShardingPlan, Split, from_diffusers
+from paragen.pipelines.dit import plans
 from paragen.pipelines.loading import load_pipeline
 
 
-class HomemadeProcessor:
-    """A processor paragen has never seen: it must be refused by name, not silently replaced."""
+class ManualAttentionProcessor:
+    """A processor that computes attention itself (as a flash-attn backend would), never through torch's SDPA."""
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        raise AssertionError("never called")
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        q, k, v = (heads_first(proj(hidden_states), attn.heads) for proj in (attn.to_q, attn.to_k, attn.to_v))
+        weights = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).softmax(-1)
+        return attn.to_out[0]((weights @ v).transpose(1, 2).flatten(2))
 
 
-@pytest.mark.parametrize("model, module", [("tiny-flux", "transformer_blocks.0.attn"),
-                                           ("tiny-pixart", "transformer_blocks.1.attn1"),
-                                           ("tiny-sd3", "transformer_blocks.0.attn")])
-def test_unknown_attention_processor_is_named(model, module):
-    pipe = load_pipeline(model)
-    pipe.transformer.get_submodule(module).processor = HomemadeProcessor()
-    with pytest.raises(ValueError, match=f"HomemadeProcessor on {module} is not supported"):
+def test_attention_that_bypasses_the_seam_is_an_error_naming_the_module():
+    pipe = paragen.parallelize(load_pipeline("tiny-pixart"), paragen.ParallelConfig())
+    pipe.transformer.get_submodule("transformer_blocks.1.attn1").processor = ManualAttentionProcessor()
+    with pytest.raises(RuntimeError, match="transformer_blocks.1.attn1: its attention did not go through"):
+        pipe("a cat", height=64, width=64, num_inference_steps=1, output_type="pt", use_resolution_binning=False)
+
+
+def test_a_plan_naming_a_module_the_model_lacks_is_refused_before_any_change(monkeypatch):
+    pipe = load_pipeline("tiny-pixart")
+    plan = plans.OWN_PLANS["PixArtTransformer2DModel"]
+    monkeypatch.setitem(plans.OWN_PLANS, "PixArtTransformer2DModel",
+                        ShardingPlan({**plan.modules, "final_norm": Gather(1, 3)}, plan.replicated))
+    with pytest.raises(ValueError, match="names module 'final_norm', which PixArtTransformer2DModel does not have"):
         paragen.parallelize(pipe, paragen.ParallelConfig())
-    assert not hasattr(pipe, "paragen")
+    assert not hasattr(pipe, "paragen") and not intercepted(pipe.transformer.pos_embed, "forward")
+
+
+def test_a_diffusers_plan_is_read_as_it_is_declared():
+    """FluxTransformer2DModel's `_cp_plan` (diffusers 0.42): both streams and their position ids cut at the
+    transformer's input, the output gathered at `proj_out`; no attention module sees whole keys."""
+    from diffusers import FluxTransformer2DModel
+
+    plan = from_diffusers(FluxTransformer2DModel._cp_plan)
+    assert plan.source == "diffusers" and plan.replicated == ()
+    assert plan.splits() == [("", "hidden_states", Split(1, 3)), ("", "encoder_hidden_states", Split(1, 3)),
+                             ("", "img_ids", Split(0, 2)), ("", "txt_ids", Split(0, 2))]
+    assert plan.gathers() == [("proj_out", (Gather(1, 3),))]
 
 
 def test_refusals_name_the_problem():

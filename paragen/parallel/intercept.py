@@ -1,9 +1,12 @@
 """The one way paragen runs its code around a model's, pipeline's or scheduler's own method.
 
-`intercept(obj, "forward", around)` makes `obj.forward(*args, **kwargs)` return
+`intercept(obj, "forward", around, tag="dit.plan")` makes `obj.forward(*args, **kwargs)` return
 `around(original, *args, **kwargs)`, where `original` is the method as it was (bound to `obj`). Every
-runtime uses it: the UNet, DiT, hires and video calls, the pipeline's `__call__`, the VAE decoder, a
-causal LM's forward and attention, `scheduler.step` (the step hook), `prepare_latents`, `decode_latents`.
+runtime uses it: the sharding plans' splits and gathers, the attention seam's sites, the UNet patch layers'
+calls, the DiT, hires and video calls, the pipeline's `__call__`, the VAE decoder, a causal LM's forward and
+attention (its metering), `scheduler.step` (the step hook), `prepare_latents`, `decode_latents`. Every
+interception carries a tag that says whose it is: `interceptions(obj, name)` lists them (outermost first) and
+`remove(obj, name, tag)` takes one out again, leaving the others in their order.
 
 Why this mechanism. It needs nothing from the intercepted library but the method's name: no forward
 signature (forward hooks see positional/keyword arguments as diffusers passes them and cannot skip or
@@ -24,25 +27,67 @@ from typing import Any, Callable
 _SUBCLASSES: dict[tuple[type, str], type] = {}
 
 
-def intercept(obj: Any, name: str, around: Callable[..., Any]) -> None:
-    """Make `obj.<name>(*a, **k)` call `around(original, *a, **k)`; intercepting twice nests the wrappers."""
-    if name.startswith("__") and name.endswith("__"):
-        _intercept_special(obj, name, around)
+def _special(name: str) -> bool:
+    return name.startswith("__") and name.endswith("__")
+
+
+def intercept(obj: Any, name: str, around: Callable[..., Any], *, tag: str) -> None:
+    """Make `obj.<name>(*a, **k)` call `around(original, *a, **k)`; intercepting twice nests the wrappers (the
+    newest outermost). `tag` names the interception (`remove`, `interceptions`)."""
+    if _special(name):
+        _intercept_special(obj, name, around, tag)
         return
     original = getattr(obj, name)
-    setattr(obj, name, _Around(obj, name, original, around))
+    setattr(obj, name, _Around(obj, name, original, around, tag))
 
 
 def intercepted(obj: Any, name: str) -> bool:
     """Whether `obj.<name>` is wrapped by `intercept` on this instance."""
-    return isinstance(vars(obj).get(name), _Around) or f"_paragen_{name}" in vars(obj)
+    return bool(interceptions(obj, name))
+
+
+def _outermost(obj: Any, name: str) -> Any:
+    return vars(obj).get(f"_paragen_{name}" if _special(name) else name)
+
+
+def interceptions(obj: Any, name: str) -> list[str]:
+    """The tags of the interceptions of `obj.<name>`, outermost first."""
+    tags, link = [], _outermost(obj, name)
+    while isinstance(link, _Around):
+        tags.append(link.tag)
+        link = link.original
+    return tags
+
+
+def remove(obj: Any, name: str, tag: str) -> None:
+    """Take the interception tagged `tag` off `obj.<name>` (the others stay, in their order); KeyError if there is
+    none. With the last one gone the instance is as it was."""
+    chain, link = [], _outermost(obj, name)
+    while isinstance(link, _Around):
+        chain.append(link)
+        link = link.original
+    if tag not in [a.tag for a in chain]:
+        raise KeyError(f"{type(obj).__name__}.{name} has no interception tagged {tag!r} (it has {interceptions(obj, name)})")
+    kept = [a for a in chain if a.tag != tag]
+    for outer, inner in zip(kept, kept[1:] + [None]):
+        outer.original = link if inner is None else inner
+    if _special(name):
+        if kept:
+            setattr(obj, f"_paragen_{name}", kept[0])
+        else:
+            delattr(obj, f"_paragen_{name}")
+            obj.__class__ = type(obj).__bases__[0]
+    elif kept:
+        setattr(obj, name, kept[0])
+    else:
+        delattr(obj, name)
 
 
 class _Around:
     """The instance attribute standing in for an intercepted method."""
 
-    def __init__(self, owner: Any, name: str, original: Callable[..., Any], around: Callable[..., Any]) -> None:
-        self.owner, self.name, self.original, self.around = owner, name, original, around
+    def __init__(self, owner: Any, name: str, original: Callable[..., Any], around: Callable[..., Any], tag: str) -> None:
+        self.owner, self.name, self.original, self.around, self.tag = owner, name, original, around, tag
         self.__doc__ = getattr(original, "__doc__", None)
         self.__wrapped__ = original  # inspect.signature(obj.<name>) is the original's
 
@@ -57,11 +102,11 @@ class _Around:
         return types.MethodType(getattr(type(twin), self.name), twin)
 
 
-def _intercept_special(obj: Any, name: str, around: Callable[..., Any]) -> None:
+def _intercept_special(obj: Any, name: str, around: Callable[..., Any], tag: str) -> None:
     """Special methods: a same-named subclass whose method calls the instance's `_paragen_<name>` wrapper."""
     slot = f"_paragen_{name}"
     original = getattr(obj, slot, None) or types.MethodType(getattr(type(obj), name), obj)
-    setattr(obj, slot, _Around(obj, name, original, around))
+    setattr(obj, slot, _Around(obj, name, original, around, tag))
     cls = type(obj)
     if slot not in {n for base in cls.__mro__ for n in vars(base)}:
         key = (cls, name)

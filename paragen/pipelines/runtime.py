@@ -38,7 +38,7 @@ class PipelineRuntime:
     def install(self, pipe: Any) -> None:
         """Attach the runtime as `pipe.paragen` and route `pipe(...)` through `call`."""
         pipe.paragen = self
-        intercept(pipe, "__call__", lambda original, *args, **kwargs: self.call(pipe, original, *args, **kwargs))
+        intercept(pipe, "__call__", lambda original, *args, **kwargs: self.call(pipe, original, *args, **kwargs), tag="request")
 
     def call(self, pipe: Any, original, *args, **kwargs):
         """One request: take paragen's options, check it on every rank before any collective

@@ -34,4 +34,4 @@ def install_step_hook(scheduler: Any, on_step: OnStep) -> None:
             return out
         return (replaced,) + tuple(out[1:])
 
-    intercept(scheduler, "step", after_step)
+    intercept(scheduler, "step", after_step, tag="step_hook")

@@ -27,7 +27,7 @@ class ParallelVaeDecoder:
         self.ctx = PatchContext(world, label_prefix="vae.")
         if world.size > 1:
             patch_modules(vae.decoder, self.ctx)
-            intercept(vae.decoder, "forward", self._decode)
+            intercept(vae.decoder, "forward", self._decode, tag="vae.decode")
 
     def splits(self, latent_rows: int) -> bool:
         """Whether a latent of `latent_rows` rows is decoded in bands (else whole on every rank)."""

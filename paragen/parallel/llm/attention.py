@@ -38,4 +38,4 @@ def _sharded_forward(
 
 def shard_attention(module: nn.Module) -> None:
     """Route `module`'s forward through a paragen `AttendingCache` when one is passed (in place)."""
-    intercept(module, "forward", lambda forward, *args, **kwargs: _sharded_forward(module, forward, *args, **kwargs))
+    intercept(module, "forward", lambda forward, *args, **kwargs: _sharded_forward(module, forward, *args, **kwargs), tag="llm.attention")

@@ -1,5 +1,6 @@
-"""Workload `dit`: PixArt, SD3 and Flux with their image tokens sharded along the sequence (Ulysses, Ring,
-displaced), CFG branches over rank halves, the VAE decode in bands."""
-from paragen.pipelines.dit.runtime import FAMILIES, DiTRuntime, check, install
+"""Workload `dit`: every diffusion-transformer pipeline whose transformer has a sharding plan (diffusers'
+`_cp_plan` or paragen's own, `plans.py`), its token streams sharded along the sequence (Ulysses, Ring, displaced),
+CFG branches over rank halves, the VAE decode in bands."""
+from paragen.pipelines.dit.runtime import DiTRuntime, check, install
 
-__all__ = ["DiTRuntime", "FAMILIES", "check", "install"]
+__all__ = ["DiTRuntime", "check", "install"]

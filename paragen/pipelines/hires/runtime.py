@@ -325,8 +325,8 @@ def install(pipe, config: ParallelConfig, options: HiresConfig):
                            hires=options, window=options.window or pipe.unet.config.sample_size,
                            unet_factor=unet_downsampling(pipe.unet))
     install_map_processors(pipe.unet, options.map_layers, runtime.recorder)
-    intercept(pipe.unet, "forward", lambda forward, *a, **k: runtime.unet_call(pipe, forward, *a, **k))
+    intercept(pipe.unet, "forward", lambda forward, *a, **k: runtime.unet_call(pipe, forward, *a, **k), tag="hires.unet")
     intercept(pipe, "prepare_latents",
-              lambda prepare, *a, **k: runtime.capture_noise(prepare(*a, **k), pipe.scheduler.init_noise_sigma))
+              lambda prepare, *a, **k: runtime.capture_noise(prepare(*a, **k), pipe.scheduler.init_noise_sigma), tag="hires.latents")
     runtime.install(pipe)
     return pipe

@@ -158,7 +158,7 @@ def install(model: nn.Module, config: ParallelConfig, kv: KVConfig) -> nn.Module
     for layer in model.model.layers:
         shard_attention(layer.self_attn)
     model.paragen = LLMRuntime(model=model, config=config, kv=kv, mesh=mesh)
-    intercept(model, "forward", lambda forward, *args, **kwargs: _sharded_generate_forward(model, forward, *args, **kwargs))
+    intercept(model, "forward", lambda forward, *args, **kwargs: _sharded_generate_forward(model, forward, *args, **kwargs), tag="llm.forward")
     return model
 
 

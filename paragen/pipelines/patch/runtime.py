@@ -121,6 +121,6 @@ def install(pipe, config: ParallelConfig, options: ExchangeConfig):
         if not pipe.unet.config.center_input_sample:  # else conv_in's input is not the latent every rank holds
             PatchInputConv2d.convert(pipe.unet.conv_in, unet_ctx)
         patch_modules(pipe.unet, unet_ctx)
-    intercept(pipe.unet, "forward", lambda forward, *a, **k: runtime.unet_call(pipe, forward, *a, **k))
+    intercept(pipe.unet, "forward", lambda forward, *a, **k: runtime.unet_call(pipe, forward, *a, **k), tag="patch.unet")
     runtime.install(pipe)
     return pipe

@@ -250,7 +250,7 @@ def install(pipe, config: ParallelConfig, options: TemporalAttention):
                            output_class=_output_class(pipe.unet))
     runtime.conv_halo = install_clip_layers(pipe.unet, ctx)
     install_segment_prompts(pipe.unet, runtime)
-    intercept(pipe.unet, "forward", lambda forward, *a, **k: runtime.unet_call(pipe, forward, *a, **k))
-    intercept(pipe, "decode_latents", runtime.decode_call)
+    intercept(pipe.unet, "forward", lambda forward, *a, **k: runtime.unet_call(pipe, forward, *a, **k), tag="video.unet")
+    intercept(pipe, "decode_latents", runtime.decode_call, tag="video.decode")
     runtime.install(pipe)
     return pipe

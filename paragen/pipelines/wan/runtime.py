@@ -5,16 +5,14 @@ sequence; every block's self-attention sees all of it, with 3D RoPE (frame, row,
 cross-attends to the text. Here the latent frames are cut into `clip` contiguous clips, and each clip's tokens
 into contiguous shards over its `sequence` group (Ulysses × Ring; sizes differing by at most one token, so any
 frame count and size works); `ClipTokens` is the layout:
-- the patch embedding's call is intercepted to keep the rank's tokens (its output is returned as
-  `[B, C, tokens, 1, 1]`, which the transformer's own flatten turns into the rank's `[B, tokens, C]`);
-- the rotary embedding's call, to keep the angles of the rank's tokens: every frame keeps its index in the
-  whole video (see below);
-- self-attention runs through `SeqWanAttnProcessor` (q/k norms and RoPE on the rank's tokens, then Ulysses
-  and/or Ring within the clip); with clips, the K/V of the frames the clip sees in the other clips (`scope`
-  dual: the neighbours' `local` edge frames and the global frames; full: all) are sent as soon as they exist
-  (`ClipKeyExchange`) and merged by log-sum-exp behind the attention within the clip. Cross-attention to the
-  text is per token and keeps its processor;
-- `proj_out`'s call, to all-gather every shard of the guidance branch before the transformer un-patchifies them.
+- the transformer's sharding plan (diffusers' `_cp_plan` for the class, applied by the DiT runtime's
+  mechanism) keeps the rank's tokens at the first block and the rank's rotary angles (every frame keeps its
+  index in the whole video, see below), and all-gathers every shard of the guidance branch at `proj_out`, before
+  the transformer un-patchifies them; the layout (`ClipShards`) puts the video's tokens by clips and shards;
+- self-attention runs through the attention seam (Ulysses and/or Ring within the clip); with clips, the K/V of
+  the frames the clip sees in the other clips (`scope` dual: the neighbours' `local` edge frames and the global
+  frames; full: all) are sent as soon as they exist (`ClipKeyExchange`) and merged by log-sum-exp behind the
+  attention within the clip. Cross-attention to the text is per token and has no site.
 Positions: RoPE is relative, so a frame's angle only matters through its distance to the frames it sees. Every
 frame keeps its index in the whole video (the model's own table: up to `rope_max_seq_len` latent frames), so
 within a clip and its halo every distance is one the model was trained on, and only the global frames are seen
@@ -45,24 +43,16 @@ from paragen.parallel.clip.keys import ClipKeyExchange
 from paragen.parallel.clip.tokens import ClipTokens
 from paragen.parallel.intercept import intercept
 from paragen.parallel.sequence import SequenceContext
-from paragen.parallel.sequence.processors import WAN_PROCESSORS, SeqWanAttnProcessor
+from paragen.parallel.sequence.layout import ClipShards
 from paragen.pipelines.checkpoint import StepCheckpoints
-from paragen.pipelines.dit.runtime import DiTRuntime
+from paragen.pipelines.dit.runtime import (
+    DiTRuntime, check_plan, install_plan, output_sample, transformers, with_sample,
+)
 from paragen.pipelines.request_args import check_steps, request_arg, share_generator
 from paragen.pipelines.segments import check_segment_request, take_segment_options
 from paragen.pipelines.step_hook import install_step_hook
 from paragen.pipelines.wan.segment_text import SegmentCrossAttention, token_runs
 from paragen.pipelines.wan.vae_decode import ChunkedWanDecode
-
-
-def _sample(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, tuple) else output.sample
-
-
-def _with_sample(output: Any, sample: torch.Tensor) -> Any:
-    if isinstance(output, tuple):
-        return (sample, *output[1:])
-    return type(output)(sample=sample)
 
 
 @dataclass
@@ -109,11 +99,12 @@ class WanRuntime(DiTRuntime):
             kwargs["encoder_hidden_states"] = self.negative.to(cond.device, cond.dtype)
         self.run_texts = None
         self.conditional = not unconditional
+        self.begin_forward()
         output = forward(*args, **kwargs)
         if cfg == 2:
-            both = self.mesh.group("cfg").all_gather(_sample(output).contiguous(), "wan.cfg")
-            self.stash = _with_sample(output, both[1])
-            output = _with_sample(output, both[0])
+            both = self.mesh.group("cfg").all_gather(output_sample(output).contiguous(), "wan.cfg")
+            self.stash = with_sample(output, both[1])
+            output = with_sample(output, both[0])
         return self._count(output)
 
     def _lay_out(self, module, latent_shape: tuple[int, int, int]) -> None:
@@ -123,7 +114,7 @@ class WanRuntime(DiTRuntime):
         clips = plan_clips(frames // patch_t, self.config.clip, self.temporal, conv_halo=0)
         self.tokens = ClipTokens(clips, (rows // patch_h) * (cols // patch_w), self.seq.comm.size, self.temporal.scope,
                                  self.temporal.local)
-        self.seq.set_tokens(self.tokens.clips.sizes[self.mesh.group("clip").rank] * self.tokens.per_frame)
+        self.layout = ClipShards(self.tokens, self.mesh.group("branch"), self.seq.comm)
         if self.keys is not None:
             self.keys.set_layout(self.tokens)
         if self.segment_of_latent is not None:
@@ -159,20 +150,6 @@ class WanRuntime(DiTRuntime):
             self.calls = 0
             self.record_step()
         return output
-
-    def embed_call(self, forward, *args, **kwargs) -> torch.Tensor:
-        """This rank's patch-embedded tokens, as `[B, C, tokens, 1, 1]` (the transformer flattens them)."""
-        start, end = self.tokens.bounds(self.mesh.group("branch").rank)
-        return forward(*args, **kwargs).flatten(2)[:, :, start:end, None, None]
-
-    def rope_call(self, forward, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        """The rotary angles of this rank's tokens, at their places in the whole video."""
-        start, end = self.tokens.bounds(self.mesh.group("branch").rank)
-        return tuple(angles[:, start:end] for angles in forward(*args, **kwargs))
-
-    def proj_out_call(self, forward, *args, **kwargs) -> torch.Tensor:
-        """Every shard's output tokens of this guidance branch, in video order."""
-        return self.mesh.group("branch").all_gather_varlen(forward(*args, **kwargs), 1, self.tokens.sizes, "wan.output")
 
     def encode_prompt_call(self, forward, *args, **kwargs):
         """Keep the negative prompt embeddings for the unconditional half of the ranks (cfg=2)."""
@@ -242,28 +219,6 @@ def _zeros(module, kwargs: dict[str, Any]) -> Any:
     return Transformer2DModelOutput(sample=sample) if kwargs.get("return_dict", True) else (sample,)
 
 
-def _transformers(pipe) -> list[Any]:
-    """The pipeline's transformers (Wan2.2 has a second one for the low-noise steps)."""
-    return [t for t in (pipe.transformer, getattr(pipe, "transformer_2", None)) if t is not None]
-
-
-def _self_attentions(transformer, config: ParallelConfig) -> list[Any]:
-    """The self-attention modules, checked: a known processor, heads divisible by the Ulysses degree."""
-    found = []
-    for name, attn in transformer.named_modules():
-        if not (hasattr(attn, "processor") and hasattr(attn, "set_processor")) or attn.is_cross_attention:
-            continue
-        kind = type(attn.processor).__name__
-        if kind not in WAN_PROCESSORS:
-            raise ValueError(f"attention processor {kind} on {name} is not supported by sequence parallelism "
-                             f"(supported: {', '.join(WAN_PROCESSORS)}); reset it with `set_default_attn_processor()`")
-        if attn.heads % config.ulysses:
-            raise ValueError(f"ulysses={config.ulysses} does not divide the {attn.heads} attention heads of {name}; "
-                             "use a Ulysses degree that divides the head count and ring for the rest")
-        found.append(attn)
-    return found
-
-
 def check(pipe, config: ParallelConfig, options: TemporalAttention) -> None:
     """Refuse what this workload cannot run: a local/global bias, per-token timesteps (Wan2.2 TI2V), unknown
     attention processors, a Ulysses degree that does not divide the heads."""
@@ -272,8 +227,8 @@ def check(pipe, config: ParallelConfig, options: TemporalAttention) -> None:
                          "ordinary keys beside the whole clip; a local/global bias is not supported")
     if getattr(pipe.config, "expand_timesteps", False):
         raise ValueError("per-token timesteps (Wan2.2 TI2V, expand_timesteps) are not supported yet")
-    for transformer in _transformers(pipe):
-        _self_attentions(transformer, config)
+    for transformer in transformers(pipe):
+        check_plan(transformer, config)
 
 
 def install(pipe, config: ParallelConfig, options: TemporalAttention):
@@ -283,20 +238,16 @@ def install(pipe, config: ParallelConfig, options: TemporalAttention):
     keys = None
     if config.clip > 1:
         keys = ClipKeyExchange(mesh.group("branch"), config.ulysses, "wan.clip_kv", options.overlap)
-    runtime = WanRuntime(config, mesh, seq, None, family="wan", temporal=options, keys=keys)
-    for transformer in _transformers(pipe):
-        for attn in _self_attentions(transformer, config):
-            attn.set_processor(SeqWanAttnProcessor(seq, None if keys is None else keys.start))
+    runtime = WanRuntime(config, mesh, seq, None, temporal=options, keys=keys)
+    runtime.sharding = [install_plan(t, config, seq, runtime, "wan.", None if keys is None else keys.start)
+                        for t in transformers(pipe)]
+    for transformer in transformers(pipe):
         for block in transformer.blocks:
             block.attn2.set_processor(SegmentCrossAttention(block.attn2.processor, runtime.text_runs))
-        intercept(transformer.condition_embedder.text_embedder, "forward", runtime.text_embed_call)
-        call = functools.partial(runtime.transformer_call, pipe, transformer)
-        intercept(transformer, "forward", call)
-        intercept(transformer.patch_embedding, "forward", runtime.embed_call)
-        intercept(transformer.rope, "forward", runtime.rope_call)
-        intercept(transformer.proj_out, "forward", runtime.proj_out_call)
+        intercept(transformer.condition_embedder.text_embedder, "forward", runtime.text_embed_call, tag="wan.segment_text")
+        intercept(transformer, "forward", functools.partial(runtime.transformer_call, pipe, transformer), tag="wan.transformer")
     if config.cfg == 2:
-        intercept(pipe, "encode_prompt", runtime.encode_prompt_call)
-    intercept(pipe.vae, "decode", ChunkedWanDecode(pipe.vae, mesh.group("world")))
+        intercept(pipe, "encode_prompt", runtime.encode_prompt_call, tag="wan.negative_prompt")
+    intercept(pipe.vae, "decode", ChunkedWanDecode(pipe.vae, mesh.group("world")), tag="wan.vae_decode")
     runtime.install(pipe)
     return pipe

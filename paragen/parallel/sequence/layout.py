@@ -1,0 +1,67 @@
+"""How a stream of tokens is cut over the ranks: which slice a rank keeps and how the slices come back together.
+
+A layout answers by the stream's whole length only, so every split of a stream (the image tokens, their rotary
+table, their position ids) lands on the same bounds without anyone naming the stream.
+- `EvenShards`: every stream in contiguous shards over the sequence group, sizes differing by at most one token
+  (any length works);
+- `ClipShards` (video): the stream of the whole video's tokens by clips and, in each clip, by shards
+  (`paragen.parallel.clip.ClipTokens`, over the `branch` group); any other stream (a text) in even shards over the
+  clip's sequence group.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from paragen.comms import GroupComm
+from paragen.parallel.partition import split_sizes
+
+
+class TokenLayout(Protocol):
+    """Where this rank's tokens of a stream are, and how a stream's shards are gathered."""
+
+    def bounds(self, length: int) -> tuple[int, int]:
+        """This rank's [start, end) of a stream of `length` tokens."""
+
+    def gather(self, tensor: torch.Tensor, dim: int, length: int, label: str) -> torch.Tensor:
+        """Every rank's shard of a stream of `length` tokens, concatenated along `dim` in stream order."""
+
+
+def _even(length: int, comm: GroupComm) -> list[int]:
+    if length < comm.size:
+        raise ValueError(f"more ranks than tokens: {comm.size} sequence shards for a sequence of {length} tokens")
+    return split_sizes(length, comm.size)
+
+
+class EvenShards:
+    """Every stream in contiguous shards over `comm`."""
+
+    def __init__(self, comm: GroupComm) -> None:
+        self.comm = comm
+
+    def bounds(self, length: int) -> tuple[int, int]:
+        sizes = _even(length, self.comm)
+        start = sum(sizes[: self.comm.rank])
+        return start, start + sizes[self.comm.rank]
+
+    def gather(self, tensor: torch.Tensor, dim: int, length: int, label: str) -> torch.Tensor:
+        return self.comm.all_gather_varlen(tensor, dim, _even(length, self.comm), label)
+
+
+class ClipShards(EvenShards):
+    """The video's token stream by `tokens` (a `ClipTokens`) over `branch`; other streams in even shards over `seq`."""
+
+    def __init__(self, tokens, branch: GroupComm, seq: GroupComm) -> None:
+        super().__init__(seq)
+        self.tokens, self.branch = tokens, branch
+
+    def bounds(self, length: int) -> tuple[int, int]:
+        if length == sum(self.tokens.sizes):
+            return self.tokens.bounds(self.branch.rank)
+        return super().bounds(length)
+
+    def gather(self, tensor: torch.Tensor, dim: int, length: int, label: str) -> torch.Tensor:
+        if length == sum(self.tokens.sizes):
+            return self.branch.all_gather_varlen(tensor, dim, self.tokens.sizes, label)
+        return super().gather(tensor, dim, length, label)

@@ -1,0 +1,98 @@
+"""A transformer's sharding plan as data, in the form diffusers declares its context-parallel plans (`_cp_plan`).
+
+A plan maps module paths of the transformer to what happens at them:
+- `{input: Split}`: the named inputs (or, with `Split.output`, the outputs at these tuple indices — index 0 of a
+  module returning one tensor is that tensor) are cut along `Split.dim` to this rank's shard before the module
+  runs (after it, for outputs);
+- `Gather` (or a tuple of them, one per output): the module's output is all-gathered along `Gather.dim`.
+Paths are dotted module names; `""` is the transformer itself, `*` stands for any one name (`blocks.*` is every
+block). A split or gather whose tensor has other than `dims` dimensions is left alone (as diffusers does: an
+input a variant of the model gives in another form).
+
+Beside diffusers' fields a plan says which attention modules attend to keys that are whole on every rank
+(`replicated`: cross-attention to an unsplit text), so the attention seam leaves them alone; every other attention
+module's keys are the split tokens. The first split a plan declares is its output stream: what the gathers
+collect. `from_diffusers` reads a diffusers `_cp_plan` into this form without importing diffusers' types.
+"""
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import Any, Mapping, Union
+
+import torch
+
+
+@dataclass(frozen=True)
+class Split:
+    """Cut a tensor along `dim` into this rank's shard (`output`: a module output, else an input)."""
+
+    dim: int
+    dims: int | None = None
+    output: bool = False
+
+
+@dataclass(frozen=True)
+class Gather:
+    """All-gather a module output's shards along `dim`."""
+
+    dim: int
+    dims: int | None = None
+
+
+Entry = Union[Mapping[Union[str, int], Split], Gather, tuple]  # inputs/outputs to split, or the output gather(s)
+
+
+@dataclass(frozen=True)
+class ShardingPlan:
+    """Where a transformer's sequence is split and gathered, and which attention modules see whole keys."""
+
+    modules: Mapping[str, Entry]
+    replicated: tuple[str, ...] = ()  # attention-module path patterns whose keys are whole on every rank
+    source: str = "paragen"  # "diffusers" when read from the class's `_cp_plan`
+
+    def splits(self) -> list[tuple[str, str | int, Split]]:
+        """Every split as (path, input name or output index, Split), in declaration order."""
+        return [(path, key, split) for path, entry in self.modules.items() if isinstance(entry, Mapping)
+                for key, split in entry.items()]
+
+    def gathers(self) -> list[tuple[str, tuple[Gather, ...]]]:
+        """Every gather as (path, one Gather per output)."""
+        return [(path, entry if isinstance(entry, tuple) else (entry,)) for path, entry in self.modules.items()
+                if not isinstance(entry, Mapping)]
+
+
+def from_diffusers(cp_plan: Mapping[str, Any], replicated: tuple[str, ...] = ()) -> ShardingPlan:
+    """A diffusers `_cp_plan` (ContextParallelInput / ContextParallelOutput values) in paragen's form."""
+    modules: dict[str, Entry] = {}
+    for path, entry in cp_plan.items():
+        if isinstance(entry, Mapping):
+            modules[path] = {key: Split(value.split_dim, value.expected_dims, bool(value.split_output))
+                             for key, value in entry.items()}
+        elif isinstance(entry, (list, tuple)):
+            modules[path] = tuple(Gather(value.gather_dim, value.expected_dims) for value in entry)
+        else:
+            modules[path] = Gather(entry.gather_dim, entry.expected_dims)
+    return ShardingPlan(modules, replicated, source="diffusers")
+
+
+def _pattern(path: str) -> str:
+    return "^" + ".".join("[^.]+" if part == "*" else fnmatch.translate(part)[4:-3] for part in path.split(".")) + "$"
+
+
+def resolve(model: torch.nn.Module, path: str, what: str) -> list[tuple[str, torch.nn.Module]]:
+    """The modules of `model` at `path` (`*`: any one name); ValueError naming `what` when there are none."""
+    if path == "":
+        return [("", model)]
+    pattern = re.compile(_pattern(path))
+    found = [(name, module) for name, module in model.named_modules() if name and pattern.match(name)]
+    if not found:
+        raise ValueError(f"the sharding plan of {what} names module {path!r}, which {type(model).__name__} does not "
+                         "have (a plan written for another version of the class?)")
+    return found
+
+
+def matches(path: str, patterns: tuple[str, ...]) -> bool:
+    """Whether the module path `path` matches one of the plan path `patterns`."""
+    return any(re.match(_pattern(p), path) for p in patterns)

@@ -1,0 +1,113 @@
+"""The one attention seam: every planned attention module's attention runs through `SequenceAttention`.
+
+Every diffusers attention ends in torch's scaled-dot-product attention: the processors built on
+`dispatch_attention_fn` through its native backend, the older processors (PixArt, SD3, SANA, CogVideoX, …) by
+calling it themselves, after their projections, norms and rotary embedding, on the rank's own tokens. So that
+call is the seam: while a planned attention module runs (its `forward` intercepted with tag `sequence.attention`),
+`torch.nn.functional.scaled_dot_product_attention` goes to the module's `AttentionSite` instead; at any other time,
+and inside the site itself, it is torch's own. No processor is replaced and no library code is copied.
+
+A site learns, once per request, every shard's query and key lengths (one small all-gather on the sequence group),
+so the same code serves self-attention over split tokens, joint attention over split text and image tokens, and
+attention of split queries to split keys of another length:
+- queries and keys of the same lengths and no mask: Ulysses, Ring, both, or displaced (`SequenceAttention`);
+- otherwise (a key mask, a cross-attention to a split text): every shard's keys, values and mask gathered, then
+  the module's attention on its own queries (exact; the text is short).
+A site that ends without reaching the seam (an attention backend such as flash-attn called directly) is an error,
+not a silently local attention. Modules whose keys are whole on every rank (the plan's `replicated`) get no site.
+"""
+from __future__ import annotations
+
+import math
+from contextvars import ContextVar
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from paragen.parallel.intercept import intercept
+from paragen.parallel.sequence.attention import OutsideKeys, SequenceAttention
+from paragen.parallel.sequence.context import SequenceContext
+
+TAG = "sequence.attention"
+_SITE: ContextVar["AttentionSite | None"] = ContextVar("paragen_attention_site", default=None)
+_TORCH_SDPA = F.scaled_dot_product_attention
+
+
+def _seam(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+          dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False,
+          **kwargs: Any) -> torch.Tensor:
+    """torch's `scaled_dot_product_attention`, or the running site's when a planned attention module runs."""
+    site = _SITE.get()
+    if site is None:
+        return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                           scale=scale, enable_gqa=enable_gqa, **kwargs)
+    token = _SITE.set(None)  # the site's own attention kernels are torch's
+    try:
+        return site.attend(query, key, value, attn_mask, dropout_p, is_causal, scale)
+    finally:
+        _SITE.reset(token)
+
+
+def open_seam() -> None:
+    """Route torch's scaled-dot-product attention through the seam (idempotent; a no-op outside sites)."""
+    F.scaled_dot_product_attention = _seam
+
+
+class AttentionSite:
+    """One attention module's sequence-parallel attention (it keeps that module's stale K/V and lengths)."""
+
+    def __init__(self, ctx: SequenceContext, name: str, outside: OutsideKeys | None = None) -> None:
+        self.ctx, self.name = ctx, name
+        self.core = SequenceAttention(ctx, outside)
+        self.lengths: list[list[int]] | None = None  # every shard's [query length, key length], this request
+        self.calls = 0
+        ctx.on_reset(self.reset)
+
+    def reset(self) -> None:
+        self.lengths = None
+
+    def install(self, module: torch.nn.Module) -> None:
+        """Route `module`'s attention through this site while its forward runs."""
+        intercept(module, "forward", self._around, tag=TAG)
+
+    def _around(self, forward, *args, **kwargs):
+        self.calls = 0
+        token = _SITE.set(self)
+        try:
+            output = forward(*args, **kwargs)
+        finally:
+            _SITE.reset(token)
+        if self.calls == 0:
+            raise RuntimeError(f"{self.name}: its attention did not go through torch's scaled_dot_product_attention, "
+                               "so paragen cannot shard it (an attention backend such as flash-attn or sage is set); "
+                               "use diffusers' native backend (`set_attention_backend('native')`)")
+        return output
+
+    def attend(self, query, key, value, mask, dropout_p, is_causal, scale) -> torch.Tensor:
+        """The attention of this shard's queries over every shard's keys, `[B, H, Lq, D]` like torch's."""
+        self.calls += 1
+        if dropout_p or is_causal:
+            raise ValueError(f"{self.name}: sequence-parallel attention takes neither dropout nor a causal mask")
+        if key.shape[1] != query.shape[1]:  # grouped-query attention
+            key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
+        mine = [query.shape[2], key.shape[2]]
+        if self.lengths is None:
+            shapes = torch.tensor(mine, device=query.device)
+            self.lengths = self.ctx.comm.all_gather(shapes, self.ctx.label("attn.lengths")).view(-1, 2).tolist()
+        if self.lengths[self.ctx.comm.rank] != mine:
+            raise RuntimeError(f"{self.name}: attention got {mine[0]} queries and {mine[1]} keys, earlier in this "
+                               f"request {self.lengths[self.ctx.comm.rank]}")
+        queries, keys = ([shard[i] for shard in self.lengths] for i in (0, 1))
+        if mask is None and queries == keys:
+            if scale is not None:
+                query = query * (scale * math.sqrt(query.shape[-1]))
+            return self.core(query, key, value, keys).transpose(1, 2)
+        comm, label = self.ctx.comm, self.ctx.label("attn.gathered_kv")
+        key, value = (comm.all_gather_varlen(t.contiguous(), 2, keys, label) for t in (key, value))
+        if mask is not None and mask.shape[-1] == mine[1] and mine[1] != key.shape[2]:
+            flags = mask.dtype == torch.bool  # gathered as bytes: not every backend moves bools
+            whole = mask.expand(*key.shape[:2], mask.shape[-2], mine[1]).to(torch.uint8 if flags else mask.dtype)
+            mask = comm.all_gather_varlen(whole.contiguous(), 3, keys, label)
+            mask = mask.bool() if flags else mask
+        return _TORCH_SDPA(query, key, value, attn_mask=mask, scale=scale)
