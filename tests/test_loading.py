@@ -289,8 +289,27 @@ def test_tiny_wan_generates_a_non_constant_video(tiny_wan) -> None:
     assert ((frames > 0.01) & (frames < 0.99)).mean() > 0.5, "video is saturated"
 
 
+# The further DiT families: their outputs against one process are in tests/test_dit_families.py.
+FAMILY_CLASSES = {"tiny-flux2": "Flux2KleinPipeline", "tiny-qwenimage": "QwenImagePipeline",
+                  "tiny-zimage": "ZImagePipeline", "tiny-ltx": "LTXPipeline", "tiny-cogvideox": "CogVideoXPipeline",
+                  "tiny-hunyuanvideo": "HunyuanVideoPipeline", "tiny-mochi": "MochiPipeline"}
+
+
+@pytest.mark.parametrize("name", list(FAMILY_CLASSES))
+def test_family_models_draw_the_same_weights_for_a_seed_and_leave_no_table_zero(name) -> None:
+    """Same seed, same transformer; another seed, another; no weight or bare table (Mochi's rotary frequencies)
+    left at zero, which would make a layer an identity and an equality test empty."""
+    first, again, other = (load_pipeline(name, seed=seed) for seed in (0, 0, 1))
+    assert type(first).__name__ == FAMILY_CLASSES[name]
+    weights = [p.transformer.state_dict() for p in (first, again, other)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+    zero = [k for k, v in weights[0].items() if v.dim() > 1 and not v.any()]
+    assert not zero, f"{name}: tables left at zero: {zero}"
+
+
 def test_every_embedded_model_is_tested_somewhere() -> None:
     """Image models and tiny-wan here; the other video models in tests/test_video_parts.py; the trained
     tiny-shapes and tiny-shapes-dit in tests/test_shapes_model.py."""
-    assert set(EMBEDDED_MODELS) == set(CLASSES) | {"tiny-t2v", "tiny-animatediff", "tiny-wan", "tiny-shapes",
-                                                   "tiny-shapes-dit"}
+    assert set(EMBEDDED_MODELS) == set(CLASSES) | set(FAMILY_CLASSES) | {
+        "tiny-t2v", "tiny-animatediff", "tiny-wan", "tiny-shapes", "tiny-shapes-dit"}

@@ -1,4 +1,5 @@
-"""Write the offline T5 tokenizer shipped with the embedded DiT pipelines (tiny-pixart, tiny-sd3, tiny-flux).
+"""Write the offline T5 tokenizer shipped with the embedded DiT pipelines (tiny-pixart, tiny-sd3, tiny-flux, tiny-wan,
+tiny-ltx, tiny-cogvideox, tiny-mochi).
 
 Real T5 tokenizers are SentencePiece Unigram models of 32,000 pieces plus 100 sentinel tokens; they cannot be
 downloaded here, so this builds a small stand-in with the same layout and behaviour, using only the
@@ -25,7 +26,8 @@ from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processo
 from tokenizers.models import Unigram
 
 CONFIGS = Path(__file__).resolve().parent.parent / "paragen" / "pipelines" / "configs"
-FOLDERS = ("tiny-pixart/tokenizer", "tiny-sd3/tokenizer_3", "tiny-flux/tokenizer_2")
+FOLDERS = ("tiny-pixart/tokenizer", "tiny-sd3/tokenizer_3", "tiny-flux/tokenizer_2", "tiny-wan/tokenizer",
+           "tiny-ltx/tokenizer", "tiny-cogvideox/tokenizer", "tiny-mochi/tokenizer")
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 EXTRA_IDS = 100

@@ -116,11 +116,18 @@ def _run_slurm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_models(args: argparse.Namespace) -> int:
+    from paragen.pipelines import catalogue
+
+    print(catalogue.as_json() if args.json else catalogue.as_markdown() if args.markdown else catalogue.as_text())
+    return 0
+
+
 def build_parser(command: str | None = None, serve_job: str | None = None) -> argparse.ArgumentParser:
     """The `paragen` argument parser; only `command`'s sub-parser gets its arguments (and imports its job; for
     `serve`, `serve_job`'s)."""
     parser = argparse.ArgumentParser(prog="paragen", description="paragen: one generation request, many ranks.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*JOBS, "serve", "slurm"]) + "}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*JOBS, "serve", "slurm", "models"]) + "}")
     for name, (module, help_text) in JOBS.items():
         p = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if name == command:
@@ -134,6 +141,12 @@ def build_parser(command: str | None = None, serve_job: str | None = None) -> ar
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if command == "slurm":
         _add_slurm_arguments(p)
+    p = sub.add_parser("models", help="list every supported pipeline and model class, its workload, degrees, modes, "
+                                      "sharding plan and embedded models (and the families not run yet, with why)")
+    output = p.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_true", help="as JSON")
+    output.add_argument("--markdown", action="store_true", help="as the README's Markdown table")
+    p.set_defaults(handler=_run_models)
     return parser
 
 
@@ -158,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else None
     serve_job = argv[1] if command == "serve" and len(argv) > 1 else None
-    if command in JOBS or serve_job in JOBS:
+    if command in JOBS or serve_job in JOBS or command == "models":
         _quiet_third_party()
     args = build_parser(command, serve_job).parse_args(argv)
     try:

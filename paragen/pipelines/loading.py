@@ -1,12 +1,15 @@
 """Load a diffusers pipeline: an embedded tiny model or a local diffusers checkpoint directory.
 
 Real models cannot be downloaded here, so embedded tiny models stand in for them: `tiny-sd`,
-`tiny-sdxl` (UNets), `tiny-pixart` (PixArt-Sigma), `tiny-sd3` (SD3), `tiny-flux` (FLUX.1-dev), `tiny-t2v`
-(ModelScope text-to-video, UNet3D), `tiny-animatediff` (AnimateDiff, UNetMotionModel) and `tiny-wan` (Wan2.1
-text-to-video, WanTransformer3DModel with a causal 3D VAE and a UMT5 text encoder): the
-real diffusers architectures, built from the configs shipped in `configs/<name>/` with random weights
-drawn from a fixed seed, an offline byte-level CLIP tokenizer and an offline T5 tokenizer (written by
-`tools/make_t5_tokenizer.py`). `tiny-shapes` and `tiny-shapes-dit` are different: a Stable Diffusion and a
+`tiny-sdxl` (UNets), `tiny-pixart` (PixArt-Sigma), `tiny-sd3` (SD3), `tiny-flux` (FLUX.1-dev), `tiny-flux2`
+(FLUX.2 klein, Qwen3 text encoder), `tiny-qwenimage` (Qwen-Image, Qwen2.5-VL text encoder), `tiny-zimage`
+(Z-Image), `tiny-t2v` (ModelScope text-to-video, UNet3D), `tiny-animatediff`
+(AnimateDiff, UNetMotionModel), `tiny-wan` (Wan2.1 text-to-video, WanTransformer3DModel with a causal 3D VAE and
+a UMT5 text encoder), `tiny-ltx` (LTX-Video), `tiny-cogvideox` (CogVideoX), `tiny-hunyuanvideo` (HunyuanVideo,
+Llama + CLIP text encoders) and `tiny-mochi` (Mochi 1): the real diffusers architectures, built from the configs
+shipped in `configs/<name>/` with random weights drawn from a fixed seed, and offline tokenizers written by
+`tools/make_t5_tokenizer.py` (T5), `tools/make_bpe_tokenizer.py` (Qwen) and `tools/make_llama_tokenizer.py`
+(Llama), beside a byte-level CLIP tokenizer. `tiny-shapes` and `tiny-shapes-dit` are different: a Stable Diffusion and a
 PixArt-Σ pipeline trained by `tools/train_shapes.py` on a procedural world of coloured shapes, whose weights ship
 in `configs/<name>/` and load exactly as a local checkpoint does. A local checkpoint goes through `DiffusionPipeline.from_pretrained`
 with hub access off. Nothing here ever touches the network.
@@ -26,8 +29,10 @@ if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
 TRAINED_MODELS: tuple[str, ...] = ("tiny-shapes", "tiny-shapes-dit")  # trained by a repo script, weights shipped in configs/<name>/
-EMBEDDED_MODELS: tuple[str, ...] = ("tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-t2v", "tiny-animatediff",
-                                   "tiny-wan", *TRAINED_MODELS)
+EMBEDDED_MODELS: tuple[str, ...] = (
+    "tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-qwenimage", "tiny-zimage",
+    "tiny-t2v", "tiny-animatediff", "tiny-wan", "tiny-ltx", "tiny-cogvideox", "tiny-hunyuanvideo",
+    "tiny-mochi", *TRAINED_MODELS)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SAFE_WEIGHTS = "*.safetensors"
@@ -130,11 +135,17 @@ def _build_component(library: str, class_name: str, folder: Path) -> Any:
 
 def _redraw_zero_layers(model: torch.nn.Module) -> None:
     """Give layers that a class initialises to zero (UNet3D's last temporal conv, which makes the block an
-    identity until trained) their default random initialisation, so that an embedded model exercises them."""
+    identity until trained) their default random initialisation, and zero tables held as bare parameters (Mochi's
+    rotary frequencies, which make its RoPE the identity) unit normal values, so that an embedded model exercises
+    them."""
     for module in model.modules():
         weight = getattr(module, "weight", None)
         if isinstance(weight, torch.nn.Parameter) and weight.dim() > 1 and not weight.any():
             module.reset_parameters()
+        for name, parameter in module.named_parameters(recurse=False):
+            if name not in ("weight", "bias") and parameter.dim() > 1 and not parameter.any():
+                with torch.no_grad():
+                    parameter.normal_()
 
 
 def _build_embedded(name: str, seed: int, dtype: torch.dtype) -> DiffusionPipeline:

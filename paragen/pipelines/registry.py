@@ -27,9 +27,11 @@ from paragen.parallel.hires import HiresConfig
 from paragen.parallel.llm.config import KVConfig
 
 UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-DIT_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline", "FluxPipeline")
+DIT_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
+                 "Flux2Pipeline", "Flux2KleinPipeline", "QwenImagePipeline", "ZImagePipeline")
 VIDEO_PIPELINES = ("TextToVideoSDPipeline", "AnimateDiffPipeline")
 VIDEO_DIT_PIPELINES = ("WanPipeline",)
+TOKEN_VIDEO_PIPELINES = ("LTXPipeline", "CogVideoXPipeline", "HunyuanVideoPipeline", "MochiPipeline")
 CAUSAL_LMS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 
@@ -47,6 +49,8 @@ class Workload:
     options_name: str  # its options' key in reports and checkpoint fingerprints
     refusal: str  # why the degrees it does not split by do not apply
     checkpoints: bool = False  # its runs save every rank's state every K steps (--checkpoint) and resume from it
+    modes: tuple[str, ...] = ()  # the ways it runs (`paragen models`)
+    sharding_plans: bool = False  # its denoiser is cut by a sharding plan (`paragen/pipelines/dit/plans.py`)
 
     def resolve(self, config: ParallelConfig | None, world: int | None = None) -> ParallelConfig:
         """`config` with every degree concrete for `world` ranks (default: the job's), by this workload's degrees."""
@@ -79,21 +83,27 @@ class Workload:
 WORKLOADS = (
     Workload("patch", UNET_PIPELINES, ExchangeConfig, ("cfg", "patch"), "patch", "paragen.pipelines.patch", "image",
              "exchange", "ulysses and ring shard a diffusion transformer's tokens; a UNet pipeline is split with patch "
-             "(and cfg)"),
+             "(and cfg)", modes=("sync", "displaced", "partial")),
     Workload("hires", UNET_PIPELINES, HiresConfig, ("patch",), "patch", "paragen.pipelines.hires", "image", "hires",
              "hires spreads the windows of one image over every rank (patch); it does not combine with cfg=2, "
-             "ulysses, ring, clip, seq or tp", checkpoints=True),
+             "ulysses, ring, clip, seq or tp", checkpoints=True, modes=("windows", "low-resolution structure guidance")),
     Workload("dit", DIT_PIPELINES, ExchangeConfig, ("cfg", "ulysses", "ring"), "ring", "paragen.pipelines.dit", "image",
-             "exchange", "diffusion transformers are split along the token sequence; use ulysses and ring (and cfg)"),
+             "exchange", "diffusion transformers are split along the token sequence; use ulysses and ring (and cfg)",
+             modes=("sync", "displaced"), sharding_plans=True),
     Workload("video", VIDEO_PIPELINES, TemporalAttention, ("clip",), "clip", "paragen.pipelines.video", "video",
              "temporal", "video pipelines split the frames into clips (clip=N); cfg=2, patch, ulysses, ring, seq "
-             "and tp do not apply", checkpoints=True),
+             "and tp do not apply", checkpoints=True, modes=("clips: dual scope", "clips: full scope", "segment prompts")),
     Workload("wan", VIDEO_DIT_PIPELINES, TemporalAttention, ("cfg", "clip", "ulysses", "ring"), "ring",
              "paragen.pipelines.wan", "video", "temporal", "video diffusion transformers split the latent frames into "
-             "clips and each clip's tokens into sequence shards; use clip, ulysses and ring (and cfg)", checkpoints=True),
+             "clips and each clip's tokens into sequence shards; use clip, ulysses and ring (and cfg)", checkpoints=True,
+             modes=("sync", "clips: dual scope", "clips: full scope", "segment prompts"), sharding_plans=True),
+    Workload("dit-video", TOKEN_VIDEO_PIPELINES, TemporalAttention, ("cfg", "ulysses", "ring"), "ring",
+             "paragen.pipelines.dit", "video", "temporal", "these video transformers split the video's tokens into "
+             "sequence shards (ulysses, ring, and cfg); clips are not supported for them yet", modes=("sync",),
+             sharding_plans=True),
     Workload("llm", CAUSAL_LMS, KVConfig, ("seq", "tp"), "seq", "paragen.pipelines.llm", "llm", "kv",
              "seq and tp cut a causal LM's prompt and weights; they do not combine with cfg, patch, ulysses, ring "
-             "or clip"),
+             "or clip", modes=("dense", "offload (ShadowKV)", "speculative (TriForce)")),
 )
 # Command-line jobs: name -> (module, one-line help). The help is here so that `paragen --help` and
 # `paragen slurm` import no job (and no diffusers).

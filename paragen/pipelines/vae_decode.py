@@ -18,8 +18,16 @@ from paragen.parallel.patch import PatchContext
 from paragen.parallel.patch.convert import patch_modules
 
 
+BANDED_VAES = ("AutoencoderKL",)  # VAE classes whose decoder runs in bands (2D convs, group norms, attention)
+
+
 class ParallelVaeDecoder:
     """`vae.decoder`, intercepted to decode in bands over `world`."""
+
+    @staticmethod
+    def supports(vae) -> bool:
+        """Whether `vae`'s decoder can run in bands (other VAEs decode whole on every rank)."""
+        return type(vae).__name__ in BANDED_VAES
 
     def __init__(self, vae, world: GroupComm) -> None:
         self.world = world

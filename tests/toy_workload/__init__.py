@@ -35,5 +35,5 @@ def check(model: ToyModel, config: ParallelConfig, options: ToyOptions) -> None:
 
 def install(model: ToyModel, config: ParallelConfig, options: ToyOptions) -> ToyModel:
     model.paragen = (config, options)
-    intercept(model, "forward", lambda forward, x: options.scale * forward(x))
+    intercept(model, "forward", lambda forward, x: options.scale * forward(x), tag="toy.forward")
     return model

@@ -1,10 +1,11 @@
 """Apply a `ShardingPlan` to a transformer: its splits and gathers as interceptions of the planned modules.
 
 `PlannedSharding.install(transformer)` finds every module the plan names (a missing one is an error before
-anything changes) and intercepts its `forward` (tag `sequence.plan`): named inputs are cut to this rank's slice
-before the call, planned outputs after it, gathers all-gather the output. The slices come from the `TokenLayout`
-the runtime gives for the current forward (`begin_forward`); the first split the plan declares is the stream the
-gathers collect, and its whole length is taken from the tensor it cuts.
+anything changes) and intercepts its `forward` once (tag `sequence.plan`), with every entry that names it: named
+inputs are cut to this rank's slice before the call (plain splits first, then those that join several streams),
+planned outputs after it, gathers all-gather the output. The slices come from the `TokenLayout` the runtime gives
+for the current forward (`begin_forward`). Each split records its stream's whole length under its input name
+(`0`, `1`… for outputs); the first split the plan declares is the stream gathers collect unless they name another.
 """
 from __future__ import annotations
 
@@ -20,23 +21,15 @@ from paragen.parallel.sequence.plan import Gather, ShardingPlan, Split, resolve
 TAG = "sequence.plan"
 
 
-def _narrow(value: Any, split: Split, layout: TokenLayout) -> tuple[Any, int | None]:
-    """`value` cut to this rank's slice (each tensor of a tuple or list), and the whole length it had."""
-    if isinstance(value, (tuple, list)):
-        parts = [_narrow(item, split, layout) for item in value]
-        lengths = [n for _, n in parts if n is not None]
-        return type(value)(part for part, _ in parts), (lengths[0] if lengths else None)
-    if not isinstance(value, torch.Tensor) or (split.dims is not None and value.dim() != split.dims):
-        return value, None
-    length = value.shape[split.dim]
-    start, end = layout.bounds(length)
-    return value.narrow(split.dim, start, end - start), length
-
-
-def planned_modules(plan: ShardingPlan, transformer: torch.nn.Module) -> list[tuple[str, str, torch.nn.Module]]:
-    """Every (plan path, module name, module) the plan names in `transformer`; ValueError for a path it lacks."""
+def planned_modules(plan: ShardingPlan, transformer: torch.nn.Module) -> dict[str, tuple[torch.nn.Module, list]]:
+    """Module name -> (module, the plan entries that name it, in declaration order); ValueError for a path the
+    transformer lacks."""
     what = f"{type(transformer).__name__} ({plan.source})"
-    return [(path, name, module) for path in plan.modules for name, module in resolve(transformer, path, what)]
+    found: dict[str, tuple[torch.nn.Module, list]] = {}
+    for path, entry in plan.modules.items():
+        for name, module in resolve(transformer, path, what):
+            found.setdefault(name, (module, []))[1].append(entry)
+    return found
 
 
 class PlannedSharding:
@@ -49,70 +42,77 @@ class PlannedSharding:
         splits = plan.splits()
         if not splits:
             raise ValueError("a sharding plan needs at least one split")
-        self.stream = splits[0][:2]  # (path, key) of the split whose stream the gathers collect
-        self.stream_length: int | None = None
+        self.stream = splits[0][1]  # the key of the split whose stream the gathers collect by default
+        self.lengths: dict[Any, int] = {}  # this forward's whole stream lengths, by the key they were split under
+
+    def shape(self) -> tuple:
+        """The whole lengths of this forward's streams so far (the same on every rank)."""
+        return tuple(sorted(self.lengths.items(), key=str))
 
     def begin_forward(self) -> None:
-        """A new transformer forward: the output stream's length is learnt again."""
-        self.stream_length = None
+        """A new transformer forward: the streams' lengths are learnt again."""
+        self.lengths = {}
 
     def install(self, transformer: torch.nn.Module) -> None:
         """Intercept every planned module of `transformer`; ValueError, before any change, for a missing one."""
-        for path, name, module in planned_modules(self.plan, transformer):
-            entry = self.plan.modules[path]
-            if isinstance(entry, (Gather, tuple)):
-                gathers = entry if isinstance(entry, tuple) else (entry,)
-                intercept(module, "forward", self._gathering(gathers, name), tag=TAG)
-            else:
-                intercept(module, "forward", self._splitting(path, entry, inspect.signature(module.forward)), tag=TAG)
+        for name, (module, entries) in planned_modules(self.plan, transformer).items():
+            splits = {key: split for entry in entries if not isinstance(entry, (Gather, tuple))
+                      for key, split in entry.items()}
+            gathers = [g for entry in entries if isinstance(entry, (Gather, tuple))
+                       for g in (entry if isinstance(entry, tuple) else (entry,))]
+            intercept(module, "forward", self._around(name, splits, gathers, inspect.signature(module.forward)), tag=TAG)
 
-    def _record(self, path: str, key: Any, length: int | None) -> None:
-        if (path, key) == self.stream and length is not None:
-            self.stream_length = length
+    # ---- cutting ---------------------------------------------------------------------------------------
+    def _cut(self, value: Any, split: Split, key: Any, layout: TokenLayout) -> Any:
+        """`value` cut to this rank's slice (each tensor of a tuple or list); records the stream's whole length."""
+        if isinstance(value, (tuple, list)):
+            return type(value)(self._cut(item, split, key, layout) for item in value)
+        if not isinstance(value, torch.Tensor) or (split.dims is not None and value.dim() != split.dims):
+            return value
+        dim, joins, length = split.dim, split.joins, value.shape[split.dim]
+        if not joins:
+            self.lengths.setdefault(key, length)
+            begin, end = layout.bounds(length)
+            return value.narrow(dim, begin, end - begin)
+        parts, start = [], 0
+        for stream in joins:
+            whole = self.lengths[stream]
+            begin, end = layout.bounds(whole)
+            parts.append(value.narrow(dim, start + begin, end - begin))
+            start += whole
+        if start != length:
+            raise RuntimeError(f"a split joining {joins} expected {start} tokens along dim {dim}, got {length}")
+        return torch.cat(parts, dim)
 
-    def _splitting(self, path: str, entry, signature: inspect.Signature):
-        inputs = {key: split for key, split in entry.items() if not split.output}
-        outputs = {key: split for key, split in entry.items() if split.output}
+    def _gather(self, value: Any, spec: Gather, name: str) -> Any:
+        if not isinstance(value, torch.Tensor) or (spec.dims is not None and value.dim() != spec.dims):
+            return value
+        stream = self.stream if spec.stream is None else spec.stream
+        if stream not in self.lengths:
+            raise RuntimeError(f"{name}: a gather of stream {stream!r} ran before that stream was split")
+        return self.layout().gather(value.contiguous(), spec.dim, self.lengths[stream], f"{self.label}output")
+
+    def _around(self, name: str, splits: dict, gathers: list[Gather], signature: inspect.Signature):
+        inputs = sorted(((k, s) for k, s in splits.items() if not s.output), key=lambda item: bool(item[1].joins))
+        outputs = {key: split for key, split in splits.items() if split.output}
 
         def around(forward, *args, **kwargs):
             layout = self.layout()
             if inputs:
                 bound = signature.bind_partial(*args, **kwargs)
-                for key, split in inputs.items():
+                for key, split in inputs:
                     if bound.arguments.get(key) is not None:
-                        bound.arguments[key], length = _narrow(bound.arguments[key], split, layout)
-                        self._record(path, key, length)
+                        bound.arguments[key] = self._cut(bound.arguments[key], split, key, layout)
                 args, kwargs = bound.args, bound.kwargs
             output = forward(*args, **kwargs)
-            if not outputs:
-                return output
-            if isinstance(output, torch.Tensor):
-                output, length = _narrow(output, outputs[0], layout) if 0 in outputs else (output, None)
-                self._record(path, 0, length)
-                return output
-            parts = list(output)
+            single = isinstance(output, torch.Tensor)
+            parts = [output] if single else list(output)
             for index, split in outputs.items():
-                parts[index], length = _narrow(parts[index], split, layout)
-                self._record(path, index, length)
-            return type(output)(parts)
-
-        return around
-
-    def _gathering(self, gathers: tuple[Gather, ...], name: str):
-        def gather(value: Any, spec: Gather) -> Any:
-            if not isinstance(value, torch.Tensor) or (spec.dims is not None and value.dim() != spec.dims):
-                return value
-            if self.stream_length is None:
-                raise RuntimeError(f"{name}: a gather ran before the plan's output stream was split")
-            return self.layout().gather(value.contiguous(), spec.dim, self.stream_length, f"{self.label}output")
-
-        def around(forward, *args, **kwargs):
-            output = forward(*args, **kwargs)
-            if isinstance(output, torch.Tensor):
-                return gather(output, gathers[0])
-            parts = list(output)
+                parts[index] = self._cut(parts[index], split, index, layout)
             for index, spec in enumerate(gathers):
-                parts[index] = gather(parts[index], spec)
-            return type(output)(parts)
+                parts[index] = self._gather(parts[index], spec, name)
+            if not (outputs or gathers):
+                return output
+            return parts[0] if single else type(output)(parts)
 
         return around

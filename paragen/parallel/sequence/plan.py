@@ -16,7 +16,6 @@ collect. `from_diffusers` reads a diffusers `_cp_plan` into this form without im
 """
 from __future__ import annotations
 
-import fnmatch
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
@@ -26,19 +25,26 @@ import torch
 
 @dataclass(frozen=True)
 class Split:
-    """Cut a tensor along `dim` into this rank's shard (`output`: a module output, else an input)."""
+    """Cut a tensor along `dim` into this rank's shard (`output`: a module output, else an input).
+
+    `joins`: the tensor's `dim` is the concatenation of these streams (named by the inputs they were split as,
+    e.g. an attention mask over `[video, text]`); each part is cut by its own stream and the parts joined again.
+    """
 
     dim: int
     dims: int | None = None
     output: bool = False
+    joins: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Gather:
-    """All-gather a module output's shards along `dim`."""
+    """All-gather a module output's shards along `dim` (`stream`: the input name the stream was split as; default:
+    the plan's first split)."""
 
     dim: int
     dims: int | None = None
+    stream: str | None = None
 
 
 Entry = Union[Mapping[Union[str, int], Split], Gather, tuple]  # inputs/outputs to split, or the output gather(s)
@@ -78,15 +84,25 @@ def from_diffusers(cp_plan: Mapping[str, Any], replicated: tuple[str, ...] = ())
 
 
 def _pattern(path: str) -> str:
-    return "^" + ".".join("[^.]+" if part == "*" else fnmatch.translate(part)[4:-3] for part in path.split(".")) + "$"
+    return "^" + ".".join("[^.]+" if part == "*" else re.escape(part) for part in path.split(".")) + "$"
 
 
 def resolve(model: torch.nn.Module, path: str, what: str) -> list[tuple[str, torch.nn.Module]]:
-    """The modules of `model` at `path` (`*`: any one name); ValueError naming `what` when there are none."""
-    if path == "":
-        return [("", model)]
-    pattern = re.compile(_pattern(path))
-    found = [(name, module) for name, module in model.named_modules() if name and pattern.match(name)]
+    """The modules of `model` at `path` (`*`: any one name, `-1`: the last of a list); ValueError naming `what`
+    when there are none."""
+    found = [("", model)]
+    for part in path.split(".") if path else []:
+        step = []
+        for name, module in found:
+            children = dict(module.named_children())
+            if part == "*":
+                picked = list(children.items())
+            elif part == "-1" and children:
+                picked = [list(children.items())[-1]]
+            else:
+                picked = [(part, children[part])] if part in children else []
+            step += [(f"{name}.{child}" if name else child, sub) for child, sub in picked]
+        found = step
     if not found:
         raise ValueError(f"the sharding plan of {what} names module {path!r}, which {type(model).__name__} does not "
                          "have (a plan written for another version of the class?)")
@@ -94,5 +110,5 @@ def resolve(model: torch.nn.Module, path: str, what: str) -> list[tuple[str, tor
 
 
 def matches(path: str, patterns: tuple[str, ...]) -> bool:
-    """Whether the module path `path` matches one of the plan path `patterns`."""
+    """Whether the module path `path` matches one of the plan path `patterns` (`*`: any one name)."""
     return any(re.match(_pattern(p), path) for p in patterns)

@@ -7,7 +7,7 @@ call is the seam: while a planned attention module runs (its `forward` intercept
 `torch.nn.functional.scaled_dot_product_attention` goes to the module's `AttentionSite` instead; at any other time,
 and inside the site itself, it is torch's own. No processor is replaced and no library code is copied.
 
-A site learns, once per request, every shard's query and key lengths (one small all-gather on the sequence group),
+A site learns, once per request, sequence shape and attention call of its forward, every shard's query and key lengths (one small all-gather on the sequence group),
 so the same code serves self-attention over split tokens, joint attention over split text and image tokens, and
 attention of split queries to split keys of another length:
 - queries and keys of the same lengths and no mask: Ulysses, Ring, both, or displaced (`SequenceAttention`);
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Callable, Hashable
 
 import torch
 import torch.nn.functional as F
@@ -57,15 +57,18 @@ def open_seam() -> None:
 class AttentionSite:
     """One attention module's sequence-parallel attention (it keeps that module's stale K/V and lengths)."""
 
-    def __init__(self, ctx: SequenceContext, name: str, outside: OutsideKeys | None = None) -> None:
-        self.ctx, self.name = ctx, name
+    def __init__(self, ctx: SequenceContext, name: str, outside: OutsideKeys | None = None,
+                 shape: Callable[[], Hashable] = tuple) -> None:
+        """`shape`: what every rank knows alike of the current forward's sequence (its streams' whole lengths): the
+        lengths learnt for one shape are reused only for that shape (two guidance calls may differ in text)."""
+        self.ctx, self.name, self.shape = ctx, name, shape
         self.core = SequenceAttention(ctx, outside)
-        self.lengths: list[list[int]] | None = None  # every shard's [query length, key length], this request
+        self.lengths: dict[Hashable, list[list[int]]] = {}  # (shape, call in the forward) -> every shard's [q, k]
         self.calls = 0
         ctx.on_reset(self.reset)
 
     def reset(self) -> None:
-        self.lengths = None
+        self.lengths = {}
 
     def install(self, module: torch.nn.Module) -> None:
         """Route `module`'s attention through this site while its forward runs."""
@@ -86,19 +89,20 @@ class AttentionSite:
 
     def attend(self, query, key, value, mask, dropout_p, is_causal, scale) -> torch.Tensor:
         """The attention of this shard's queries over every shard's keys, `[B, H, Lq, D]` like torch's."""
-        self.calls += 1
+        call, self.calls = (self.shape(), self.calls), self.calls + 1
         if dropout_p or is_causal:
             raise ValueError(f"{self.name}: sequence-parallel attention takes neither dropout nor a causal mask")
         if key.shape[1] != query.shape[1]:  # grouped-query attention
             key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
         mine = [query.shape[2], key.shape[2]]
-        if self.lengths is None:
+        if call not in self.lengths:
             shapes = torch.tensor(mine, device=query.device)
-            self.lengths = self.ctx.comm.all_gather(shapes, self.ctx.label("attn.lengths")).view(-1, 2).tolist()
-        if self.lengths[self.ctx.comm.rank] != mine:
-            raise RuntimeError(f"{self.name}: attention got {mine[0]} queries and {mine[1]} keys, earlier in this "
-                               f"request {self.lengths[self.ctx.comm.rank]}")
-        queries, keys = ([shard[i] for shard in self.lengths] for i in (0, 1))
+            self.lengths[call] = self.ctx.comm.all_gather(shapes, self.ctx.label("attn.lengths")).view(-1, 2).tolist()
+        lengths = self.lengths[call]
+        if lengths[self.ctx.comm.rank] != mine:
+            raise RuntimeError(f"{self.name}: attention call {call} got {mine[0]} queries and {mine[1]} keys, earlier "
+                               f"in this request {lengths[self.ctx.comm.rank]}")
+        queries, keys = ([shard[i] for shard in lengths] for i in (0, 1))
         if mask is None and queries == keys:
             if scale is not None:
                 query = query * (scale * math.sqrt(query.shape[-1]))

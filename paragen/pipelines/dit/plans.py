@@ -3,7 +3,7 @@
 A class that declares a diffusers context-parallel plan (`_cp_plan`) is sharded by that plan, read as it is
 (`paragen.parallel.sequence.plan.from_diffusers`); `OWN_PLANS` holds paragen's plans, in the same form, for
 classes diffusers gives none. A pipeline is what the tables below say of it: how many latent pixels one token
-covers beyond the transformer's patch (`PACKED`: 2×2 latent pixels packed into a token before the transformer),
+covers (`PACKED`: 2×2, else the transformer's patch),
 and whether its two guidance branches run as one batch (`CFG_BATCH`: `cfg=2` splits that batch) — nothing else
 about a family is written anywhere else.
 """
@@ -15,6 +15,10 @@ from paragen.parallel.sequence.plan import Gather, ShardingPlan, Split, from_dif
 
 TOKENS = Split(1, 3)  # a [B, L, C] token sequence cut along L
 _PATCH_EMBEDDING_OUTPUT = {0: Split(1, 3, output=True)}
+_BOTH_STREAMS = {"hidden_states": TOKENS, "encoder_hidden_states": TOKENS}  # image/video and text, cut alike
+_ROTARY_TABLES = {0: Split(0, 2, output=True), 1: Split(0, 2, output=True)}  # (cos, sin) of every token, [L, D]
+# a [B, 1, 1, video + text] key mask over both streams, each part cut like its stream
+_JOINT_MASK = Split(3, 4, joins=("hidden_states", "encoder_hidden_states"))
 
 OWN_PLANS: dict[str, ShardingPlan] = {
     # PixArt-α/Σ: image tokens cut after the patch embedding; the text stays whole (only cross-attended).
@@ -23,12 +27,36 @@ OWN_PLANS: dict[str, ShardingPlan] = {
     # SD3/3.5: joint attention, so the text stream is cut like the image tokens.
     "SD3Transformer2DModel": ShardingPlan(
         {"pos_embed": _PATCH_EMBEDDING_OUTPUT, "": {"encoder_hidden_states": TOKENS}, "proj_out": Gather(1, 3)}),
+    # CogVideoX: text and video tokens leave the patch embedding as one sequence and are split before the blocks;
+    # the rotary tables come with the call; both streams are gathered after the last block (the model joins and
+    # cuts them again by the whole text's length).
+    "CogVideoXTransformer3DModel": ShardingPlan({
+        "transformer_blocks.0": _BOTH_STREAMS, "": {"image_rotary_emb": Split(0, 2)},
+        "transformer_blocks.-1": (Gather(1, 3), Gather(1, 3, stream="encoder_hidden_states"))}),
+    # HunyuanVideo: the text is refined whole (its refiner's attention sees whole keys), then both streams are cut
+    # at the first block; the key mask over [video, text] that the model builds from the whole lengths is cut with
+    # them at every block.
+    "HunyuanVideoTransformer3DModel": ShardingPlan({
+        "transformer_blocks.0": _BOTH_STREAMS, "rope": _ROTARY_TABLES,
+        "transformer_blocks.*": {"attention_mask": _JOINT_MASK},
+        "single_transformer_blocks.*": {"attention_mask": _JOINT_MASK}, "proj_out": Gather(1, 3)},
+        replicated=("context_embedder.token_refiner.refiner_blocks.*.attn",)),
+    # Z-Image: image and caption are refined whole, apart, then joined per sample into one padded sequence; that
+    # sequence is cut at the first main layer (its mask and rotary table at every layer) and gathered after the last.
+    "ZImageTransformer2DModel": ShardingPlan({
+        "layers.0": {"x": TOKENS}, "layers.*": {"attn_mask": Split(1, 2), "freqs_cis": Split(1, 3)},
+        "layers.-1": Gather(1, 3)}, replicated=("noise_refiner.*.attention", "context_refiner.*.attention")),
+    # Mochi: both streams cut at the first block, the text's mask with them (each rank keeps its valid text tokens).
+    "MochiTransformer3DModel": ShardingPlan({
+        "transformer_blocks.0": _BOTH_STREAMS, "transformer_blocks.*": {"encoder_attention_mask": Split(1, 2)},
+        "rope": {0: Split(0, 3, output=True), 1: Split(0, 3, output=True)}, "proj_out": Gather(1, 3)}),
 }
 
-# Pipelines whose transformer sees 2×2 latent pixels per token on top of its patch size (packed latents).
-PACKED = ("FluxPipeline", "Flux2Pipeline", "Flux2KleinPipeline", "QwenImagePipeline", "ChromaPipeline")
+# Pipelines whose tokens cover 2×2 latent pixels whatever the transformer's `patch_size` says (latents packed by
+# the pipeline, or patchified inside the transformer by a size given per call).
+PACKED = ("FluxPipeline", "Flux2Pipeline", "Flux2KleinPipeline", "QwenImagePipeline", "ZImagePipeline")
 # Pipelines that run the unconditional and conditional branches as one batch (cfg=2 splits it over two rank halves).
-CFG_BATCH = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline", "SanaPipeline",
+CFG_BATCH = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline",
              "CogVideoXPipeline", "LTXPipeline", "MochiPipeline")
 
 
@@ -47,6 +75,9 @@ def plan_for(transformer: Any) -> ShardingPlan:
     return from_diffusers(cp_plan, replicated)
 
 
-def has_plan(transformer_class: type) -> bool:
-    """Whether paragen can shard this transformer class."""
-    return transformer_class.__name__ in OWN_PLANS or bool(getattr(transformer_class, "_cp_plan", None))
+def plan_source(transformer_class: type) -> str | None:
+    """Where the plan of a transformer class comes from: "paragen" (`OWN_PLANS`), "diffusers" (its `_cp_plan`) or
+    None (paragen cannot shard it)."""
+    if transformer_class.__name__ in OWN_PLANS:
+        return "paragen"
+    return "diffusers" if getattr(transformer_class, "_cp_plan", None) else None

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 
 from paragen.parallel import ParallelConfig, ParallelMesh
-from paragen.parallel.config import ExchangeConfig
 from paragen.parallel.intercept import intercept
 from paragen.parallel.sequence import SequenceContext
 from paragen.parallel.sequence.apply import PlannedSharding, planned_modules
@@ -85,27 +84,32 @@ class DiTRuntime(PipelineRuntime):
     def prepare_call(self, pipe, bound: inspect.BoundArguments) -> None:
         """Check the request on every rank before any collective; share the generator."""
         check_steps(bound)
-        patch = pipe.transformer.config.patch_size
-        factor = pipe.vae_scale_factor * (2 if type(pipe).__name__ in PACKED else 1) * (
-            patch if isinstance(patch, int) else patch[-1])
-        default = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.sample_size
+        if self.config.cfg == 2 and not request_arg(bound, "guidance_scale") > 1:
+            raise ValueError("cfg=2 runs the two classifier-free-guidance branches on different ranks; it needs guidance_scale > 1")
+        if hasattr(pipe, "vae_scale_factor"):  # an image pipeline: its sides in whole tokens, enough tokens
+            self._check_sides(pipe, bound)
+        share_generator(bound, self.mesh.group("world"))
+
+    def _check_sides(self, pipe, bound: inspect.BoundArguments) -> None:
+        patch = 2 if type(pipe).__name__ in PACKED else pipe.transformer.config.patch_size
+        factor = pipe.vae_scale_factor * (patch if isinstance(patch, int) else patch[-1])
+        default = getattr(pipe, "default_sample_size", None) or pipe.transformer.config.get("sample_size")
         sides = []
         for name in ("height", "width"):
-            value = request_arg(bound, name) or default * pipe.vae_scale_factor
+            value = request_arg(bound, name) or (default or 0) * pipe.vae_scale_factor
+            if not value:
+                return  # no size asked and none the runtime can read: the pipeline's own default
             if value <= 0 or value % factor:
                 raise ValueError(f"{name} {value} must be a positive multiple of {factor} (VAE factor × patch size)")
             sides.append(value // factor)
         if sides[0] * sides[1] < self.seq.comm.size:
             raise ValueError(f"more ranks than image tokens: {self.seq.comm.size} sequence shards for "
                              f"{sides[0] * sides[1]} tokens ({sides[0]}×{sides[1]})")
-        if self.config.cfg == 2 and not request_arg(bound, "guidance_scale") > 1:
-            raise ValueError("cfg=2 runs the two classifier-free-guidance branches on different ranks; it needs guidance_scale > 1")
-        share_generator(bound, self.mesh.group("world"))
 
 
 def attention_modules(transformer) -> list[tuple[str, Any]]:
-    """The transformer's attention modules (diffusers' attention classes carry a settable processor)."""
-    return [(n, m) for n, m in transformer.named_modules() if hasattr(m, "processor") and hasattr(m, "set_processor")]
+    """The transformer's attention modules (diffusers' attention classes carry a processor)."""
+    return [(n, m) for n, m in transformer.named_modules() if getattr(m, "processor", None) is not None]
 
 
 def sharded_attentions(transformer, plan: ShardingPlan, config: ParallelConfig) -> list[tuple[str, Any]]:
@@ -137,14 +141,16 @@ def install_plan(transformer, config: ParallelConfig, seq: SequenceContext, runt
     planned.install(transformer)
     open_seam()
     for name, attn in sharded_attentions(transformer, plan, config):
-        AttentionSite(seq, f"{type(transformer).__name__}.{name}", outside).install(attn)
+        AttentionSite(seq, f"{type(transformer).__name__}.{name}", outside, planned.shape).install(attn)
     return planned
 
 
-def check(pipe, config: ParallelConfig, options: ExchangeConfig) -> None:
+def check(pipe, config: ParallelConfig, options: Any) -> None:
     """Refuse what sequence parallelism cannot run: partial mode, cfg=2 on a pipeline that does not batch its
-    guidance branches, a transformer without a plan, a Ulysses degree that does not divide the heads."""
-    if options.mode == "partial":
+    guidance branches, a transformer without a plan, a Ulysses degree that does not divide the heads. `options`:
+    an `ExchangeConfig` (images) or a video job's `TemporalAttention` (its clip options need clips, which these
+    pipelines do not take: `clip` is refused by the workload's degrees)."""
+    if getattr(options, "mode", "sync") == "partial":
         raise ValueError("mode 'partial' (PCPP) is for UNet pipelines; diffusion transformers take sync or displaced")
     if config.cfg == 2 and type(pipe).__name__ not in CFG_BATCH:
         raise ValueError(f"cfg=2 needs a pipeline that batches its guidance branches; {type(pipe).__name__} does not "
@@ -160,13 +166,13 @@ def check_plan(transformer, config: ParallelConfig) -> None:
     sharded_attentions(transformer, plan, config)
 
 
-def install(pipe, config: ParallelConfig, options: ExchangeConfig):
+def install(pipe, config: ParallelConfig, options: Any):
     """Make a checked DiT pipeline run each request across the ranks of the resolved `config`."""
     mesh = ParallelMesh(config, pipe.device)
-    seq = SequenceContext(mesh.group("sequence"), mesh.group("ulysses"), mesh.group("ring"), options.mode,
-                          options.warmup_steps, "dit.")
-    runtime = DiTRuntime(config, mesh, seq, ParallelVaeDecoder(pipe.vae, mesh.group("world")),
-                         layout=EvenShards(mesh.group("sequence")))
+    seq = SequenceContext(mesh.group("sequence"), mesh.group("ulysses"), mesh.group("ring"),
+                          getattr(options, "mode", "sync"), getattr(options, "warmup_steps", 0), "dit.")
+    vae = ParallelVaeDecoder(pipe.vae, mesh.group("world")) if ParallelVaeDecoder.supports(pipe.vae) else None
+    runtime = DiTRuntime(config, mesh, seq, vae, layout=EvenShards(mesh.group("sequence")))
     runtime.sharding = [install_plan(t, config, seq, runtime, "dit.") for t in transformers(pipe)]
     for transformer in transformers(pipe):
         intercept(transformer, "forward", lambda forward, *a, **k: runtime.transformer_call(pipe, forward, *a, **k),

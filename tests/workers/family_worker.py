@@ -1,0 +1,45 @@
+"""Run sequence-parallel layouts of the embedded DiT families on real ranks; rank 0 saves the outputs.
+
+usage: family_worker.py SPEC.json OUT.pt   (SPEC: a list of runs, see tests/test_dit_families.py)
+Each family is called at a size whose token count the ranks do not divide (where the pipeline allows one).
+A spec without parallel degrees runs unparallelised.
+"""
+import torch
+
+import paragen
+from paragen.pipelines.loading import load_pipeline
+from tests.workers.specs import serve_specs
+
+# model -> its call: a size whose tokens do not divide by 2 or 4 ranks where the pipeline's multiples allow it.
+CALLS = {
+    "tiny-flux2": dict(height=36, width=36),  # 9×9 tokens (+ the text padded to 512)
+    "tiny-qwenimage": dict(height=36, width=36, negative_prompt="blurry", true_cfg_scale=2.0),
+    "tiny-zimage": dict(height=36, width=36),
+    "tiny-ltx": dict(height=32, width=32, num_frames=9, max_sequence_length=30),  # 5 frames × 16 (sides: 32 px)
+    "tiny-cogvideox": dict(height=40, width=40, num_frames=17, max_sequence_length=29),  # 5 × 25 tokens
+    "tiny-hunyuanvideo": dict(height=48, width=48, num_frames=9, max_sequence_length=37),  # 3 × 36 (+ 37 text)
+    "tiny-mochi": dict(height=48, width=48, num_frames=13, max_sequence_length=29),  # 3 × 9 tokens
+}
+
+
+def generate(pipe, model: str) -> torch.Tensor:
+    """The family's output (images or frames) for a fixed prompt and seed."""
+    out = pipe(prompt="a red fox in the snow", num_inference_steps=2, generator=torch.Generator().manual_seed(7),
+               output_type="pt", **CALLS[model])
+    return out.frames if hasattr(out, "frames") else out.images
+
+
+def run(spec: dict) -> dict:
+    pipe = load_pipeline(spec["model"])
+    pipe.set_progress_bar_config(disable=True)
+    if spec.get("parallel", True):
+        config = paragen.ParallelConfig(cfg=spec.get("cfg", 1), ulysses=spec.get("ulysses", 1), ring=spec.get("ring"))
+        options = None  # the class's workload with its default options (video families take no exchange mode)
+        if "mode" in spec:
+            options = paragen.ExchangeConfig(mode=spec["mode"], warmup_steps=spec.get("warmup", 1))
+        paragen.parallelize(pipe, config, options)
+    return {"output": generate(pipe, spec["model"])}
+
+
+if __name__ == "__main__":
+    serve_specs(run)
