@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -60,9 +61,10 @@ def main() -> None:
                     try:
                         runs[name].append(run_worker(WORKER, name, worker_args, ranks, threads,
                                                      Path(tmp) / f"{model}_{name}_{round_index}.json"))
-                    except RuntimeError as error:
-                        lines = [line for line in str(error).splitlines() if "Error" in line]
-                        failed[name] = lines[-1].split("]: ")[-1] if lines else str(error)[-300:]
+                    except RuntimeError as error:  # the first rank's exception line, not the launcher's
+                        lines = [line.split("]: ")[-1] for line in str(error).splitlines()
+                                 if re.match(r"\[rank\d+\]: \w+(Error|Exception): ", line)]
+                        failed[name] = lines[0] if lines else str(error)[-300:]
             reference = runs["stock_1x1"][0]["image"]
             summary = {}
             for name, results in runs.items():

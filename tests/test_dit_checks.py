@@ -76,3 +76,15 @@ def test_shards_cover_the_sequence_evenly(tokens, parts):
     bounds = [split_bounds(tokens, parts, i) for i in range(parts)]
     assert bounds[0][0] == 0 and bounds[-1][1] == tokens
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
+
+
+def test_clips_are_refused_where_a_clip_cannot_pick_its_seen_frames():
+    """CogVideoX joins its text to the video tokens inside self-attention: no video grid, so clip > 1 is refused
+    (before any process group) with the layout that works; LTX has one and passes the same check."""
+    from paragen.pipelines import registry
+
+    workload = registry.find("CogVideoXPipeline")
+    config = workload.resolve(paragen.ParallelConfig(clip=2), world=2)
+    with pytest.raises(ValueError, match="clips need a video grid; CogVideoXTransformer3DModel has none.*clip=1"):
+        workload.check(load_pipeline("tiny-cogvideox"), config, paragen.TemporalAttention())
+    workload.check(load_pipeline("tiny-ltx"), config, paragen.TemporalAttention())

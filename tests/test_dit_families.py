@@ -5,6 +5,9 @@ segments, checkpoints) in test_wan_parallel.py; here each further family runs on
 a size whose image/video tokens the ranks do not divide where its pipeline's multiples allow (`CALLS`):
 - 2 ranks, Ring and Ulysses; 4 ranks, Ulysses × Ring (two levels); fp32, max |Δ| ≤ 1e-4 against one process;
 - cfg=2 on the video families that batch their guidance branches, beside Ring;
+- clips on LTX-Video (the video family whose self-attention has the video tokens alone as keys) at more latent
+  frames: full scope, and dual scope with a window that reaches every frame, equal one process (2 ranks: 2 clips;
+  4 ranks: 2 clips × Ring 2); a narrow dual scope runs and stays above a PSNR floor;
 - displaced attention on a plan read from diffusers (Qwen-Image) and on one of paragen's own (Z-Image, one joined
   and padded sequence): it runs stale after the warm-up and stays above a PSNR floor. (The video families run
   sync: their workload takes the video job's clip options, not an exchange mode.)
@@ -25,10 +28,15 @@ pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast s
 FAMILIES = tuple(CALLS)
 CFG_FAMILIES = ("tiny-ltx", "tiny-cogvideox", "tiny-mochi")
 DISPLACED = ("tiny-qwenimage", "tiny-zimage")
+CLIP_FRAMES = 17  # tiny-ltx: 9 latent frames (the family's CALLS take 5)
+CLIPS = {"full": {"scope": "full"}, "dual_reaching_all": {"scope": "dual", "local": 4, "global_frames": 9},
+         "dual_narrow": {"scope": "dual", "local": 1, "global_frames": 2}}
 EXACT_ATOL = 1e-4
 # Measured (2 steps, 1 warm-up, ring 2, 2-core AMD EPYC): Qwen-Image 80.4 dB, Z-Image 48.8 dB. The floor leaves
 # 8.8 dB below the lower one for other CPUs and library versions.
 PSNR_FLOOR_DB = 40.0
+# Measured: the narrow dual scope (window ±1 frame, 2 global frames, 2 clips of 9 latent frames) 62.2 dB.
+CLIP_PSNR_FLOOR_DB = 50.0
 
 
 def _specs(world: int) -> list[dict]:
@@ -37,9 +45,13 @@ def _specs(world: int) -> list[dict]:
         specs += [{"model": m, "ulysses": 2, "ring": 1, "name": f"{m}/ulysses"} for m in FAMILIES]
         specs += [{"model": m, "cfg": 2, "ring": 1, "name": f"{m}/cfg"} for m in CFG_FAMILIES]
         specs += [{"model": m, "ring": 2, "mode": "displaced", "warmup": 1, "name": f"{m}/displaced"} for m in DISPLACED]
+        specs += [{"model": "tiny-ltx", "clip": 2, "ring": 1, "frames": CLIP_FRAMES, **options,
+                   "name": f"tiny-ltx/clips_{name}"} for name, options in CLIPS.items()]
         return specs
     specs = [{"model": m, "ulysses": 2, "ring": 2, "name": f"{m}/ulysses_ring"} for m in FAMILIES]
-    return specs + [{"model": "tiny-ltx", "cfg": 2, "ring": 2, "name": "tiny-ltx/cfg_ring"}]
+    return specs + [{"model": "tiny-ltx", "cfg": 2, "ring": 2, "name": "tiny-ltx/cfg_ring"},
+                    {"model": "tiny-ltx", "clip": 2, "ring": 2, "frames": CLIP_FRAMES, "scope": "full",
+                     "name": "tiny-ltx/clips_full_ring"}]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
@@ -57,6 +69,8 @@ def single():
         pipe = load_pipeline(model)
         pipe.set_progress_bar_config(disable=True)
         out[model] = generate(pipe, model)
+        if model == "tiny-ltx":
+            out[model, CLIP_FRAMES] = generate(pipe, model, CLIP_FRAMES)
     return out
 
 
@@ -68,17 +82,18 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_every_family_and_layout_equals_one_process(parallel, single):
     world, results = parallel
     checked = 0
+    approximate = ("/displaced", "/clips_dual_narrow")
     for name, result in results.items():
-        if name.endswith("/displaced"):
+        if name.endswith(approximate):
             continue
         model = name.split("/")[0]
-        expected = single[model]
+        expected = single[model, CLIP_FRAMES] if "/clips" in name else single[model]
         assert result["output"].shape == expected.shape, name
         assert expected.std() > 0.01, f"{model}: the reference output is flat, the check would be empty"
         diff = (result["output"] - expected).abs().max().item()
         assert diff <= EXACT_ATOL, f"{name} at {world} ranks: max |Δ| {diff:.2e}"
         checked += 1
-    assert checked == len(_specs(world)) - (len(DISPLACED) if world == 2 else 0)
+    assert checked == len(_specs(world)) - (len(DISPLACED) + 1 if world == 2 else 0)
 
 
 def test_displaced_attention_stays_close_on_plans_of_both_sources(parallel, single):
@@ -89,3 +104,13 @@ def test_displaced_attention_stays_close_on_plans_of_both_sources(parallel, sing
         got, expected = results[f"{model}/displaced"]["output"], single[model]
         assert (got - expected).abs().max().item() > 0, f"{model}: displaced equals sync, so no step ran stale"
         assert _psnr(got, expected) >= PSNR_FLOOR_DB, f"{model}: {_psnr(got, expected):.1f} dB"
+
+
+def test_narrow_dual_scope_clips_run_beyond_the_calls_length_and_stay_close(parallel, single):
+    world, results = parallel
+    if world != 2:
+        pytest.skip("the narrow dual scope runs at 2 ranks")
+    got, expected = results["tiny-ltx/clips_dual_narrow"]["output"], single["tiny-ltx", CLIP_FRAMES]
+    assert got.shape == expected.shape and torch.isfinite(got).all()
+    assert (got - expected).abs().max().item() > EXACT_ATOL, "a clip that sees 1 of 4 frames away equals the whole"
+    assert _psnr(got, expected) >= CLIP_PSNR_FLOOR_DB, f"{_psnr(got, expected):.1f} dB"

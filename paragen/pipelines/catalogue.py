@@ -64,7 +64,7 @@ def _denoiser(pipeline: str) -> type | None:
 
 def rows() -> list[Row]:
     """Every supported class, in the registry's order."""
-    from paragen.pipelines.dit.plans import plan_source
+    from paragen.pipelines.dit.plans import plan_source, takes_clips
 
     embedded: dict[str, list[str]] = {}
     for model in EMBEDDED_MODELS:
@@ -77,7 +77,11 @@ def rows() -> list[Row]:
         for name in workload.accepts:
             denoiser = _denoiser(name) if workload.job != "llm" else None
             plan = plan_source(denoiser) if denoiser is not None and workload.sharding_plans else None
-            out.append(Row(name, workload.name, workload.job, workload.degrees, workload.modes,
+            degrees, modes = workload.degrees, workload.modes
+            if plan is not None and "clip" in degrees and not takes_clips(denoiser):
+                degrees = tuple(d for d in degrees if d != "clip")
+                modes = tuple(m for m in modes if not m.startswith("clips"))
+            out.append(Row(name, workload.name, workload.job, degrees, modes,
                            denoiser.__name__ if denoiser else None, plan, tuple(embedded.get(name, ()))))
     return out
 

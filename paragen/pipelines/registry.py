@@ -97,10 +97,10 @@ WORKLOADS = (
              "paragen.pipelines.wan", "video", "temporal", "video diffusion transformers split the latent frames into "
              "clips and each clip's tokens into sequence shards; use clip, ulysses and ring (and cfg)", checkpoints=True,
              modes=("sync", "clips: dual scope", "clips: full scope", "segment prompts"), sharding_plans=True),
-    Workload("dit-video", TOKEN_VIDEO_PIPELINES, TemporalAttention, ("cfg", "ulysses", "ring"), "ring",
-             "paragen.pipelines.dit", "video", "temporal", "these video transformers split the video's tokens into "
-             "sequence shards (ulysses, ring, and cfg); clips are not supported for them yet", modes=("sync",),
-             sharding_plans=True),
+    Workload("dit-video", TOKEN_VIDEO_PIPELINES, TemporalAttention, ("cfg", "clip", "ulysses", "ring"), "ring",
+             "paragen.pipelines.dit", "video", "temporal", "video diffusion transformers split the latent frames into "
+             "clips and each clip's tokens into sequence shards; use clip, ulysses and ring (and cfg)",
+             modes=("sync", "clips: dual scope", "clips: full scope"), sharding_plans=True),
     Workload("llm", CAUSAL_LMS, KVConfig, ("seq", "tp"), "seq", "paragen.pipelines.llm", "llm", "kv",
              "seq and tp cut a causal LM's prompt and weights; they do not combine with cfg, patch, ulysses, ring "
              "or clip", modes=("dense", "offload (ShadowKV)", "speculative (TriForce)")),

@@ -22,10 +22,11 @@ CALLS = {
 }
 
 
-def generate(pipe, model: str) -> torch.Tensor:
-    """The family's output (images or frames) for a fixed prompt and seed."""
+def generate(pipe, model: str, frames: int | None = None) -> torch.Tensor:
+    """The family's output (images or frames) for a fixed prompt and seed (`frames`: other than `CALLS`')."""
+    call = dict(CALLS[model], **({"num_frames": frames} if frames else {}))
     out = pipe(prompt="a red fox in the snow", num_inference_steps=2, generator=torch.Generator().manual_seed(7),
-               output_type="pt", **CALLS[model])
+               output_type="pt", **call)
     return out.frames if hasattr(out, "frames") else out.images
 
 
@@ -33,12 +34,16 @@ def run(spec: dict) -> dict:
     pipe = load_pipeline(spec["model"])
     pipe.set_progress_bar_config(disable=True)
     if spec.get("parallel", True):
-        config = paragen.ParallelConfig(cfg=spec.get("cfg", 1), ulysses=spec.get("ulysses", 1), ring=spec.get("ring"))
+        config = paragen.ParallelConfig(cfg=spec.get("cfg", 1), clip=spec.get("clip", 1), ulysses=spec.get("ulysses", 1),
+                                        ring=spec.get("ring"))
         options = None  # the class's workload with its default options (video families take no exchange mode)
         if "mode" in spec:
             options = paragen.ExchangeConfig(mode=spec["mode"], warmup_steps=spec.get("warmup", 1))
+        if "scope" in spec:
+            options = paragen.TemporalAttention(scope=spec["scope"], local=spec.get("local", 1),
+                                                global_frames=spec.get("global_frames", 1))
         paragen.parallelize(pipe, config, options)
-    return {"output": generate(pipe, spec["model"])}
+    return {"output": generate(pipe, spec["model"], spec.get("frames"))}
 
 
 if __name__ == "__main__":

@@ -57,12 +57,15 @@ def open_seam() -> None:
 class AttentionSite:
     """One attention module's sequence-parallel attention (it keeps that module's stale K/V and lengths)."""
 
-    def __init__(self, ctx: SequenceContext, name: str, outside: OutsideKeys | None = None,
-                 shape: Callable[[], Hashable] = tuple) -> None:
+    def __init__(self, ctx: SequenceContext, name: str, shape: Callable[[], Hashable] = tuple,
+                 outside: OutsideKeys | None = None, clip_keys: Callable[[], list[int] | None] = lambda: None) -> None:
         """`shape`: what every rank knows alike of the current forward's sequence (its streams' whole lengths): the
-        lengths learnt for one shape are reused only for that shape (two guidance calls may differ in text)."""
-        self.ctx, self.name, self.shape = ctx, name, shape
-        self.core = SequenceAttention(ctx, outside)
+        lengths learnt for one shape are reused only for that shape (two guidance calls may differ in text).
+        `outside` (clips): the K/V this shard also sees of the other clips, merged in when the keys of every shard
+        are exactly `clip_keys()` (the clip's video tokens: a video self-attention)."""
+        self.ctx, self.name, self.shape, self.clip_keys = ctx, name, shape, clip_keys
+        self.core = SequenceAttention(ctx)
+        self.clip_core = None if outside is None else SequenceAttention(ctx, outside)
         self.lengths: dict[Hashable, list[list[int]]] = {}  # (shape, call in the forward) -> every shard's [q, k]
         self.calls = 0
         ctx.on_reset(self.reset)
@@ -106,7 +109,8 @@ class AttentionSite:
         if mask is None and queries == keys:
             if scale is not None:
                 query = query * (scale * math.sqrt(query.shape[-1]))
-            return self.core(query, key, value, keys).transpose(1, 2)
+            core = self.clip_core if self.clip_core is not None and keys == self.clip_keys() else self.core
+            return core(query, key, value, keys).transpose(1, 2)
         comm, label = self.ctx.comm, self.ctx.label("attn.gathered_kv")
         key, value = (comm.all_gather_varlen(t.contiguous(), 2, keys, label) for t in (key, value))
         if mask is not None and mask.shape[-1] == mine[1] and mine[1] != key.shape[2]:

@@ -9,6 +9,7 @@ about a family is written anywhere else.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from paragen.parallel.sequence.plan import Gather, ShardingPlan, Split, from_diffusers
@@ -60,6 +61,42 @@ CFG_BATCH = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipe
              "CogVideoXPipeline", "LTXPipeline", "MochiPipeline")
 
 
+@dataclass(frozen=True)
+class VideoGrid:
+    """Where a video transformer's call gives its latent frames, rows and columns: (argument, dim) — dim None: the
+    argument is the number itself — and the config attributes of its temporal and spatial patch (None: 1). Clips
+    need it (the layout cuts the video's tokens frame by frame), and only classes whose video self-attention has
+    the video tokens alone as keys have one: a clip's seen-frame K/V are picked from them."""
+
+    frames: tuple[str, int | None]
+    rows: tuple[str, int | None]
+    cols: tuple[str, int | None]
+    patch: tuple[tuple[str, int | None], ...]  # (config attribute, index in it or None) for frames, rows, columns
+
+    def tokens(self, transformer: Any, arguments: dict[str, Any]) -> tuple[int, int]:
+        """(latent frames, tokens per frame) of a call with these `arguments`."""
+        def read(where: tuple[str, int | None]) -> int:
+            value = arguments[where[0]]
+            return int(value if where[1] is None else value.shape[where[1]])
+
+        def patch(where: tuple[str, int | None]) -> int:
+            value = getattr(transformer.config, where[0], None)
+            return (value if where[1] is None else value[where[1]]) or 1
+
+        frames, rows, cols = (read(axis) // patch(p) for axis, p in zip((self.frames, self.rows, self.cols), self.patch))
+        return frames, rows * cols
+
+
+VIDEO_GRIDS: dict[str, VideoGrid] = {
+    # Wan2.1/2.2: a [B, C, F, H, W] latent, patch (1, 2, 2)
+    "WanTransformer3DModel": VideoGrid(("hidden_states", 2), ("hidden_states", 3), ("hidden_states", 4),
+                                       (("patch_size", 0), ("patch_size", 1), ("patch_size", 2))),
+    # LTX-Video: packed tokens; the latent grid comes with the call (its self-attention sees video tokens only)
+    "LTXVideoTransformer3DModel": VideoGrid(("num_frames", None), ("height", None), ("width", None),
+                                            (("patch_size_t", None), ("patch_size", None), ("patch_size", None))),
+}
+
+
 def plan_for(transformer: Any) -> ShardingPlan:
     """The sharding plan of `transformer`'s class: paragen's own, else the class's diffusers `_cp_plan`."""
     name = type(transformer).__name__
@@ -73,6 +110,11 @@ def plan_for(transformer: Any) -> ShardingPlan:
     replicated = () if splits_text else tuple(
         n for n, m in transformer.named_modules() if getattr(m, "is_cross_attention", False) and hasattr(m, "processor"))
     return from_diffusers(cp_plan, replicated)
+
+
+def takes_clips(transformer_class: type) -> bool:
+    """Whether a video transformer class can be cut into clips (it has a video grid)."""
+    return transformer_class.__name__ in VIDEO_GRIDS
 
 
 def plan_source(transformer_class: type) -> str | None:

@@ -9,6 +9,7 @@ branch of a pipeline that batches them (`plans.CFG_BATCH`). The VAE decode is th
 """
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Any
@@ -19,11 +20,14 @@ from paragen.parallel import ParallelConfig, ParallelMesh
 from paragen.parallel.intercept import intercept
 from paragen.parallel.sequence import SequenceContext
 from paragen.parallel.sequence.apply import PlannedSharding, planned_modules
-from paragen.parallel.sequence.layout import EvenShards, TokenLayout
+from paragen.parallel.clip import TemporalAttention, plan_clips
+from paragen.parallel.clip.keys import ClipKeyExchange
+from paragen.parallel.clip.tokens import ClipTokens
+from paragen.parallel.sequence.layout import ClipShards, EvenShards, TokenLayout
 from paragen.parallel.sequence.plan import ShardingPlan, matches
 from paragen.parallel.sequence.seam import AttentionSite, open_seam
 from paragen.pipelines.batch_split import split_batch
-from paragen.pipelines.dit.plans import CFG_BATCH, PACKED, plan_for
+from paragen.pipelines.dit.plans import CFG_BATCH, PACKED, VIDEO_GRIDS, plan_for
 from paragen.pipelines.request_args import check_steps, request_arg, share_generator
 from paragen.pipelines.runtime import PipelineRuntime
 from paragen.pipelines.vae_decode import ParallelVaeDecoder
@@ -48,6 +52,9 @@ class DiTRuntime(PipelineRuntime):
 
     sharding: list[PlannedSharding] | None = None  # one per transformer of the pipeline
     layout: TokenLayout | None = None  # how this forward's token streams are cut
+    temporal: TemporalAttention | None = None  # with clips: what a clip sees of the others
+    keys: ClipKeyExchange | None = None  # with clips: the seen-frame K/V exchange of the video self-attentions
+    tokens: ClipTokens | None = None  # with clips: this forward's video tokens over clips and shards
 
     @property
     def seq(self) -> SequenceContext:
@@ -56,13 +63,29 @@ class DiTRuntime(PipelineRuntime):
     def current_layout(self) -> TokenLayout:
         return self.layout
 
+    def clip_video_sizes(self) -> list[int] | None:
+        """With clips: the video tokens of each sequence shard of this rank's clip (a site whose keys are exactly
+        these is a video self-attention, which sees the other clips' frames); None without clips."""
+        if self.tokens is None:
+            return None
+        return self.tokens.clip_sizes(self.mesh.group("clip").rank)
+
+    def lay_out_video(self, transformer, arguments: dict[str, Any]) -> None:
+        """This forward's video tokens over clips × shards, from the call's latent grid (`plans.VIDEO_GRIDS`)."""
+        frames, per_frame = VIDEO_GRIDS[type(transformer).__name__].tokens(transformer, arguments)
+        clips = plan_clips(frames, self.config.clip, self.temporal, conv_halo=0)
+        self.tokens = ClipTokens(clips, per_frame, self.seq.comm.size, self.temporal.scope, self.temporal.local)
+        self.layout = ClipShards(self.tokens, self.mesh.group("branch"), self.seq.comm)
+        if self.keys is not None:
+            self.keys.set_layout(self.tokens)
+
     def begin_forward(self) -> None:
         """Before a transformer forward on its shards: the plans learn their streams again."""
         for planned in self.sharding:
             planned.begin_forward()
 
     # ---- the transformer call ----------------------------------------------------------------
-    def transformer_call(self, pipe, forward, *args, **kwargs) -> Any:
+    def transformer_call(self, pipe, transformer, forward, *args, **kwargs) -> Any:
         """The transformer on this rank's CFG branch and token shards; both branches gathered after it."""
         args, kwargs = list(args), dict(kwargs)
         cfg = self.config.cfg
@@ -73,6 +96,8 @@ class DiTRuntime(PipelineRuntime):
         self.start_step(pipe)
         self.seq.begin_step()
         self.begin_forward()
+        if self.keys is not None:
+            self.lay_out_video(transformer, inspect.signature(forward).bind_partial(*args, **kwargs).arguments)
         output = forward(*args, **kwargs)
         if cfg == 2:
             both = self.mesh.group("cfg").all_gather(output_sample(output).contiguous(), "dit.cfg")
@@ -135,21 +160,33 @@ def transformers(pipe) -> list[Any]:
 
 def install_plan(transformer, config: ParallelConfig, seq: SequenceContext, runtime: DiTRuntime, label: str,
                  outside=None) -> PlannedSharding:
-    """Install `transformer`'s plan and attention sites; the runtime gives the layout of each forward."""
+    """Install `transformer`'s plan and attention sites; the runtime gives the layout of each forward. `outside`
+    (clips): the seen-frame K/V of the other clips, for the sites whose keys are the clip's video tokens alone."""
     plan = plan_for(transformer)
     planned = PlannedSharding(plan, runtime.current_layout, label)
     planned.install(transformer)
     open_seam()
     for name, attn in sharded_attentions(transformer, plan, config):
-        AttentionSite(seq, f"{type(transformer).__name__}.{name}", outside, planned.shape).install(attn)
+        site = AttentionSite(seq, f"{type(transformer).__name__}.{name}", planned.shape, outside,
+                             runtime.clip_video_sizes)
+        site.install(attn)
     return planned
 
 
 def check(pipe, config: ParallelConfig, options: Any) -> None:
     """Refuse what sequence parallelism cannot run: partial mode, cfg=2 on a pipeline that does not batch its
-    guidance branches, a transformer without a plan, a Ulysses degree that does not divide the heads. `options`:
-    an `ExchangeConfig` (images) or a video job's `TemporalAttention` (its clip options need clips, which these
-    pipelines do not take: `clip` is refused by the workload's degrees)."""
+    guidance branches, clips on a transformer without a video grid or with a local/global bias, a transformer
+    without a plan, a Ulysses degree that does not divide the heads. `options`: an `ExchangeConfig` (images) or a
+    video job's `TemporalAttention` (what a clip sees of the others)."""
+    if config.clip > 1:
+        for transformer in transformers(pipe):
+            if type(transformer).__name__ not in VIDEO_GRIDS:
+                raise ValueError(f"clips need a video grid; {type(transformer).__name__} has none (its self-attention "
+                                 "joins the text to the video tokens, so a clip's seen frames cannot be picked from "
+                                 "its keys yet): use clip=1 with ulysses and ring")
+        if options.bias not in (None, 0.0):
+            raise ValueError(f"bias {options.bias}: a video transformer's clip sees its halo and global frames as "
+                             "ordinary keys beside the whole clip; a local/global bias is not supported")
     if getattr(options, "mode", "sync") == "partial":
         raise ValueError("mode 'partial' (PCPP) is for UNet pipelines; diffusion transformers take sync or displaced")
     if config.cfg == 2 and type(pipe).__name__ not in CFG_BATCH:
@@ -173,9 +210,13 @@ def install(pipe, config: ParallelConfig, options: Any):
                           getattr(options, "mode", "sync"), getattr(options, "warmup_steps", 0), "dit.")
     vae = ParallelVaeDecoder(pipe.vae, mesh.group("world")) if ParallelVaeDecoder.supports(pipe.vae) else None
     runtime = DiTRuntime(config, mesh, seq, vae, layout=EvenShards(mesh.group("sequence")))
-    runtime.sharding = [install_plan(t, config, seq, runtime, "dit.") for t in transformers(pipe)]
+    if config.clip > 1:
+        runtime.temporal = options
+        runtime.keys = ClipKeyExchange(mesh.group("branch"), config.ulysses, "dit.clip_kv", options.overlap)
+    outside = None if runtime.keys is None else runtime.keys.start
+    runtime.sharding = [install_plan(t, config, seq, runtime, "dit.", outside) for t in transformers(pipe)]
     for transformer in transformers(pipe):
-        intercept(transformer, "forward", lambda forward, *a, **k: runtime.transformer_call(pipe, forward, *a, **k),
+        intercept(transformer, "forward", functools.partial(runtime.transformer_call, pipe, transformer),
                   tag="dit.transformer")
     runtime.install(pipe)
     return pipe

@@ -40,10 +40,8 @@ import torch
 from paragen.parallel import ParallelConfig, ParallelMesh
 from paragen.parallel.clip import TemporalAttention, plan_clips
 from paragen.parallel.clip.keys import ClipKeyExchange
-from paragen.parallel.clip.tokens import ClipTokens
 from paragen.parallel.intercept import intercept
 from paragen.parallel.sequence import SequenceContext
-from paragen.parallel.sequence.layout import ClipShards
 from paragen.pipelines.checkpoint import StepCheckpoints
 from paragen.pipelines.dit.runtime import (
     DiTRuntime, check_plan, install_plan, output_sample, transformers, with_sample,
@@ -59,9 +57,6 @@ from paragen.pipelines.wan.vae_decode import ChunkedWanDecode
 class WanRuntime(DiTRuntime):
     """What `parallelize` attaches to a Wan pipeline as `pipe.paragen`."""
 
-    temporal: TemporalAttention = TemporalAttention()
-    keys: ClipKeyExchange | None = None  # with clips: the seen-frame K/V exchange of every self-attention
-    tokens: ClipTokens | None = None  # this request's layout of the tokens over clips and shards
     calls_per_step: int = 1  # transformer calls the pipeline makes per denoising step (2 with guidance)
     calls: int = 0  # calls made in the current step
     negative: torch.Tensor | None = None  # cfg=2: this request's negative prompt embeddings
@@ -88,7 +83,7 @@ class WanRuntime(DiTRuntime):
         if args:
             kwargs["hidden_states"], args = args[0], args[1:]
         if self.calls == 0:
-            self._lay_out(module, kwargs["hidden_states"].shape[-3:])
+            self._lay_out(module, kwargs)
             self.start_step(pipe)
             self.seq.begin_step()
         if self.checkpoints is not None and self.checkpoints.skipped(self.seq.step):
@@ -107,16 +102,9 @@ class WanRuntime(DiTRuntime):
             output = with_sample(output, both[0])
         return self._count(output)
 
-    def _lay_out(self, module, latent_shape: tuple[int, int, int]) -> None:
-        """This step's token layout over clips and sequence shards."""
-        frames, rows, cols = latent_shape
-        patch_t, patch_h, patch_w = module.config.patch_size
-        clips = plan_clips(frames // patch_t, self.config.clip, self.temporal, conv_halo=0)
-        self.tokens = ClipTokens(clips, (rows // patch_h) * (cols // patch_w), self.seq.comm.size, self.temporal.scope,
-                                 self.temporal.local)
-        self.layout = ClipShards(self.tokens, self.mesh.group("branch"), self.seq.comm)
-        if self.keys is not None:
-            self.keys.set_layout(self.tokens)
+    def _lay_out(self, module, kwargs: dict[str, Any]) -> None:
+        """This step's token layout over clips and sequence shards (and, with segment prompts, this rank's runs)."""
+        self.lay_out_video(module, kwargs)
         if self.segment_of_latent is not None:
             bounds = self.tokens.bounds(self.mesh.group("branch").rank)
             self.runs = token_runs(bounds, self.tokens.per_frame, self.segment_of_latent)
