@@ -79,12 +79,12 @@ def test_shards_cover_the_sequence_evenly(tokens, parts):
 
 
 def test_clips_are_refused_where_a_clip_cannot_pick_its_seen_frames():
-    """CogVideoX joins its text to the video tokens inside self-attention: no video grid, so clip > 1 is refused
-    (before any process group) with the layout that works; LTX has one and passes the same check."""
+    """HunyuanVideo's joint attention takes a key mask: no video grid, so clip > 1 is refused (before any process
+    group) with the layout that works; LTX has one and passes the same check."""
     from paragen.pipelines import registry
 
-    workload = registry.find("CogVideoXPipeline")
+    workload = registry.find("HunyuanVideoPipeline")
     config = workload.resolve(paragen.ParallelConfig(clip=2), world=2)
-    with pytest.raises(ValueError, match="clips need a video grid; CogVideoXTransformer3DModel has none.*clip=1"):
-        workload.check(load_pipeline("tiny-cogvideox"), config, paragen.TemporalAttention())
+    with pytest.raises(ValueError, match="clips need a video grid; HunyuanVideoTransformer3DModel has none.*clip=1"):
+        workload.check(load_pipeline("tiny-hunyuanvideo"), config, paragen.TemporalAttention())
     workload.check(load_pipeline("tiny-ltx"), config, paragen.TemporalAttention())

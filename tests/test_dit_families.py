@@ -5,9 +5,11 @@ segments, checkpoints) in test_wan_parallel.py; here each further family runs on
 a size whose image/video tokens the ranks do not divide where its pipeline's multiples allow (`CALLS`):
 - 2 ranks, Ring and Ulysses; 4 ranks, Ulysses × Ring (two levels); fp32, max |Δ| ≤ 1e-4 against one process;
 - cfg=2 on the video families that batch their guidance branches, beside Ring;
-- clips on LTX-Video (the video family whose self-attention has the video tokens alone as keys) at more latent
-  frames: full scope, and dual scope with a window that reaches every frame, equal one process (2 ranks: 2 clips;
-  4 ranks: 2 clips × Ring 2); a narrow dual scope runs and stays above a PSNR floor;
+- clips on LTX-Video (self-attention over the video tokens alone) at more latent frames: full scope, and dual
+  scope with a window that reaches every frame, equal one process (2 ranks: 2 clips; 4 ranks: 2 clips × Ring 2);
+  a narrow dual scope runs and stays above a PSNR floor; full-scope clips on the joint-attention families whose
+  text sits before (CogVideoX) or after (Mochi) the video among the keys equal one process (2 ranks: 2 clips;
+  4 ranks: CogVideoX, 2 clips × Ulysses 2);
 - displaced attention on a plan read from diffusers (Qwen-Image) and on one of paragen's own (Z-Image, one joined
   and padded sequence): it runs stale after the warm-up and stays above a PSNR floor. (The video families run
   sync: their workload takes the video job's clip options, not an exchange mode.)
@@ -28,6 +30,7 @@ pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast s
 FAMILIES = tuple(CALLS)
 CFG_FAMILIES = ("tiny-ltx", "tiny-cogvideox", "tiny-mochi")
 DISPLACED = ("tiny-qwenimage", "tiny-zimage")
+JOINT_CLIP_FAMILIES = ("tiny-cogvideox", "tiny-mochi")  # at their CALLS' frames: 5 and 3 latent frames
 CLIP_FRAMES = 17  # tiny-ltx: 9 latent frames (the family's CALLS take 5)
 CLIPS = {"full": {"scope": "full"}, "dual_reaching_all": {"scope": "dual", "local": 4, "global_frames": 9},
          "dual_narrow": {"scope": "dual", "local": 1, "global_frames": 2}}
@@ -47,11 +50,15 @@ def _specs(world: int) -> list[dict]:
         specs += [{"model": m, "ring": 2, "mode": "displaced", "warmup": 1, "name": f"{m}/displaced"} for m in DISPLACED]
         specs += [{"model": "tiny-ltx", "clip": 2, "ring": 1, "frames": CLIP_FRAMES, **options,
                    "name": f"tiny-ltx/clips_{name}"} for name, options in CLIPS.items()]
+        specs += [{"model": m, "clip": 2, "ring": 1, "scope": "full", "name": f"{m}/clips_full"}
+                  for m in JOINT_CLIP_FAMILIES]
         return specs
     specs = [{"model": m, "ulysses": 2, "ring": 2, "name": f"{m}/ulysses_ring"} for m in FAMILIES]
     return specs + [{"model": "tiny-ltx", "cfg": 2, "ring": 2, "name": "tiny-ltx/cfg_ring"},
                     {"model": "tiny-ltx", "clip": 2, "ring": 2, "frames": CLIP_FRAMES, "scope": "full",
-                     "name": "tiny-ltx/clips_full_ring"}]
+                     "name": "tiny-ltx/clips_full_ring"},
+                    {"model": "tiny-cogvideox", "clip": 2, "ulysses": 2, "ring": 1, "scope": "full",
+                     "name": "tiny-cogvideox/clips_full_ulysses"}]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")
@@ -87,7 +94,7 @@ def test_every_family_and_layout_equals_one_process(parallel, single):
         if name.endswith(approximate):
             continue
         model = name.split("/")[0]
-        expected = single[model, CLIP_FRAMES] if "/clips" in name else single[model]
+        expected = single[model, CLIP_FRAMES] if name.startswith("tiny-ltx/clips") else single[model]
         assert result["output"].shape == expected.shape, name
         assert expected.std() > 0.01, f"{model}: the reference output is flat, the check would be empty"
         diff = (result["output"] - expected).abs().max().item()

@@ -58,14 +58,18 @@ class AttentionSite:
     """One attention module's sequence-parallel attention (it keeps that module's stale K/V and lengths)."""
 
     def __init__(self, ctx: SequenceContext, name: str, shape: Callable[[], Hashable] = tuple,
-                 outside: OutsideKeys | None = None, clip_keys: Callable[[], list[int] | None] = lambda: None) -> None:
+                 outside: OutsideKeys | None = None,
+                 clip_video: Callable[[], tuple[list[int], str] | None] = lambda: None) -> None:
         """`shape`: what every rank knows alike of the current forward's sequence (its streams' whole lengths): the
         lengths learnt for one shape are reused only for that shape (two guidance calls may differ in text).
-        `outside` (clips): the K/V this shard also sees of the other clips, merged in when the keys of every shard
-        are exactly `clip_keys()` (the clip's video tokens: a video self-attention)."""
-        self.ctx, self.name, self.shape, self.clip_keys = ctx, name, shape, clip_keys
+        `outside` (clips): the K/V this shard also sees of the other clips, for the self-attention over the clip's
+        video tokens; `clip_video()` gives every shard's video tokens in the clip and where a joint attention puts
+        its text among the keys ("before", "after"; "": the keys must be the video tokens alone)."""
+        self.ctx, self.name, self.shape, self.clip_video = ctx, name, shape, clip_video
+        self.outside = outside
         self.core = SequenceAttention(ctx)
-        self.clip_core = None if outside is None else SequenceAttention(ctx, outside)
+        self.clip_core = None if outside is None else SequenceAttention(ctx, self._outside)
+        self._video = (0, 0)  # this call's video tokens among the shard's keys, for the outside exchange
         self.lengths: dict[Hashable, list[list[int]]] = {}  # (shape, call in the forward) -> every shard's [q, k]
         self.calls = 0
         ctx.on_reset(self.reset)
@@ -90,6 +94,24 @@ class AttentionSite:
                                "use diffusers' native backend (`set_attention_backend('native')`)")
         return output
 
+    def _sees_clips(self, keys: list[int]) -> bool:
+        """Whether this call is the clip's self-attention over its video tokens (then `_video` says where they are
+        among this shard's keys)."""
+        clip = self.clip_video()
+        if clip is None:
+            return False
+        video, text = clip
+        if keys != video and not (text and all(k >= v for k, v in zip(keys, video))):
+            return False
+        mine, rank = video[self.ctx.comm.rank], self.ctx.comm.rank
+        start = keys[rank] - mine if text == "before" else 0
+        self._video = (start, start + mine)
+        return True
+
+    def _outside(self, key: torch.Tensor, value: torch.Tensor):
+        start, stop = self._video
+        return self.outside(key[:, :, start:stop], value[:, :, start:stop])
+
     def attend(self, query, key, value, mask, dropout_p, is_causal, scale) -> torch.Tensor:
         """The attention of this shard's queries over every shard's keys, `[B, H, Lq, D]` like torch's."""
         call, self.calls = (self.shape(), self.calls), self.calls + 1
@@ -109,7 +131,7 @@ class AttentionSite:
         if mask is None and queries == keys:
             if scale is not None:
                 query = query * (scale * math.sqrt(query.shape[-1]))
-            core = self.clip_core if self.clip_core is not None and keys == self.clip_keys() else self.core
+            core = self.clip_core if self.clip_core is not None and self._sees_clips(keys) else self.core
             return core(query, key, value, keys).transpose(1, 2)
         comm, label = self.ctx.comm, self.ctx.label("attn.gathered_kv")
         key, value = (comm.all_gather_varlen(t.contiguous(), 2, keys, label) for t in (key, value))

@@ -65,13 +65,17 @@ CFG_BATCH = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipe
 class VideoGrid:
     """Where a video transformer's call gives its latent frames, rows and columns: (argument, dim) — dim None: the
     argument is the number itself — and the config attributes of its temporal and spatial patch (None: 1). Clips
-    need it (the layout cuts the video's tokens frame by frame), and only classes whose video self-attention has
-    the video tokens alone as keys have one: a clip's seen-frame K/V are picked from them."""
+    need it (the layout cuts the video's tokens frame by frame; a clip's seen-frame K/V are picked from the video
+    tokens of its self-attention's keys), with `text`: where a joint self-attention puts the rank's text tokens
+    among its keys ("before" or "after" the video tokens; "": the keys are the video tokens alone). A class whose
+    joint attention takes a mask (HunyuanVideo) has none: its masked attention gathers the keys, outside the clips'
+    exchange."""
 
     frames: tuple[str, int | None]
     rows: tuple[str, int | None]
     cols: tuple[str, int | None]
     patch: tuple[tuple[str, int | None], ...]  # (config attribute, index in it or None) for frames, rows, columns
+    text: str = ""
 
     def tokens(self, transformer: Any, arguments: dict[str, Any]) -> tuple[int, int]:
         """(latent frames, tokens per frame) of a call with these `arguments`."""
@@ -94,6 +98,14 @@ VIDEO_GRIDS: dict[str, VideoGrid] = {
     # LTX-Video: packed tokens; the latent grid comes with the call (its self-attention sees video tokens only)
     "LTXVideoTransformer3DModel": VideoGrid(("num_frames", None), ("height", None), ("width", None),
                                             (("patch_size_t", None), ("patch_size", None), ("patch_size", None))),
+    # CogVideoX: a [B, F, C, H, W] latent; its joint attention puts the text before the video
+    "CogVideoXTransformer3DModel": VideoGrid(("hidden_states", 1), ("hidden_states", 3), ("hidden_states", 4),
+                                             (("patch_size_t", None), ("patch_size", None), ("patch_size", None)),
+                                             text="before"),
+    # Mochi: a [B, C, F, H, W] latent; its joint attention puts each sample's valid text after the video
+    "MochiTransformer3DModel": VideoGrid(("hidden_states", 2), ("hidden_states", 3), ("hidden_states", 4),
+                                         (("patch_size_t", None), ("patch_size", None), ("patch_size", None)),
+                                         text="after"),
 }
 
 

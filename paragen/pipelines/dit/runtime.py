@@ -63,12 +63,12 @@ class DiTRuntime(PipelineRuntime):
     def current_layout(self) -> TokenLayout:
         return self.layout
 
-    def clip_video_sizes(self) -> list[int] | None:
-        """With clips: the video tokens of each sequence shard of this rank's clip (a site whose keys are exactly
-        these is a video self-attention, which sees the other clips' frames); None without clips."""
+    def clip_video(self, transformer) -> tuple[list[int], str] | None:
+        """With clips: the video tokens of each sequence shard of this rank's clip, and where `transformer`'s joint
+        self-attention puts the text among its keys (`VideoGrid.text`); None without clips."""
         if self.tokens is None:
             return None
-        return self.tokens.clip_sizes(self.mesh.group("clip").rank)
+        return self.tokens.clip_sizes(self.mesh.group("clip").rank), VIDEO_GRIDS[type(transformer).__name__].text
 
     def lay_out_video(self, transformer, arguments: dict[str, Any]) -> None:
         """This forward's video tokens over clips × shards, from the call's latent grid (`plans.VIDEO_GRIDS`)."""
@@ -168,7 +168,7 @@ def install_plan(transformer, config: ParallelConfig, seq: SequenceContext, runt
     open_seam()
     for name, attn in sharded_attentions(transformer, plan, config):
         site = AttentionSite(seq, f"{type(transformer).__name__}.{name}", planned.shape, outside,
-                             runtime.clip_video_sizes)
+                             functools.partial(runtime.clip_video, transformer))
         site.install(attn)
     return planned
 
@@ -181,9 +181,9 @@ def check(pipe, config: ParallelConfig, options: Any) -> None:
     if config.clip > 1:
         for transformer in transformers(pipe):
             if type(transformer).__name__ not in VIDEO_GRIDS:
-                raise ValueError(f"clips need a video grid; {type(transformer).__name__} has none (its self-attention "
-                                 "joins the text to the video tokens, so a clip's seen frames cannot be picked from "
-                                 "its keys yet): use clip=1 with ulysses and ring")
+                raise ValueError(f"clips need a video grid; {type(transformer).__name__} has none (its joint attention "
+                                 "masks the text, and a masked attention gathers its keys outside the clips' "
+                                 "exchange): use clip=1 with ulysses and ring")
         if options.bias not in (None, 0.0):
             raise ValueError(f"bias {options.bias}: a video transformer's clip sees its halo and global frames as "
                              "ordinary keys beside the whole clip; a local/global bias is not supported")
