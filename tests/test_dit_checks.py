@@ -78,13 +78,15 @@ def test_shards_cover_the_sequence_evenly(tokens, parts):
     assert all(a[1] == b[0] for a, b in zip(bounds, bounds[1:]))
 
 
-def test_clips_are_refused_where_a_clip_cannot_pick_its_seen_frames():
-    """HunyuanVideo's joint attention takes a key mask: no video grid, so clip > 1 is refused (before any process
-    group) with the layout that works; LTX has one and passes the same check."""
+def test_clips_are_refused_for_a_video_transformer_without_a_grid(monkeypatch):
+    """Without a video grid (where its call gives the latent frames) clip > 1 is refused before any process group,
+    with the layout that works; with one the same check passes."""
     from paragen.pipelines import registry
 
-    workload = registry.find("HunyuanVideoPipeline")
+    workload = registry.find("LTXPipeline")
     config = workload.resolve(paragen.ParallelConfig(clip=2), world=2)
-    with pytest.raises(ValueError, match="clips need a video grid; HunyuanVideoTransformer3DModel has none.*clip=1"):
-        workload.check(load_pipeline("tiny-hunyuanvideo"), config, paragen.TemporalAttention())
-    workload.check(load_pipeline("tiny-ltx"), config, paragen.TemporalAttention())
+    pipe = load_pipeline("tiny-ltx")
+    workload.check(pipe, config, paragen.TemporalAttention())
+    monkeypatch.delitem(plans.VIDEO_GRIDS, "LTXVideoTransformer3DModel")
+    with pytest.raises(ValueError, match="clips need a video grid.*LTXVideoTransformer3DModel has none.*clip=1"):
+        workload.check(pipe, config, paragen.TemporalAttention())

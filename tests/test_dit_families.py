@@ -8,8 +8,8 @@ a size whose image/video tokens the ranks do not divide where its pipeline's mul
 - clips on LTX-Video (self-attention over the video tokens alone) at more latent frames: full scope, and dual
   scope with a window that reaches every frame, equal one process (2 ranks: 2 clips; 4 ranks: 2 clips × Ring 2);
   a narrow dual scope runs and stays above a PSNR floor; full-scope clips on the joint-attention families whose
-  text sits before (CogVideoX) or after (Mochi) the video among the keys equal one process (2 ranks: 2 clips;
-  4 ranks: CogVideoX, 2 clips × Ulysses 2);
+  text sits before (CogVideoX) or after (HunyuanVideo, with its padding mask over the keys; Mochi) the video among
+  the keys equal one process (2 ranks: 2 clips; 4 ranks: CogVideoX, 2 clips × Ulysses 2);
 - displaced attention on a plan read from diffusers (Qwen-Image) and on one of paragen's own (Z-Image, one joined
   and padded sequence): it runs stale after the warm-up and stays above a PSNR floor. (The video families run
   sync: their workload takes the video job's clip options, not an exchange mode.)
@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast s
 FAMILIES = tuple(CALLS)
 CFG_FAMILIES = ("tiny-ltx", "tiny-cogvideox", "tiny-mochi")
 DISPLACED = ("tiny-qwenimage", "tiny-zimage")
-JOINT_CLIP_FAMILIES = ("tiny-cogvideox", "tiny-mochi")  # at their CALLS' frames: 5 and 3 latent frames
+JOINT_CLIP_FAMILIES = ("tiny-cogvideox", "tiny-hunyuanvideo", "tiny-mochi")  # at their CALLS' frames: 5, 3 and 3 latent frames
 CLIP_FRAMES = 17  # tiny-ltx: 9 latent frames (the family's CALLS take 5)
 CLIPS = {"full": {"scope": "full"}, "dual_reaching_all": {"scope": "dual", "local": 4, "global_frames": 9},
          "dual_narrow": {"scope": "dual", "local": 1, "global_frames": 2}}

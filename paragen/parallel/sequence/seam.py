@@ -7,12 +7,14 @@ call is the seam: while a planned attention module runs (its `forward` intercept
 `torch.nn.functional.scaled_dot_product_attention` goes to the module's `AttentionSite` instead; at any other time,
 and inside the site itself, it is torch's own. No processor is replaced and no library code is copied.
 
-A site learns, once per request, sequence shape and attention call of its forward, every shard's query and key lengths (one small all-gather on the sequence group),
-so the same code serves self-attention over split tokens, joint attention over split text and image tokens, and
-attention of split queries to split keys of another length:
-- queries and keys of the same lengths and no mask: Ulysses, Ring, both, or displaced (`SequenceAttention`);
-- otherwise (a key mask, a cross-attention to a split text): every shard's keys, values and mask gathered, then
-  the module's attention on its own queries (exact; the text is short).
+A site learns, once per request, sequence shape and attention call of its forward, every shard's query and key
+lengths (one small all-gather on the sequence group), so the same code serves self-attention over split tokens,
+joint attention over split text and image tokens, and attention of split queries to split keys of another length:
+- queries and keys of the same lengths, with no mask or a padding mask over the keys (folded into one more
+  channel of q, k and v, so that it travels with its keys): Ulysses, Ring, both, or displaced
+  (`SequenceAttention`);
+- otherwise (a mask that depends on the query, a cross-attention to a split text): every shard's keys, values and
+  mask gathered, then the module's attention on its own queries (exact; the text is short).
 A site that ends without reaching the seam (an attention backend such as flash-attn called directly) is an error,
 not a silently local attention. Modules whose keys are whole on every rank (the plan's `replicated`) get no site.
 """
@@ -52,6 +54,28 @@ def _seam(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask
 def open_seam() -> None:
     """Route torch's scaled-dot-product attention through the seam (idempotent; a no-op outside sites)."""
     F.scaled_dot_product_attention = _seam
+
+
+def _per_key(mask: torch.Tensor, keys: int) -> bool:
+    """Whether `mask` depends on the key alone (`[B, 1, 1, keys]`: a padding mask over the keys)."""
+    return mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1 and mask.shape[3] == keys
+
+
+def _fold_key_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                   scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v with a per-key mask folded into one more channel, so that unmasked attention over them (at the
+    default scale of the wider head) is the masked attention: `scale·q·k + bias`, the bias riding with its key
+    through Ulysses, Ring and the clips' exchange. A boolean mask's excluded keys get a bias of -1e4 (a weight
+    of exactly 0 in fp32 beside any kept key), not -inf, so that a block of excluded keys merges without NaN."""
+    width = query.shape[-1]
+    wider = math.sqrt(width + 1)
+    if mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=query.dtype, device=query.device).masked_fill(~mask, -1e4)
+    bias = mask.to(query.dtype)[:, :, 0, :, None].expand(key.shape[0], key.shape[1], key.shape[2], 1)
+    query = torch.cat([query * ((scale or 1 / math.sqrt(width)) * wider), query.new_ones(*query.shape[:-1], 1)], -1)
+    key = torch.cat([key, bias * wider], -1)
+    value = torch.cat([value, value.new_zeros(*value.shape[:-1], 1)], -1)
+    return query, key, value
 
 
 class AttentionSite:
@@ -128,11 +152,14 @@ class AttentionSite:
             raise RuntimeError(f"{self.name}: attention call {call} got {mine[0]} queries and {mine[1]} keys, earlier "
                                f"in this request {lengths[self.ctx.comm.rank]}")
         queries, keys = ([shard[i] for shard in lengths] for i in (0, 1))
-        if mask is None and queries == keys:
-            if scale is not None:
-                query = query * (scale * math.sqrt(query.shape[-1]))
+        if queries == keys and (mask is None or _per_key(mask, mine[1])):
+            width = query.shape[-1]
+            if mask is not None:
+                query, key, value = _fold_key_bias(query, key, value, mask, scale)
+            elif scale is not None:
+                query = query * (scale * math.sqrt(width))
             core = self.clip_core if self.clip_core is not None and self._sees_clips(keys) else self.core
-            return core(query, key, value, keys).transpose(1, 2)
+            return core(query, key, value, keys).transpose(1, 2)[..., :width]
         comm, label = self.ctx.comm, self.ctx.label("attn.gathered_kv")
         key, value = (comm.all_gather_varlen(t.contiguous(), 2, keys, label) for t in (key, value))
         if mask is not None and mask.shape[-1] == mine[1] and mine[1] != key.shape[2]:

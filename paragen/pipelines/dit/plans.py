@@ -67,9 +67,7 @@ class VideoGrid:
     argument is the number itself — and the config attributes of its temporal and spatial patch (None: 1). Clips
     need it (the layout cuts the video's tokens frame by frame; a clip's seen-frame K/V are picked from the video
     tokens of its self-attention's keys), with `text`: where a joint self-attention puts the rank's text tokens
-    among its keys ("before" or "after" the video tokens; "": the keys are the video tokens alone). A class whose
-    joint attention takes a mask (HunyuanVideo) has none: its masked attention gathers the keys, outside the clips'
-    exchange."""
+    among its keys ("before" or "after" the video tokens; "": the keys are the video tokens alone)."""
 
     frames: tuple[str, int | None]
     rows: tuple[str, int | None]
@@ -102,6 +100,10 @@ VIDEO_GRIDS: dict[str, VideoGrid] = {
     "CogVideoXTransformer3DModel": VideoGrid(("hidden_states", 1), ("hidden_states", 3), ("hidden_states", 4),
                                              (("patch_size_t", None), ("patch_size", None), ("patch_size", None)),
                                              text="before"),
+    # HunyuanVideo: a [B, C, F, H, W] latent; its joint attention puts the text after the video
+    "HunyuanVideoTransformer3DModel": VideoGrid(("hidden_states", 2), ("hidden_states", 3), ("hidden_states", 4),
+                                                (("patch_size_t", None), ("patch_size", None), ("patch_size", None)),
+                                                text="after"),
     # Mochi: a [B, C, F, H, W] latent; its joint attention puts each sample's valid text after the video
     "MochiTransformer3DModel": VideoGrid(("hidden_states", 2), ("hidden_states", 3), ("hidden_states", 4),
                                          (("patch_size_t", None), ("patch_size", None), ("patch_size", None)),

@@ -181,9 +181,9 @@ def check(pipe, config: ParallelConfig, options: Any) -> None:
     if config.clip > 1:
         for transformer in transformers(pipe):
             if type(transformer).__name__ not in VIDEO_GRIDS:
-                raise ValueError(f"clips need a video grid; {type(transformer).__name__} has none (its joint attention "
-                                 "masks the text, and a masked attention gathers its keys outside the clips' "
-                                 "exchange): use clip=1 with ulysses and ring")
+                raise ValueError(f"clips need a video grid (where its call gives the latent frames: "
+                                 f"paragen/pipelines/dit/plans.py); {type(transformer).__name__} has none: use clip=1 "
+                                 "with ulysses and ring")
         if options.bias not in (None, 0.0):
             raise ValueError(f"bias {options.bias}: a video transformer's clip sees its halo and global frames as "
                              "ordinary keys beside the whole clip; a local/global bias is not supported")
