@@ -161,10 +161,11 @@ def parallelize(model: Any, config: ParallelConfig | None = None, options: Any =
     parallel degrees; `options` selects and configures the workload:
     - SD, SDXL: row bands (`patch`, `cfg`) with `ExchangeConfig` (sync, displaced, partial), or beyond
       the training size with `HiresConfig` (windows over the ranks, low-resolution structure guidance);
-    - PixArt, SD3, Flux: token shards (`ulysses`, `ring`, `cfg`) with `ExchangeConfig` (sync, displaced);
+    - diffusion transformers with a sharding plan (PixArt, SD3, Flux, FLUX.2, Qwen-Image, Z-Image; `paragen models`):
+      token shards (`ulysses`, `ring`, `cfg`) with `ExchangeConfig` (sync, displaced);
     - TextToVideoSD, AnimateDiff: clips of frames (`clip`) with `TemporalAttention`;
-    - Wan: clips of latent frames (`clip`), each clip's tokens in shards (`ulysses`, `ring`), and `cfg`, with
-      `TemporalAttention` (what a clip sees of the others);
+    - Wan, LTX-Video, CogVideoX, HunyuanVideo, Mochi: clips of latent frames (`clip`), each clip's tokens in shards
+      (`ulysses`, `ring`), and `cfg`, with `TemporalAttention` (what a clip sees of the others);
     - Llama, Qwen2, Mistral: prompt shards and weight shards (`seq`, `tp`) with `KVConfig`; each request
       takes a cache from `model.paragen.new_cache()`.
     """

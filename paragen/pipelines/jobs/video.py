@@ -43,8 +43,9 @@ class VideoRequest:
     """Everything `paragen video` was asked for (one declaration per field, see `schema`). Several prompts: one per
     segment of the video."""
 
-    model: str = fields.model("tiny-t2v", "embedded model name (tiny-t2v, tiny-animatediff, tiny-wan) or a local "
-                                          "diffusers TextToVideoSD/AnimateDiff/Wan directory (safetensors)")
+    model: str = fields.model("tiny-t2v", "embedded model name (tiny-t2v, tiny-animatediff, tiny-wan, tiny-ltx, "
+                                          "tiny-cogvideox, tiny-hunyuanvideo, tiny-mochi) or a local diffusers "
+                                          "directory of one of those pipelines (safetensors)")
     prompts: tuple[str, ...] = field(("a paper boat drifting down a river, watercolor",),
                                      "text prompt; repeat it for one prompt per consecutive segment of the video",
                                      flag="--prompt", min_length=1, max_length=MAX_SEGMENTS)
@@ -96,28 +97,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `paragen video`."""
     temporal = TemporalAttention()
     p.description = ("Generate one video across every rank: UNet video models split its frames into clips, one per "
-                     "rank; Wan models split its latent frames into clips and each clip's tokens into shards "
-                     "(Ulysses, Ring).")
+                     "rank; video transformers (Wan, LTX-Video, CogVideoX, HunyuanVideo, Mochi) split its latent "
+                     "frames into clips and each clip's tokens into shards (Ulysses, Ring).")
     schema.add_arguments(p, VideoRequest, REQUEST_OPTIONS)
     p.add_argument("--clip", type=int, default=-1,
-                   help="clips the frames are split into (UNet video models, -1: every rank; Wan models: latent "
-                        "frames, -1: 1 clip, the ranks left over go to --ring)")
+                   help="clips the frames are split into (UNet video models, -1: every rank; video transformers: "
+                        "latent frames, -1: 1 clip, the ranks left over go to --ring)")
     p.add_argument("--ulysses", type=int, default=1,
-                   help="Wan models: Ulysses degree (all-to-all to head shards; must divide the head count)")
-    p.add_argument("--ring", type=int, default=-1, help="Wan models: Ring degree (-1: the ranks left over)")
+                   help="video transformers: Ulysses degree (all-to-all to head shards; must divide the head count)")
+    p.add_argument("--ring", type=int, default=-1, help="video transformers: Ring degree (-1: the ranks left over)")
     p.add_argument("--cfg", type=int, default=1, choices=(1, 2),
-                   help="Wan models: 2 runs the conditional and unconditional calls on different halves of the ranks")
+                   help="video transformers: 2 runs the conditional and unconditional branches on different halves of "
+                        "the ranks")
     p.add_argument("--scope", choices=SCOPES, default=temporal.scope,
                    help="; ".join(f"{s}: {text}" for s, text in SCOPE_HELP.items()))
     p.add_argument("--local", type=int, default=temporal.local,
-                   help="dual scope: local window half width p, in frames (Wan: the latent edge frames each clip "
-                        "sees of each neighbouring clip)")
+                   help="dual scope: local window half width p, in frames (video transformers: the latent edge "
+                        "frames each clip sees of each neighbouring clip)")
     p.add_argument("--global-frames", type=int, default=temporal.global_frames,
-                   help="dual scope: frames sampled evenly over the video that every frame also attends to (Wan: "
-                        "latent frames)")
+                   help="dual scope: frames sampled evenly over the video that every frame also attends to (video "
+                        "transformers: latent frames)")
     p.add_argument("--bias", type=float, default=temporal.bias,
                    help="dual scope, UNet video models: logit bias for the global frames at timesteps >= --bias-switch, "
-                        "for the local window below (default: Video-Infinity's 10; Wan models take none)")
+                        "for the local window below (default: Video-Infinity's 10; video transformers take none)")
     p.add_argument("--bias-switch", type=int, default=temporal.bias_switch, help="dual scope: timestep (of 1000) where the bias switches")
     p.add_argument("--blocking", action="store_true",
                    help="exchange, wait, then attend (Video-Infinity's released code), instead of overlapping the exchange")
