@@ -25,7 +25,8 @@ def test_models_json_lists_every_class_with_its_plan_source(capsys):
     expected = {"FluxPipeline": "diffusers", "Flux2KleinPipeline": "diffusers", "QwenImagePipeline": "diffusers",
                 "WanPipeline": "diffusers", "LTXPipeline": "diffusers", "PixArtSigmaPipeline": "paragen",
                 "StableDiffusion3Pipeline": "paragen", "ZImagePipeline": "paragen", "CogVideoXPipeline": "paragen",
-                "HunyuanVideoPipeline": "paragen", "MochiPipeline": "paragen"}
+                "HunyuanVideoPipeline": "paragen", "MochiPipeline": "paragen", "HunyuanDiTPipeline": "paragen",
+                "AuraFlowPipeline": "paragen", "Lumina2Pipeline": "paragen", "AllegroPipeline": "paragen"}
     assert {r["pipeline"]: r["plan"] for r in rows.values() if r["plan"]} == {**expected, "PixArtAlphaPipeline": "paragen",
                                                                               "Flux2Pipeline": "diffusers"}
     assert rows["LTXPipeline", "dit-video"]["models"] == ["tiny-ltx"]

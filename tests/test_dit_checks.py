@@ -6,6 +6,7 @@ import paragen
 from paragen.parallel.partition import split_bounds, split_sizes
 from paragen.parallel.attention_contract import heads_first
 from paragen.parallel.intercept import intercepted
+from paragen.parallel.sequence.apply import PlannedSharding
 from paragen.parallel.sequence.plan import Gather, ShardingPlan, Split, from_diffusers
 from paragen.pipelines.dit import plans
 from paragen.pipelines.loading import load_pipeline
@@ -47,6 +48,32 @@ def test_a_diffusers_plan_is_read_as_it_is_declared():
     assert plan.splits() == [("", "hidden_states", Split(1, 3)), ("", "encoder_hidden_states", Split(1, 3)),
                              ("", "img_ids", Split(0, 2)), ("", "txt_ids", Split(0, 2))]
     assert plan.gathers() == [("proj_out", (Gather(1, 3),))]
+
+
+class SecondHalf:
+    """The layout of the second of two shards, without a process group."""
+
+    def bounds(self, length: int) -> tuple[int, int]:
+        return length // 2, length
+
+
+def test_a_split_of_a_tuple_element_cuts_that_element_alone():
+    """`input.i` (Allegro's rotary embedding, (tables, positions)): element i is cut, the other elements pass whole;
+    an input that is no such tuple is an error naming the split."""
+
+    class Toy(torch.nn.Module):
+        def forward(self, emb, scale=1):
+            return emb
+
+    toy = Toy()
+    PlannedSharding(ShardingPlan({"": {"emb.1": Split(1, 2)}}), SecondHalf, "toy.").install(toy)
+    tables = (torch.randn(5, 4), torch.randn(5, 4))
+    positions = tuple(torch.arange(7)[None] + i for i in range(3))
+    got_tables, got_positions = toy((tables, positions))
+    assert got_tables is tables
+    assert all(torch.equal(got, whole[:, 3:]) for got, whole in zip(got_positions, positions))
+    with pytest.raises(RuntimeError, match="a split of 'emb.1' expected a tuple with an element 1, got Tensor"):
+        toy(torch.randn(7, 4))
 
 
 def test_refusals_name_the_problem():

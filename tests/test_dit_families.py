@@ -4,7 +4,7 @@ PixArt, SD3 and Flux (and their modes: displaced, the byte formulas) are in test
 segments, checkpoints) in test_wan_parallel.py; here each further family runs once per layout on its tiny model at
 a size whose image/video tokens the ranks do not divide where its pipeline's multiples allow (`CALLS`):
 - 2 ranks, Ring and Ulysses; 4 ranks, Ulysses × Ring (two levels); fp32, max |Δ| ≤ 1e-4 against one process;
-- cfg=2 on the video families that batch their guidance branches, beside Ring;
+- cfg=2 on the families that batch their guidance branches (beside Ring on LTX at 4 ranks);
 - clips on LTX-Video (self-attention over the video tokens alone) at more latent frames: full scope, and dual
   scope with a window that reaches every frame, equal one process (2 ranks: 2 clips; 4 ranks: 2 clips × Ring 2);
   a narrow dual scope runs and stays above a PSNR floor; full-scope clips on the joint-attention families whose
@@ -28,7 +28,7 @@ from tests.workers.family_worker import CALLS, generate
 pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
 
 FAMILIES = tuple(CALLS)
-CFG_FAMILIES = ("tiny-ltx", "tiny-cogvideox", "tiny-mochi")
+CFG_FAMILIES = ("tiny-hunyuandit", "tiny-auraflow", "tiny-ltx", "tiny-cogvideox", "tiny-mochi", "tiny-allegro")
 DISPLACED = ("tiny-qwenimage", "tiny-zimage")
 JOINT_CLIP_FAMILIES = ("tiny-cogvideox", "tiny-hunyuanvideo", "tiny-mochi")  # at their CALLS' frames: 5, 3 and 3 latent frames
 CLIP_FRAMES = 17  # tiny-ltx: 9 latent frames (the family's CALLS take 5)

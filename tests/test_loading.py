@@ -135,7 +135,8 @@ def test_clip_tokenizers_round_trip_and_pad(embedded, prompt: str) -> None:
         assert len(long) == 77 and long[-1] == tokenizer.eos_token_id
 
 
-@pytest.mark.parametrize("name", ("tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-wan"))
+@pytest.mark.parametrize("name", ("tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-wan", "tiny-hunyuandit",
+                                  "tiny-auraflow", "tiny-allegro"))
 def test_t5_tokenizers_round_trip_and_pad(name: str) -> None:
     pipe = load_pipeline(name)
     pairs = [(t, e) for t, e in _tokenizer_pairs(pipe) if "T5" in type(e).__name__]
@@ -289,10 +290,13 @@ def test_tiny_wan_generates_a_non_constant_video(tiny_wan) -> None:
     assert ((frames > 0.01) & (frames < 0.99)).mean() > 0.5, "video is saturated"
 
 
-# The further DiT families: their outputs against one process are in tests/test_dit_families.py.
+# The further DiT families (their outputs at ranks against one process: tests/test_dit_families.py) and tiny-wan22
+# (Wan's workload, two transformers).
 FAMILY_CLASSES = {"tiny-flux2": "Flux2KleinPipeline", "tiny-qwenimage": "QwenImagePipeline",
-                  "tiny-zimage": "ZImagePipeline", "tiny-ltx": "LTXPipeline", "tiny-cogvideox": "CogVideoXPipeline",
-                  "tiny-hunyuanvideo": "HunyuanVideoPipeline", "tiny-mochi": "MochiPipeline"}
+                  "tiny-zimage": "ZImagePipeline", "tiny-hunyuandit": "HunyuanDiTPipeline",
+                  "tiny-auraflow": "AuraFlowPipeline", "tiny-lumina2": "Lumina2Pipeline", "tiny-ltx": "LTXPipeline",
+                  "tiny-cogvideox": "CogVideoXPipeline", "tiny-hunyuanvideo": "HunyuanVideoPipeline",
+                  "tiny-mochi": "MochiPipeline", "tiny-allegro": "AllegroPipeline", "tiny-wan22": "WanPipeline"}
 
 
 @pytest.mark.parametrize("name", list(FAMILY_CLASSES))
@@ -306,6 +310,46 @@ def test_family_models_draw_the_same_weights_for_a_seed_and_leave_no_table_zero(
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
     zero = [k for k, v in weights[0].items() if v.dim() > 1 and not v.any()]
     assert not zero, f"{name}: tables left at zero: {zero}"
+
+
+def test_tiny_wan22_runs_its_two_experts_by_the_boundary() -> None:
+    """Wan2.2-T2V-A14B's layout: `transformer` for the steps above the boundary timestep, `transformer_2` (other
+    weights, same shape) below it; a 2-step call reaches both."""
+    pipe = load_pipeline("tiny-wan22", seed=0)
+    assert pipe.config.boundary_ratio == 0.875
+    assert pipe.transformer.config == pipe.transformer_2.config
+    first, second = pipe.transformer.state_dict(), pipe.transformer_2.state_dict()
+    assert first.keys() == second.keys() and not all(torch.equal(first[k], second[k]) for k in first)
+    calls = {"transformer": 0, "transformer_2": 0}
+    for name in calls:
+        getattr(pipe, name).register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
+    pipe.set_progress_bar_config(disable=True)
+    frames = pipe("a red cube on a table", num_frames=5, height=32, width=32, num_inference_steps=2,
+                  generator=torch.Generator().manual_seed(0), output_type="np").frames
+    assert calls == {"transformer": 2, "transformer_2": 2}  # one step each, two guidance calls per step
+    assert np.isfinite(frames).all() and frames.std() > 0.02
+
+
+def test_bert_and_gemma_tokenizers_round_trip_and_pad() -> None:
+    """tiny-hunyuandit's BERT (tools/make_bert_tokenizer.py: [CLS] … [SEP], lower case, CJK split, [UNK] outside the
+    vocabulary) and tiny-lumina2's Gemma (tools/make_gemma_tokenizer.py: <bos> first, byte fallback, Lumina 2's
+    system prompt in whole words)."""
+    bert = load_pipeline("tiny-hunyuandit")
+    tokenizer, encoder = bert.tokenizer, bert.text_encoder
+    assert len(tokenizer) == encoder.config.vocab_size
+    ids = tokenizer("A photo of an astronaut riding a horse, 日本 café", padding="max_length", max_length=40).input_ids
+    assert ids[0] == tokenizer.cls_token_id and len(ids) == 40 and max(ids) < encoder.config.vocab_size
+    n = ids.index(tokenizer.sep_token_id)
+    assert set(ids[n + 1:]) == {tokenizer.pad_token_id} and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == "a photo of an astronaut riding a horse, 日 本 café"
+    gemma = load_pipeline("tiny-lumina2")
+    tokenizer, encoder = gemma.tokenizer, gemma.text_encoder
+    assert len(tokenizer) <= encoder.config.vocab_size
+    prompt = f"{gemma.system_prompt} <Prompt Start> a red fox in the snow, 日本語 🐱"
+    ids = tokenizer(prompt).input_ids
+    assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == prompt
+    assert len(tokenizer(f"{gemma.system_prompt} <Prompt Start> a red fox").input_ids) < 40
 
 
 def test_every_embedded_model_is_tested_somewhere() -> None:

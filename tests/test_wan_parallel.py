@@ -7,7 +7,8 @@ a frame mask over the whole sequence), overlapped and blocking, and sends each c
 it sees;
 the VAE decode in time chunks over the ranks equals the one-process decode (chunks of uneven length, and a rank
 with no latent frame); frame counts the Wan VAE cannot take and degrees that do not divide the ranks are refused
-on every rank.
+on every rank. Wan2.2's two experts (tiny-wan22: the high-noise transformer, then the low-noise `transformer_2`)
+equal one process too: Ring at 2 ranks, full-scope clips × Ring at 4.
 """
 from __future__ import annotations
 
@@ -60,6 +61,9 @@ def _specs(world: int) -> list[dict]:
                        segments=SEGMENTS, **degrees))
     specs += [_spec("clip_short_halo", "uneven", frames=9, clip=2, local=2, expect_error=True),  # clips of 2 and 1
               _spec("clip_bias", "uneven", frames=CLIP_FRAMES, clip=2, bias=10.0, expect_error=True)]
+    specs.append(_spec("wan22_ring", "uneven", model="tiny-wan22", ring=2) if world == 2 else
+                 _spec("wan22_clip_ring_full", "uneven", model="tiny-wan22", frames=CLIP_FRAMES, scope="full", clip=2,
+                       ring=2))
     return specs
 
 
@@ -88,7 +92,10 @@ def single():
     stock.set_progress_bar_config(disable=True)
     install_segment_reference(stock, SEGMENTS, SEGMENT_OF_LATENT, max_sequence_length=24)
     clips["segments_full"] = generate(stock, _spec("reference", "uneven", frames=CLIP_FRAMES))
-    return {**videos, "decoded": decoded, "clips": clips}
+    two_experts = load_pipeline("tiny-wan22")
+    two_experts.set_progress_bar_config(disable=True)
+    wan22 = {frames: generate(two_experts, _spec("single", "uneven", frames=frames)) for frames in (FRAMES, CLIP_FRAMES)}
+    return {**videos, "decoded": decoded, "clips": clips, "wan22": wan22}
 
 
 def test_every_layout_equals_the_single_process_video(parallel, single):
@@ -179,4 +186,14 @@ def test_segment_prompts_equal_the_per_token_reference(parallel, single):
     reference = single["clips"]["segments_full" if scope == "full" else f"segments_{degrees['clip']}"]
     assert (single["clips"]["segments_full"] - single["clips"]["full"]).abs().max() > 1e-3  # the prompts matter
     diff = (results[f"{name}/uneven"]["video"] - reference).abs().max().item()
+    assert diff <= EXACT_ATOL, f"{world} ranks {name}: max |Δ| {diff:.2e}"
+
+
+def test_two_experts_equal_the_single_process_video(parallel, single):
+    """tiny-wan22 (Wan2.2's layout: `transformer` for the high-noise steps, `transformer_2` below the boundary)."""
+    world, results = parallel
+    name, frames = ("wan22_ring", FRAMES) if world == 2 else ("wan22_clip_ring_full", CLIP_FRAMES)
+    video, reference = results[f"{name}/uneven"]["video"], single["wan22"][frames]
+    assert reference.std() > 0.01 and video.shape == reference.shape
+    diff = (video - reference).abs().max().item()
     assert diff <= EXACT_ATOL, f"{world} ranks {name}: max |Δ| {diff:.2e}"

@@ -13,7 +13,6 @@ Deterministic:
 """
 from __future__ import annotations
 
-import json
 import re
 import string
 import sys
@@ -25,6 +24,7 @@ from tokenizers.models import BPE
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 from make_t5_tokenizer import ACCENTED, SUFFIXES, WORDS  # noqa: E402
+from tokenizer_files import write_json_files  # noqa: E402
 
 SPACE = "\u2581"
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -109,9 +109,7 @@ def write(folder: Path) -> None:
         "unk_token": "<unk>",
         "pad_token": "<pad>",
     }
-    with open(folder / "tokenizer_config.json", "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, ensure_ascii=False)
-        f.write("\n")
+    write_json_files(folder, {"tokenizer_config.json": config})
 
 
 if __name__ == "__main__":

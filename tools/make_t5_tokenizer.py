@@ -1,5 +1,5 @@
 """Write the offline T5 tokenizer shipped with the embedded DiT pipelines (tiny-pixart, tiny-sd3, tiny-flux, tiny-wan,
-tiny-ltx, tiny-cogvideox, tiny-mochi).
+tiny-wan22, tiny-hunyuandit, tiny-auraflow, tiny-allegro, tiny-ltx, tiny-cogvideox, tiny-mochi).
 
 Real T5 tokenizers are SentencePiece Unigram models of 32,000 pieces plus 100 sentinel tokens; they cannot be
 downloaded here, so this builds a small stand-in with the same layout and behaviour, using only the
@@ -17,7 +17,6 @@ The output is deterministic; re-running it must leave the committed files unchan
 
 from __future__ import annotations
 
-import json
 import string
 import sys
 from pathlib import Path
@@ -25,8 +24,12 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import Unigram
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from tokenizer_files import write_folders, write_json_files  # noqa: E402
+
 CONFIGS = Path(__file__).resolve().parent.parent / "paragen" / "pipelines" / "configs"
 FOLDERS = ("tiny-pixart/tokenizer", "tiny-sd3/tokenizer_3", "tiny-flux/tokenizer_2", "tiny-wan/tokenizer",
+           "tiny-wan22/tokenizer", "tiny-hunyuandit/tokenizer_2", "tiny-auraflow/tokenizer", "tiny-allegro/tokenizer",
            "tiny-ltx/tokenizer", "tiny-cogvideox/tokenizer", "tiny-mochi/tokenizer")
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
@@ -119,18 +122,8 @@ def write(folder: Path, words: tuple[str, ...] = WORDS, max_length: int = MODEL_
         "legacy": False,
         **special,
     }
-    for name, data in (("tokenizer_config.json", config), ("special_tokens_map.json", special)):
-        with open(folder / name, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-
-
-def main(argv: list[str]) -> None:
-    folders = [Path(a) for a in argv] or [CONFIGS / f for f in FOLDERS]
-    for folder in folders:
-        write(folder)
-        print(f"wrote {folder} ({build().get_vocab_size()} tokens)")
+    write_json_files(folder, {"tokenizer_config.json": config, "special_tokens_map.json": special})
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    write_folders(sys.argv[1:], [CONFIGS / f for f in FOLDERS], write, lambda: build().get_vocab_size())

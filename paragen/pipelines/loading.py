@@ -3,14 +3,18 @@
 Real models cannot be downloaded here, so embedded tiny models stand in for them: `tiny-sd`,
 `tiny-sdxl` (UNets), `tiny-pixart` (PixArt-Sigma), `tiny-sd3` (SD3), `tiny-flux` (FLUX.1-dev), `tiny-flux2`
 (FLUX.2 klein, Qwen3 text encoder), `tiny-qwenimage` (Qwen-Image, Qwen2.5-VL text encoder), `tiny-zimage`
-(Z-Image), `tiny-t2v` (ModelScope text-to-video, UNet3D), `tiny-animatediff`
-(AnimateDiff, UNetMotionModel), `tiny-wan` (Wan2.1 text-to-video, WanTransformer3DModel with a causal 3D VAE and
-a UMT5 text encoder), `tiny-ltx` (LTX-Video), `tiny-cogvideox` (CogVideoX), `tiny-hunyuanvideo` (HunyuanVideo,
-Llama + CLIP text encoders) and `tiny-mochi` (Mochi 1): the real diffusers architectures, built from the configs
+(Z-Image), `tiny-hunyuandit` (HunyuanDiT, BERT + T5 text encoders), `tiny-auraflow` (AuraFlow, UMT5 text encoder),
+`tiny-lumina2` (Lumina-Image 2.0, Gemma 2 text encoder), `tiny-t2v` (ModelScope text-to-video, UNet3D),
+`tiny-animatediff` (AnimateDiff, UNetMotionModel), `tiny-wan` (Wan2.1 text-to-video, WanTransformer3DModel with a
+causal 3D VAE and a UMT5 text encoder), `tiny-wan22` (Wan2.2 text-to-video with two experts, as Wan2.2-T2V-A14B:
+`transformer` for the high-noise steps, `transformer_2` for the low-noise ones), `tiny-ltx` (LTX-Video),
+`tiny-cogvideox` (CogVideoX), `tiny-hunyuanvideo` (HunyuanVideo, Llama + CLIP text encoders), `tiny-mochi`
+(Mochi 1) and `tiny-allegro` (Allegro, T5 text encoder): the real diffusers architectures, built from the configs
 shipped in `configs/<name>/` with random weights drawn from a fixed seed, and offline tokenizers written by
-`tools/make_t5_tokenizer.py` (T5), `tools/make_bpe_tokenizer.py` (Qwen) and `tools/make_llama_tokenizer.py`
-(Llama), beside a byte-level CLIP tokenizer. `tiny-shapes` and `tiny-shapes-dit` are different: a Stable Diffusion and a
-PixArt-Σ pipeline trained by `tools/train_shapes.py` on a procedural world of coloured shapes, whose weights ship
+`tools/make_t5_tokenizer.py` (T5), `tools/make_bpe_tokenizer.py` (Qwen), `tools/make_llama_tokenizer.py`
+(Llama), `tools/make_bert_tokenizer.py` (BERT) and `tools/make_gemma_tokenizer.py` (Gemma), beside a byte-level
+CLIP tokenizer. `tiny-shapes` and `tiny-shapes-dit` are different: a Stable Diffusion and a PixArt-Σ pipeline
+trained by `tools/train_shapes.py` on a procedural world of coloured shapes, whose weights ship
 in `configs/<name>/` and load exactly as a local checkpoint does. A local checkpoint goes through `DiffusionPipeline.from_pretrained`
 with hub access off. Nothing here ever touches the network.
 diffusers and transformers (seconds to import) are imported only when a pipeline is built, so
@@ -31,8 +35,8 @@ if TYPE_CHECKING:
 TRAINED_MODELS: tuple[str, ...] = ("tiny-shapes", "tiny-shapes-dit")  # trained by a repo script, weights shipped in configs/<name>/
 EMBEDDED_MODELS: tuple[str, ...] = (
     "tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-qwenimage", "tiny-zimage",
-    "tiny-t2v", "tiny-animatediff", "tiny-wan", "tiny-ltx", "tiny-cogvideox", "tiny-hunyuanvideo",
-    "tiny-mochi", *TRAINED_MODELS)
+    "tiny-hunyuandit", "tiny-auraflow", "tiny-lumina2", "tiny-t2v", "tiny-animatediff", "tiny-wan", "tiny-wan22",
+    "tiny-ltx", "tiny-cogvideox", "tiny-hunyuanvideo", "tiny-mochi", "tiny-allegro", *TRAINED_MODELS)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SAFE_WEIGHTS = "*.safetensors"
@@ -193,16 +197,25 @@ def build_pipeline(
 ) -> DiffusionPipeline:
     """`load_pipeline` for a `model` that passed `check_model_source` already."""
     if _random_weights(model):
-        return _build_embedded(model, seed, dtype).to(device)
+        return _decodable(_build_embedded(model, seed, dtype).to(device))
     from diffusers import DiffusionPipeline
 
     root = model_folder(model)
     no_checker = {"safety_checker": None, "requires_safety_checker": False}
     has_checker = "safety_checker" in read_index(root)
-    return DiffusionPipeline.from_pretrained(  # loads on CPU, in eval mode
+    return _decodable(DiffusionPipeline.from_pretrained(  # loads on CPU, in eval mode
         root,
         dtype=dtype,
         use_safetensors=None if allow_pickle else True,  # None: safetensors first, else pickle
         local_files_only=True,
         **(no_checker if has_checker else {}),
-    ).to(device)
+    ).to(device))
+
+
+def _decodable(pipe: DiffusionPipeline) -> DiffusionPipeline:
+    """`pipe`, with the tiles of a VAE that decodes only in tiles turned on (Allegro's: its untiled decode raises
+    NotImplementedError)."""
+    vae = getattr(pipe, "vae", None)
+    if type(vae).__name__ == "AutoencoderKLAllegro" and not vae.use_tiling:
+        vae.enable_tiling()
+    return pipe

@@ -28,10 +28,12 @@ from paragen.parallel.llm.config import KVConfig
 
 UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 DIT_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
-                 "Flux2Pipeline", "Flux2KleinPipeline", "QwenImagePipeline", "ZImagePipeline")
+                 "Flux2Pipeline", "Flux2KleinPipeline", "QwenImagePipeline", "ZImagePipeline",
+                 "HunyuanDiTPipeline", "AuraFlowPipeline", "Lumina2Pipeline")
 VIDEO_PIPELINES = ("TextToVideoSDPipeline", "AnimateDiffPipeline")
 VIDEO_DIT_PIPELINES = ("WanPipeline",)
-TOKEN_VIDEO_PIPELINES = ("LTXPipeline", "CogVideoXPipeline", "HunyuanVideoPipeline", "MochiPipeline")
+TOKEN_VIDEO_PIPELINES = ("LTXPipeline", "CogVideoXPipeline", "HunyuanVideoPipeline", "MochiPipeline",
+                         "AllegroPipeline")
 CAUSAL_LMS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 

@@ -15,10 +15,16 @@ CALLS = {
     "tiny-flux2": dict(height=36, width=36),  # 9×9 tokens (+ the text padded to 512)
     "tiny-qwenimage": dict(height=36, width=36, negative_prompt="blurry", true_cfg_scale=2.0),
     "tiny-zimage": dict(height=36, width=36),
+    "tiny-hunyuandit": dict(height=80, width=80, use_resolution_binning=False),  # 5×5 tokens
+    "tiny-auraflow": dict(height=80, width=80, max_sequence_length=29),  # 5×5 tokens (+ 8 registers and 29 text)
+    "tiny-lumina2": dict(height=80, width=80, max_sequence_length=64),  # 5×5 tokens after 34 (1 unconditional) of text
     "tiny-ltx": dict(height=32, width=32, num_frames=9, max_sequence_length=30),  # 5 frames × 16 (sides: 32 px)
     "tiny-cogvideox": dict(height=40, width=40, num_frames=17, max_sequence_length=29),  # 5 × 25 tokens
     "tiny-hunyuanvideo": dict(height=48, width=48, num_frames=9, max_sequence_length=37),  # 3 × 36 (+ 37 text)
     "tiny-mochi": dict(height=48, width=48, num_frames=13, max_sequence_length=29),  # 3 × 9 tokens
+    # 6 × 9×11 tokens: 4 ranks do not divide them (its VAE decodes only in tiles of 24 frames and 128 px, with
+    # overlaps of 8 frames, 120 and 80 px, so the latent frames are 6 + 4k and 2 ranks always divide the tokens)
+    "tiny-allegro": dict(height=144, width=176, num_frames=24, max_sequence_length=29, clean_caption=False),
 }
 
 

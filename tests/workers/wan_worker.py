@@ -31,7 +31,7 @@ def latent(frames: int) -> torch.Tensor:
 
 
 def run(spec: dict) -> dict:
-    pipe = load_pipeline("tiny-wan")
+    pipe = load_pipeline(spec.get("model", "tiny-wan"))
     pipe.set_progress_bar_config(disable=True)
     config = paragen.ParallelConfig(cfg=spec.get("cfg", 1), clip=spec.get("clip", 1), ulysses=spec.get("ulysses", 1),
                                     ring=spec.get("ring"))

@@ -2,10 +2,11 @@
 
 `PlannedSharding.install(transformer)` finds every module the plan names (a missing one is an error before
 anything changes) and intercepts its `forward` once (tag `sequence.plan`), with every entry that names it: named
-inputs are cut to this rank's slice before the call (plain splits first, then those that join several streams),
-planned outputs after it, gathers all-gather the output. The slices come from the `TokenLayout` the runtime gives
-for the current forward (`begin_forward`). Each split records its stream's whole length under its input name
-(`0`, `1`… for outputs); the first split the plan declares is the stream gathers collect unless they name another.
+inputs (or an element of a tuple input, `input.i`) are cut to this rank's slice before the call (plain splits
+first, then those that join several streams), planned outputs after it, gathers all-gather the output. The slices
+come from the `TokenLayout` the runtime gives for the current forward (`begin_forward`). Each split records its
+stream's whole length under its input name (`0`, `1`… for outputs); the first split the plan declares is the stream
+gathers collect unless they name another.
 """
 from __future__ import annotations
 
@@ -84,6 +85,17 @@ class PlannedSharding:
             raise RuntimeError(f"a split joining {joins} expected {start} tokens along dim {dim}, got {length}")
         return torch.cat(parts, dim)
 
+    def _cut_item(self, value: Any, path: list[int], split: Split, key: Any, layout: TokenLayout) -> Any:
+        """`value` with its element at `path` (tuple indices; none: `value` itself) cut; the rest whole."""
+        if not path:
+            return self._cut(value, split, key, layout)
+        if not isinstance(value, (tuple, list)) or not -len(value) <= path[0] < len(value):
+            raise RuntimeError(f"a split of {key!r} expected a tuple with an element {path[0]}, got "
+                               f"{type(value).__name__}")
+        items = list(value)
+        items[path[0]] = self._cut_item(items[path[0]], path[1:], split, key, layout)
+        return type(value)(items)
+
     def _gather(self, value: Any, spec: Gather, name: str) -> Any:
         if not isinstance(value, torch.Tensor) or (spec.dims is not None and value.dim() != spec.dims):
             return value
@@ -101,8 +113,10 @@ class PlannedSharding:
             if inputs:
                 bound = signature.bind_partial(*args, **kwargs)
                 for key, split in inputs:
-                    if bound.arguments.get(key) is not None:
-                        bound.arguments[key] = self._cut(bound.arguments[key], split, key, layout)
+                    argument, *path = key.split(".")  # `input.i`: element i of a tuple input
+                    if bound.arguments.get(argument) is not None:
+                        bound.arguments[argument] = self._cut_item(bound.arguments[argument], [int(i) for i in path],
+                                                                   split, key, layout)
                 args, kwargs = bound.args, bound.kwargs
             output = forward(*args, **kwargs)
             single = isinstance(output, torch.Tensor)

@@ -3,7 +3,8 @@
 A plan maps module paths of the transformer to what happens at them:
 - `{input: Split}`: the named inputs (or, with `Split.output`, the outputs at these tuple indices — index 0 of a
   module returning one tensor is that tensor) are cut along `Split.dim` to this rank's shard before the module
-  runs (after it, for outputs);
+  runs (after it, for outputs); `input.i` (`.i.j`…) names element `i` of a tuple input, the others passing whole
+  (Allegro's `image_rotary_emb` is (frequency tables, token positions): only the positions are cut);
 - `Gather` (or a tuple of them, one per output): the module's output is all-gathered along `Gather.dim`.
 Paths are dotted module names; `""` is the transformer itself, `*` stands for any one name (`blocks.*` is every
 block). A split or gather whose tensor has other than `dims` dimensions is left alone (as diffusers does: an

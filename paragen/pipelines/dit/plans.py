@@ -47,6 +47,30 @@ OWN_PLANS: dict[str, ShardingPlan] = {
     "ZImageTransformer2DModel": ShardingPlan({
         "layers.0": {"x": TOKENS}, "layers.*": {"attn_mask": Split(1, 2), "freqs_cis": Split(1, 3)},
         "layers.-1": Gather(1, 3)}, replicated=("noise_refiner.*.attention", "context_refiner.*.attention")),
+    # HunyuanDiT: image tokens cut after the patch embedding, with the 2D rotary table that comes with the call; the
+    # long skips pair each block with an earlier one token by token; the text (BERT + T5) stays whole (cross-attended).
+    "HunyuanDiT2DModel": ShardingPlan({
+        "pos_embed": _PATCH_EMBEDDING_OUTPUT, "": {"image_rotary_emb": Split(0, 2)}, "proj_out": Gather(1, 3)},
+        replicated=("blocks.*.attn2",)),
+    # AuraFlow: joint attention, no mask and no rotary embedding (positions are added at the patch embedding): image
+    # tokens cut after the patch embedding, the text (its 8 register tokens before it) at the first joint block; the
+    # single blocks join each rank's shards of both streams and cut them apart again by the rank's text length.
+    "AuraFlowTransformer2DModel": ShardingPlan({
+        "pos_embed": _PATCH_EMBEDDING_OUTPUT, "joint_transformer_blocks.0": {"encoder_hidden_states": TOKENS},
+        "proj_out": Gather(1, 3)}),
+    # Lumina 2: caption and image are refined whole, apart, then joined per sample into one padded sequence (valid
+    # caption, then image); that sequence is cut at the first main layer (its key mask, given when the samples'
+    # captions differ in length, and its rotary table at every layer) and gathered after the last (as Z-Image).
+    "Lumina2Transformer2DModel": ShardingPlan({
+        "layers.0": {"hidden_states": TOKENS},
+        "layers.*": {"attention_mask": Split(1, 2), "image_rotary_emb": Split(1, 3)}, "layers.-1": Gather(1, 3)},
+        replicated=("noise_refiner.*.attn", "context_refiner.*.attn")),
+    # Allegro: video tokens (patch-embedded frame by frame, then joined) cut at the first block, with the token
+    # positions of the 3D rotary embedding that comes with the call ((tables, positions): only the positions are
+    # per token); the text stays whole (cross-attended, under its key mask).
+    "AllegroTransformer3DModel": ShardingPlan({
+        "transformer_blocks.0": {"hidden_states": TOKENS}, "": {"image_rotary_emb.1": Split(1, 2)},
+        "proj_out": Gather(1, 3)}, replicated=("transformer_blocks.*.attn2",)),
     # Mochi: both streams cut at the first block, the text's mask with them (each rank keeps its valid text tokens).
     "MochiTransformer3DModel": ShardingPlan({
         "transformer_blocks.0": _BOTH_STREAMS, "transformer_blocks.*": {"encoder_attention_mask": Split(1, 2)},
@@ -57,8 +81,8 @@ OWN_PLANS: dict[str, ShardingPlan] = {
 # the pipeline, or patchified inside the transformer by a size given per call).
 PACKED = ("FluxPipeline", "Flux2Pipeline", "Flux2KleinPipeline", "QwenImagePipeline", "ZImagePipeline")
 # Pipelines that run the unconditional and conditional branches as one batch (cfg=2 splits it over two rank halves).
-CFG_BATCH = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline",
-             "CogVideoXPipeline", "LTXPipeline", "MochiPipeline")
+CFG_BATCH = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline", "AuraFlowPipeline",
+             "HunyuanDiTPipeline", "CogVideoXPipeline", "LTXPipeline", "MochiPipeline", "AllegroPipeline")
 
 
 @dataclass(frozen=True)

@@ -87,12 +87,11 @@ class DiTRuntime(PipelineRuntime):
     # ---- the transformer call ----------------------------------------------------------------
     def transformer_call(self, pipe, transformer, forward, *args, **kwargs) -> Any:
         """The transformer on this rank's CFG branch and token shards; both branches gathered after it."""
-        args, kwargs = list(args), dict(kwargs)
         cfg = self.config.cfg
-        if cfg == 2:
-            if args:  # every DiT forward's first argument is `hidden_states`
-                kwargs["hidden_states"] = args.pop(0)
-            args, kwargs = split_batch(args, kwargs, kwargs["hidden_states"].shape[0], self.mesh.group("cfg").rank, 2)
+        if cfg == 2:  # by name, however the pipeline passed them (HunyuanDiT gives its timestep by position)
+            bound = inspect.signature(forward).bind(*args, **kwargs)
+            args, kwargs = split_batch(list(bound.args), bound.kwargs, bound.arguments["hidden_states"].shape[0],
+                                       self.mesh.group("cfg").rank, 2)
         self.start_step(pipe)
         self.seq.begin_step()
         self.begin_forward()

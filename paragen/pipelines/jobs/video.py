@@ -43,9 +43,9 @@ class VideoRequest:
     """Everything `paragen video` was asked for (one declaration per field, see `schema`). Several prompts: one per
     segment of the video."""
 
-    model: str = fields.model("tiny-t2v", "embedded model name (tiny-t2v, tiny-animatediff, tiny-wan, tiny-ltx, "
-                                          "tiny-cogvideox, tiny-hunyuanvideo, tiny-mochi) or a local diffusers "
-                                          "directory of one of those pipelines (safetensors)")
+    model: str = fields.model("tiny-t2v", "embedded model name (tiny-t2v, tiny-animatediff, tiny-wan, tiny-wan22, "
+                                          "tiny-ltx, tiny-cogvideox, tiny-hunyuanvideo, tiny-mochi, tiny-allegro) or a "
+                                          "local diffusers directory of one of those pipelines (safetensors)")
     prompts: tuple[str, ...] = field(("a paper boat drifting down a river, watercolor",),
                                      "text prompt; repeat it for one prompt per consecutive segment of the video",
                                      flag="--prompt", min_length=1, max_length=MAX_SEGMENTS)
@@ -178,11 +178,12 @@ def generate(job: Prepared, pipe, request: VideoRequest, load_s: float, watch: W
     log = get_logger()
     loaded = time.perf_counter()
     options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
+    if request.negative_prompt:  # else the pipeline's own default (None, or Allegro's "", which it needs)
+        options["negative_prompt"] = request.negative_prompt
     if interrupt_of(watch) is not None:
         options[INTERRUPT_OPTION] = watch.interrupt
     frames = pipe(
         num_frames=request.frames,
-        negative_prompt=request.negative_prompt or None,
         height=request.height,
         width=request.width,
         num_inference_steps=request.steps,
