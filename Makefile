@@ -72,6 +72,8 @@ bench: $(STAMP) bench-peers
 	$(BIN)/python bench/plot_image.py
 	$(BIN)/python bench/bench_dit.py
 	$(BIN)/python bench/plot_dit.py
+	$(BIN)/python bench/bench_dit_families.py
+	$(BIN)/python bench/plot_dit_families.py
 	$(BIN)/python bench/bench_hires.py
 	$(BIN)/python bench/plot_hires.py
 	$(BIN)/python bench/bench_video.py

@@ -128,6 +128,9 @@ VIDEO_GRIDS: dict[str, VideoGrid] = {
     "HunyuanVideoTransformer3DModel": VideoGrid(("hidden_states", 2), ("hidden_states", 3), ("hidden_states", 4),
                                                 (("patch_size_t", None), ("patch_size", None), ("patch_size", None)),
                                                 text="after"),
+    # Allegro: a [B, C, F, H, W] latent, patch-embedded frame by frame; its self-attention sees video tokens only
+    "AllegroTransformer3DModel": VideoGrid(("hidden_states", 2), ("hidden_states", 3), ("hidden_states", 4),
+                                           (("patch_size_t", None), ("patch_size", None), ("patch_size", None))),
     # Mochi: a [B, C, F, H, W] latent; its joint attention puts each sample's valid text after the video
     "MochiTransformer3DModel": VideoGrid(("hidden_states", 2), ("hidden_states", 3), ("hidden_states", 4),
                                          (("patch_size_t", None), ("patch_size", None), ("patch_size", None)),
