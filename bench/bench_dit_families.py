@@ -33,10 +33,10 @@ CONFIGS = {  # name -> (variant, ranks, threads)
 def _has_diffusers_plan(model: str) -> bool:
     import diffusers
 
+    from paragen.pipelines.dit.plans import plan_source
     from paragen.pipelines.loading import CONFIG_DIR, read_index
 
-    name = read_index(CONFIG_DIR / model)["transformer"][1]
-    return bool(getattr(getattr(diffusers, name), "_cp_plan", None))
+    return plan_source(getattr(diffusers, read_index(CONFIG_DIR / model)["transformer"][1])) == "diffusers"
 
 
 def main() -> None:

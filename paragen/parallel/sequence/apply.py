@@ -17,7 +17,7 @@ import torch
 
 from paragen.parallel.intercept import intercept
 from paragen.parallel.sequence.layout import TokenLayout
-from paragen.parallel.sequence.plan import Gather, ShardingPlan, Split, resolve
+from paragen.parallel.sequence.plan import Gather, ShardingPlan, Split, entry_gathers, entry_splits, resolve
 
 TAG = "sequence.plan"
 
@@ -45,22 +45,24 @@ class PlannedSharding:
             raise ValueError("a sharding plan needs at least one split")
         self.stream = splits[0][1]  # the key of the split whose stream the gathers collect by default
         self.lengths: dict[Any, int] = {}  # this forward's whole stream lengths, by the key they were split under
+        self._shape: tuple | None = ()  # `shape()`, kept until a new stream is learnt
 
     def shape(self) -> tuple:
-        """The whole lengths of this forward's streams so far (the same on every rank)."""
-        return tuple(sorted(self.lengths.items(), key=str))
+        """The whole lengths of this forward's streams so far (the same on every rank); asked by every attention call,
+        worked out again only after a stream is learnt."""
+        if self._shape is None:
+            self._shape = tuple(sorted(self.lengths.items(), key=str))
+        return self._shape
 
     def begin_forward(self) -> None:
         """A new transformer forward: the streams' lengths are learnt again."""
-        self.lengths = {}
+        self.lengths, self._shape = {}, ()
 
     def install(self, transformer: torch.nn.Module) -> None:
         """Intercept every planned module of `transformer`; ValueError, before any change, for a missing one."""
         for name, (module, entries) in planned_modules(self.plan, transformer).items():
-            splits = {key: split for entry in entries if not isinstance(entry, (Gather, tuple))
-                      for key, split in entry.items()}
-            gathers = [g for entry in entries if isinstance(entry, (Gather, tuple))
-                       for g in (entry if isinstance(entry, tuple) else (entry,))]
+            splits = {key: split for entry in entries for key, split in entry_splits(entry).items()}
+            gathers = [gather for entry in entries for gather in entry_gathers(entry)]
             intercept(module, "forward", self._around(name, splits, gathers, inspect.signature(module.forward)), tag=TAG)
 
     # ---- cutting ---------------------------------------------------------------------------------------
@@ -72,7 +74,8 @@ class PlannedSharding:
             return value
         dim, joins, length = split.dim, split.joins, value.shape[split.dim]
         if not joins:
-            self.lengths.setdefault(key, length)
+            if key not in self.lengths:
+                self.lengths[key], self._shape = length, None
             begin, end = layout.bounds(length)
             return value.narrow(dim, begin, end - begin)
         parts, start = [], 0

@@ -61,13 +61,23 @@ class ShardingPlan:
 
     def splits(self) -> list[tuple[str, str | int, Split]]:
         """Every split as (path, input name or output index, Split), in declaration order."""
-        return [(path, key, split) for path, entry in self.modules.items() if isinstance(entry, Mapping)
-                for key, split in entry.items()]
+        return [(path, key, split) for path, entry in self.modules.items() for key, split in entry_splits(entry).items()]
 
     def gathers(self) -> list[tuple[str, tuple[Gather, ...]]]:
         """Every gather as (path, one Gather per output)."""
-        return [(path, entry if isinstance(entry, tuple) else (entry,)) for path, entry in self.modules.items()
-                if not isinstance(entry, Mapping)]
+        return [(path, entry_gathers(entry)) for path, entry in self.modules.items() if entry_gathers(entry)]
+
+
+def entry_splits(entry: Entry) -> Mapping[str | int, Split]:
+    """The splits of one plan entry (none for a gather)."""
+    return entry if isinstance(entry, Mapping) else {}
+
+
+def entry_gathers(entry: Entry) -> tuple[Gather, ...]:
+    """The gathers of one plan entry, one per output (none for splits)."""
+    if isinstance(entry, Mapping):
+        return ()
+    return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
 def from_diffusers(cp_plan: Mapping[str, Any], replicated: tuple[str, ...] = ()) -> ShardingPlan:

@@ -94,7 +94,7 @@ class AttentionSite:
         self.core = SequenceAttention(ctx)
         self.clip_core = None if outside is None else SequenceAttention(ctx, self._outside)
         self._video = (0, 0)  # this call's video tokens among the shard's keys, for the outside exchange
-        self.lengths: dict[Hashable, list[list[int]]] = {}  # (shape, call in the forward) -> every shard's [q, k]
+        self.lengths: dict[Hashable, tuple[list[int], list[int]]] = {}  # (shape, call) -> every shard's q, k lengths
         self.calls = 0
         ctx.on_reset(self.reset)
 
@@ -146,12 +146,13 @@ class AttentionSite:
         mine = [query.shape[2], key.shape[2]]
         if call not in self.lengths:
             shapes = torch.tensor(mine, device=query.device)
-            self.lengths[call] = self.ctx.comm.all_gather(shapes, self.ctx.label("attn.lengths")).view(-1, 2).tolist()
-        lengths = self.lengths[call]
-        if lengths[self.ctx.comm.rank] != mine:
+            both = self.ctx.comm.all_gather(shapes, self.ctx.label("attn.lengths")).view(-1, 2).t().tolist()
+            self.lengths[call] = (both[0], both[1])
+        queries, keys = self.lengths[call]
+        rank = self.ctx.comm.rank
+        if [queries[rank], keys[rank]] != mine:
             raise RuntimeError(f"{self.name}: attention call {call} got {mine[0]} queries and {mine[1]} keys, earlier "
-                               f"in this request {lengths[self.ctx.comm.rank]}")
-        queries, keys = ([shard[i] for shard in lengths] for i in (0, 1))
+                               f"in this request {[queries[rank], keys[rank]]}")
         if queries == keys and (mask is None or _per_key(mask, mine[1])):
             width = query.shape[-1]
             if mask is not None:

@@ -27,7 +27,7 @@ from paragen.parallel.sequence.layout import ClipShards, EvenShards, TokenLayout
 from paragen.parallel.sequence.plan import ShardingPlan, matches
 from paragen.parallel.sequence.seam import AttentionSite, open_seam
 from paragen.pipelines.batch_split import split_batch
-from paragen.pipelines.dit.plans import CFG_BATCH, PACKED, VIDEO_GRIDS, plan_for
+from paragen.pipelines.dit.plans import CFG_BATCH, PACKED, VIDEO_GRIDS, plan_for, takes_clips
 from paragen.pipelines.request_args import check_steps, request_arg, share_generator
 from paragen.pipelines.runtime import PipelineRuntime
 from paragen.pipelines.vae_decode import ParallelVaeDecoder
@@ -179,7 +179,7 @@ def check(pipe, config: ParallelConfig, options: Any) -> None:
     video job's `TemporalAttention` (what a clip sees of the others)."""
     if config.clip > 1:
         for transformer in transformers(pipe):
-            if type(transformer).__name__ not in VIDEO_GRIDS:
+            if not takes_clips(type(transformer)):
                 raise ValueError(f"clips need a video grid (where its call gives the latent frames: "
                                  f"paragen/pipelines/dit/plans.py); {type(transformer).__name__} has none: use clip=1 "
                                  "with ulysses and ring")
