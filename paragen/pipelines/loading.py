@@ -212,10 +212,12 @@ def build_pipeline(
     ).to(device))
 
 
+TILED_ONLY_VAES = ("AutoencoderKLAllegro",)  # VAE classes whose untiled decode raises NotImplementedError
+
+
 def _decodable(pipe: DiffusionPipeline) -> DiffusionPipeline:
-    """`pipe`, with the tiles of a VAE that decodes only in tiles turned on (Allegro's: its untiled decode raises
-    NotImplementedError)."""
+    """`pipe`, with the tiles of a VAE that decodes only in tiles (`TILED_ONLY_VAES`) turned on."""
     vae = getattr(pipe, "vae", None)
-    if type(vae).__name__ == "AutoencoderKLAllegro" and not vae.use_tiling:
+    if type(vae).__name__ in TILED_ONLY_VAES and not vae.use_tiling:
         vae.enable_tiling()
     return pipe
