@@ -26,12 +26,13 @@ def test_models_json_lists_every_class_with_its_plan_source(capsys):
                 "WanPipeline": "diffusers", "LTXPipeline": "diffusers", "PixArtSigmaPipeline": "paragen",
                 "StableDiffusion3Pipeline": "paragen", "ZImagePipeline": "paragen", "CogVideoXPipeline": "paragen",
                 "HunyuanVideoPipeline": "paragen", "MochiPipeline": "paragen", "HunyuanDiTPipeline": "paragen",
-                "AuraFlowPipeline": "paragen", "Lumina2Pipeline": "paragen", "AllegroPipeline": "paragen"}
+                "AuraFlowPipeline": "paragen", "Lumina2Pipeline": "paragen", "AllegroPipeline": "paragen",
+                "SanaPipeline": "paragen"}
     assert {r["pipeline"]: r["plan"] for r in rows.values() if r["plan"]} == {**expected, "PixArtAlphaPipeline": "paragen",
                                                                               "Flux2Pipeline": "diffusers"}
     assert rows["LTXPipeline", "dit-video"]["models"] == ["tiny-ltx"]
     assert rows["LlamaForCausalLM", "llm"]["models"][0] == "tiny-llama"
-    assert "SanaPipeline" in listed["not_run"]
+    assert "ChromaPipeline" in listed["not_run"] and "SanaPipeline" not in listed["not_run"]
 
 
 def test_every_class_a_plan_workload_takes_has_a_plan():

@@ -3,7 +3,8 @@
 PixArt, SD3 and Flux (and their modes: displaced, the byte formulas) are in test_dit_parallel.py and Wan (clips,
 segments, checkpoints) in test_wan_parallel.py; here each further family runs once per layout on its tiny model at
 a size whose image/video tokens the ranks do not divide where its pipeline's multiples allow (`CALLS`):
-- 2 ranks, Ring and Ulysses; 4 ranks, Ulysses × Ring (two levels); fp32, max |Δ| ≤ 1e-4 against one process;
+- 2 ranks, Ring and Ulysses; 4 ranks, Ulysses × Ring (two levels); fp32, max |Δ| ≤ 1e-4 against one process
+  (SANA: 5 rows of tokens, so 4 ranks hold 2, 1, 1 and 1 whole rows);
 - cfg=2 on the families that batch their guidance branches (beside Ring on LTX at 4 ranks);
 - clips on LTX-Video (self-attention over the video tokens alone) at more latent frames: full scope, and dual
   scope with a window that reaches every frame, equal one process (2 ranks: 2 clips; 4 ranks: 2 clips × Ring 2);
@@ -28,7 +29,7 @@ from tests.workers.family_worker import CALLS, generate
 pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
 
 FAMILIES = tuple(CALLS)
-CFG_FAMILIES = ("tiny-hunyuandit", "tiny-auraflow", "tiny-ltx", "tiny-cogvideox", "tiny-mochi", "tiny-allegro")
+CFG_FAMILIES = ("tiny-sana", "tiny-hunyuandit", "tiny-auraflow", "tiny-ltx", "tiny-cogvideox", "tiny-mochi", "tiny-allegro")
 DISPLACED = ("tiny-qwenimage", "tiny-zimage")
 # at their CALLS' frames: 5, 3, 3 and 6 latent frames
 CLIP_FAMILIES = ("tiny-cogvideox", "tiny-hunyuanvideo", "tiny-mochi", "tiny-allegro")

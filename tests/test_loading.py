@@ -294,7 +294,8 @@ def test_tiny_wan_generates_a_non_constant_video(tiny_wan) -> None:
 # (Wan's workload, two transformers).
 FAMILY_CLASSES = {"tiny-flux2": "Flux2KleinPipeline", "tiny-qwenimage": "QwenImagePipeline",
                   "tiny-zimage": "ZImagePipeline", "tiny-hunyuandit": "HunyuanDiTPipeline",
-                  "tiny-auraflow": "AuraFlowPipeline", "tiny-lumina2": "Lumina2Pipeline", "tiny-ltx": "LTXPipeline",
+                  "tiny-auraflow": "AuraFlowPipeline", "tiny-lumina2": "Lumina2Pipeline", "tiny-sana": "SanaPipeline",
+                  "tiny-ltx": "LTXPipeline",
                   "tiny-cogvideox": "CogVideoXPipeline", "tiny-hunyuanvideo": "HunyuanVideoPipeline",
                   "tiny-mochi": "MochiPipeline", "tiny-allegro": "AllegroPipeline", "tiny-wan22": "WanPipeline"}
 

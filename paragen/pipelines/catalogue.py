@@ -17,8 +17,6 @@ from paragen.pipelines.registry import WORKLOADS
 
 # Families that users bring and paragen does not run yet: pipeline or transformer -> why.
 NOT_RUN = {
-    "SanaPipeline": "self-attention is linear (ReLU kernel: a sum over all tokens, which an all-reduce would give) and "
-                    "its Mix-FFN is a 3×3 depthwise conv over the token grid, which needs row-aligned shards with halos",
     "HeliosPipeline": "its diffusers plan names 40 blocks by number (a tiny model has fewer), and it calls ftfy, "
                       "which is not a dependency",
     "Cosmos3OmniPipeline": "no context-parallel plan; its text tokens attend causally among themselves and its CFG "

@@ -33,6 +33,9 @@ class VaeFacts:
 VAES: dict[str, Callable[[dict], VaeFacts]] = {
     "AutoencoderKL": lambda c: VaeFacts(2 ** (len(c["block_out_channels"]) - 1), 1, c["block_out_channels"][0],
                                         c["latent_channels"]),
+    # SANA's deep-compression autoencoder: a spatial halving per stage after the first
+    "AutoencoderDC": lambda c: VaeFacts(2 ** (len(c["encoder_block_out_channels"]) - 1), 1,
+                                        c["decoder_block_out_channels"][0], c["latent_channels"]),
     # Wan's causal 3D VAE: a spatial halving per stage, a temporal one where `temperal_downsample` (sic) says
     "AutoencoderKLWan": lambda c: VaeFacts(2 ** len(c["temperal_downsample"]), 2 ** sum(c["temperal_downsample"]),
                                            c["base_dim"] * c["dim_mult"][0], c["z_dim"]),

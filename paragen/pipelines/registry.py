@@ -29,7 +29,7 @@ from paragen.parallel.llm.config import KVConfig
 UNET_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 DIT_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
                  "Flux2Pipeline", "Flux2KleinPipeline", "QwenImagePipeline", "ZImagePipeline",
-                 "HunyuanDiTPipeline", "AuraFlowPipeline", "Lumina2Pipeline")
+                 "HunyuanDiTPipeline", "AuraFlowPipeline", "Lumina2Pipeline", "SanaPipeline")
 VIDEO_PIPELINES = ("TextToVideoSDPipeline", "AnimateDiffPipeline")
 VIDEO_DIT_PIPELINES = ("WanPipeline",)
 TOKEN_VIDEO_PIPELINES = ("LTXPipeline", "CogVideoXPipeline", "HunyuanVideoPipeline", "MochiPipeline",

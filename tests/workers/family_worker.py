@@ -17,6 +17,7 @@ CALLS = {
     "tiny-zimage": dict(height=36, width=36),
     "tiny-hunyuandit": dict(height=80, width=80, use_resolution_binning=False),  # 5×5 tokens
     "tiny-auraflow": dict(height=80, width=80, max_sequence_length=29),  # 5×5 tokens (+ 8 registers and 29 text)
+    "tiny-sana": dict(height=160, width=224, max_sequence_length=29, use_resolution_binning=False),  # 5 rows × 7
     "tiny-lumina2": dict(height=80, width=80, max_sequence_length=64),  # 5×5 tokens after 34 (1 unconditional) of text
     "tiny-ltx": dict(height=32, width=32, num_frames=9, max_sequence_length=30),  # 5 frames × 16 (sides: 32 px)
     "tiny-cogvideox": dict(height=40, width=40, num_frames=17, max_sequence_length=29),  # 5 × 25 tokens

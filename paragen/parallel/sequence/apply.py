@@ -3,7 +3,8 @@
 `PlannedSharding.install(transformer)` finds every module the plan names (a missing one is an error before
 anything changes) and intercepts its `forward` once (tag `sequence.plan`), with every entry that names it: named
 inputs (or an element of a tuple input, `input.i`) are cut to this rank's slice before the call (plain splits
-first, then those that join several streams), planned outputs after it, gathers all-gather the output. The slices
+first, then those that join several streams), an input counting the grid's rows (`Rows`) becomes the shard's rows,
+planned outputs are cut after the call, gathers all-gather the output. The slices
 come from the `TokenLayout` the runtime gives for the current forward (`begin_forward`). Each split records its
 stream's whole length under its input name (`0`, `1`… for outputs); the first split the plan declares is the stream
 gathers collect unless they name another.
@@ -17,7 +18,7 @@ import torch
 
 from paragen.parallel.intercept import intercept
 from paragen.parallel.sequence.layout import TokenLayout
-from paragen.parallel.sequence.plan import Gather, ShardingPlan, Split, entry_gathers, entry_splits, resolve
+from paragen.parallel.sequence.plan import Gather, Rows, ShardingPlan, Split, entry_gathers, entry_splits, resolve
 
 TAG = "sequence.plan"
 
@@ -40,10 +41,10 @@ class PlannedSharding:
         self.plan = plan
         self.layout = layout
         self.label = label
-        splits = plan.splits()
+        splits = [key for _, key, split in plan.splits() if isinstance(split, Split)]
         if not splits:
             raise ValueError("a sharding plan needs at least one split")
-        self.stream = splits[0][1]  # the key of the split whose stream the gathers collect by default
+        self.stream = splits[0]  # the key of the split whose stream the gathers collect by default
         self.lengths: dict[Any, int] = {}  # this forward's whole stream lengths, by the key they were split under
         self._shape: tuple | None = ()  # `shape()`, kept until a new stream is learnt
 
@@ -108,18 +109,23 @@ class PlannedSharding:
         return self.layout().gather(value.contiguous(), spec.dim, self.lengths[stream], f"{self.label}output")
 
     def _around(self, name: str, splits: dict, gathers: list[Gather], signature: inspect.Signature):
-        inputs = sorted(((k, s) for k, s in splits.items() if not s.output), key=lambda item: bool(item[1].joins))
-        outputs = {key: split for key, split in splits.items() if split.output}
+        rows = [key for key, split in splits.items() if isinstance(split, Rows)]
+        cuts = {key: split for key, split in splits.items() if isinstance(split, Split)}
+        inputs = sorted(((k, s) for k, s in cuts.items() if not s.output), key=lambda item: bool(item[1].joins))
+        outputs = {key: split for key, split in cuts.items() if split.output}
 
         def around(forward, *args, **kwargs):
             layout = self.layout()
-            if inputs:
+            if inputs or rows:
                 bound = signature.bind_partial(*args, **kwargs)
                 for key, split in inputs:
                     argument, *path = key.split(".")  # `input.i`: element i of a tuple input
                     if bound.arguments.get(argument) is not None:
                         bound.arguments[argument] = self._cut_item(bound.arguments[argument], [int(i) for i in path],
                                                                    split, key, layout)
+                for key in rows:
+                    if bound.arguments.get(key) is not None:
+                        bound.arguments[key] = layout.rows(bound.arguments[key])
                 args, kwargs = bound.args, bound.kwargs
             output = forward(*args, **kwargs)
             single = isinstance(output, torch.Tensor)

@@ -11,8 +11,11 @@ block). A split or gather whose tensor has other than `dims` dimensions is left 
 input a variant of the model gives in another form).
 
 Beside diffusers' fields a plan says which attention modules attend to keys that are whole on every rank
-(`replicated`: cross-attention to an unsplit text), so the attention seam leaves them alone; every other attention
-module's keys are the split tokens. The first split a plan declares is its output stream: what the gathers
+(`replicated`: cross-attention to an unsplit text), so the attention seam leaves them alone; which are linear
+attention (`linear`: a ReLU kernel, whose sum over the keys one all-reduce completes); and, for a model that folds
+its tokens back into their grid between attentions (SANA's Mix-FFN), which convs run over that grid (`row_convs`:
+each shard then holds whole rows and gets its neighbours' edge rows) and which integer inputs count the grid's rows
+(`Rows`: replaced by the shard's rows). Every other attention module's keys are the split tokens. The first split a plan declares is its output stream: what the gathers
 collect. `from_diffusers` reads a diffusers `_cp_plan` into this form without importing diffusers' types.
 """
 from __future__ import annotations
@@ -48,7 +51,13 @@ class Gather:
     stream: str | None = None
 
 
-Entry = Union[Mapping[Union[str, int], Split], Gather, tuple]  # inputs/outputs to split, or the output gather(s)
+@dataclass(frozen=True)
+class Rows:
+    """An integer input that counts the rows of the token grid (a block that folds its tokens back into the grid):
+    replaced by the rows of this rank's shard (the layout then cuts the grid by whole rows)."""
+
+
+Entry = Union[Mapping[Union[str, int], Union[Split, Rows]], Gather, tuple]  # inputs/outputs to split, or the output gather(s)
 
 
 @dataclass(frozen=True)
@@ -57,10 +66,12 @@ class ShardingPlan:
 
     modules: Mapping[str, Entry]
     replicated: tuple[str, ...] = ()  # attention-module path patterns whose keys are whole on every rank
+    linear: tuple[str, ...] = ()  # attention-module path patterns whose attention is ReLU linear attention
+    row_convs: tuple[str, ...] = ()  # path patterns of convs over the token grid (shards of whole rows, halos)
     source: str = "paragen"  # "diffusers" when read from the class's `_cp_plan`
 
-    def splits(self) -> list[tuple[str, str | int, Split]]:
-        """Every split as (path, input name or output index, Split), in declaration order."""
+    def splits(self) -> list[tuple[str, str | int, Split | Rows]]:
+        """Every split as (path, input name or output index, Split or Rows), in declaration order."""
         return [(path, key, split) for path, entry in self.modules.items() for key, split in entry_splits(entry).items()]
 
     def gathers(self) -> list[tuple[str, tuple[Gather, ...]]]:
@@ -68,7 +79,7 @@ class ShardingPlan:
         return [(path, entry_gathers(entry)) for path, entry in self.modules.items() if entry_gathers(entry)]
 
 
-def entry_splits(entry: Entry) -> Mapping[str | int, Split]:
+def entry_splits(entry: Entry) -> Mapping[str | int, Split | Rows]:
     """The splits of one plan entry (none for a gather)."""
     return entry if isinstance(entry, Mapping) else {}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from paragen.parallel.sequence.plan import Gather, ShardingPlan, Split, from_diffusers
+from paragen.parallel.sequence.plan import Gather, Rows, ShardingPlan, Split, from_diffusers
 
 TOKENS = Split(1, 3)  # a [B, L, C] token sequence cut along L
 _PATCH_EMBEDDING_OUTPUT = {0: Split(1, 3, output=True)}
@@ -71,6 +71,13 @@ OWN_PLANS: dict[str, ShardingPlan] = {
     "AllegroTransformer3DModel": ShardingPlan({
         "transformer_blocks.0": {"hidden_states": TOKENS}, "": {"image_rotary_emb.1": Split(1, 2)},
         "proj_out": Gather(1, 3)}, replicated=("transformer_blocks.*.attn2",)),
+    # SANA: image tokens cut after the patch embedding by whole rows of the token grid, since every block folds them
+    # back into it for the 3×3 depthwise conv of its Mix-FFN (which gets its neighbours' edge rows); the blocks are
+    # given the shard's rows; self-attention is linear; the text stays whole (cross-attended, under its key mask).
+    "SanaTransformer2DModel": ShardingPlan({
+        "patch_embed": _PATCH_EMBEDDING_OUTPUT, "transformer_blocks.*": {"height": Rows()}, "proj_out": Gather(1, 3)},
+        replicated=("transformer_blocks.*.attn2",), linear=("transformer_blocks.*.attn1",),
+        row_convs=("transformer_blocks.*.ff.conv_depth",)),
     # Mochi: both streams cut at the first block, the text's mask with them (each rank keeps its valid text tokens).
     "MochiTransformer3DModel": ShardingPlan({
         "transformer_blocks.0": _BOTH_STREAMS, "transformer_blocks.*": {"encoder_attention_mask": Split(1, 2)},
@@ -81,8 +88,43 @@ OWN_PLANS: dict[str, ShardingPlan] = {
 # the pipeline, or patchified inside the transformer by a size given per call).
 PACKED = ("FluxPipeline", "Flux2Pipeline", "Flux2KleinPipeline", "QwenImagePipeline", "ZImagePipeline")
 # Pipelines that run the unconditional and conditional branches as one batch (cfg=2 splits it over two rank halves).
-CFG_BATCH = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3Pipeline", "AuraFlowPipeline",
+CFG_BATCH = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "SanaPipeline", "StableDiffusion3Pipeline", "AuraFlowPipeline",
              "HunyuanDiTPipeline", "CogVideoXPipeline", "LTXPipeline", "MochiPipeline", "AllegroPipeline")
+
+
+Where = tuple[str, int | None]  # (call argument, dim): the size of that dim of it, or (dim None) the number itself
+
+
+def _read(arguments: dict[str, Any], where: Where) -> int:
+    value = arguments[where[0]]
+    return int(value if where[1] is None else value.shape[where[1]])
+
+
+def _patch(transformer: Any, where: Where) -> int:
+    """A patch size from the transformer's config: (attribute, index in it or None); 1 where there is none."""
+    value = getattr(transformer.config, where[0], None)
+    return (value if where[1] is None else value[where[1]]) or 1
+
+
+@dataclass(frozen=True)
+class RowGrid:
+    """Where an image transformer's call gives its latent rows and columns, and the config attribute of its patch:
+    a model whose tokens must be cut by whole rows of their grid (`plan.row_convs`) needs it."""
+
+    rows: Where
+    cols: Where
+    patch: Where
+
+    def shape(self, transformer: Any, arguments: dict[str, Any]) -> tuple[int, int]:
+        """(rows, columns) of the token grid of a call with these `arguments`."""
+        return _read(arguments, self.rows) // _patch(transformer, self.patch), \
+            _read(arguments, self.cols) // _patch(transformer, self.patch)
+
+
+ROW_GRIDS: dict[str, RowGrid] = {
+    # SANA: a [B, C, H, W] latent, square patches
+    "SanaTransformer2DModel": RowGrid(("hidden_states", 2), ("hidden_states", 3), ("patch_size", None)),
+}
 
 
 @dataclass(frozen=True)
@@ -93,23 +135,16 @@ class VideoGrid:
     tokens of its self-attention's keys), with `text`: where a joint self-attention puts the rank's text tokens
     among its keys ("before" or "after" the video tokens; "": the keys are the video tokens alone)."""
 
-    frames: tuple[str, int | None]
-    rows: tuple[str, int | None]
-    cols: tuple[str, int | None]
-    patch: tuple[tuple[str, int | None], ...]  # (config attribute, index in it or None) for frames, rows, columns
+    frames: Where
+    rows: Where
+    cols: Where
+    patch: tuple[Where, ...]  # (config attribute, index in it or None) for frames, rows, columns
     text: str = ""
 
     def tokens(self, transformer: Any, arguments: dict[str, Any]) -> tuple[int, int]:
         """(latent frames, tokens per frame) of a call with these `arguments`."""
-        def read(where: tuple[str, int | None]) -> int:
-            value = arguments[where[0]]
-            return int(value if where[1] is None else value.shape[where[1]])
-
-        def patch(where: tuple[str, int | None]) -> int:
-            value = getattr(transformer.config, where[0], None)
-            return (value if where[1] is None else value[where[1]]) or 1
-
-        frames, rows, cols = (read(axis) // patch(p) for axis, p in zip((self.frames, self.rows, self.cols), self.patch))
+        frames, rows, cols = (_read(arguments, axis) // _patch(transformer, p)
+                              for axis, p in zip((self.frames, self.rows, self.cols), self.patch))
         return frames, rows * cols
 
 

@@ -3,8 +3,10 @@
 One runtime for every family: the transformer's plan (`plans.plan_for`: diffusers' `_cp_plan` or paragen's own,
 same form) cuts its token streams over the `seq` group (`ulysses × ring` ranks, contiguous shards whose sizes
 differ by at most one token, so any size works) and gathers its output; every attention module whose keys are the
-split tokens attends through the seam (`paragen.parallel.sequence.seam`: Ulysses, Ring, both, displaced); every
-other layer is per token and runs on the shard unchanged. With `cfg=2` each half of the ranks runs one guidance
+split tokens attends through the seam (`paragen.parallel.sequence.seam`: Ulysses, Ring, both, displaced), every
+linear attention with one all-reduce (`paragen.parallel.sequence.linear`); a model that folds its tokens back into
+their grid (`plans.ROW_GRIDS`) is cut by whole rows, its grid convs exchanging edge rows with the neighbouring
+shards (`PatchConv2d`); every other layer is per token and runs on the shard unchanged. With `cfg=2` each half of the ranks runs one guidance
 branch of a pipeline that batches them (`plans.CFG_BATCH`). The VAE decode is the banded one of the UNet pipelines.
 """
 from __future__ import annotations
@@ -23,11 +25,14 @@ from paragen.parallel.sequence.apply import PlannedSharding, planned_modules
 from paragen.parallel.clip import TemporalAttention, plan_clips
 from paragen.parallel.clip.keys import ClipKeyExchange
 from paragen.parallel.clip.tokens import ClipTokens
-from paragen.parallel.sequence.layout import ClipShards, EvenShards, TokenLayout
-from paragen.parallel.sequence.plan import ShardingPlan, matches
+from paragen.parallel.patch.context import PatchContext
+from paragen.parallel.patch.conv import PatchConv2d
+from paragen.parallel.sequence.layout import ClipShards, EvenShards, RowShards, TokenLayout
+from paragen.parallel.sequence.linear import LinearAttentionSite
+from paragen.parallel.sequence.plan import Rows, ShardingPlan, matches, resolve
 from paragen.parallel.sequence.seam import AttentionSite, open_seam
 from paragen.pipelines.batch_split import split_batch
-from paragen.pipelines.dit.plans import CFG_BATCH, PACKED, VIDEO_GRIDS, plan_for, takes_clips
+from paragen.pipelines.dit.plans import CFG_BATCH, PACKED, ROW_GRIDS, VIDEO_GRIDS, plan_for, takes_clips
 from paragen.pipelines.request_args import check_steps, request_arg, share_generator
 from paragen.pipelines.runtime import PipelineRuntime
 from paragen.pipelines.vae_decode import ParallelVaeDecoder
@@ -95,8 +100,13 @@ class DiTRuntime(PipelineRuntime):
         self.start_step(pipe)
         self.seq.begin_step()
         self.begin_forward()
-        if self.keys is not None:
-            self.lay_out_video(transformer, inspect.signature(forward).bind_partial(*args, **kwargs).arguments)
+        grid = ROW_GRIDS.get(type(transformer).__name__)
+        if self.keys is not None or grid is not None:
+            arguments = inspect.signature(forward).bind_partial(*args, **kwargs).arguments
+            if self.keys is not None:
+                self.lay_out_video(transformer, arguments)
+            else:
+                self.layout = RowShards(self.seq.comm, *grid.shape(transformer, arguments))
         output = forward(*args, **kwargs)
         if cfg == 2:
             both = self.mesh.group("cfg").all_gather(output_sample(output).contiguous(), "dit.cfg")
@@ -126,6 +136,9 @@ class DiTRuntime(PipelineRuntime):
             if value <= 0 or value % factor:
                 raise ValueError(f"{name} {value} must be a positive multiple of {factor} (VAE factor × patch size)")
             sides.append(value // factor)
+        if type(pipe.transformer).__name__ in ROW_GRIDS and sides[0] < self.seq.comm.size:
+            raise ValueError(f"more ranks than token rows: {self.seq.comm.size} sequence shards for {sides[0]} rows "
+                             f"of tokens ({type(pipe.transformer).__name__}'s shards hold whole rows)")
         if sides[0] * sides[1] < self.seq.comm.size:
             raise ValueError(f"more ranks than image tokens: {self.seq.comm.size} sequence shards for "
                              f"{sides[0] * sides[1]} tokens ({sides[0]}×{sides[1]})")
@@ -137,19 +150,32 @@ def attention_modules(transformer) -> list[tuple[str, Any]]:
 
 
 def sharded_attentions(transformer, plan: ShardingPlan, config: ParallelConfig) -> list[tuple[str, Any]]:
-    """The attention modules whose keys are the split tokens, checked: heads divisible by the Ulysses degree."""
+    """The softmax attention modules whose keys are the split tokens, checked: heads divisible by the Ulysses degree."""
     found = []
     for name, attn in attention_modules(transformer):
-        if matches(name, plan.replicated):
+        if matches(name, plan.replicated + plan.linear):
             continue
         heads = getattr(attn, "heads", None)
         if heads is not None and heads % config.ulysses:
             raise ValueError(f"ulysses={config.ulysses} does not divide the {heads} attention heads of {name}; "
                              "use a Ulysses degree that divides the head count and ring for the rest")
         found.append((name, attn))
-    if not found:
+    if not found and not plan.linear:
         raise ValueError(f"{type(transformer).__name__} has no attention module over its split tokens")
     return found
+
+
+def grid_modules(transformer, plan: ShardingPlan) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """The plan's linear-attention modules and grid convs; ValueError for a path the transformer lacks, or for
+    grid-folding entries on a class without a row grid (`plans.ROW_GRIDS`)."""
+    what = f"{type(transformer).__name__} ({plan.source})"
+    linear = [found for path in plan.linear for found in resolve(transformer, path, what)]
+    convs = [found for path in plan.row_convs for found in resolve(transformer, path, what)]
+    folds = plan.row_convs or any(isinstance(split, Rows) for _, _, split in plan.splits())
+    if folds and type(transformer).__name__ not in ROW_GRIDS:
+        raise ValueError(f"the plan of {what} folds tokens back into their grid, but the class has no row grid "
+                         "(paragen/pipelines/dit/plans.py ROW_GRIDS: where its call gives the latent rows)")
+    return linear, convs
 
 
 def transformers(pipe) -> list[Any]:
@@ -165,10 +191,16 @@ def install_plan(transformer, config: ParallelConfig, seq: SequenceContext, runt
     planned = PlannedSharding(plan, runtime.current_layout, label)
     planned.install(transformer)
     open_seam()
+    cls = type(transformer).__name__
     for name, attn in sharded_attentions(transformer, plan, config):
-        site = AttentionSite(seq, f"{type(transformer).__name__}.{name}", planned.shape, outside,
-                             functools.partial(runtime.clip_video, transformer))
+        site = AttentionSite(seq, f"{cls}.{name}", planned.shape, outside, functools.partial(runtime.clip_video, transformer))
         site.install(attn)
+    linear, convs = grid_modules(transformer, plan)
+    for name, attn in linear:
+        LinearAttentionSite(seq, f"{cls}.{name}").install(attn)
+    halos = PatchContext(seq.comm, "sync", label_prefix=label)  # edge rows exchanged fresh in every step
+    for _, conv in convs:
+        PatchConv2d.convert(conv, halos)
     return planned
 
 
@@ -200,6 +232,7 @@ def check_plan(transformer, config: ParallelConfig) -> None:
     plan = plan_for(transformer)
     planned_modules(plan, transformer)
     sharded_attentions(transformer, plan, config)
+    grid_modules(transformer, plan)
 
 
 def install(pipe, config: ParallelConfig, options: Any):
