@@ -109,7 +109,8 @@ def test_out_must_be_a_folder_that_can_be_made(tmp_path):
 def test_model_shape_reads_the_configs():
     # tiny-sd: UNet block_out_channels [96, 192, 384] with cross-attention first; VAE [32, 64, 64, 64], 4 latent channels
     assert model_shape("tiny-sd") == ModelShape(transformer=False, width=96, first_level_attention=True, distilled=False,
-                                                vae_channels=32, vae_factor=8, latent_channels=4)
+                                                vae_channels=32, vae_factor=8, latent_channels=4,
+                                                pipeline="StableDiffusionPipeline")
     flux = model_shape("tiny-flux")  # 4 heads of 32; a guidance embedding, no CFG batch
     assert (flux.transformer, flux.width, flux.distilled, flux.latent_channels) == (True, 128, True, 16)
     assert model_shape(str(ROOT / "no-such-model")) is None
@@ -127,7 +128,7 @@ def test_dit_and_video_estimates_match_hand_computations():
     shape = ModelShape(transformer=True, width=3072, first_level_attention=True, distilled=True, vae_channels=128,
                        vae_factor=8, latent_channels=16)
     job = Job(shape, height=8192, width=8192, frames=None, dtype_bytes=2, batch=1, split=8, ranks=8,
-              gathers_whole_image=True, hires=False)
+              gathers_whole_image=True, term="tokens", degree="ulysses × ring")
     # latent 16·1024² = 16_777_216; tokens 512² = 262_144, 32_768 a rank: 4·32_768·3072 = 402_653_184 (largest);
     # VAE 2·128·1024·8192 = 2_147_483_648 -> the VAE still wins
     assert need(job).bytes == (16_777_216 + 2_147_483_648) * 2

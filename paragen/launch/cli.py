@@ -196,9 +196,9 @@ def run() -> None:
     libraries' native threads in no set order, which once aborted a rank of a run that had succeeded (gloo's
     "terminate called without an active exception", 3 times in about 100 two-rank runs of one CI run). MPI, if rank
     discovery started it, is finalised first."""
-    status = main()
+    status = main()  # None where `--help` ended it (torch's `record` turns a SystemExit(0) into a return)
     finalize_mpi()
-    _exit_now(status)
+    _exit_now(0 if status is None else status)
 
 
 def _exit_now(status: int) -> None:

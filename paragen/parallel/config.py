@@ -55,11 +55,10 @@ class ExchangeConfig:
         if not 0.0 < self.partial_fraction <= 1.0:
             raise ValueError(f"partial_fraction must be in (0, 1], got {self.partial_fraction}")
 
-    def layout_tag(self, config: "ParallelConfig") -> str:
-        """A file-name fragment, e.g. `patch4_cfg2_displaced`, `ulysses2_ring2_cfg1_sync`."""
-        degrees = [f"patch{config.patch}"] if config.sequence == 1 else []
-        degrees += [f"{name}{getattr(config, name)}" for name in ("ulysses", "ring") if getattr(config, name) > 1]
-        return "_".join(degrees + [f"cfg{config.cfg}", self.mode])
+    @property
+    def tag(self) -> str:
+        """What these options add to a run's file names (after the workload's degrees): the mode."""
+        return self.mode
 
 
 @dataclass(frozen=True, init=False)

@@ -6,13 +6,15 @@ What it counts: tensors that surely exist at the same time on one rank, at the r
 the run that needs most (h × w is the latent, H × W the image, C0 the denoiser's first-level width, Cv the VAE
 decoder's full-resolution channels, `batch` 2 where classifier-free guidance batches its branches on each rank):
 - always, the whole latent: latent channels × frames × h × w;
-- denoising, a UNet image (patch parallelism): two first-level feature maps of the rank's band (a GroupNorm's
+- denoising, the term of the request's workload (`Workload.memory`, one of `TERMS`):
+- `bands`, a UNet image (patch parallelism): two first-level feature maps of the rank's band (a GroupNorm's
   input and output: batch × C0 × h/patch × w) and, where the first level has self-attention, the attention
   inputs the band gathers: the whole image's (batch × C0 × h × w) in sync and displaced modes, its own in partial;
-- denoising, a diffusion transformer (sequence parallelism): the hidden states and their queries, keys and
+- `tokens`, a diffusion transformer (sequence parallelism): the hidden states and their queries, keys and
   values for the rank's share of the tokens (4 × batch × tokens/shards × width; a token is 2 × 2 latent pixels);
-- denoising, a video (clip parallelism): two first-level feature maps of the rank's frames;
-- denoising, hires: nothing more than the latent (the windows are of training size);
+- `clips`, a UNet video (clip parallelism): two first-level feature maps of the rank's frames;
+- `video tokens`, a video transformer (clips × token shards): as `tokens`, over the latent frames' tokens;
+- `windows`, hires: nothing more than the latent (the windows are of training size);
 - decoding: two full-resolution feature maps of the VAE decoder (2 × Cv × H × W), image rows divided over every
   rank as the parallel decode's bands; a video decodes whole frames, at least one at a time, and its output rank
   gathers every decoded frame (3 × frames × H × W).
@@ -25,6 +27,7 @@ and the allocator's slack. A model whose configs do not say its widths is not ch
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -32,9 +35,10 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 from paragen.log import warn_once
-from paragen.parallel import HiresConfig, ParallelConfig
+from paragen.parallel import ParallelConfig
 from paragen.pipelines.dtypes import resolve_dtype
 from paragen.pipelines.model_facts import model_facts
+from paragen.pipelines.registry import find
 
 if TYPE_CHECKING:
     from paragen.pipelines.jobs.image import ImageRequest
@@ -60,6 +64,7 @@ class ModelShape:
     vae_factor: int  # image pixels per latent pixel along a side
     latent_channels: int
     vae_temporal: int = 1  # video frames per latent frame (Wan's causal 3D VAE: 4)
+    pipeline: str = ""  # the pipeline class (with the options, it picks the workload: `registry.find`)
 
 
 @dataclass(frozen=True)
@@ -75,7 +80,8 @@ class Job:
     split: int  # ranks the denoiser's work is cut over: patch bands, token shards or clips
     ranks: int  # every rank of the job
     gathers_whole_image: bool  # UNet patch attention gathers the whole image's inputs (sync, displaced)
-    hires: bool
+    term: str  # the workload's denoising term (`TERMS`)
+    degree: str  # the degrees `split` counts, e.g. `clip × ulysses × ring`
 
 
 @dataclass(frozen=True)
@@ -103,33 +109,44 @@ def model_shape(model: str) -> ModelShape | None:
             vae_factor=facts.vae.factor,
             latent_channels=facts.vae.latent_channels,
             vae_temporal=facts.vae.temporal,
+            pipeline=facts.pipeline,
         )
     except (KeyError, IndexError, TypeError):
         return None
 
 
+def _bands(job: Job, h: int, w: int, latent_frames: int) -> tuple[int, str]:
+    band = h // job.split
+    attended = (h if job.gathers_whole_image else band) if job.shape.first_level_attention else 0
+    return job.batch * job.shape.width * (2 * band + attended) * w, "the UNet's first-level activations"
+
+
+def _tokens(job: Job, h: int, w: int, latent_frames: int) -> tuple[int, str]:
+    tokens = latent_frames * (h // DIT_TOKEN_SIDE) * (w // DIT_TOKEN_SIDE)
+    what = "of its share of the video's tokens" if job.frames is not None else "of its tokens"
+    return 4 * job.batch * (tokens // job.split) * job.shape.width, f"the transformer's hidden states and Q/K/V {what}"
+
+
+def _clips(job: Job, h: int, w: int, latent_frames: int) -> tuple[int, str]:
+    return (2 * job.batch * job.shape.width * (job.frames // job.split) * h * w,
+            "the UNet's first-level activations of its clip")
+
+
+# A workload's denoising term: (job, latent rows, latent columns, latent frames) -> (elements, what they are).
+TERMS: dict[str, Callable[[Job, int, int, int], tuple[int, str]]] = {
+    "bands": _bands, "tokens": _tokens, "video tokens": _tokens, "clips": _clips,
+    "windows": lambda job, h, w, latent_frames: (0, "the latent"),
+}
+
+
 def need(job: Job) -> Need:
     """The lower bound the module docstring describes, for one rank (the output rank, for a video)."""
-    shape, b = job.shape, job.batch
+    shape = job.shape
     h, w = job.height // shape.vae_factor, job.width // shape.vae_factor
     frames = job.frames or 1
     latent_frames = (frames - 1) // shape.vae_temporal + 1
     latent = shape.latent_channels * latent_frames * h * w
-    if job.frames is not None and shape.transformer:
-        tokens = latent_frames * (h // DIT_TOKEN_SIDE) * (w // DIT_TOKEN_SIDE)
-        denoise = (4 * b * (tokens // job.split) * shape.width,
-                   "the transformer's hidden states and Q/K/V of its share of the video's tokens")
-    elif job.frames is not None:
-        denoise = 2 * b * shape.width * (frames // job.split) * h * w, "the UNet's first-level activations of its clip"
-    elif job.hires:
-        denoise = 0, "the latent"
-    elif shape.transformer:
-        tokens = (h // DIT_TOKEN_SIDE) * (w // DIT_TOKEN_SIDE)
-        denoise = 4 * b * (tokens // job.split) * shape.width, "the transformer's hidden states and Q/K/V of its tokens"
-    else:
-        band = h // job.split
-        attended = (h if job.gathers_whole_image else band) if shape.first_level_attention else 0
-        denoise = b * shape.width * (2 * band + attended) * w, "the UNet's first-level activations"
+    denoise = TERMS[job.term](job, h, w, latent_frames)
     decode_rows = job.height if job.frames is not None else job.height // job.ranks
     decode = 2 * shape.vae_channels * decode_rows * job.width, "the VAE decoder's full-resolution feature maps"
     phases = [denoise, decode]
@@ -143,15 +160,15 @@ def plan_job(shape: ModelShape, request: ImageRequest | VideoRequest, config: Pa
              dtype_bytes: int, options: Any = None) -> Job:
     """The job of an image or video request (a `VideoRequest` has `frames`) under `config` over `world` ranks
     with the workload's `options` (`ExchangeConfig`, `HiresConfig`, `TemporalAttention`)."""
-    resolved = config if config.is_resolved(world) else config.resolve(world)
     options = config.legacy_options if options is None else options
-    frames = getattr(request, "frames", None)
+    workload = find(shape.pipeline, options)
+    resolved = config if config.is_resolved(world) else workload.resolve(config, world)
     guided = not shape.distilled and (request.guidance_scale is None or request.guidance_scale > 1)
-    # the ranks the denoiser's work is cut over: clips (and a video transformer's token shards), bands or token shards
-    split = resolved.clip * resolved.sequence if frames is not None else resolved.patch * resolved.sequence
-    return Job(shape=shape, height=request.height, width=request.width, frames=frames, dtype_bytes=dtype_bytes,
-               batch=2 if guided and resolved.cfg == 1 else 1, split=split, ranks=world,
-               gathers_whole_image=getattr(options, "mode", None) != "partial", hires=isinstance(options, HiresConfig))
+    split = math.prod(getattr(resolved, degree) for degree in workload.split)
+    return Job(shape=shape, height=request.height, width=request.width, frames=getattr(request, "frames", None),
+               dtype_bytes=dtype_bytes, batch=2 if guided and resolved.cfg == 1 else 1, split=split, ranks=world,
+               gathers_whole_image=getattr(options, "mode", None) != "partial", term=workload.memory,
+               degree=" × ".join(workload.split))
 
 
 def available_bytes(device: torch.device, local_ranks: int) -> int | None:
@@ -205,14 +222,7 @@ def _describe(job: Job) -> str:
 
 def _layout(job: Job, config: ParallelConfig) -> str:
     ranks = f"{job.ranks} rank{'s' * (job.ranks > 1)}"
-    return f"{ranks} (hires)" if job.hires else f"{ranks} ({_degree(job)} {job.split}{', cfg 2' * (config.cfg == 2)})"
-
-
-def _degree(job: Job) -> str:
-    """The name of the degree `job.split` counts."""
-    if job.frames is not None:
-        return "clip × ulysses × ring" if job.shape.transformer else "clip"
-    return "ulysses × ring" if job.shape.transformer else "patch"
+    return f"{ranks} ({job.degree} {job.split}{', cfg 2' * (config.cfg == 2)})"
 
 
 def _what_fits(job: Job, available: int) -> str:
@@ -226,7 +236,7 @@ def _what_fits(job: Job, available: int) -> str:
     split = _smallest(job.split + 1, most, lambda s: fits(dataclasses.replace(job, split=s, ranks=s * ranks_per_split)))
     options = []
     if split is not None:
-        options.append(f"≥ {split * ranks_per_split} ranks" if job.hires else f"{_degree(job)} ≥ {split}")
+        options.append(f"{job.degree} ≥ {split}")
     steps = job.height // (job.shape.vae_factor * SIZE_STEP)
     too_big = _smallest(1, steps, lambda k: not fits(_scaled(job, k)))
     if too_big is not None and too_big > 1:

@@ -16,9 +16,10 @@ names it. `jobs.batch.run_job` runs a prepared job, one request or a whole reque
 """
 from __future__ import annotations
 
+import argparse
 import importlib
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from paragen.comms import world_size
 from paragen.parallel.clip import TemporalAttention
@@ -53,6 +54,27 @@ class Workload:
     checkpoints: bool = False  # its runs save every rank's state every K steps (--checkpoint) and resume from it
     modes: tuple[str, ...] = ()  # the ways it runs (`paragen models`)
     sharding_plans: bool = False  # its denoiser is cut by a sharding plan (`paragen/pipelines/dit/plans.py`)
+    degree_help: Mapping[str, str] = field(default_factory=dict)  # what each of its degrees cuts (`--<degree>` help)
+    # its outputs' layout in file names: these degrees, in this order (`label=degree`: named `label`; a leading `?`:
+    # named only above 1), then its options' `tag`
+    tag: tuple[str, ...] = ()
+    memory: str | None = None  # its denoiser's term of the memory estimate (`memory_estimate.TERMS`)
+
+    @property
+    def split(self) -> tuple[str, ...]:
+        """The degrees that cut its denoiser's work (all but the guidance branches)."""
+        return tuple(d for d in self.degrees if d != "cfg")
+
+    def name_tag(self, config: ParallelConfig, options: Any) -> str:
+        """The file-name fragment of a run under the resolved `config`, e.g. `patch4_cfg2_displaced`,
+        `ulysses2_cfg1_sync`, `clip2_ring2_dual`."""
+        parts = []
+        for entry in self.tag:
+            label, _, degree = entry.lstrip("?").partition("=")
+            value = getattr(config, degree or label)
+            if not entry.startswith("?") or value > 1:
+                parts.append(f"{label}{value}")
+        return "_".join([*parts, options.tag])
 
     def resolve(self, config: ParallelConfig | None, world: int | None = None) -> ParallelConfig:
         """`config` with every degree concrete for `world` ranks (default: the job's), by this workload's degrees."""
@@ -82,31 +104,47 @@ class Workload:
         return self.install(model, resolved, options)
 
 
+_CFG = "2: the conditional and unconditional branches run on different halves of the ranks"
+_ULYSSES = "Ulysses degree (all-to-all to head shards; must divide the head count)"
+_RING = "Ring degree (K/V passed around a ring)"
+_VIDEO_DIT = dict(
+    degree_help={"cfg": f"video transformers: {_CFG}", "clip": "video transformers: clips of the latent frames",
+                 "ulysses": f"video transformers: {_ULYSSES}", "ring": f"video transformers: {_RING}"},
+    tag=("clip", "?ulysses", "?ring", "?cfg"), memory="video tokens", checkpoints=True, sharding_plans=True)
 WORKLOADS = (
     Workload("patch", UNET_PIPELINES, ExchangeConfig, ("cfg", "patch"), "patch", "paragen.pipelines.patch", "image",
              "exchange", "ulysses and ring shard a diffusion transformer's tokens; a UNet pipeline is split with patch "
-             "(and cfg)", modes=("sync", "displaced", "partial")),
+             "(and cfg)", modes=("sync", "displaced", "partial"),
+             degree_help={"cfg": _CFG, "patch": "UNet models: row bands of the latent"}, tag=("patch", "cfg"),
+             memory="bands"),
     Workload("hires", UNET_PIPELINES, HiresConfig, ("patch",), "patch", "paragen.pipelines.hires", "image", "hires",
              "hires spreads the windows of one image over every rank (patch); it does not combine with cfg=2, "
-             "ulysses, ring, clip, seq or tp", checkpoints=True, modes=("windows", "low-resolution structure guidance")),
+             "ulysses, ring, clip, seq or tp", checkpoints=True, modes=("windows", "low-resolution structure guidance"),
+             degree_help={"patch": "--hires: the ranks sharing the windows"}, tag=("hires=patch",), memory="windows"),
     Workload("dit", DIT_PIPELINES, ExchangeConfig, ("cfg", "ulysses", "ring"), "ring", "paragen.pipelines.dit", "image",
              "exchange", "diffusion transformers are split along the token sequence; use ulysses and ring (and cfg)",
-             modes=("sync", "displaced"), sharding_plans=True),
+             modes=("sync", "displaced"), sharding_plans=True,
+             degree_help={"cfg": _CFG, "ulysses": f"DiT models: {_ULYSSES}", "ring": f"DiT models: {_RING}"},
+             tag=("?ulysses", "?ring", "cfg"), memory="tokens"),
     Workload("video", VIDEO_PIPELINES, TemporalAttention, ("clip",), "clip", "paragen.pipelines.video", "video",
              "temporal", "video pipelines split the frames into clips (clip=N); cfg=2, patch, ulysses, ring, seq "
-             "and tp do not apply", checkpoints=True, modes=("clips: dual scope", "clips: full scope", "segment prompts")),
+             "and tp do not apply", checkpoints=True, modes=("clips: dual scope", "clips: full scope", "segment prompts"),
+             degree_help={"clip": "UNet video models: clips of the frames"}, tag=("clip",), memory="clips"),
     Workload("wan", VIDEO_DIT_PIPELINES, TemporalAttention, ("cfg", "clip", "ulysses", "ring"), "ring",
              "paragen.pipelines.wan", "video", "temporal", "video diffusion transformers split the latent frames into "
-             "clips and each clip's tokens into sequence shards; use clip, ulysses and ring (and cfg)", checkpoints=True,
-             modes=("sync", "clips: dual scope", "clips: full scope", "segment prompts"), sharding_plans=True),
+             "clips and each clip's tokens into sequence shards; use clip, ulysses and ring (and cfg)",
+             modes=("sync", "clips: dual scope", "clips: full scope", "segment prompts"), **_VIDEO_DIT),
     Workload("dit-video", TOKEN_VIDEO_PIPELINES, TemporalAttention, ("cfg", "clip", "ulysses", "ring"), "ring",
              "paragen.pipelines.dit", "video", "temporal", "video diffusion transformers split the latent frames into "
              "clips and each clip's tokens into sequence shards; use clip, ulysses and ring (and cfg)",
-             modes=("sync", "clips: dual scope", "clips: full scope"), sharding_plans=True),
+             modes=("sync", "clips: dual scope", "clips: full scope"), **_VIDEO_DIT),
     Workload("llm", CAUSAL_LMS, KVConfig, ("seq", "tp"), "seq", "paragen.pipelines.llm", "llm", "kv",
              "seq and tp cut a causal LM's prompt and weights; they do not combine with cfg, patch, ulysses, ring "
-             "or clip", modes=("dense", "offload (ShadowKV)", "speculative (TriForce)")),
+             "or clip", modes=("dense", "offload (ShadowKV)", "speculative (TriForce)"),
+             degree_help={"seq": "sequence shards of the prompt", "tp": "tensor-parallel ranks per shard (DeepSpeed AutoTP)"},
+             tag=("seq", "tp")),
 )
+DEGREE_CHOICES = {"cfg": (1, 2)}  # degrees that take only these values
 # Command-line jobs: name -> (module, one-line help). The help is here so that `paragen --help` and
 # `paragen slurm` import no job (and no diffusers).
 JOBS = {
@@ -118,6 +156,35 @@ JOBS = {
     "llm": ("paragen.pipelines.jobs.llm",
             "long-context causal-LM generation across ranks (sequence-sharded prefill and KV cache)"),
 }
+
+
+def job_workloads(job: str) -> tuple[Workload, ...]:
+    """The workloads command-line job `job` runs."""
+    return tuple(w for w in WORKLOADS if w.job == job)
+
+
+def job_degrees(job: str) -> tuple[str, ...]:
+    """The degrees any workload of `job` splits by, in the order its workloads declare them."""
+    return tuple(dict.fromkeys(d for w in job_workloads(job) for d in w.degrees))
+
+
+def add_degree_arguments(parser: argparse.ArgumentParser, job: str) -> None:
+    """`--<degree>` for every degree of `job`, its help what each workload cuts by it; -1 (the ranks left over) is
+    the default of a degree some workload fills, 1 of the others."""
+    for degree in job_degrees(job):
+        takers = [w for w in job_workloads(job) if degree in w.degrees]
+        text = "; ".join(dict.fromkeys(w.degree_help.get(degree, w.name) for w in takers))
+        fills = [w for w in takers if w.fill == degree]
+        if fills:
+            text += " (-1: the ranks left over" + (f", for {', '.join(w.name for w in fills)}" if len(fills) < len(takers)
+                                                    else "") + ")"
+        parser.add_argument(f"--{degree}", type=int, default=-1 if fills else 1, choices=DEGREE_CHOICES.get(degree),
+                            help=text)
+
+
+def degrees_of(args: argparse.Namespace, job: str) -> ParallelConfig:
+    """The `ParallelConfig` a job's command line asks for (`add_degree_arguments`)."""
+    return ParallelConfig(**{degree: getattr(args, degree) for degree in job_degrees(job)})
 
 
 def find(class_name: str, options: Any = None, workloads: tuple[Workload, ...] = WORKLOADS) -> Workload:
@@ -148,7 +215,7 @@ def find(class_name: str, options: Any = None, workloads: tuple[Workload, ...] =
 def find_for_job(job: str, class_name: str, options: Any, model: str) -> Workload:
     """The workload of job `job` for `model` (whose class is `class_name`) and `options`; TypeError naming what
     the job runs when `model` belongs to another job."""
-    mine = [w for w in WORKLOADS if w.job == job]
+    mine = job_workloads(job)
     if not any(class_name in w.accepts for w in mine):
         accepted = ", ".join(dict.fromkeys(name for w in mine for name in w.accepts))
         raise TypeError(f"paragen {job} runs {accepted}; {model} is a {class_name}")

@@ -19,8 +19,9 @@ class ToyOptions:
 
     scale: float = 1.0
 
-    def layout_tag(self, config: ParallelConfig) -> str:
-        return f"toy{config.clip}x{self.scale:g}"
+    @property
+    def tag(self) -> str:
+        return f"toy{self.scale:g}"
 
 
 class ToyModel(torch.nn.Module):

@@ -46,8 +46,7 @@ class TemporalAttention:
         if not 0 <= self.bias_switch <= 1000:
             raise ValueError(f"bias_switch is a timestep in [0, 1000], got {self.bias_switch}")
 
-    def layout_tag(self, config) -> str:
-        """A file-name fragment naming the whole layout (`config` resolved): the clips, the degrees above 1 of a
-        video transformer's token shards and guidance branches, the scope; e.g. `clip4_dual`, `clip2_ring2_cfg2_dual`."""
-        degrees = [f"{name}{getattr(config, name)}" for name in ("ulysses", "ring", "cfg") if getattr(config, name) > 1]
-        return "_".join([f"clip{config.clip}", *degrees, self.scope])
+    @property
+    def tag(self) -> str:
+        """What these options add to a run's file names (after the workload's degrees): the scope."""
+        return self.scope

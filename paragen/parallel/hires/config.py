@@ -59,6 +59,7 @@ class HiresConfig:
         if self.window_batch < 1:
             raise ValueError(f"window_batch must be >= 1, got {self.window_batch}")
 
-    def layout_tag(self, config) -> str:
-        """A file-name fragment naming the layout (`config` resolved), e.g. `hires2_async`."""
-        return f"hires{config.patch}_{self.guidance}"
+    @property
+    def tag(self) -> str:
+        """What these options add to a run's file names (after the workload's degrees): the guidance mode."""
+        return self.guidance

@@ -102,9 +102,10 @@ class KVConfig:
         if not 0.0 <= self.outliers < 1.0:
             raise ValueError(f"the outlier fraction must be in [0, 1), got {self.outliers}")
 
-    def layout_tag(self, config) -> str:
-        """A file-name fragment naming the layout (`config` resolved), e.g. `seq2_tp1_offload`."""
-        return f"seq{config.seq}_tp{config.tp}_{self.mode}"
+    @property
+    def tag(self) -> str:
+        """What these options add to a run's file names (after the workload's degrees): the cache mode."""
+        return self.mode
 
     def key_rank(self, key_width: int) -> int:
         """The SVD rank for keys `key_width` wide (kv heads × head dim on one rank); refuses one too large."""

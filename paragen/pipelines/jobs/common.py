@@ -104,10 +104,10 @@ def open_checkpoints(request, layout: dict, rank: int, world: int,
     return StepCheckpoints.open(checkpoints, request.checkpoint_every, request.resume)
 
 
-def output_stem(request, config: ParallelConfig, options: Any, size: str) -> str:
+def output_stem(request, job: Prepared, size: str) -> str:
     """File name (without extension): the request's name, or model, `size`, layout and seed."""
     model = Path(request.model).name if Path(request.model).exists() else request.model
-    return request.name or f"{model}_{size}_{options.layout_tag(config)}_seed{request.seed}"
+    return request.name or f"{model}_{size}_{job.workload.name_tag(job.config, job.options)}_seed{request.seed}"
 
 
 def build_parallel_pipeline(job) -> Any:

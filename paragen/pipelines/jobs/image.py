@@ -17,7 +17,7 @@ import torch
 
 from paragen.comms import is_output_rank, world_size
 from paragen.log import get_logger
-from paragen.parallel.config import MODE_HELP, MODES, ExchangeConfig, ParallelConfig
+from paragen.parallel.config import MODE_HELP, MODES, ExchangeConfig
 from paragen.parallel.hires import GUIDANCE_MODES, PLACEMENTS, HiresConfig
 from paragen.pipelines import registry
 from paragen.pipelines.dtypes import DtypeName
@@ -66,22 +66,16 @@ REQUEST_OPTIONS = ("model", "prompt", "negative_prompt", "height", "width", "ste
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `paragen image`."""
-    hires_defaults = HiresConfig()
+    hires_defaults, exchange = HiresConfig(), ExchangeConfig()
     p.description = "Generate one image with its work split across every rank of the job."
     schema.add_arguments(p, ImageRequest, REQUEST_OPTIONS)
-    p.add_argument("--cfg", type=int, default=1, choices=(1, 2),
-                   help="2: the conditional and unconditional branches run on different halves of the ranks")
-    p.add_argument("--patch", type=int, default=-1, help="UNet models: number of row bands (-1: the ranks left over)")
-    p.add_argument("--ulysses", type=int, default=1,
-                   help="DiT models: Ulysses degree (all-to-all to head shards; must divide the head count)")
-    p.add_argument("--ring", type=int, default=-1,
-                   help="DiT models: Ring degree (K/V passed around a ring; -1: the ranks left over)")
-    p.add_argument("--mode", choices=MODES, default="sync",
+    registry.add_degree_arguments(p, "image")
+    p.add_argument("--mode", choices=MODES, default=exchange.mode,
                    help="; ".join(f"{m}: {text}" for m, text in MODE_HELP.items()))
-    p.add_argument("--warmup-steps", type=int, default=4,
+    p.add_argument("--warmup-steps", type=int, default=exchange.warmup_steps,
                    help="the first N denoising steps of a request run exact (sync) before displaced/partial start "
                    "using stale data (DistriFusion's warmup_steps=k means k+1 exact steps)")
-    p.add_argument("--partial-fraction", type=float, default=0.3,
+    p.add_argument("--partial-fraction", type=float, default=exchange.partial_fraction,
                    help="partial mode: fraction of each neighbouring band's rows that attention sees")
     h = p.add_argument_group("beyond the training size (--hires, SD/SDXL)")
     h.add_argument("--hires", action="store_true",
@@ -129,8 +123,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     options = _options(args)
     class_name = check_model_source(args.model, allow_pickle=args.allow_pickle)
     workload = registry.find_for_job("image", class_name, options, args.model)
-    config = workload.resolve(ParallelConfig(cfg=args.cfg, patch=args.patch, ulysses=args.ulysses, ring=args.ring),
-                              launch.world_size)
+    config = workload.resolve(registry.degrees_of(args, "image"), launch.world_size)
     if request.checkpoint_dir is not None and not workload.checkpoints:
         raise ValueError(f"{workload.name} runs take no checkpoints (hires runs do: --hires); they are short")
 
@@ -188,7 +181,7 @@ def generate(job: Prepared, pipe, request: ImageRequest, load_s: float, watch: W
                         generate_s=generated - loaded)
     if report is None:
         return None
-    stem = output_stem(request, job.config, job.options, f"{request.height}x{request.width}")
+    stem = output_stem(request, job, f"{request.height}x{request.width}")
     out_dir = Path(request.out_dir)
     image_path = save_png(images[0], out_dir / f"{stem}.png")
     report["image"] = str(image_path)

@@ -22,7 +22,6 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from paragen.comms import all_gather_objects, rank_device
 from paragen.log import get_logger
-from paragen.parallel.config import ParallelConfig
 from paragen.parallel.llm.cache import cache_argument
 from paragen.parallel.llm.config import FULL_CACHE_PLACES, KV_MODES, KVConfig, SpeculativeConfig
 from paragen.parallel.interrupt import Watch, check_interrupt
@@ -104,8 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = ("Generate from one long prompt with its sequence cut into shards, one per ring position, "
                      "each shard's weights optionally split by tensor parallelism.")
     schema.add_arguments(p, LLMRequest, REQUEST_OPTIONS)
-    p.add_argument("--seq", type=int, default=-1, help="sequence shards (-1: the ranks / --tp)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks per shard (DeepSpeed AutoTP)")
+    registry.add_degree_arguments(p, "llm")
     p.add_argument("--kv", choices=KV_MODES, default=kv.mode,
                    help="dense: exact K/V on the device; offload: ShadowKV — low-rank keys, values in host memory, "
                         "top-k chunks fetched per token; speculative: TriForce — the dense cache verifies tokens "
@@ -146,7 +144,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     class_name = check_llm_source(request.model, allow_pickle=request.allow_pickle,
                                   allow_remote_code=request.allow_remote_code)
     workload = registry.find_for_job("llm", class_name, options, request.model)
-    config = workload.resolve(ParallelConfig(seq=args.seq, tp=args.tp), launch.world_size)
+    config = workload.resolve(registry.degrees_of(args, "llm"), launch.world_size)
     from transformers import AutoConfig
 
     root = model_root(request.model)
@@ -316,7 +314,7 @@ def generate(job: Prepared, loaded: LoadedLLM, prompted: Prompted, load_s: float
         log.info("passkey %s in %d tokens: answered %s (%s)", prompted.key, prompted.ids.shape[1], answer,
                  "correct" if report["correct"] else "wrong")
     log.info("generated: %s", report["text"])
-    stem = output_stem(request, job.config, job.options, f"{prompted.ids.shape[1]}tok")
+    stem = output_stem(request, job, f"{prompted.ids.shape[1]}tok")
     path = save_json(report, Path(request.out_dir) / f"{stem}.json")
     log.info("prefill %.2f s, decode %.1f tokens/s; wrote %s", runtime.prefill_s, report["decode_tokens_per_s"] or 0, path)
     return report

@@ -18,7 +18,6 @@ import torch
 from paragen.log import get_logger, warn_once
 from paragen.parallel.clip import SCOPE_HELP, SCOPES, TemporalAttention
 from paragen.comms import is_output_rank, world_size
-from paragen.parallel.config import ParallelConfig
 from paragen.pipelines import registry
 from paragen.pipelines.dtypes import DtypeName
 from paragen.parallel.interrupt import Watch, interrupt_of
@@ -97,18 +96,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     """The options of `paragen video`."""
     temporal = TemporalAttention()
     p.description = ("Generate one video across every rank: UNet video models split its frames into clips, one per "
-                     "rank; video transformers (Wan, LTX-Video, CogVideoX, HunyuanVideo, Mochi) split its latent "
-                     "frames into clips and each clip's tokens into shards (Ulysses, Ring).")
+                     "rank; video transformers (`paragen models`) split its latent frames into clips and each clip's "
+                     "tokens into shards (Ulysses, Ring).")
     schema.add_arguments(p, VideoRequest, REQUEST_OPTIONS)
-    p.add_argument("--clip", type=int, default=-1,
-                   help="clips the frames are split into (UNet video models, -1: every rank; video transformers: "
-                        "latent frames, -1: 1 clip, the ranks left over go to --ring)")
-    p.add_argument("--ulysses", type=int, default=1,
-                   help="video transformers: Ulysses degree (all-to-all to head shards; must divide the head count)")
-    p.add_argument("--ring", type=int, default=-1, help="video transformers: Ring degree (-1: the ranks left over)")
-    p.add_argument("--cfg", type=int, default=1, choices=(1, 2),
-                   help="video transformers: 2 runs the conditional and unconditional branches on different halves of "
-                        "the ranks")
+    registry.add_degree_arguments(p, "video")
     p.add_argument("--scope", choices=SCOPES, default=temporal.scope,
                    help="; ".join(f"{s}: {text}" for s, text in SCOPE_HELP.items()))
     p.add_argument("--local", type=int, default=temporal.local,
@@ -141,8 +132,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     class_name = check_model_source(args.model, allow_pickle=args.allow_pickle)
     options = _options(args)
     workload = registry.find_for_job("video", class_name, options, args.model)
-    config = workload.resolve(ParallelConfig(clip=args.clip, cfg=args.cfg, ulysses=args.ulysses, ring=args.ring),
-                              launch.world_size)
+    config = workload.resolve(registry.degrees_of(args, "video"), launch.world_size)
 
     def check(one: VideoRequest) -> VideoRequest:
         """The request as it runs: at the model's own size and frames where it gives none, fitting this rank, and
@@ -198,7 +188,7 @@ def generate(job: Prepared, pipe, request: VideoRequest, load_s: float, watch: W
     if report is None:
         return None
     size = f"{request.frames}f_{request.height}x{request.width}"
-    stem = output_stem(request, job.config, job.options, size)
+    stem = output_stem(request, job, size)
     out_dir = Path(request.out_dir)
     path = save_video(frames[0], out_dir / f"{stem}.{request.format}", request.fps)
     report.update(video=str(path), frames_per_s=request.frames / (generated - loaded))
