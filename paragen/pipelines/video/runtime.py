@@ -17,6 +17,7 @@ and the generator every K steps; a resumed run skips the finished steps without 
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,12 +111,15 @@ def install_segment_prompts(unet: torch.nn.Module, runtime: "VideoRuntime") -> N
     unet.set_attn_processor(processors)
 
 
-def _output_class(unet) -> type:
-    """The UNet's own output dataclass (UNet3DConditionOutput or UNetMotionOutput)."""
-    from diffusers.models.unets.unet_3d_condition import UNet3DConditionOutput
-    from diffusers.models.unets.unet_motion_model import UNetMotionOutput
+# The output dataclass of each video UNet class: (module, class name).
+OUTPUT_CLASSES = {"UNet3DConditionModel": ("diffusers.models.unets.unet_3d_condition", "UNet3DConditionOutput"),
+                  "UNetMotionModel": ("diffusers.models.unets.unet_motion_model", "UNetMotionOutput")}
 
-    return UNetMotionOutput if type(unet).__name__ == "UNetMotionModel" else UNet3DConditionOutput
+
+def _output_class(unet) -> type:
+    """The UNet's own output dataclass (`OUTPUT_CLASSES`)."""
+    module, name = OUTPUT_CLASSES[type(unet).__name__]
+    return getattr(importlib.import_module(module), name)
 
 
 @dataclass
