@@ -21,6 +21,8 @@ VARIANTS = ("stock", "diffusers_ulysses", "ulysses", "ring")
 CALLS = {
     "tiny-flux2": (dict(height=256, width=256), "64×64 = 4096 image tokens + 512 text"),
     "tiny-qwenimage": (dict(height=256, width=256), "64×64 = 4096 image tokens + the prompt's"),
+    "tiny-sana": (dict(height=4096, width=4096, use_resolution_binning=False),
+                  "128×128 = 16384 image tokens (linear attention) + 300 text"),
     "tiny-ltx": (dict(height=256, width=256, num_frames=9), "5 frames × 32×32 = 5120 video tokens + 128 text"),
     "tiny-cogvideox": (dict(height=256, width=256, num_frames=17), "5 frames × 32×32 = 5120 video tokens + 226 text"),
     "tiny-hunyuanvideo": (dict(height=256, width=256, num_frames=9), "3 frames × 32×32 = 3072 video tokens + 256 text"),

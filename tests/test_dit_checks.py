@@ -76,6 +76,39 @@ def test_a_split_of_a_tuple_element_cuts_that_element_alone():
         toy(torch.randn(7, 4))
 
 
+class Halves:
+    """The layout of the second of two shards, its gathers recorded (and answered with zeros of the whole length)."""
+
+    def __init__(self):
+        self.gathered = []
+
+    def bounds(self, length: int) -> tuple[int, int]:
+        return length // 2, length
+
+    def gather(self, tensor, dim, length, label):
+        self.gathered.append(length)
+        return tensor.new_zeros(*tensor.shape[:dim], length, *tensor.shape[dim + 1:])
+
+
+def test_a_module_that_cuts_and_gathers_its_own_input_gathers_by_the_length_it_cut():
+    """Diffusers' Helios plan cuts and gathers around each attention; its cross-attention sees only the newest
+    frames' tokens, fewer than the self-attention's (history + newest): each gathers by the length it cut."""
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([torch.nn.Identity(), torch.nn.Identity()])
+
+        def forward(self, x):
+            return self.blocks[1](self.blocks[0](x)[:, -5:])
+
+    block, layout = Block(), Halves()
+    plan = ShardingPlan({"blocks.*": {"input": Split(1, 3)}, "blocks.0": Gather(1, 3), "blocks.1": Gather(1, 3)})
+    PlannedSharding(plan, lambda: layout, "toy.").install(block)
+    assert block(torch.randn(1, 12, 4)).shape == (1, 5, 4)
+    assert layout.gathered == [12, 5]
+
+
 def test_refusals_name_the_problem():
     pipe = load_pipeline("tiny-pixart")
     with pytest.raises(ValueError, match="partial.*UNet pipelines"):

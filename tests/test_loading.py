@@ -297,7 +297,8 @@ FAMILY_CLASSES = {"tiny-flux2": "Flux2KleinPipeline", "tiny-qwenimage": "QwenIma
                   "tiny-auraflow": "AuraFlowPipeline", "tiny-lumina2": "Lumina2Pipeline", "tiny-sana": "SanaPipeline",
                   "tiny-ltx": "LTXPipeline",
                   "tiny-cogvideox": "CogVideoXPipeline", "tiny-hunyuanvideo": "HunyuanVideoPipeline",
-                  "tiny-mochi": "MochiPipeline", "tiny-allegro": "AllegroPipeline", "tiny-wan22": "WanPipeline"}
+                  "tiny-mochi": "MochiPipeline", "tiny-allegro": "AllegroPipeline", "tiny-wan22": "WanPipeline",
+                  "tiny-helios": "HeliosPipeline"}
 
 
 @pytest.mark.parametrize("name", list(FAMILY_CLASSES))

@@ -30,7 +30,7 @@ from tokenizer_files import write_folders, write_json_files  # noqa: E402
 CONFIGS = Path(__file__).resolve().parent.parent / "paragen" / "pipelines" / "configs"
 FOLDERS = ("tiny-pixart/tokenizer", "tiny-sd3/tokenizer_3", "tiny-flux/tokenizer_2", "tiny-wan/tokenizer",
            "tiny-wan22/tokenizer", "tiny-hunyuandit/tokenizer_2", "tiny-auraflow/tokenizer", "tiny-allegro/tokenizer",
-           "tiny-ltx/tokenizer", "tiny-cogvideox/tokenizer", "tiny-mochi/tokenizer")
+           "tiny-ltx/tokenizer", "tiny-cogvideox/tokenizer", "tiny-mochi/tokenizer", "tiny-helios/tokenizer")
 
 PAD, EOS, UNK = "<pad>", "</s>", "<unk>"
 EXTRA_IDS = 100

@@ -17,8 +17,6 @@ from paragen.pipelines.registry import WORKLOADS
 
 # Families that users bring and paragen does not run yet: pipeline or transformer -> why.
 NOT_RUN = {
-    "HeliosPipeline": "its diffusers plan names 40 blocks by number (a tiny model has fewer), and it calls ftfy, "
-                      "which is not a dependency",
     "Cosmos3OmniPipeline": "no context-parallel plan; its text tokens attend causally among themselves and its CFG "
                            "calls differ in text length",
     "LTX2Pipeline": "audio and video streams attend to each other; its text connectors and vocoder are not public "

@@ -36,7 +36,7 @@ TRAINED_MODELS: tuple[str, ...] = ("tiny-shapes", "tiny-shapes-dit")  # trained 
 EMBEDDED_MODELS: tuple[str, ...] = (
     "tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-qwenimage", "tiny-zimage",
     "tiny-hunyuandit", "tiny-auraflow", "tiny-lumina2", "tiny-sana", "tiny-t2v", "tiny-animatediff", "tiny-wan", "tiny-wan22",
-    "tiny-ltx", "tiny-cogvideox", "tiny-hunyuanvideo", "tiny-mochi", "tiny-allegro", *TRAINED_MODELS)
+    "tiny-ltx", "tiny-cogvideox", "tiny-hunyuanvideo", "tiny-mochi", "tiny-allegro", "tiny-helios", *TRAINED_MODELS)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SAFE_WEIGHTS = "*.safetensors"

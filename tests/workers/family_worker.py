@@ -22,6 +22,8 @@ CALLS = {
     "tiny-ltx": dict(height=32, width=32, num_frames=9, max_sequence_length=30),  # 5 frames × 16 (sides: 32 px)
     "tiny-cogvideox": dict(height=40, width=40, num_frames=17, max_sequence_length=29),  # 5 × 25 tokens
     "tiny-hunyuanvideo": dict(height=48, width=48, num_frames=9, max_sequence_length=37),  # 3 × 36 (+ 37 text)
+    # 1 chunk of 9 latent frames × 2×2 tokens after Helios' short, mid and long history (4 + 1 + 4 tokens)
+    "tiny-helios": dict(height=32, width=32, num_frames=33, max_sequence_length=29),
     "tiny-mochi": dict(height=48, width=48, num_frames=13, max_sequence_length=29),  # 3 × 9 tokens
     # 6 × 9×11 tokens: 4 ranks do not divide them (its VAE decodes only in tiles of 24 frames and 128 px, with
     # overlaps of 8 frames, 120 and 80 px, so the latent frames are 6 + 4k and 2 ranks always divide the tokens)

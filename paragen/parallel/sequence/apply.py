@@ -4,10 +4,12 @@
 anything changes) and intercepts its `forward` once (tag `sequence.plan`), with every entry that names it: named
 inputs (or an element of a tuple input, `input.i`) are cut to this rank's slice before the call (plain splits
 first, then those that join several streams), an input counting the grid's rows (`Rows`) becomes the shard's rows,
-planned outputs are cut after the call, gathers all-gather the output. The slices
-come from the `TokenLayout` the runtime gives for the current forward (`begin_forward`). Each split records its
-stream's whole length under its input name (`0`, `1`… for outputs); the first split the plan declares is the stream
-gathers collect unless they name another.
+planned outputs are cut after the call, gathers all-gather the output. The slices come from the `TokenLayout` the
+runtime gives for the current forward (`begin_forward`). Each split records its stream's whole length under its
+input name (`0`, `1`… for outputs); the first split the plan declares is the stream gathers collect unless they
+name another. A module that cuts that stream's input itself and gathers its own output (diffusers' Helios plan cuts
+and gathers around every attention and feed-forward, and its cross-attention sees only the newest frames' tokens)
+gathers by the length it cut.
 """
 from __future__ import annotations
 
@@ -67,16 +69,19 @@ class PlannedSharding:
             intercept(module, "forward", self._around(name, splits, gathers, inspect.signature(module.forward)), tag=TAG)
 
     # ---- cutting ---------------------------------------------------------------------------------------
-    def _cut(self, value: Any, split: Split, key: Any, layout: TokenLayout) -> Any:
-        """`value` cut to this rank's slice (each tensor of a tuple or list); records the stream's whole length."""
+    def _cut(self, value: Any, split: Split, key: Any, layout: TokenLayout, seen: dict | None = None) -> Any:
+        """`value` cut to this rank's slice (each tensor of a tuple or list); records the stream's whole length (in
+        `seen` too: what this call cut)."""
         if isinstance(value, (tuple, list)):
-            return type(value)(self._cut(item, split, key, layout) for item in value)
+            return type(value)(self._cut(item, split, key, layout, seen) for item in value)
         if not isinstance(value, torch.Tensor) or (split.dims is not None and value.dim() != split.dims):
             return value
         dim, joins, length = split.dim, split.joins, value.shape[split.dim]
         if not joins:
             if key not in self.lengths:
                 self.lengths[key], self._shape = length, None
+            if seen is not None:
+                seen[key] = length
             begin, end = layout.bounds(length)
             return value.narrow(dim, begin, end - begin)
         parts, start = [], 0
@@ -89,24 +94,25 @@ class PlannedSharding:
             raise RuntimeError(f"a split joining {joins} expected {start} tokens along dim {dim}, got {length}")
         return torch.cat(parts, dim)
 
-    def _cut_item(self, value: Any, path: list[int], split: Split, key: Any, layout: TokenLayout) -> Any:
+    def _cut_item(self, value: Any, path: list[int], split: Split, key: Any, layout: TokenLayout, seen: dict) -> Any:
         """`value` with its element at `path` (tuple indices; none: `value` itself) cut; the rest whole."""
         if not path:
-            return self._cut(value, split, key, layout)
+            return self._cut(value, split, key, layout, seen)
         if not isinstance(value, (tuple, list)) or not -len(value) <= path[0] < len(value):
             raise RuntimeError(f"a split of {key!r} expected a tuple with an element {path[0]}, got "
                                f"{type(value).__name__}")
         items = list(value)
-        items[path[0]] = self._cut_item(items[path[0]], path[1:], split, key, layout)
+        items[path[0]] = self._cut_item(items[path[0]], path[1:], split, key, layout, seen)
         return type(value)(items)
 
-    def _gather(self, value: Any, spec: Gather, name: str) -> Any:
+    def _gather(self, value: Any, spec: Gather, name: str, seen: dict) -> Any:
         if not isinstance(value, torch.Tensor) or (spec.dims is not None and value.dim() != spec.dims):
             return value
         stream = self.stream if spec.stream is None else spec.stream
-        if stream not in self.lengths:
+        length = seen.get(stream, self.lengths.get(stream))
+        if length is None:
             raise RuntimeError(f"{name}: a gather of stream {stream!r} ran before that stream was split")
-        return self.layout().gather(value.contiguous(), spec.dim, self.lengths[stream], f"{self.label}output")
+        return self.layout().gather(value.contiguous(), spec.dim, length, f"{self.label}output")
 
     def _around(self, name: str, splits: dict, gathers: list[Gather], signature: inspect.Signature):
         rows = [key for key, split in splits.items() if isinstance(split, Rows)]
@@ -115,14 +121,14 @@ class PlannedSharding:
         outputs = {key: split for key, split in cuts.items() if split.output}
 
         def around(forward, *args, **kwargs):
-            layout = self.layout()
+            layout, seen = self.layout(), {}
             if inputs or rows:
                 bound = signature.bind_partial(*args, **kwargs)
                 for key, split in inputs:
                     argument, *path = key.split(".")  # `input.i`: element i of a tuple input
                     if bound.arguments.get(argument) is not None:
                         bound.arguments[argument] = self._cut_item(bound.arguments[argument], [int(i) for i in path],
-                                                                   split, key, layout)
+                                                                   split, key, layout, seen)
                 for key in rows:
                     if bound.arguments.get(key) is not None:
                         bound.arguments[key] = layout.rows(bound.arguments[key])
@@ -133,7 +139,7 @@ class PlannedSharding:
             for index, split in outputs.items():
                 parts[index] = self._cut(parts[index], split, index, layout)
             for index, spec in enumerate(gathers):
-                parts[index] = self._gather(parts[index], spec, name)
+                parts[index] = self._gather(parts[index], spec, name, seen)
             if not (outputs or gathers):
                 return output
             return parts[0] if single else type(output)(parts)
