@@ -15,6 +15,7 @@ from diffusers import DiffusionPipeline
 
 from paragen.pipelines.jobs.image import exact_size_options
 from paragen.pipelines.loading import EMBEDDED_MODELS, ModelLoadError, check_model_source, load_pipeline
+from paragen.pipelines.model_facts import model_facts
 
 UNET_MODELS = ("tiny-sd", "tiny-sdxl")
 CLASSES = {"tiny-sd": "StableDiffusionPipeline", "tiny-sdxl": "StableDiffusionXLPipeline",
@@ -352,6 +353,22 @@ def test_bert_and_gemma_tokenizers_round_trip_and_pad() -> None:
     assert ids[0] == tokenizer.bos_token_id and tokenizer.unk_token_id not in ids
     assert tokenizer.decode(ids, skip_special_tokens=True) == prompt
     assert len(tokenizer(f"{gemma.system_prompt} <Prompt Start> a red fox").input_ids) < 40
+
+
+# Where a pipeline keeps its VAE's factors (diffusers names them differently per family).
+SPATIAL = ("vae_scale_factor", "vae_scale_factor_spatial", "vae_spatial_compression_ratio", "vae_spatial_scale_factor")
+TEMPORAL = ("vae_scale_factor_temporal", "vae_temporal_compression_ratio", "vae_temporal_scale_factor")
+
+
+@pytest.mark.parametrize("name", EMBEDDED_MODELS)
+def test_the_vae_factors_read_from_the_configs_are_the_pipelines_own(name: str) -> None:
+    """`model_facts` reads them from the JSON configs before loading (memory estimate, default sizes); the loaded
+    pipeline computes them itself."""
+    facts, pipe = model_facts(name), load_pipeline(name)
+    spatial = [getattr(pipe, attribute) for attribute in SPATIAL if hasattr(pipe, attribute)]
+    temporal = [getattr(pipe, attribute) for attribute in TEMPORAL if hasattr(pipe, attribute)]
+    assert facts is not None and spatial, f"{name}: no VAE facts, or no factor on the pipeline"
+    assert (facts.vae.factor, facts.vae.temporal) == (spatial[0], temporal[0] if temporal else 1)
 
 
 def test_every_embedded_model_is_tested_somewhere() -> None:

@@ -290,10 +290,21 @@ def test_the_default_size_is_the_pipelines_own(tmp_path):
     (ImageRequest(model="tiny-flux", height=256), (256, 1024, None)),  # what is given stays
     (VideoRequest(model="tiny-t2v"), (256, 256, 16)),
     (VideoRequest(model="tiny-wan"), (480, 832, 81)),  # WanPipeline.__call__'s own defaults
+    (VideoRequest(model="tiny-ltx"), (512, 704, 161)),  # LTXPipeline.__call__'s
+    (ImageRequest(model="tiny-sana"), (1024, 1024, None)),  # SanaPipeline.__call__'s
 ])
 def test_a_request_fits_its_models_own_size_and_frames(request_, size):
     fitted = fit_to_model(request_)
     assert (fitted.height, fitted.width, getattr(fitted, "frames", None)) == size
+
+
+def test_a_size_the_pipeline_sets_in_its_code_is_asked_for():
+    """CogVideoX's pipeline derives its default size and frames in its code, which paragen does not read."""
+    with pytest.raises(ValueError, match="cannot read the default height and width and frames of tiny-cogvideox from "
+                                         "its configs: give --height and --width and --frames"):
+        fit_to_model(VideoRequest(model="tiny-cogvideox"))
+    with pytest.raises(ValueError, match="default frames of tiny-cogvideox.*give --frames$"):
+        fit_to_model(VideoRequest(model="tiny-cogvideox", height=64, width=64))
 
 
 def test_steps_beyond_the_schedulers_training_timesteps_are_refused():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import inspect
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -30,15 +31,38 @@ class VaeFacts:
     latent_channels: int
 
 
+def _levels(c: dict) -> VaeFacts:
+    """A VAE that halves the sides once per level after the first; video ones compress time by
+    `temporal_compression_ratio`."""
+    return VaeFacts(2 ** (len(c["block_out_channels"]) - 1), c.get("temporal_compression_ratio", 1),
+                    (c.get("decoder_block_out_channels") or c["block_out_channels"])[0], c["latent_channels"])
+
+
+def _wan(c: dict) -> VaeFacts:
+    """Wan's causal 3D VAE (and Qwen-Image's, its image form): a spatial halving per stage, a temporal one where
+    `temperal_downsample` (sic) says."""
+    return VaeFacts(2 ** len(c["temperal_downsample"]), 2 ** sum(c["temperal_downsample"]),
+                    c["base_dim"] * c["dim_mult"][0], c["z_dim"])
+
+
 VAES: dict[str, Callable[[dict], VaeFacts]] = {
-    "AutoencoderKL": lambda c: VaeFacts(2 ** (len(c["block_out_channels"]) - 1), 1, c["block_out_channels"][0],
-                                        c["latent_channels"]),
+    "AutoencoderKL": _levels,
+    "AutoencoderKLFlux2": _levels,
+    "AutoencoderKLCogVideoX": _levels,
+    "AutoencoderKLAllegro": _levels,
+    "AutoencoderKLQwenImage": _wan,
+    "AutoencoderKLWan": _wan,
+    # LTX-Video: pixels patchified by `patch_size` (`patch_size_t` frames), then halved per scaling level
+    "AutoencoderKLLTXVideo": lambda c: VaeFacts(c["patch_size"] * 2 ** sum(c["spatio_temporal_scaling"]),
+                                                c["patch_size_t"] * 2 ** sum(c["spatio_temporal_scaling"]),
+                                                c["decoder_block_out_channels"][0], c["latent_channels"]),
+    "AutoencoderKLHunyuanVideo": lambda c: VaeFacts(c["spatial_compression_ratio"], c["temporal_compression_ratio"],
+                                                    c["block_out_channels"][0], c["latent_channels"]),
+    "AutoencoderKLMochi": lambda c: VaeFacts(math.prod(c["spatial_expansions"]), math.prod(c["temporal_expansions"]),
+                                             c["decoder_block_out_channels"][0], c["latent_channels"]),
     # SANA's deep-compression autoencoder: a spatial halving per stage after the first
     "AutoencoderDC": lambda c: VaeFacts(2 ** (len(c["encoder_block_out_channels"]) - 1), 1,
                                         c["decoder_block_out_channels"][0], c["latent_channels"]),
-    # Wan's causal 3D VAE: a spatial halving per stage, a temporal one where `temperal_downsample` (sic) says
-    "AutoencoderKLWan": lambda c: VaeFacts(2 ** len(c["temperal_downsample"]), 2 ** sum(c["temperal_downsample"]),
-                                           c["base_dim"] * c["dim_mult"][0], c["z_dim"]),
 }
 # Pipelines whose default size diffusers sets in code (latent pixels a side): FluxPipeline.default_sample_size.
 DEFAULT_SAMPLE_SIZE = {"FluxPipeline": 128}
@@ -52,9 +76,9 @@ class ModelFacts:
     denoiser: str  # its folder: "unet" or "transformer"
     denoiser_config: dict
     vae: VaeFacts
-    height: int  # the pipeline's default size in pixels ...
-    width: int
-    frames: int | None  # ... and frames (None: an image pipeline)
+    height: int | None  # the pipeline's default size in pixels (None: set in its code, which paragen does not read) ...
+    width: int | None
+    frames: int | None  # ... and frames (None: an image pipeline, or set in its code)
     train_timesteps: int | None  # the scheduler's num_train_timesteps: the most denoising steps it can take
 
 
@@ -81,10 +105,8 @@ def model_facts(model: str) -> ModelFacts | None:
     defaults = _call_defaults(pipeline)
     side = DEFAULT_SAMPLE_SIZE.get(pipeline, net.get("sample_size"))
     sides = side if isinstance(side, (list, tuple)) else (side, side)
-    height = defaults.get("height") or (sides[0] and sides[0] * vae.factor)
-    width = defaults.get("width") or (sides[1] and sides[1] * vae.factor)
-    if not (height and width):
-        return None
+    height = defaults.get("height") or (sides[0] and sides[0] * vae.factor) or None
+    width = defaults.get("width") or (sides[1] and sides[1] * vae.factor) or None
     return ModelFacts(pipeline, denoiser, net, vae, height, width, defaults.get("num_frames"),
                       scheduler.get("num_train_timesteps"))
 

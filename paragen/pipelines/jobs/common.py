@@ -70,15 +70,14 @@ def fit_to_model(request: Any) -> Any:
     scheduler has training timesteps. The same answer on every rank (it reads the model's configs)."""
     facts = model_facts(request.model)
     wanted = [name for name in ("height", "width", "frames") if getattr(request, name, 0) is None]
-    if facts is None:
-        if wanted:
-            raise ValueError(f"paragen cannot read the default size of {request.model} from its configs: give "
-                             + " and ".join(f"--{name}" for name in wanted))
-        return request
-    if facts.train_timesteps and request.steps > facts.train_timesteps:
+    if facts is not None and facts.train_timesteps and request.steps > facts.train_timesteps:
         raise ValueError(f"steps {request.steps}: the scheduler of {request.model} was trained on "
                          f"{facts.train_timesteps} timesteps, so at most {facts.train_timesteps} steps")
-    defaults = {"height": facts.height, "width": facts.width, "frames": facts.frames}
+    defaults = {"height": facts.height, "width": facts.width, "frames": facts.frames} if facts is not None else {}
+    missing = [name for name in wanted if defaults.get(name) is None]
+    if missing:
+        raise ValueError(f"paragen cannot read the default {' and '.join(missing)} of {request.model} from its "
+                         "configs: give " + " and ".join(f"--{name}" for name in missing))
     return schema.replace(request, **{name: defaults[name] for name in wanted}) if wanted else request
 
 
