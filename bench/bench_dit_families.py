@@ -57,7 +57,9 @@ def main() -> None:
                 for name, (variant, ranks, threads) in configs.items():
                     if name in failed:
                         continue
-                    worker_args = ["--model", model, "--variant", variant, "--steps", str(args.steps)]
+                    # a warm-up request of 2 steps: Mochi's schedule divides by the steps less one
+                    worker_args = ["--model", model, "--variant", variant, "--steps", str(args.steps),
+                                   "--warmup-request-steps", "2"]
                     try:
                         runs[name].append(run_worker(WORKER, name, worker_args, ranks, threads,
                                                      Path(tmp) / f"{model}_{name}_{round_index}.json"))

@@ -23,9 +23,18 @@ CALLS = {
     "tiny-qwenimage": (dict(height=256, width=256), "64×64 = 4096 image tokens + the prompt's"),
     "tiny-sana": (dict(height=4096, width=4096, use_resolution_binning=False),
                   "128×128 = 16384 image tokens (linear attention) + 300 text"),
+    "tiny-zimage": (dict(height=256, width=256), "64×64 = 4096 image tokens + the prompt's"),
+    "tiny-hunyuandit": (dict(height=1024, width=1024, use_resolution_binning=False),
+                        "64×64 = 4096 image tokens (text cross-attended)"),
+    # its position table holds 32×32 tokens
+    "tiny-auraflow": (dict(height=512, width=512), "32×32 = 1024 image tokens + 8 registers + 256 text"),
+    "tiny-lumina2": (dict(height=1024, width=1024), "64×64 = 4096 image tokens + the prompt's"),
     "tiny-ltx": (dict(height=256, width=256, num_frames=9), "5 frames × 32×32 = 5120 video tokens + 128 text"),
     "tiny-cogvideox": (dict(height=256, width=256, num_frames=17), "5 frames × 32×32 = 5120 video tokens + 226 text"),
     "tiny-hunyuanvideo": (dict(height=256, width=256, num_frames=9), "3 frames × 32×32 = 3072 video tokens + 256 text"),
+    "tiny-mochi": (dict(height=384, width=384, num_frames=31), "6 frames × 24×24 = 3456 video tokens + 256 text"),
+    "tiny-helios": (dict(height=256, width=256, num_frames=33),
+                    "a chunk of 9 frames × 16×16 = 2304 video tokens + 384 of history; 40 blocks"),
 }
 
 
