@@ -9,6 +9,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0, Sa
 
 import paragen
 from paragen.kernels.linear_attention import key_state, relu_linear_attention
+from paragen.parallel.intercept import intercepted
 from paragen.parallel.sequence.context import SequenceContext
 from paragen.parallel.sequence.layout import EvenShards, RowShards
 from paragen.parallel.sequence.linear import LinearAttentionSite
@@ -93,3 +94,12 @@ def test_a_plan_that_folds_the_grid_needs_a_row_grid(monkeypatch):
     with pytest.raises(ValueError, match="folds tokens back into their grid, but the class has no row grid"):
         paragen.parallelize(pipe, paragen.ParallelConfig())
     assert not hasattr(pipe, "paragen")
+
+
+def test_a_sana_whose_linear_attention_has_another_processor_is_refused_before_any_change():
+    pipe = load_pipeline("tiny-sana")
+    pipe.transformer.get_submodule("transformer_blocks.1.attn1").set_processor(AttnProcessor2_0())
+    with pytest.raises(ValueError, match="SanaTransformer2DModel.transformer_blocks.1.attn1: the plan says its "
+                                         "attention is ReLU linear attention"):
+        paragen.parallelize(pipe, paragen.ParallelConfig())
+    assert not hasattr(pipe, "paragen") and not intercepted(pipe.transformer.patch_embed, "forward")

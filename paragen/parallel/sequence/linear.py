@@ -22,6 +22,14 @@ TAG = "sequence.attention"
 PROCESSORS = ("SanaLinearAttnProcessor2_0",)  # the processors whose attention is ReLU linear attention, as here
 
 
+def check_linear(module: torch.nn.Module, name: str) -> None:
+    """ValueError when `module`'s processor is not one whose attention is ReLU linear attention (`PROCESSORS`)."""
+    processor = type(module.processor).__name__
+    if processor not in PROCESSORS:
+        raise ValueError(f"{name}: the plan says its attention is ReLU linear attention, but its processor is "
+                         f"{processor} (paragen runs {', '.join(PROCESSORS)})")
+
+
 class LinearAttentionSite:
     """One linear-attention module's attention over every shard's keys."""
 
@@ -30,10 +38,7 @@ class LinearAttentionSite:
 
     def install(self, module: torch.nn.Module) -> None:
         """Run `module`'s attention here; ValueError when its processor is not ReLU linear attention."""
-        processor = type(module.processor).__name__
-        if processor not in PROCESSORS:
-            raise ValueError(f"{self.name}: the plan says its attention is ReLU linear attention, but its processor is "
-                             f"{processor} (paragen runs {', '.join(PROCESSORS)})")
+        check_linear(module, self.name)
         intercept(module, "forward", functools.partial(self._attend, module), tag=TAG)
 
     def _attend(self, attn, _original, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,

@@ -6,8 +6,9 @@ differ by at most one token, so any size works) and gathers its output; every at
 split tokens attends through the seam (`paragen.parallel.sequence.seam`: Ulysses, Ring, both, displaced), every
 linear attention with one all-reduce (`paragen.parallel.sequence.linear`); a model that folds its tokens back into
 their grid (`plans.ROW_GRIDS`) is cut by whole rows, its grid convs exchanging edge rows with the neighbouring
-shards (`PatchConv2d`); every other layer is per token and runs on the shard unchanged. With `cfg=2` each half of the ranks runs one guidance
-branch of a pipeline that batches them (`plans.CFG_BATCH`). The VAE decode is the banded one of the UNet pipelines.
+shards (`PatchConv2d`); every other layer is per token and runs on the shard unchanged. With `cfg=2` each half of
+the ranks runs one guidance branch of a pipeline that batches them (`plans.CFG_BATCH`). The VAE decode is the
+banded one of the UNet pipelines.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from paragen.parallel.clip.tokens import ClipTokens
 from paragen.parallel.patch.context import PatchContext
 from paragen.parallel.patch.conv import PatchConv2d
 from paragen.parallel.sequence.layout import ClipShards, EvenShards, RowShards, TokenLayout
-from paragen.parallel.sequence.linear import LinearAttentionSite
+from paragen.parallel.sequence.linear import LinearAttentionSite, check_linear
 from paragen.parallel.sequence.plan import Rows, ShardingPlan, matches, resolve
 from paragen.parallel.sequence.seam import AttentionSite, open_seam
 from paragen.pipelines.batch_split import split_batch
@@ -166,10 +167,13 @@ def sharded_attentions(transformer, plan: ShardingPlan, config: ParallelConfig) 
 
 
 def grid_modules(transformer, plan: ShardingPlan) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
-    """The plan's linear-attention modules and grid convs; ValueError for a path the transformer lacks, or for
-    grid-folding entries on a class without a row grid (`plans.ROW_GRIDS`)."""
+    """The plan's linear-attention modules and grid convs; ValueError for a path the transformer lacks, a linear
+    attention module whose processor paragen does not run, or grid-folding entries on a class without a row grid
+    (`plans.ROW_GRIDS`)."""
     what = f"{type(transformer).__name__} ({plan.source})"
     linear = [found for path in plan.linear for found in resolve(transformer, path, what)]
+    for name, attn in linear:
+        check_linear(attn, f"{type(transformer).__name__}.{name}")
     convs = [found for path in plan.row_convs for found in resolve(transformer, path, what)]
     folds = plan.row_convs or any(isinstance(split, Rows) for _, _, split in plan.splits())
     if folds and type(transformer).__name__ not in ROW_GRIDS:
@@ -198,9 +202,10 @@ def install_plan(transformer, config: ParallelConfig, seq: SequenceContext, runt
     linear, convs = grid_modules(transformer, plan)
     for name, attn in linear:
         LinearAttentionSite(seq, f"{cls}.{name}").install(attn)
-    halos = PatchContext(seq.comm, "sync", label_prefix=label)  # edge rows exchanged fresh in every step
-    for _, conv in convs:
-        PatchConv2d.convert(conv, halos)
+    if convs:
+        halos = PatchContext(seq.comm, "sync", label_prefix=label)  # edge rows exchanged fresh in every step
+        for _, conv in convs:
+            PatchConv2d.convert(conv, halos)
     return planned
 
 
