@@ -7,6 +7,8 @@ the transformer class declares a `_cp_plan` (a run that fails is recorded with i
 are the median over rounds × steps after a warm-up request. One rank is one core, as on a cluster one rank is one GPU.
 
     python bench/bench_dit_families.py [--steps 4] [--rounds 2]   → bench/results/dit_families_cpu.json
+    python bench/bench_dit_families.py --models tiny-zimage --merge   (measure again the families named, keep the
+                                                                      others; each family records its revision)
 """
 from __future__ import annotations
 
@@ -45,8 +47,12 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "dit_families_cpu.json"))
+    p.add_argument("--merge", action="store_true", help="replace the families measured in --out, keep the others")
     args = p.parse_args()
+    header = report_header("DiT families through sharding plans vs one process and diffusers' context parallelism")
     families: dict[str, dict] = {}
+    if args.merge:
+        families = json.loads(Path(args.out).read_text())["families"]
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             configs = {n: c for n, c in CONFIGS.items() if n != "diffusers_ulysses_2x1" or _has_diffusers_plan(model)}
@@ -80,13 +86,14 @@ def main() -> None:
                     "psnr_vs_stock_1x1_db": psnr(output, reference),
                 }
             add_speedups(summary)
-            families[model] = {"tokens": runs["stock_1x1"][0]["tokens"], "configs": summary, "failed": failed}
-    report = {**report_header("DiT families through sharding plans vs one process and diffusers' context parallelism"),
-              "steps": args.steps, "rounds": args.rounds,
+            families[model] = {"tokens": runs["stock_1x1"][0]["tokens"], "git_revision": header["git_revision"],
+                               "date": header["date"], "configs": summary, "failed": failed}
+    report = {**header, "steps": args.steps, "rounds": args.rounds,
               "diffusers_shim": "torch.accelerator.device_count() returns 1 during enable_parallelism (0 on a CPU build)",
               "families": families}
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    for model, family in families.items():
+    for model in args.models:
+        family = families[model]
         for name, s in family["configs"].items():
             print(f"{model:18s} {name:22s} step {s['step_s_steady']['median']:.3f} s  x{s['speedup_vs_1x1']:.2f} vs 1x1  "
                   f"x{s['speedup_vs_1x2']:.2f} vs 1x2  max|Δ| {s['max_abs_diff_vs_stock_1x1']:.1e}")

@@ -43,7 +43,7 @@ class PlannedSharding:
         self.plan = plan
         self.layout = layout
         self.label = label
-        splits = [key for _, key, split in plan.splits() if isinstance(split, Split)]
+        splits = [split.stream or key for _, key, split in plan.splits() if isinstance(split, Split)]
         if not splits:
             raise ValueError("a sharding plan needs at least one split")
         self.stream = splits[0]  # the key of the split whose stream the gathers collect by default
@@ -78,10 +78,11 @@ class PlannedSharding:
             return value
         dim, joins, length = split.dim, split.joins, value.shape[split.dim]
         if not joins:
-            if key not in self.lengths:
-                self.lengths[key], self._shape = length, None
+            stream = split.stream or key
+            if stream not in self.lengths:
+                self.lengths[stream], self._shape = length, None
             if seen is not None:
-                seen[key] = length
+                seen[stream] = length
             begin, end = layout.bounds(length)
             return value.narrow(dim, begin, end - begin)
         parts, start = [], 0

@@ -33,12 +33,15 @@ class Split:
 
     `joins`: the tensor's `dim` is the concatenation of these streams (named by the inputs they were split as,
     e.g. an attention mask over `[video, text]`); each part is cut by its own stream and the parts joined again.
+    `stream`: the name the stream's length is kept under (default: the input's name), for a stream cut where an input
+    of the same name carries another one (Z-Image's image tokens, refined before they join the caption).
     """
 
     dim: int
     dims: int | None = None
     output: bool = False
     joins: tuple[str, ...] = ()
+    stream: str | None = None
 
 
 @dataclass(frozen=True)

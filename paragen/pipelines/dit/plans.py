@@ -42,11 +42,15 @@ OWN_PLANS: dict[str, ShardingPlan] = {
         "transformer_blocks.*": {"attention_mask": _JOINT_MASK},
         "single_transformer_blocks.*": {"attention_mask": _JOINT_MASK}, "proj_out": Gather(1, 3)},
         replicated=("context_embedder.token_refiner.refiner_blocks.*.attn",)),
-    # Z-Image: image and caption are refined whole, apart, then joined per sample into one padded sequence; that
-    # sequence is cut at the first main layer (its mask and rotary table at every layer) and gathered after the last.
+    # Z-Image: image and caption are refined apart, then joined per sample into one padded sequence; that sequence is
+    # cut at the first main layer (its mask and rotary table at every layer) and gathered after the last. The image
+    # tokens are cut for their refiner too (stream "image") and gathered before they join; the caption is refined
+    # whole.
     "ZImageTransformer2DModel": ShardingPlan({
         "layers.0": {"x": TOKENS}, "layers.*": {"attn_mask": Split(1, 2), "freqs_cis": Split(1, 3)},
-        "layers.-1": Gather(1, 3)}, replicated=("noise_refiner.*.attention", "context_refiner.*.attention")),
+        "layers.-1": Gather(1, 3), "noise_refiner.0": {"x": Split(1, 3, stream="image")},
+        "noise_refiner.*": {"attn_mask": Split(1, 2), "freqs_cis": Split(1, 3)},
+        "noise_refiner.-1": Gather(1, 3, stream="image")}, replicated=("context_refiner.*.attention",)),
     # HunyuanDiT: image tokens cut after the patch embedding, with the 2D rotary table that comes with the call; the
     # long skips pair each block with an earlier one token by token; the text (BERT + T5) stays whole (cross-attended).
     "HunyuanDiT2DModel": ShardingPlan({
@@ -58,13 +62,16 @@ OWN_PLANS: dict[str, ShardingPlan] = {
     "AuraFlowTransformer2DModel": ShardingPlan({
         "pos_embed": _PATCH_EMBEDDING_OUTPUT, "joint_transformer_blocks.0": {"encoder_hidden_states": TOKENS},
         "proj_out": Gather(1, 3)}),
-    # Lumina 2: caption and image are refined whole, apart, then joined per sample into one padded sequence (valid
-    # caption, then image); that sequence is cut at the first main layer (its key mask, given when the samples'
-    # captions differ in length, and its rotary table at every layer) and gathered after the last (as Z-Image).
+    # Lumina 2: caption and image are refined apart, then joined per sample into one padded sequence (valid caption,
+    # then image); that sequence is cut at the first main layer (its key mask, given when the samples' captions
+    # differ in length, and its rotary table at every layer) and gathered after the last; the image tokens are cut
+    # for their refiner too and gathered before they join (as Z-Image).
     "Lumina2Transformer2DModel": ShardingPlan({
         "layers.0": {"hidden_states": TOKENS},
-        "layers.*": {"attention_mask": Split(1, 2), "image_rotary_emb": Split(1, 3)}, "layers.-1": Gather(1, 3)},
-        replicated=("noise_refiner.*.attn", "context_refiner.*.attn")),
+        "layers.*": {"attention_mask": Split(1, 2), "image_rotary_emb": Split(1, 3)}, "layers.-1": Gather(1, 3),
+        "noise_refiner.0": {"hidden_states": Split(1, 3, stream="image")},
+        "noise_refiner.*": {"image_rotary_emb": Split(1, 3)}, "noise_refiner.-1": Gather(1, 3, stream="image")},
+        replicated=("context_refiner.*.attn",)),
     # Allegro: video tokens (patch-embedded frame by frame, then joined) cut at the first block, with the token
     # positions of the 3D rotary embedding that comes with the call ((tables, positions): only the positions are
     # per token); the text stays whole (cross-attended, under its key mask).
