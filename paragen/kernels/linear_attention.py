@@ -15,7 +15,8 @@ EPS = 1e-15  # added to the normaliser, as SANA's reference implementation does
 
 
 def key_state(key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """`Σ_j relu(k_j) ⊗ [v_j, 1]` in fp32 over the given keys: `[B, H, D, Dv + 1]` from `[B, H, N, D]`, `[B, H, N, Dv]`."""
+    """`Σ_j relu(k_j) ⊗ [v_j, 1]` in fp32 over the given keys: `[B, H, D, Dv + 1]` from keys `[B, H, N, D]` and
+    values `[B, H, N, Dv]`."""
     value = F.pad(value.float(), (0, 1), value=1.0)
     return torch.einsum("bhnd,bhne->bhde", F.relu(key.float()), value)
 

@@ -141,7 +141,8 @@ WORKLOADS = (
     Workload("llm", CAUSAL_LMS, KVConfig, ("seq", "tp"), "seq", "paragen.pipelines.llm", "llm", "kv",
              "seq and tp cut a causal LM's prompt and weights; they do not combine with cfg, patch, ulysses, ring "
              "or clip", modes=("dense", "offload (ShadowKV)", "speculative (TriForce)"),
-             degree_help={"seq": "sequence shards of the prompt", "tp": "tensor-parallel ranks per shard (DeepSpeed AutoTP)"},
+             degree_help={"seq": "sequence shards of the prompt",
+                          "tp": "tensor-parallel ranks per shard (DeepSpeed AutoTP)"},
              tag=("seq", "tp")),
 )
 DEGREE_CHOICES = {"cfg": (1, 2)}  # degrees that take only these values
@@ -176,8 +177,9 @@ def add_degree_arguments(parser: argparse.ArgumentParser, job: str) -> None:
         text = "; ".join(dict.fromkeys(w.degree_help.get(degree, w.name) for w in takers))
         fills = [w for w in takers if w.fill == degree]
         if fills:
-            text += " (-1: the ranks left over" + (f", for {', '.join(w.name for w in fills)}" if len(fills) < len(takers)
-                                                    else "") + ")"
+            names = ", ".join(w.name for w in fills)
+            which = f", for workload{'s' * (len(fills) > 1)} {names}" if len(fills) < len(takers) else ""
+            text += f" (-1: the ranks left over{which})"
         parser.add_argument(f"--{degree}", type=int, default=-1 if fills else 1, choices=DEGREE_CHOICES.get(degree),
                             help=text)
 

@@ -80,7 +80,8 @@ class RowShards(EvenShards):
 
     def rows(self, whole: int) -> int:
         if whole != self.grid_rows:
-            raise RuntimeError(f"a block was given a grid of {whole} rows; this forward's tokens are {self.grid_rows} rows")
+            raise RuntimeError(f"a block was given a grid of {whole} rows; this forward's tokens are {self.grid_rows} "
+                               "rows")
         return split_sizes(self.grid_rows, self.comm.size)[self.comm.rank]
 
 

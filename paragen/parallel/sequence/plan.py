@@ -15,8 +15,8 @@ Beside diffusers' fields a plan says which attention modules attend to keys that
 attention (`linear`: a ReLU kernel, whose sum over the keys one all-reduce completes); and, for a model that folds
 its tokens back into their grid between attentions (SANA's Mix-FFN), which convs run over that grid (`row_convs`:
 each shard then holds whole rows and gets its neighbours' edge rows) and which integer inputs count the grid's rows
-(`Rows`: replaced by the shard's rows). Every other attention module's keys are the split tokens. The first split a plan declares is its output stream: what the gathers
-collect. `from_diffusers` reads a diffusers `_cp_plan` into this form without importing diffusers' types.
+(`Rows`: replaced by the shard's rows). Every other attention module's keys are the split tokens. The first split
+a plan declares is its output stream: what the gathers collect. `from_diffusers` reads a diffusers `_cp_plan` into this form without importing diffusers' types.
 """
 from __future__ import annotations
 
@@ -60,7 +60,8 @@ class Rows:
     replaced by the rows of this rank's shard (the layout then cuts the grid by whole rows)."""
 
 
-Entry = Union[Mapping[Union[str, int], Union[Split, Rows]], Gather, tuple]  # inputs/outputs to split, or the output gather(s)
+# inputs/outputs to split, or the output gather(s)
+Entry = Union[Mapping[Union[str, int], Union[Split, Rows]], Gather, tuple]
 
 
 @dataclass(frozen=True)

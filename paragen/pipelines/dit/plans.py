@@ -95,8 +95,9 @@ OWN_PLANS: dict[str, ShardingPlan] = {
 # the pipeline, or patchified inside the transformer by a size given per call).
 PACKED = ("FluxPipeline", "Flux2Pipeline", "Flux2KleinPipeline", "QwenImagePipeline", "ZImagePipeline")
 # Pipelines that run the unconditional and conditional branches as one batch (cfg=2 splits it over two rank halves).
-CFG_BATCH = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "SanaPipeline", "StableDiffusion3Pipeline", "AuraFlowPipeline",
-             "HunyuanDiTPipeline", "CogVideoXPipeline", "LTXPipeline", "MochiPipeline", "AllegroPipeline")
+CFG_BATCH = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "SanaPipeline", "StableDiffusion3Pipeline",
+             "AuraFlowPipeline", "HunyuanDiTPipeline", "CogVideoXPipeline", "LTXPipeline", "MochiPipeline",
+             "AllegroPipeline")
 
 
 Where = tuple[str, int | None]  # (call argument, dim): the size of that dim of it, or (dim None) the number itself

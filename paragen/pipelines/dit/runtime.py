@@ -197,7 +197,8 @@ def install_plan(transformer, config: ParallelConfig, seq: SequenceContext, runt
     open_seam()
     cls = type(transformer).__name__
     for name, attn in sharded_attentions(transformer, plan, config):
-        site = AttentionSite(seq, f"{cls}.{name}", planned.shape, outside, functools.partial(runtime.clip_video, transformer))
+        site = AttentionSite(seq, f"{cls}.{name}", planned.shape, outside,
+                             functools.partial(runtime.clip_video, transformer))
         site.install(attn)
     linear, convs = grid_modules(transformer, plan)
     for name, attn in linear:
