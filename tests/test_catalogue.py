@@ -27,7 +27,7 @@ def test_models_json_lists_every_class_with_its_plan_source(capsys):
                 "StableDiffusion3Pipeline": "paragen", "ZImagePipeline": "paragen", "CogVideoXPipeline": "paragen",
                 "HunyuanVideoPipeline": "paragen", "MochiPipeline": "paragen", "HunyuanDiTPipeline": "paragen",
                 "AuraFlowPipeline": "paragen", "Lumina2Pipeline": "paragen", "AllegroPipeline": "paragen",
-                "SanaPipeline": "paragen"}
+                "SanaPipeline": "paragen", "LTX2Pipeline": "paragen"}
     assert {r["pipeline"]: r["plan"] for r in rows.values() if r["plan"]} == {**expected, "PixArtAlphaPipeline": "paragen",
                                                                               "Flux2Pipeline": "diffusers"}
     assert rows["LTXPipeline", "dit-video"]["models"] == ["tiny-ltx"]

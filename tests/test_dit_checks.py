@@ -109,6 +109,24 @@ def test_a_module_that_cuts_and_gathers_its_own_input_gathers_by_the_length_it_c
     assert layout.gathered == [12, 5]
 
 
+def test_a_split_with_alternatives_cuts_by_the_dimensions_the_tensor_has():
+    """LTX-2's rotary tables are [B, L, D] or, where its config's rope_type is "split", [B, H, L, D/2]: one plan
+    entry gives both cuts, and the tensor's dimensions choose."""
+
+    class Rope(torch.nn.Module):
+        def forward(self, table):
+            return table, table
+
+    rope = Rope()
+    cut = (Split(1, 3, output=True), Split(2, 4, output=True))
+    PlannedSharding(ShardingPlan({"": {0: cut, 1: cut}}), SecondHalf, "toy.").install(rope)
+    interleaved, split = torch.randn(1, 8, 6), torch.randn(1, 2, 8, 3)
+    assert all(torch.equal(got, interleaved[:, 4:]) for got in rope(interleaved))
+    assert all(torch.equal(got, split[:, :, 4:]) for got in rope(split))
+    other = torch.randn(8, 6)
+    assert all(got is other for got in rope(other))  # neither: left whole
+
+
 def test_refusals_name_the_problem():
     pipe = load_pipeline("tiny-pixart")
     with pytest.raises(ValueError, match="partial.*UNet pipelines"):

@@ -299,7 +299,7 @@ FAMILY_CLASSES = {"tiny-flux2": "Flux2KleinPipeline", "tiny-qwenimage": "QwenIma
                   "tiny-ltx": "LTXPipeline",
                   "tiny-cogvideox": "CogVideoXPipeline", "tiny-hunyuanvideo": "HunyuanVideoPipeline",
                   "tiny-mochi": "MochiPipeline", "tiny-allegro": "AllegroPipeline", "tiny-wan22": "WanPipeline",
-                  "tiny-helios": "HeliosPipeline"}
+                  "tiny-helios": "HeliosPipeline", "tiny-ltx2": "LTX2Pipeline"}
 
 
 @pytest.mark.parametrize("name", list(FAMILY_CLASSES))

@@ -1,4 +1,4 @@
-"""Write the offline Gemma tokenizer shipped with the embedded Gemma-conditioned pipelines (tiny-lumina2, tiny-sana).
+"""Write the offline Gemma tokenizer shipped with the embedded Gemma-conditioned pipelines (tiny-lumina2, tiny-sana, tiny-ltx2).
 
 Real Gemma tokenizers are SentencePiece BPE models of 256,000 pieces with byte fallback; they cannot be downloaded
 here, so this builds a small stand-in with the same layout and behaviour, using only the `tokenizers` library and
@@ -39,7 +39,7 @@ from make_t5_tokenizer import WORDS  # noqa: E402
 from tokenizer_files import write_folders, write_json_files  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "paragen" / "pipelines" / "configs"
-FOLDERS = ("tiny-lumina2/tokenizer", "tiny-sana/tokenizer")
+FOLDERS = ("tiny-lumina2/tokenizer", "tiny-sana/tokenizer", "tiny-ltx2/tokenizer")
 # The words of Lumina2Pipeline's default system prompt ("You are an assistant designed to generate superior images
 # with the superior degree of image-text alignment based on textual prompts or user prompts. <Prompt Start> ...")
 # that WORDS lacks, so that the prompt Lumina 2 encodes stays short.

@@ -19,11 +19,6 @@ from paragen.pipelines.registry import WORKLOADS
 NOT_RUN = {
     "Cosmos3OmniPipeline": "no context-parallel plan; its text tokens attend causally among themselves and its CFG "
                            "calls differ in text length",
-    "LTX2Pipeline": "not yet: one transformer over a video and an audio stream (with spatio-temporal and modality "
-                    "guidance); diffusers' plan cuts the video stream only, so paragen's plan must also name the audio "
-                    "attentions whole on every rank, and the embedded model needs a Gemma 3 encoder with its vision "
-                    "tower, the audio VAE, vocoder and text connectors (classes of diffusers' ltx2 pipeline module, "
-                    "which the embedded-model builder does not resolve yet)",
     "MiniMaxH3ModularPipeline": "a modular-only pipeline (no component constructor) with a Qwen3-VL encoder and audio",
     "ChromaPipeline": "its attention mask is built in every block as the outer product of a per-token mask over "
                       "[text, image] (a float one, added to the scores), so a shard's mask rows for other shards' keys "

@@ -23,6 +23,7 @@ diffusers and transformers (seconds to import) are imported only when a pipeline
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,7 +37,8 @@ TRAINED_MODELS: tuple[str, ...] = ("tiny-shapes", "tiny-shapes-dit")  # trained 
 EMBEDDED_MODELS: tuple[str, ...] = (
     "tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-qwenimage", "tiny-zimage",
     "tiny-hunyuandit", "tiny-auraflow", "tiny-lumina2", "tiny-sana", "tiny-t2v", "tiny-animatediff", "tiny-wan", "tiny-wan22",
-    "tiny-ltx", "tiny-cogvideox", "tiny-hunyuanvideo", "tiny-mochi", "tiny-allegro", "tiny-helios", *TRAINED_MODELS)
+    "tiny-ltx", "tiny-cogvideox", "tiny-hunyuanvideo", "tiny-mochi", "tiny-allegro", "tiny-helios", "tiny-ltx2",
+    *TRAINED_MODELS)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SAFE_WEIGHTS = "*.safetensors"
@@ -124,10 +126,15 @@ def check_model_source(model: str, *, allow_pickle: bool = False) -> str:
 
 
 def _build_component(library: str, class_name: str, folder: Path) -> Any:
-    """One component from its shipped config: random weights for models, files for the tokenizer."""
+    """One component from its shipped config: random weights for models, files for the tokenizer. `library`:
+    "diffusers", "transformers", or a diffusers pipeline module whose own class it is (LTX-2's "ltx2" connectors
+    and vocoder)."""
     import diffusers
     import transformers
 
+    if library not in ("diffusers", "transformers"):
+        cls = getattr(importlib.import_module(f"diffusers.pipelines.{library}"), class_name)
+        return cls.from_config(cls.load_config(folder))
     if library == "diffusers":
         cls = getattr(diffusers, class_name)
         return cls.from_config(cls.load_config(folder))

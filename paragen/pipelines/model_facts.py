@@ -45,6 +45,15 @@ def _wan(c: dict) -> VaeFacts:
                     c["base_dim"] * c["dim_mult"][0], c["z_dim"])
 
 
+def _ltx(c: dict) -> VaeFacts:
+    """LTX-Video's and LTX-2's VAEs: pixels patchified by `patch_size` (`patch_size_t` frames), then halved per
+    scaling level, unless the config gives the ratios."""
+    levels = 2 ** sum(c["spatio_temporal_scaling"])
+    return VaeFacts(c.get("spatial_compression_ratio") or c["patch_size"] * levels,
+                    c.get("temporal_compression_ratio") or c["patch_size_t"] * levels,
+                    c["decoder_block_out_channels"][0], c["latent_channels"])
+
+
 VAES: dict[str, Callable[[dict], VaeFacts]] = {
     "AutoencoderKL": _levels,
     "AutoencoderKLFlux2": _levels,
@@ -52,10 +61,8 @@ VAES: dict[str, Callable[[dict], VaeFacts]] = {
     "AutoencoderKLAllegro": _levels,
     "AutoencoderKLQwenImage": _wan,
     "AutoencoderKLWan": _wan,
-    # LTX-Video: pixels patchified by `patch_size` (`patch_size_t` frames), then halved per scaling level
-    "AutoencoderKLLTXVideo": lambda c: VaeFacts(c["patch_size"] * 2 ** sum(c["spatio_temporal_scaling"]),
-                                                c["patch_size_t"] * 2 ** sum(c["spatio_temporal_scaling"]),
-                                                c["decoder_block_out_channels"][0], c["latent_channels"]),
+    "AutoencoderKLLTXVideo": _ltx,
+    "AutoencoderKLLTX2Video": _ltx,
     "AutoencoderKLHunyuanVideo": lambda c: VaeFacts(c["spatial_compression_ratio"], c["temporal_compression_ratio"],
                                                     c["block_out_channels"][0], c["latent_channels"]),
     "AutoencoderKLMochi": lambda c: VaeFacts(math.prod(c["spatial_expansions"]), math.prod(c["temporal_expansions"]),

@@ -34,7 +34,7 @@ DIT_PIPELINES = ("PixArtAlphaPipeline", "PixArtSigmaPipeline", "StableDiffusion3
 VIDEO_PIPELINES = ("TextToVideoSDPipeline", "AnimateDiffPipeline")
 VIDEO_DIT_PIPELINES = ("WanPipeline",)
 TOKEN_VIDEO_PIPELINES = ("LTXPipeline", "CogVideoXPipeline", "HunyuanVideoPipeline", "MochiPipeline",
-                         "AllegroPipeline", "HeliosPipeline")
+                         "AllegroPipeline", "HeliosPipeline", "LTX2Pipeline")
 CAUSAL_LMS = ("LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM")
 
 

@@ -36,6 +36,11 @@ def planned_modules(plan: ShardingPlan, transformer: torch.nn.Module) -> dict[st
     return found
 
 
+def _first(split: Split | tuple[Split, ...]) -> Split:
+    """A split, or the first of its alternatives (they agree on input or output, and on joins)."""
+    return split[0] if isinstance(split, tuple) else split
+
+
 class PlannedSharding:
     """A plan installed on one transformer; `layout` gives the current forward's `TokenLayout`."""
 
@@ -43,7 +48,7 @@ class PlannedSharding:
         self.plan = plan
         self.layout = layout
         self.label = label
-        splits = [split.stream or key for _, key, split in plan.splits() if isinstance(split, Split)]
+        splits = [_first(split).stream or key for _, key, split in plan.splits() if not isinstance(split, Rows)]
         if not splits:
             raise ValueError("a sharding plan needs at least one split")
         self.stream = splits[0]  # the key of the split whose stream the gathers collect by default
@@ -74,6 +79,10 @@ class PlannedSharding:
         `seen` too: what this call cut)."""
         if isinstance(value, (tuple, list)):
             return type(value)(self._cut(item, split, key, layout, seen) for item in value)
+        if isinstance(split, tuple):  # alternatives: the first whose dimensions the tensor has
+            split = next((s for s in split if isinstance(value, torch.Tensor) and value.dim() == s.dims), None)
+            if split is None:
+                return value
         if not isinstance(value, torch.Tensor) or (split.dims is not None and value.dim() != split.dims):
             return value
         dim, joins, length = split.dim, split.joins, value.shape[split.dim]
@@ -117,9 +126,10 @@ class PlannedSharding:
 
     def _around(self, name: str, splits: dict, gathers: list[Gather], signature: inspect.Signature):
         rows = [key for key, split in splits.items() if isinstance(split, Rows)]
-        cuts = {key: split for key, split in splits.items() if isinstance(split, Split)}
-        inputs = sorted(((k, s) for k, s in cuts.items() if not s.output), key=lambda item: bool(item[1].joins))
-        outputs = {key: split for key, split in cuts.items() if split.output}
+        cuts = {key: split for key, split in splits.items() if not isinstance(split, Rows)}
+        inputs = sorted(((k, s) for k, s in cuts.items() if not _first(s).output),
+                        key=lambda item: bool(_first(item[1]).joins))
+        outputs = {key: split for key, split in cuts.items() if _first(split).output}
 
         def around(forward, *args, **kwargs):
             layout, seen = self.layout(), {}

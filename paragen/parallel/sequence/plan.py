@@ -6,8 +6,9 @@ A plan maps module paths of the transformer to what happens at them:
   runs (after it, for outputs); `input.i` (`.i.j`…) names element `i` of a tuple input, the others passing whole
   (Allegro's `image_rotary_emb` is (frequency tables, token positions): only the positions are cut);
 - `Gather` (or a tuple of them, one per output): the module's output is all-gathered along `Gather.dim`.
-Paths are dotted module names; `""` is the transformer itself, `*` stands for any one name (`blocks.*` is every
-block). A split or gather whose tensor has other than `dims` dimensions is left alone (as diffusers does: an
+A tuple of splits for one input or output gives alternatives: the first whose `dims` the tensor has is used (LTX-2's
+rotary tables are `[B, L, D]` or `[B, H, L, D/2]`, by its config). Paths are dotted module names; `""` is the
+transformer itself, `*` stands for any one name (`blocks.*` is every block). A split or gather whose tensor has other than `dims` dimensions is left alone (as diffusers does: an
 input a variant of the model gives in another form).
 
 Beside diffusers' fields a plan says which attention modules attend to keys that are whole on every rank
@@ -16,7 +17,8 @@ attention (`linear`: a ReLU kernel, whose sum over the keys one all-reduce compl
 its tokens back into their grid between attentions (SANA's Mix-FFN), which convs run over that grid (`row_convs`:
 each shard then holds whole rows and gets its neighbours' edge rows) and which integer inputs count the grid's rows
 (`Rows`: replaced by the shard's rows). Every other attention module's keys are the split tokens. The first split
-a plan declares is its output stream: what the gathers collect. `from_diffusers` reads a diffusers `_cp_plan` into this form without importing diffusers' types.
+a plan declares is its output stream: what the gathers collect. `from_diffusers` reads a diffusers `_cp_plan` into
+this form without importing diffusers' types.
 """
 from __future__ import annotations
 
@@ -60,8 +62,8 @@ class Rows:
     replaced by the rows of this rank's shard (the layout then cuts the grid by whole rows)."""
 
 
-# inputs/outputs to split, or the output gather(s)
-Entry = Union[Mapping[Union[str, int], Union[Split, Rows]], Gather, tuple]
+# inputs/outputs to split (a tuple of splits: alternatives by dimensions), or the output gather(s)
+Entry = Union[Mapping[Union[str, int], Union[Split, Rows, tuple]], Gather, tuple]
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,10 @@ _ROTARY_TABLES = {0: Split(0, 2, output=True), 1: Split(0, 2, output=True)}  # (
 # a [B, 1, 1, video + text] key mask over both streams, each part cut like its stream
 _JOINT_MASK = Split(3, 4, joins=("hidden_states", "encoder_hidden_states"))
 
+# (cos, sin) of every video token: [B, L, D] (interleaved) or [B, H, L, D/2] (split), whichever the model gives
+_LTX2_ROTARY = {0: (Split(1, 3, output=True), Split(2, 4, output=True)),
+                1: (Split(1, 3, output=True), Split(2, 4, output=True))}
+
 OWN_PLANS: dict[str, ShardingPlan] = {
     # PixArt-α/Σ: image tokens cut after the patch embedding; the text stays whole (only cross-attended).
     "PixArtTransformer2DModel": ShardingPlan(
@@ -85,6 +89,15 @@ OWN_PLANS: dict[str, ShardingPlan] = {
         "patch_embed": _PATCH_EMBEDDING_OUTPUT, "transformer_blocks.*": {"height": Rows()}, "proj_out": Gather(1, 3)},
         replicated=("transformer_blocks.*.attn2",), linear=("transformer_blocks.*.attn1",),
         row_convs=("transformer_blocks.*.ff.conv_depth",)),
+    # LTX-2: one transformer over a video and an audio stream. The video stream, its text and the text's key mask are
+    # cut at the transformer (as diffusers' plan does), with the video's rotary tables for its self-attention and for
+    # its cross-modal attention ([B, L, D] tables, or [B, H, L, D/2] ones where the config's rope_type is "split");
+    # the audio attends whole on every rank (its self-attention, its text, and the video's queries to it).
+    "LTX2VideoTransformer3DModel": ShardingPlan({
+        "": {"hidden_states": TOKENS, "encoder_hidden_states": TOKENS, "encoder_attention_mask": Split(1, 2)},
+        "rope": _LTX2_ROTARY, "cross_attn_rope": _LTX2_ROTARY, "proj_out": Gather(1, 3)},
+        replicated=("transformer_blocks.*.audio_attn1", "transformer_blocks.*.audio_attn2",
+                    "transformer_blocks.*.audio_to_video_attn")),
     # Mochi: both streams cut at the first block, the text's mask with them (each rank keeps its valid text tokens).
     "MochiTransformer3DModel": ShardingPlan({
         "transformer_blocks.0": _BOTH_STREAMS, "transformer_blocks.*": {"encoder_attention_mask": Split(1, 2)},
