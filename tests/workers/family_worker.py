@@ -25,8 +25,7 @@ CALLS = {
     # 1 chunk of 9 latent frames × 2×2 tokens after Helios' short, mid and long history (4 + 1 + 4 tokens)
     "tiny-helios": dict(height=32, width=32, num_frames=33, max_sequence_length=29),
     # 5 latent frames × 16×16 video tokens (+ its audio, whole on every rank; sides are multiples of 32 px, so the
-    # ranks divide the tokens); guidance and its variants off, as in diffusers' own LTX-2 test (a 2-block model has
-    # no block 28 for spatio-temporal guidance)
+    # ranks divide the tokens); guidance and its variants off, as in diffusers' own LTX-2 test
     "tiny-ltx2": dict(height=32, width=32, num_frames=9, max_sequence_length=16, guidance_scale=1.0, stg_scale=0.0,
                       modality_scale=1.0, guidance_rescale=0.0, audio_guidance_scale=1.0, audio_stg_scale=0.0,
                       audio_modality_scale=1.0, audio_guidance_rescale=0.0, spatio_temporal_guidance_blocks=None,
