@@ -33,12 +33,13 @@ CONFIGS = {  # name -> (variant, ranks, threads)
 
 
 def _has_diffusers_plan(model: str) -> bool:
+    """Whether the model's transformer class declares diffusers' own context-parallel plan (even where paragen runs
+    a plan of its own for it, as for LTX-2)."""
     import diffusers
 
-    from paragen.pipelines.dit.plans import plan_source
     from paragen.pipelines.loading import CONFIG_DIR, read_index
 
-    return plan_source(getattr(diffusers, read_index(CONFIG_DIR / model)["transformer"][1])) == "diffusers"
+    return bool(getattr(getattr(diffusers, read_index(CONFIG_DIR / model)["transformer"][1]), "_cp_plan", None))
 
 
 def main() -> None:

@@ -30,6 +30,8 @@ CALLS = {
     "tiny-auraflow": (dict(height=512, width=512), "32×32 = 1024 image tokens + 8 registers + 256 text"),
     "tiny-lumina2": (dict(height=1024, width=1024), "64×64 = 4096 image tokens + the prompt's"),
     "tiny-ltx": (dict(height=256, width=256, num_frames=9), "5 frames × 32×32 = 5120 video tokens + 128 text"),
+    "tiny-ltx2": (dict(height=64, width=64, num_frames=9),
+                  "5 frames × 32×32 = 5120 video tokens + the padded prompt; the audio whole on every rank"),
     "tiny-cogvideox": (dict(height=256, width=256, num_frames=17), "5 frames × 32×32 = 5120 video tokens + 226 text"),
     "tiny-hunyuanvideo": (dict(height=256, width=256, num_frames=9), "3 frames × 32×32 = 3072 video tokens + 256 text"),
     "tiny-mochi": (dict(height=384, width=384, num_frames=31), "6 frames × 24×24 = 3456 video tokens + 256 text"),
