@@ -36,9 +36,9 @@ if TYPE_CHECKING:
 TRAINED_MODELS: tuple[str, ...] = ("tiny-shapes", "tiny-shapes-dit")  # trained by a repo script, weights shipped in configs/<name>/
 EMBEDDED_MODELS: tuple[str, ...] = (
     "tiny-sd", "tiny-sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "tiny-flux2", "tiny-qwenimage", "tiny-zimage",
-    "tiny-hunyuandit", "tiny-auraflow", "tiny-lumina2", "tiny-sana", "tiny-t2v", "tiny-animatediff", "tiny-wan", "tiny-wan22",
-    "tiny-ltx", "tiny-cogvideox", "tiny-hunyuanvideo", "tiny-mochi", "tiny-allegro", "tiny-helios", "tiny-ltx2",
-    *TRAINED_MODELS)
+    "tiny-hunyuandit", "tiny-auraflow", "tiny-lumina2", "tiny-sana", "tiny-t2v", "tiny-animatediff", "tiny-wan",
+    "tiny-wan22", "tiny-ltx", "tiny-cogvideox", "tiny-hunyuanvideo", "tiny-mochi", "tiny-allegro", "tiny-helios",
+    "tiny-ltx2", *TRAINED_MODELS)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 SAFE_WEIGHTS = "*.safetensors"

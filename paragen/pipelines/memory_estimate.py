@@ -10,10 +10,10 @@ decoder's full-resolution channels, `batch` 2 where classifier-free guidance bat
 - `bands`, a UNet image (patch parallelism): two first-level feature maps of the rank's band (a GroupNorm's
   input and output: batch × C0 × h/patch × w) and, where the first level has self-attention, the attention
   inputs the band gathers: the whole image's (batch × C0 × h × w) in sync and displaced modes, its own in partial;
-- `tokens`, a diffusion transformer (sequence parallelism): the hidden states and their queries, keys and
-  values for the rank's share of the tokens (4 × batch × tokens/shards × width; a token is 2 × 2 latent pixels);
+- `tokens`, a diffusion transformer (sequence parallelism; for a video, clips × token shards of its latent frames):
+  the hidden states and their queries, keys and values for the rank's share of the tokens
+  (4 × batch × tokens/shards × width; a token is 2 × 2 latent pixels);
 - `clips`, a UNet video (clip parallelism): two first-level feature maps of the rank's frames;
-- `video tokens`, a video transformer (clips × token shards): as `tokens`, over the latent frames' tokens;
 - `windows`, hires: nothing more than the latent (the windows are of training size);
 - decoding: two full-resolution feature maps of the VAE decoder (2 × Cv × H × W), image rows divided over every
   rank as the parallel decode's bands; a video decodes whole frames, at least one at a time, and its output rank
@@ -134,7 +134,7 @@ def _clips(job: Job, h: int, w: int, latent_frames: int) -> tuple[int, str]:
 
 # A workload's denoising term: (job, latent rows, latent columns, latent frames) -> (elements, what they are).
 TERMS: dict[str, Callable[[Job, int, int, int], tuple[int, str]]] = {
-    "bands": _bands, "tokens": _tokens, "video tokens": _tokens, "clips": _clips,
+    "bands": _bands, "tokens": _tokens, "clips": _clips,
     "windows": lambda job, h, w, latent_frames: (0, "the latent"),
 }
 

@@ -110,7 +110,7 @@ _RING = "Ring degree (K/V passed around a ring)"
 _VIDEO_DIT = dict(
     degree_help={"cfg": f"video transformers: {_CFG}", "clip": "video transformers: clips of the latent frames",
                  "ulysses": f"video transformers: {_ULYSSES}", "ring": f"video transformers: {_RING}"},
-    tag=("clip", "?ulysses", "?ring", "?cfg"), memory="video tokens", checkpoints=True, sharding_plans=True)
+    tag=("clip", "?ulysses", "?ring", "?cfg"), memory="tokens", checkpoints=True, sharding_plans=True)
 WORKLOADS = (
     Workload("patch", UNET_PIPELINES, ExchangeConfig, ("cfg", "patch"), "patch", "paragen.pipelines.patch", "image",
              "exchange", "ulysses and ring shard a diffusion transformer's tokens; a UNet pipeline is split with patch "

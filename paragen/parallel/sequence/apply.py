@@ -74,7 +74,8 @@ class PlannedSharding:
             intercept(module, "forward", self._around(name, splits, gathers, inspect.signature(module.forward)), tag=TAG)
 
     # ---- cutting ---------------------------------------------------------------------------------------
-    def _cut(self, value: Any, split: Split, key: Any, layout: TokenLayout, seen: dict | None = None) -> Any:
+    def _cut(self, value: Any, split: Split | tuple[Split, ...], key: Any, layout: TokenLayout,
+             seen: dict | None = None) -> Any:
         """`value` cut to this rank's slice (each tensor of a tuple or list); records the stream's whole length (in
         `seen` too: what this call cut)."""
         if isinstance(value, (tuple, list)):

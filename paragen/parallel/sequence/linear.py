@@ -17,8 +17,7 @@ import torch
 from paragen.kernels import relu_linear_attention
 from paragen.parallel.intercept import intercept
 from paragen.parallel.sequence.context import SequenceContext
-
-TAG = "sequence.attention"
+from paragen.parallel.sequence.seam import TAG  # a linear-attention site is an attention site like the seam's
 PROCESSORS = ("SanaLinearAttnProcessor2_0",)  # the processors whose attention is ReLU linear attention, as here
 
 
