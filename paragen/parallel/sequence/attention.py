@@ -47,24 +47,32 @@ class SequenceAttention:
         """Drop the K/V kept for the next step."""
         self._stale = None
 
-    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int]) -> torch.Tensor:
-        """`[B, H, L, D]` local q/k/v; `lengths[i]`: shard i's L. Returns the output as `[B, L, H, D]`."""
+    def __call__(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, lengths: list[int],
+                 queries: list[int] | None = None) -> torch.Tensor:
+        """`[B, H, L, D]` local q/k/v; `lengths[i]`: shard i's keys, `queries[i]` its queries where they are
+        fewer or more than its keys (a shard's padding keys left out). Returns the output as `[B, Lq, H, D]`."""
         ctx = self.ctx
-        if key.shape[2] != lengths[ctx.comm.rank]:
-            raise RuntimeError(f"attention got {key.shape[2]} local tokens, the layout says {lengths[ctx.comm.rank]}")
+        queries = lengths if queries is None else queries
+        if key.shape[2] != lengths[ctx.comm.rank] or query.shape[2] != queries[ctx.comm.rank]:
+            raise RuntimeError(f"attention got {query.shape[2]} queries and {key.shape[2]} keys, the layout says "
+                               f"{queries[ctx.comm.rank]} and {lengths[ctx.comm.rank]}")
         if ctx.stale:
             return self._displaced(query, key, value, lengths)
         if ctx.publish:
             self._publish(key, value, lengths)
-        return self._exact(query, key, value, lengths)
+        return self._exact(query, key, value, lengths, queries)
 
     # ---- exact: Ulysses and/or Ring -----------------------------------------------------------------
-    def _exact(self, query, key, value, lengths):
+    def _exact(self, query, key, value, lengths, queries):
         ulysses, ring = self.ctx.ulysses, self.ctx.ring
         outside = self.outside(key, value) if self.outside is not None else None
-        group = lengths[ring.rank * ulysses.size : (ring.rank + 1) * ulysses.size]
-        if ulysses.size > 1:
-            query, key, value = self._to_heads(query, key, value, group)
+        members = slice(ring.rank * ulysses.size, (ring.rank + 1) * ulysses.size)
+        group, query_group = lengths[members], queries[members]
+        if ulysses.size > 1 and query_group == group:
+            query, key, value = self._to_heads((query, key, value), group)
+        elif ulysses.size > 1:
+            (query,) = self._to_heads((query,), query_group)
+            key, value = self._to_heads((key, value), group)
         if ring.size > 1:
             blocks = [sum(lengths[r * ulysses.size : (r + 1) * ulysses.size]) for r in range(ring.size)]
             out, lse = self._ring(query, key, value, blocks)
@@ -78,24 +86,24 @@ class SequenceAttention:
             out, lse = merge_attention_states(out.float(), lse, part.float(), part_lse)
         out = out.to(query.dtype)
         if ulysses.size > 1:
-            return self._to_tokens(out, group)
+            return self._to_tokens(out, query_group)
         return out.transpose(1, 2)
 
-    def _to_heads(self, query, key, value, group: list[int]):
-        """All-to-all: `[B, H, L_mine, D]` ×3 → `[B, H/U, L_group, D]` ×3 (views of one buffer)."""
+    def _to_heads(self, states: tuple[torch.Tensor, ...], group: list[int]) -> tuple[torch.Tensor, ...]:
+        """All-to-all: `[B, H, L_mine, D]` each → `[B, H/U, L_group, D]` each (views of one buffer)."""
         comm = self.ctx.ulysses
-        batch, heads, tokens, dim = query.shape
+        batch, heads, tokens, dim = states[0].shape
         if heads % comm.size:
             raise ValueError(f"Ulysses degree {comm.size} does not divide the {heads} attention heads")
-        per_rank = heads // comm.size
-        send = query.new_empty(comm.size, tokens, 3, batch, per_rank, dim)  # destination-major
-        for i, x in enumerate((query, key, value)):
+        per_rank, count = heads // comm.size, len(states)
+        send = states[0].new_empty(comm.size, tokens, count, batch, per_rank, dim)  # destination-major
+        for i, x in enumerate(states):
             send[:, :, i] = x.view(batch, comm.size, per_rank, tokens, dim).permute(1, 3, 0, 2, 4)
-        unit = 3 * batch * per_rank * dim
+        unit = count * batch * per_rank * dim
         recv = comm.all_to_all_flat_async(
             send, [tokens * unit] * comm.size, [n * unit for n in group], self.ctx.label("ulysses_qkv")
         ).wait()
-        full = recv.view(sum(group), 3, batch, per_rank, dim).permute(1, 2, 3, 0, 4)
+        full = recv.view(sum(group), count, batch, per_rank, dim).permute(1, 2, 3, 0, 4)
         return full.unbind(0)
 
     def _to_tokens(self, out: torch.Tensor, group: list[int]) -> torch.Tensor:

@@ -10,9 +10,10 @@ and inside the site itself, it is torch's own. No processor is replaced and no l
 A site learns, once per request, sequence shape and attention call of its forward, every shard's query and key
 lengths (one small all-gather on the sequence group), so the same code serves self-attention over split tokens,
 joint attention over split text and image tokens, and attention of split queries to split keys of another length:
-- queries and keys of the same lengths, with no mask or a padding mask over the keys (folded into one more
-  channel of q, k and v, so that it travels with its keys): Ulysses, Ring, both, or displaced
-  (`SequenceAttention`);
+- queries and keys of the same lengths, with no mask or a padding mask over the keys: Ulysses, Ring, both, or
+  displaced (`SequenceAttention`). Keys the mask hides from every query (a prompt's padding) are left out, which is
+  exact and cheaper; a mask that still hides or biases some keys (batch elements padded differently) is folded into
+  one more channel of q, k and v, so that it travels with its keys;
 - otherwise (a mask that depends on the query, a cross-attention to a split text): every shard's keys, values and
   mask gathered, then the module's attention on its own queries (exact; the text is short).
 A site that ends without reaching the seam (an attention backend such as flash-attn called directly) is an error,
@@ -59,6 +60,24 @@ def open_seam() -> None:
 def _per_key(mask: torch.Tensor, keys: int) -> bool:
     """Whether `mask` depends on the key alone (`[B, 1, 1, keys]`: a padding mask over the keys)."""
     return mask.dim() == 4 and mask.shape[1] == mask.shape[2] == 1 and mask.shape[3] == keys
+
+
+def _hidden(mask: torch.Tensor) -> torch.Tensor:
+    """Where a mask (boolean: True is seen; additive: -inf is not) hides a key."""
+    return ~mask if mask.dtype == torch.bool else mask == float("-inf")
+
+
+def _drop_unseen(key: torch.Tensor, value: torch.Tensor,
+                 mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Keys and values without the keys that a per-key `mask` hides from every query of every batch element (a
+    prompt's padding), and the mask over the keys left, or None where it no longer hides or biases any: attention
+    over the keys left is the masked attention, and costs less. A shard whose keys are all hidden keeps them."""
+    seen = ~_hidden(mask)[:, 0, 0].all(0)
+    if bool(seen.any()) and not bool(seen.all()):
+        index = seen.nonzero().squeeze(1)
+        key, value, mask = key.index_select(2, index), value.index_select(2, index), mask.index_select(3, index)
+    neutral = bool(mask.all()) if mask.dtype == torch.bool else not bool(mask.any())
+    return key, value, None if neutral else mask
 
 
 def _fold_key_bias(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
@@ -143,29 +162,41 @@ class AttentionSite:
             raise ValueError(f"{self.name}: sequence-parallel attention takes neither dropout nor a causal mask")
         if key.shape[1] != query.shape[1]:  # grouped-query attention
             key, value = (t.repeat_interleave(query.shape[1] // key.shape[1], dim=1) for t in (key, value))
+        per_key = mask is not None and _per_key(mask, key.shape[2])
         mine = [query.shape[2], key.shape[2]]
-        if call not in self.lengths:
-            shapes = torch.tensor(mine, device=query.device)
-            both = self.ctx.comm.all_gather(shapes, self.ctx.label("attn.lengths")).view(-1, 2).t().tolist()
-            self.lengths[call] = (both[0], both[1])
-        queries, keys = self.lengths[call]
-        rank = self.ctx.comm.rank
-        if [queries[rank], keys[rank]] != mine:
-            raise RuntimeError(f"{self.name}: attention call {call} got {mine[0]} queries and {mine[1]} keys, earlier "
-                               f"in this request {[queries[rank], keys[rank]]}")
-        if queries == keys and (mask is None or _per_key(mask, mine[1])):
+        if per_key:  # the keys no query sees are left out; what the shards keep can change with every call
+            key, value, mask = _drop_unseen(key, value, mask)
+        queries, keys, kept, masked = self._lengths(call, [*mine, key.shape[2], int(mask is not None)],
+                                                    query.device, learn=per_key)
+        if mask is None and any(masked):  # another shard's keys keep a mask: every shard attends alike
+            mask = query.new_zeros(key.shape[0], 1, 1, key.shape[2])
+        if queries == keys and (mask is None or per_key):
             width = query.shape[-1]
             if mask is not None:
                 query, key, value = _fold_key_bias(query, key, value, mask, scale)
             elif scale is not None:
                 query = query * (scale * math.sqrt(width))
-            core = self.clip_core if self.clip_core is not None and self._sees_clips(keys) else self.core
-            return core(query, key, value, keys).transpose(1, 2)[..., :width]
+            core = self.clip_core if self.clip_core is not None and self._sees_clips(kept) else self.core
+            return core(query, key, value, kept, queries).transpose(1, 2)[..., :width]
         comm, label = self.ctx.comm, self.ctx.label("attn.gathered_kv")
-        key, value = (comm.all_gather_varlen(t.contiguous(), 2, keys, label) for t in (key, value))
-        if mask is not None and mask.shape[-1] == mine[1] and mine[1] != key.shape[2]:
+        key, value = (comm.all_gather_varlen(t.contiguous(), 2, kept, label) for t in (key, value))
+        if mask is not None and mask.shape[-1] == kept[comm.rank] != key.shape[2]:
             flags = mask.dtype == torch.bool  # gathered as bytes: not every backend moves bools
-            whole = mask.expand(*key.shape[:2], mask.shape[-2], mine[1]).to(torch.uint8 if flags else mask.dtype)
-            mask = comm.all_gather_varlen(whole.contiguous(), 3, keys, label)
+            whole = mask.expand(*key.shape[:2], mask.shape[-2], mask.shape[-1]).to(torch.uint8 if flags else mask.dtype)
+            mask = comm.all_gather_varlen(whole.contiguous(), 3, kept, label)
             mask = mask.bool() if flags else mask
         return _TORCH_SDPA(query, key, value, attn_mask=mask, scale=scale)
+
+    def _lengths(self, call: Hashable, mine: list[int], device: torch.device, learn: bool) -> tuple[list[int], ...]:
+        """Every shard's query, key and kept-key lengths for this call, and whether its kept keys still carry a
+        mask: gathered the first time the call is seen in a request, or every time where `learn` (keys were
+        left out by a mask: how many can change from call to call)."""
+        rank = self.ctx.comm.rank
+        if learn or call not in self.lengths:
+            gathered = self.ctx.comm.all_gather(torch.tensor(mine, device=device), self.ctx.label("attn.lengths"))
+            self.lengths[call] = tuple(gathered.view(-1, len(mine)).t().tolist())
+        lengths = self.lengths[call]
+        if [lengths[0][rank], lengths[1][rank]] != mine[:2]:
+            raise RuntimeError(f"{self.name}: attention call {call} got {mine[0]} queries and {mine[1]} keys, earlier "
+                               f"in this request {[lengths[0][rank], lengths[1][rank]]}")
+        return lengths
