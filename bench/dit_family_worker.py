@@ -29,14 +29,17 @@ CALLS = {
     # its position table holds 32×32 tokens
     "tiny-auraflow": (dict(height=512, width=512), "32×32 = 1024 image tokens + 8 registers + 256 text"),
     "tiny-lumina2": (dict(height=1024, width=1024), "64×64 = 4096 image tokens + the prompt's"),
-    "tiny-ltx": (dict(height=256, width=256, num_frames=9), "5 frames × 32×32 = 5120 video tokens + 128 text"),
-    "tiny-ltx2": (dict(height=64, width=64, num_frames=9),
-                  "5 frames × 32×32 = 5120 video tokens + the padded prompt; the audio whole on every rank"),
-    "tiny-cogvideox": (dict(height=256, width=256, num_frames=17), "5 frames × 32×32 = 5120 video tokens + 226 text"),
-    "tiny-hunyuanvideo": (dict(height=256, width=256, num_frames=9), "3 frames × 32×32 = 3072 video tokens + 256 text"),
-    "tiny-mochi": (dict(height=384, width=384, num_frames=31), "6 frames × 24×24 = 3456 video tokens + 256 text"),
-    "tiny-helios": (dict(height=256, width=256, num_frames=33),
-                    "a chunk of 9 frames × 16×16 = 2304 video tokens + 384 of history; 40 blocks"),
+    # the video families at about 10k tokens, where attention is most of a step (as in every real video: 720p × 129
+    # frames is 120k tokens)
+    "tiny-ltx": (dict(height=384, width=384, num_frames=9), "5 frames × 48×48 = 11520 video tokens + 128 text"),
+    "tiny-ltx2": (dict(height=96, width=96, num_frames=9),
+                  "5 frames × 48×48 = 11520 video tokens + the padded prompt; the audio (9 tokens) whole on every rank"),
+    "tiny-cogvideox": (dict(height=384, width=384, num_frames=17), "5 frames × 48×48 = 11520 video tokens + 226 text"),
+    "tiny-hunyuanvideo": (dict(height=384, width=384, num_frames=17),
+                          "5 frames × 48×48 = 11520 video tokens + 256 text"),
+    "tiny-mochi": (dict(height=576, width=576, num_frames=43), "8 frames × 36×36 = 10368 video tokens + 256 text"),
+    "tiny-helios": (dict(height=384, width=384, num_frames=33),
+                    "a chunk of 9 frames × 24×24 = 5184 video tokens + its history; 40 blocks"),
 }
 
 

@@ -4,6 +4,7 @@
 anything changes) and intercepts its `forward` once (tag `sequence.plan`), with every entry that names it: named
 inputs (or an element of a tuple input, `input.i`) are cut to this rank's slice before the call (plain splits
 first, then those that join several streams), an input counting the grid's rows (`Rows`) becomes the shard's rows,
+an input that is a stream's length (`Length`) is learnt as that length (before the splits) and becomes the shard's,
 planned outputs are cut after the call, gathers all-gather the output. The slices come from the `TokenLayout` the
 runtime gives for the current forward (`begin_forward`). Each split records its stream's whole length under its
 input name (`0`, `1`… for outputs); the first split the plan declares is the stream gathers collect unless they
@@ -20,7 +21,8 @@ import torch
 
 from paragen.parallel.intercept import intercept
 from paragen.parallel.sequence.layout import TokenLayout
-from paragen.parallel.sequence.plan import Gather, Rows, ShardingPlan, Split, entry_gathers, entry_splits, resolve
+from paragen.parallel.sequence.plan import (Gather, Length, Rows, ShardingPlan, Split, entry_gathers, entry_splits,
+                                            resolve)
 
 TAG = "sequence.plan"
 
@@ -48,7 +50,8 @@ class PlannedSharding:
         self.plan = plan
         self.layout = layout
         self.label = label
-        splits = [_first(split).stream or key for _, key, split in plan.splits() if not isinstance(split, Rows)]
+        splits = [_first(split).stream or key for _, key, split in plan.splits()
+                  if not isinstance(split, (Rows, Length))]
         if not splits:
             raise ValueError("a sharding plan needs at least one split")
         self.stream = splits[0]  # the key of the split whose stream the gathers collect by default
@@ -95,15 +98,37 @@ class PlannedSharding:
                 seen[stream] = length
             begin, end = layout.bounds(length)
             return value.narrow(dim, begin, end - begin)
+        unknown = [stream for stream in joins if stream not in self.lengths]
+        if len(unknown) > 1:
+            raise RuntimeError(f"a split joining {joins} met {unknown} before their lengths were learnt")
+        if unknown:  # the rest of the tensor
+            rest = length - sum(self.lengths[stream] for stream in joins if stream not in unknown)
+            if rest < 0:
+                raise RuntimeError(f"a split joining {joins} got {length} tokens along dim {dim}, fewer than the "
+                                   "streams it joins")
+            self.lengths[unknown[0]], self._shape = rest, None
         parts, start = [], 0
         for stream in joins:
             whole = self.lengths[stream]
-            begin, end = layout.bounds(whole)
-            parts.append(value.narrow(dim, start + begin, end - begin))
+            if whole:  # an empty stream (no history yet) has nothing to cut
+                begin, end = layout.bounds(whole)
+                parts.append(value.narrow(dim, start + begin, end - begin))
             start += whole
         if start != length:
             raise RuntimeError(f"a split joining {joins} expected {start} tokens along dim {dim}, got {length}")
         return torch.cat(parts, dim)
+
+    def _shard_length(self, whole: Any, stream: str, layout: TokenLayout, seen: dict) -> Any:
+        """An input that is `stream`'s whole length: learnt as such, and this rank's length of it instead."""
+        whole = int(whole)
+        if stream not in self.lengths:
+            self.lengths[stream], self._shape = whole, None
+        elif self.lengths[stream] != whole:
+            raise RuntimeError(f"an input says stream {stream!r} has {whole} tokens; this forward's has "
+                               f"{self.lengths[stream]}")
+        seen[stream] = whole
+        begin, end = layout.bounds(whole)
+        return end - begin
 
     def _cut_item(self, value: Any, path: list[int], split: Split, key: Any, layout: TokenLayout, seen: dict) -> Any:
         """`value` with its element at `path` (tuple indices; none: `value` itself) cut; the rest whole."""
@@ -127,15 +152,19 @@ class PlannedSharding:
 
     def _around(self, name: str, splits: dict, gathers: list[Gather], signature: inspect.Signature):
         rows = [key for key, split in splits.items() if isinstance(split, Rows)]
-        cuts = {key: split for key, split in splits.items() if not isinstance(split, Rows)}
+        counts = {key: split.stream for key, split in splits.items() if isinstance(split, Length)}
+        cuts = {key: split for key, split in splits.items() if not isinstance(split, (Rows, Length))}
         inputs = sorted(((k, s) for k, s in cuts.items() if not _first(s).output),
                         key=lambda item: bool(_first(item[1]).joins))
         outputs = {key: split for key, split in cuts.items() if _first(split).output}
 
         def around(forward, *args, **kwargs):
             layout, seen = self.layout(), {}
-            if inputs or rows:
+            if inputs or rows or counts:
                 bound = signature.bind_partial(*args, **kwargs)
+                for key, stream in counts.items():
+                    if bound.arguments.get(key) is not None:
+                        bound.arguments[key] = self._shard_length(bound.arguments[key], stream, layout, seen)
                 for key, split in inputs:
                     argument, *path = key.split(".")  # `input.i`: element i of a tuple input
                     if bound.arguments.get(argument) is not None:

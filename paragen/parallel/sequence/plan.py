@@ -16,8 +16,9 @@ Beside diffusers' fields a plan says which attention modules attend to keys that
 attention (`linear`: a ReLU kernel, whose sum over the keys one all-reduce completes); and, for a model that folds
 its tokens back into their grid between attentions (SANA's Mix-FFN), which convs run over that grid (`row_convs`:
 each shard then holds whole rows and gets its neighbours' edge rows) and which integer inputs count the grid's rows
-(`Rows`: replaced by the shard's rows). Every other attention module's keys are the split tokens. The first split
-a plan declares is its output stream: what the gathers collect. `from_diffusers` reads a diffusers `_cp_plan` into
+(`Rows`: replaced by the shard's rows); an integer input that is a stream's length is `Length` (replaced by the
+shard's). Every other attention module's keys are the split tokens. The first split a plan declares is its output
+stream: what the gathers collect. `from_diffusers` reads a diffusers `_cp_plan` into
 this form without importing diffusers' types.
 """
 from __future__ import annotations
@@ -35,6 +36,8 @@ class Split:
 
     `joins`: the tensor's `dim` is the concatenation of these streams (named by the inputs they were split as,
     e.g. an attention mask over `[video, text]`); each part is cut by its own stream and the parts joined again.
+    One of them may be a stream not learnt yet: it is the rest of the tensor, and its length is learnt there (Helios'
+    history tokens before the newest frames', whose count is an input: `Length`).
     `stream`: the name the stream's length is kept under (default: the input's name), for a stream cut where an input
     of the same name carries another one (Z-Image's image tokens, refined before they join the caption).
     """
@@ -62,8 +65,16 @@ class Rows:
     replaced by the rows of this rank's shard (the layout then cuts the grid by whole rows)."""
 
 
+@dataclass(frozen=True)
+class Length:
+    """An integer input that is the whole length of a stream (learnt under the name `stream`): replaced by the
+    length of this rank's shard of it."""
+
+    stream: str
+
+
 # inputs/outputs to split (a tuple of splits: alternatives by dimensions), or the output gather(s)
-Entry = Union[Mapping[Union[str, int], Union[Split, Rows, tuple]], Gather, tuple]
+Entry = Union[Mapping[Union[str, int], Union[Split, Rows, Length, tuple]], Gather, tuple]
 
 
 @dataclass(frozen=True)
@@ -76,8 +87,8 @@ class ShardingPlan:
     row_convs: tuple[str, ...] = ()  # path patterns of convs over the token grid (shards of whole rows, halos)
     source: str = "paragen"  # "diffusers" when read from the class's `_cp_plan`
 
-    def splits(self) -> list[tuple[str, str | int, Split | Rows]]:
-        """Every split as (path, input name or output index, Split or Rows), in declaration order."""
+    def splits(self) -> list[tuple[str, str | int, Split | Rows | Length]]:
+        """Every split as (path, input name or output index, Split, Rows or Length), in declaration order."""
         return [(path, key, split) for path, entry in self.modules.items() for key, split in entry_splits(entry).items()]
 
     def gathers(self) -> list[tuple[str, tuple[Gather, ...]]]:
@@ -85,7 +96,7 @@ class ShardingPlan:
         return [(path, entry_gathers(entry)) for path, entry in self.modules.items() if entry_gathers(entry)]
 
 
-def entry_splits(entry: Entry) -> Mapping[str | int, Split | Rows]:
+def entry_splits(entry: Entry) -> Mapping[str | int, Split | Rows | Length]:
     """The splits of one plan entry (none for a gather)."""
     return entry if isinstance(entry, Mapping) else {}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from paragen.parallel.sequence.plan import Gather, Rows, ShardingPlan, Split, from_diffusers
+from paragen.parallel.sequence.plan import Gather, Length, Rows, ShardingPlan, Split, from_diffusers
 
 TOKENS = Split(1, 3)  # a [B, L, C] token sequence cut along L
 _PATCH_EMBEDDING_OUTPUT = {0: Split(1, 3, output=True)}
@@ -24,6 +24,10 @@ _JOINT_MASK = Split(3, 4, joins=("hidden_states", "encoder_hidden_states"))
 # (cos, sin) of every video token: [B, L, D] (interleaved) or [B, H, L, D/2] (split), whichever the model gives
 _LTX2_ROTARY = {0: (Split(1, 3, output=True), Split(2, 4, output=True)),
                 1: (Split(1, 3, output=True), Split(2, 4, output=True))}
+
+# Helios' sequence: its history tokens (their count learnt as the rest), then the newest frames' (counted by an input)
+_HELIOS_PARTS = ("history", "newest")
+_HELIOS_TOKENS = Split(1, 3, joins=_HELIOS_PARTS)
 
 OWN_PLANS: dict[str, ShardingPlan] = {
     # PixArt-α/Σ: image tokens cut after the patch embedding; the text stays whole (only cross-attended).
@@ -98,6 +102,18 @@ OWN_PLANS: dict[str, ShardingPlan] = {
         "rope": _LTX2_ROTARY, "cross_attn_rope": _LTX2_ROTARY, "proj_out": Gather(1, 3)},
         replicated=("transformer_blocks.*.audio_attn1", "transformer_blocks.*.audio_attn2",
                     "transformer_blocks.*.audio_to_video_attn")),
+    # Helios: every block gets one sequence of [history, newest frames] (the history compressed), the per-token
+    # modulation and rotary table of that sequence, and the newest frames' count. Each rank keeps its shard of each
+    # part, its count of the newest frames replacing the whole one, so the blocks split history from newest frames
+    # by the rank's own counts and the tokens stay cut from the first block to the output projection, which collects
+    # the newest frames (diffusers' plan instead cuts and gathers around every attention and feed-forward). The text
+    # stays whole (cross-attended).
+    "HeliosTransformer3DModel": ShardingPlan({
+        "blocks.0": {"hidden_states": _HELIOS_TOKENS},
+        "blocks.*": {"original_context_length": Length("newest"), "temb": Split(1, 4, joins=_HELIOS_PARTS),
+                     "rotary_emb": _HELIOS_TOKENS},
+        "norm_out": {"original_context_length": Length("newest")}, "proj_out": Gather(1, 3, stream="newest")},
+        replicated=("blocks.*.attn2",)),
     # Mochi: both streams cut at the first block, the text's mask with them (each rank keeps its valid text tokens).
     "MochiTransformer3DModel": ShardingPlan({
         "transformer_blocks.0": _BOTH_STREAMS, "transformer_blocks.*": {"encoder_attention_mask": Split(1, 2)},
