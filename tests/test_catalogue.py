@@ -23,7 +23,7 @@ def test_models_json_lists_every_class_with_its_plan_source(capsys):
     assert set(rows) == {(name, w.name) for w in WORKLOADS for name in w.accepts}
     # written separately from the code: which classes diffusers plans and which paragen plans (diffusers 0.42)
     expected = {"FluxPipeline": "diffusers", "Flux2KleinPipeline": "diffusers", "QwenImagePipeline": "diffusers",
-                "WanPipeline": "diffusers", "LTXPipeline": "diffusers", "HeliosPipeline": "diffusers", "PixArtSigmaPipeline": "paragen",
+                "WanPipeline": "diffusers", "LTXPipeline": "diffusers", "HeliosPipeline": "paragen", "PixArtSigmaPipeline": "paragen",
                 "StableDiffusion3Pipeline": "paragen", "ZImagePipeline": "paragen", "CogVideoXPipeline": "paragen",
                 "HunyuanVideoPipeline": "paragen", "MochiPipeline": "paragen", "HunyuanDiTPipeline": "paragen",
                 "AuraFlowPipeline": "paragen", "Lumina2Pipeline": "paragen", "AllegroPipeline": "paragen",

@@ -1,4 +1,6 @@
 """What `parallelize` refuses for DiT pipelines (one process, no process group), and the shard maths."""
+import re
+
 import pytest
 import torch
 
@@ -7,7 +9,7 @@ from paragen.parallel.partition import split_bounds, split_sizes
 from paragen.parallel.attention_contract import heads_first
 from paragen.parallel.intercept import intercepted
 from paragen.parallel.sequence.apply import PlannedSharding
-from paragen.parallel.sequence.plan import Gather, ShardingPlan, Split, from_diffusers
+from paragen.parallel.sequence.plan import Gather, Length, ShardingPlan, Split, from_diffusers
 from paragen.pipelines.dit import plans
 from paragen.pipelines.loading import load_pipeline
 
@@ -127,6 +129,41 @@ def test_a_split_with_alternatives_cuts_by_the_dimensions_the_tensor_has():
     assert all(got is other for got in rope(other))  # neither: left whole
 
 
+def test_a_stream_length_input_becomes_the_shards_and_a_join_learns_its_rest():
+    """Helios' blocks get [history, newest] tokens and the newest frames' count: the count is learnt as that stream's
+    length and replaced by the shard's; the history is the rest of the joined sequence; each part is cut by its own
+    stream (the second of two shards: history 6 → [3, 6), newest 5 → [2, 5)); the output gathers the newest."""
+
+    class Block(torch.nn.Module):
+        def forward(self, tokens, newest):
+            seen.append((tokens, newest))
+            return tokens[:, -newest:]
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.out = Block(), torch.nn.Identity()
+
+        def forward(self, tokens, newest):
+            return self.out(self.block(tokens, newest))
+
+    model, layout, seen = Model(), Halves(), []
+    parts = ("history", "newest")
+    plan = ShardingPlan({"block": {"tokens": Split(1, 3, joins=parts), "newest": Length("newest")},
+                         "out": Gather(1, 3, stream="newest")})
+    sharding = PlannedSharding(plan, lambda: layout, "toy.")
+    sharding.install(model)
+    tokens = torch.arange(11.0).view(1, 11, 1)
+    output = model(tokens, 5)
+    (cut, newest), = seen
+    assert cut.flatten().tolist() == [3.0, 4.0, 5.0, 8.0, 9.0, 10.0] and newest == 3
+    assert output.shape == (1, 5, 1) and layout.gathered == [5]
+    assert sharding.lengths == {"newest": 5, "history": 6}
+    with pytest.raises(RuntimeError, match="got 4 tokens along dim 1, fewer than the streams it joins"):
+        sharding.begin_forward()
+        model(tokens[:, :4], 5)
+
+
 def test_refusals_name_the_problem():
     pipe = load_pipeline("tiny-pixart")
     with pytest.raises(ValueError, match="partial.*UNet pipelines"):
@@ -167,4 +204,23 @@ def test_clips_are_refused_for_a_video_transformer_without_a_grid(monkeypatch):
     workload.check(pipe, config, paragen.TemporalAttention())
     monkeypatch.delitem(plans.VIDEO_GRIDS, "LTXVideoTransformer3DModel")
     with pytest.raises(ValueError, match="clips need a video grid.*LTXVideoTransformer3DModel has none.*clip=1"):
+        workload.check(pipe, config, paragen.TemporalAttention())
+
+
+def test_a_video_grid_naming_a_module_the_model_lacks_is_refused(monkeypatch):
+    """The modules a video grid names (`whole_queries`: LTX-2's audio attending to every clip's video) are checked
+    like a plan's, before any process group."""
+    import dataclasses
+
+    from paragen.pipelines import registry
+
+    workload = registry.find("LTX2Pipeline")
+    config = workload.resolve(paragen.ParallelConfig(clip=2), world=2)
+    pipe = load_pipeline("tiny-ltx2")
+    workload.check(pipe, config, paragen.TemporalAttention())
+    grid = plans.VIDEO_GRIDS["LTX2VideoTransformer3DModel"]
+    monkeypatch.setitem(plans.VIDEO_GRIDS, "LTX2VideoTransformer3DModel",
+                        dataclasses.replace(grid, whole_queries=("transformer_blocks.*.audio_to_text_attn",)))
+    with pytest.raises(ValueError, match=re.escape("names module 'transformer_blocks.*.audio_to_text_attn', which "
+                                                   "LTX2VideoTransformer3DModel does not have")):
         workload.check(pipe, config, paragen.TemporalAttention())

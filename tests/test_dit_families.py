@@ -8,9 +8,10 @@ a size whose image/video tokens the ranks do not divide where its pipeline's mul
 - cfg=2 on the families that batch their guidance branches (beside Ring on LTX at 4 ranks);
 - clips on LTX-Video (self-attention over the video tokens alone) at more latent frames: full scope, and dual
   scope with a window that reaches every frame, equal one process (2 ranks: 2 clips; 4 ranks: 2 clips × Ring 2);
-  a narrow dual scope runs and stays above a PSNR floor; full-scope clips on Allegro and on the joint-attention
+  a narrow dual scope runs and stays above a PSNR floor; full-scope clips on Allegro, on the joint-attention
   families whose text sits before (CogVideoX) or after (HunyuanVideo, with its padding mask over the keys; Mochi)
-  the video among the keys equal one process (2 ranks: 2 clips; 4 ranks: CogVideoX, 2 clips × Ulysses 2);
+  the video among the keys, and on LTX-2 (its audio, whole on every rank, attends to every clip's video) equal one
+  process (2 ranks: 2 clips; 4 ranks: CogVideoX, 2 clips × Ulysses 2; LTX-2, 2 clips × Ring 2);
 - displaced attention on a plan read from diffusers (Qwen-Image) and on one of paragen's own (Z-Image, one joined
   and padded sequence): it runs stale after the warm-up and stays above a PSNR floor. (The video families run
   sync: their workload takes the video job's clip options, not an exchange mode.)
@@ -31,8 +32,8 @@ pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast s
 FAMILIES = tuple(CALLS)
 CFG_FAMILIES = ("tiny-sana", "tiny-hunyuandit", "tiny-auraflow", "tiny-ltx", "tiny-cogvideox", "tiny-mochi", "tiny-allegro")
 DISPLACED = ("tiny-qwenimage", "tiny-zimage")
-# at their CALLS' frames: 5, 3, 3 and 6 latent frames
-CLIP_FAMILIES = ("tiny-cogvideox", "tiny-hunyuanvideo", "tiny-mochi", "tiny-allegro")
+# at their CALLS' frames: 5, 3, 3, 6 and 5 latent frames
+CLIP_FAMILIES = ("tiny-cogvideox", "tiny-hunyuanvideo", "tiny-mochi", "tiny-allegro", "tiny-ltx2")
 CLIP_FRAMES = 17  # tiny-ltx: 9 latent frames (the family's CALLS take 5)
 CLIPS = {"full": {"scope": "full"}, "dual_reaching_all": {"scope": "dual", "local": 4, "global_frames": 9},
          "dual_narrow": {"scope": "dual", "local": 1, "global_frames": 2}}
@@ -60,7 +61,8 @@ def _specs(world: int) -> list[dict]:
                     {"model": "tiny-ltx", "clip": 2, "ring": 2, "frames": CLIP_FRAMES, "scope": "full",
                      "name": "tiny-ltx/clips_full_ring"},
                     {"model": "tiny-cogvideox", "clip": 2, "ulysses": 2, "ring": 1, "scope": "full",
-                     "name": "tiny-cogvideox/clips_full_ulysses"}]
+                     "name": "tiny-cogvideox/clips_full_ulysses"},
+                    {"model": "tiny-ltx2", "clip": 2, "ring": 2, "scope": "full", "name": "tiny-ltx2/clips_full_ring"}]
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda n: f"{n}ranks")

@@ -15,7 +15,9 @@ joint attention over split text and image tokens, and attention of split queries
   exact and cheaper; a mask that still hides or biases some keys (batch elements padded differently) is folded into
   one more channel of q, k and v, so that it travels with its keys;
 - otherwise (a mask that depends on the query, a cross-attention to a split text): every shard's keys, values and
-  mask gathered, then the module's attention on its own queries (exact; the text is short).
+  mask gathered, then the module's attention on its own queries (exact; the text is short). With clips, where the
+  queries are whole on every rank and the keys are the clip's video (LTX-2's audio attending to the video), the
+  clips' partial attentions are merged by log-sum-exp over the clips.
 A site that ends without reaching the seam (an attention backend such as flash-attn called directly) is an error,
 not a silently local attention. Modules whose keys are whole on every rank (the plan's `replicated`) get no site.
 """
@@ -28,6 +30,8 @@ from typing import Any, Callable, Hashable
 import torch
 import torch.nn.functional as F
 
+from paragen.comms import GroupComm
+from paragen.kernels.attention import attention_with_lse, merge_attention_partials
 from paragen.parallel.intercept import intercept
 from paragen.parallel.sequence.attention import OutsideKeys, SequenceAttention
 from paragen.parallel.sequence.context import SequenceContext
@@ -102,14 +106,17 @@ class AttentionSite:
 
     def __init__(self, ctx: SequenceContext, name: str, shape: Callable[[], Hashable] = tuple,
                  outside: OutsideKeys | None = None,
-                 clip_video: Callable[[], tuple[list[int], str] | None] = lambda: None) -> None:
+                 clip_video: Callable[[], tuple[list[int], str] | None] = lambda: None,
+                 clips: GroupComm | None = None) -> None:
         """`shape`: what every rank knows alike of the current forward's sequence (its streams' whole lengths): the
         lengths learnt for one shape are reused only for that shape (two guidance calls may differ in text).
         `outside` (clips): the K/V this shard also sees of the other clips, for the self-attention over the clip's
         video tokens; `clip_video()` gives every shard's video tokens in the clip and where a joint attention puts
-        its text among the keys ("before", "after"; "": the keys must be the video tokens alone)."""
+        its text among the keys ("before", "after"; "": the keys must be the video tokens alone). `clips`: for a
+        module whose queries are whole on every rank and whose keys are the clip's video tokens, the ranks holding
+        the same shard of the other clips, over which the clips' partial attentions are merged."""
         self.ctx, self.name, self.shape, self.clip_video = ctx, name, shape, clip_video
-        self.outside = outside
+        self.outside, self.clips = outside, clips
         self.core = SequenceAttention(ctx)
         self.clip_core = None if outside is None else SequenceAttention(ctx, self._outside)
         self._video = (0, 0)  # this call's video tokens among the shard's keys, for the outside exchange
@@ -180,12 +187,25 @@ class AttentionSite:
             return core(query, key, value, kept, queries).transpose(1, 2)[..., :width]
         comm, label = self.ctx.comm, self.ctx.label("attn.gathered_kv")
         key, value = (comm.all_gather_varlen(t.contiguous(), 2, kept, label) for t in (key, value))
+        if self.clips is not None and self.clips.size > 1:
+            return self._over_clips(query, key, value, mask, scale)
         if mask is not None and mask.shape[-1] == kept[comm.rank] != key.shape[2]:
             flags = mask.dtype == torch.bool  # gathered as bytes: not every backend moves bools
             whole = mask.expand(*key.shape[:2], mask.shape[-2], mask.shape[-1]).to(torch.uint8 if flags else mask.dtype)
             mask = comm.all_gather_varlen(whole.contiguous(), 3, kept, label)
             mask = mask.bool() if flags else mask
         return _TORCH_SDPA(query, key, value, attn_mask=mask, scale=scale)
+
+    def _over_clips(self, query, key, value, mask, scale) -> torch.Tensor:
+        """Attention of queries that every clip holds alike over the video keys of all clips: this clip's part, the
+        clips' parts gathered and merged by log-sum-exp (exact; every rank merges the same parts alike)."""
+        if mask is not None:
+            raise ValueError(f"{self.name}: a mask on an attention whose keys are the video of every clip is not "
+                             "supported with clips")
+        out, lse = attention_with_lse(query, key, value, scale)
+        parts = self.clips.all_gather(torch.cat([out.float(), lse.unsqueeze(-1)], -1).contiguous(),
+                                      self.ctx.label("attn.clip_parts"))
+        return merge_attention_partials(parts[..., :-1], parts[..., -1])[0].to(query.dtype)
 
     def _lengths(self, call: Hashable, mine: list[int], device: torch.device, learn: bool) -> tuple[list[int], ...]:
         """Every shard's query, key and kept-key lengths for this call, and whether its kept keys still carry a

@@ -170,13 +170,17 @@ class VideoGrid:
     argument is the number itself — and the config attributes of its temporal and spatial patch (None: 1). Clips
     need it (the layout cuts the video's tokens frame by frame; a clip's seen-frame K/V are picked from the video
     tokens of its self-attention's keys), with `text`: where a joint self-attention puts the rank's text tokens
-    among its keys ("before" or "after" the video tokens; "": the keys are the video tokens alone)."""
+    among its keys ("before" or "after" the video tokens; "": the keys are the video tokens alone), and
+    `whole_queries`: the attention modules whose queries are a stream whole on every rank and whose keys are the
+    video tokens (LTX-2's audio attending to the video): with clips, each clip attends to its own video and the
+    clips' partial attentions are merged, so every clip gets the attention over the whole video."""
 
     frames: Where
     rows: Where
     cols: Where
     patch: tuple[Where, ...]  # (config attribute, index in it or None) for frames, rows, columns
     text: str = ""
+    whole_queries: tuple[str, ...] = ()
 
     def tokens(self, transformer: Any, arguments: dict[str, Any]) -> tuple[int, int]:
         """(latent frames, tokens per frame) of a call with these `arguments`."""
@@ -203,6 +207,11 @@ VIDEO_GRIDS: dict[str, VideoGrid] = {
     # Allegro: a [B, C, F, H, W] latent, patch-embedded frame by frame; its self-attention sees video tokens only
     "AllegroTransformer3DModel": VideoGrid(("hidden_states", 2), ("hidden_states", 3), ("hidden_states", 4),
                                            (("patch_size_t", None), ("patch_size", None), ("patch_size", None))),
+    # LTX-2: packed video tokens, the latent grid with the call (its video self-attention sees video tokens only);
+    # the audio, whole on every rank, attends to the whole video
+    "LTX2VideoTransformer3DModel": VideoGrid(("num_frames", None), ("height", None), ("width", None),
+                                             (("patch_size_t", None), ("patch_size", None), ("patch_size", None)),
+                                             whole_queries=("transformer_blocks.*.video_to_audio_attn",)),
     # Mochi: a [B, C, F, H, W] latent; its joint attention puts each sample's valid text after the video
     "MochiTransformer3DModel": VideoGrid(("hidden_states", 2), ("hidden_states", 3), ("hidden_states", 4),
                                          (("patch_size_t", None), ("patch_size", None), ("patch_size", None)),

@@ -196,9 +196,11 @@ def install_plan(transformer, config: ParallelConfig, seq: SequenceContext, runt
     planned.install(transformer)
     open_seam()
     cls = type(transformer).__name__
+    grid = VIDEO_GRIDS.get(cls)
     for name, attn in sharded_attentions(transformer, plan, config):
+        clips = runtime.mesh.group("clip") if grid is not None and matches(name, grid.whole_queries) else None
         site = AttentionSite(seq, f"{cls}.{name}", planned.shape, outside,
-                             functools.partial(runtime.clip_video, transformer))
+                             functools.partial(runtime.clip_video, transformer), clips)
         site.install(attn)
     linear, convs = grid_modules(transformer, plan)
     for name, attn in linear:
@@ -234,11 +236,15 @@ def check(pipe, config: ParallelConfig, options: Any) -> None:
 
 
 def check_plan(transformer, config: ParallelConfig) -> None:
-    """Refuse a transformer without a plan, a plan naming a module it lacks, heads the Ulysses degree does not divide."""
+    """Refuse a transformer without a plan, a plan or video grid naming a module it lacks, heads the Ulysses degree
+    does not divide."""
     plan = plan_for(transformer)
     planned_modules(plan, transformer)
     sharded_attentions(transformer, plan, config)
     grid_modules(transformer, plan)
+    video = VIDEO_GRIDS.get(type(transformer).__name__)
+    for path in video.whole_queries if video is not None else ():
+        resolve(transformer, path, f"{type(transformer).__name__}'s video grid")
 
 
 def install(pipe, config: ParallelConfig, options: Any):
