@@ -3,7 +3,7 @@
 Variants: `stock` (the plain diffusers pipeline), `diffusers_ulysses` (diffusers' own context parallelism, where
 the transformer class declares a `_cp_plan`), and paragen's `ulysses` and `ring`. Every denoising step is timed
 with diffusers' step-end callback after a warm-up request, as in dit_worker.py. Rank 0 writes a JSON result and
-the output tensor (images, or a video's frames).
+the output tensor (images, a video's frames, or the latents where the call asks for them).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import paragen
 from paragen.comms import world_size
 
 VARIANTS = ("stock", "diffusers_ulysses", "ulysses", "ring")
+LATENTS = {"output_type": "latent"}
 # model -> its call at a size where the split pays (a few thousand tokens), and how many tokens that is
 CALLS = {
     "tiny-flux2": (dict(height=256, width=256), "64×64 = 4096 image tokens + 512 text"),
@@ -30,15 +31,18 @@ CALLS = {
     "tiny-auraflow": (dict(height=512, width=512), "32×32 = 1024 image tokens + 8 registers + 256 text"),
     "tiny-lumina2": (dict(height=1024, width=1024), "64×64 = 4096 image tokens + the prompt's"),
     # the video families at about 10k tokens, where attention is most of a step (as in every real video: 720p × 129
-    # frames is 120k tokens)
-    "tiny-ltx": (dict(height=384, width=384, num_frames=9), "5 frames × 48×48 = 11520 video tokens + 128 text"),
-    "tiny-ltx2": (dict(height=96, width=96, num_frames=9),
+    # frames is 120k tokens), compared on their latents: their VAEs decode whole on every rank, for minutes here
+    "tiny-ltx": (dict(LATENTS, height=384, width=384, num_frames=9),
+                 "5 frames × 48×48 = 11520 video tokens + 128 text"),
+    "tiny-ltx2": (dict(LATENTS, height=96, width=96, num_frames=9),
                   "5 frames × 48×48 = 11520 video tokens + the padded prompt; the audio (9 tokens) whole on every rank"),
-    "tiny-cogvideox": (dict(height=384, width=384, num_frames=17), "5 frames × 48×48 = 11520 video tokens + 226 text"),
-    "tiny-hunyuanvideo": (dict(height=384, width=384, num_frames=17),
+    "tiny-cogvideox": (dict(LATENTS, height=384, width=384, num_frames=17),
+                       "5 frames × 48×48 = 11520 video tokens + 226 text"),
+    "tiny-hunyuanvideo": (dict(LATENTS, height=384, width=384, num_frames=17),
                           "5 frames × 48×48 = 11520 video tokens + 256 text"),
-    "tiny-mochi": (dict(height=576, width=576, num_frames=43), "8 frames × 36×36 = 10368 video tokens + 256 text"),
-    "tiny-helios": (dict(height=384, width=384, num_frames=33),
+    "tiny-mochi": (dict(LATENTS, height=576, width=576, num_frames=43),
+                   "8 frames × 36×36 = 10368 video tokens + 256 text"),
+    "tiny-helios": (dict(LATENTS, height=384, width=384, num_frames=33),
                     "a chunk of 9 frames × 24×24 = 5184 video tokens + its history; 40 blocks"),
 }
 
@@ -64,7 +68,7 @@ def main() -> None:
     def request(steps: int) -> torch.Tensor:
         recorder.start()
         out = pipe(prompt=PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                   output_type="pt", callback_on_step_end=recorder, **CALLS[args.model][0])
+                   callback_on_step_end=recorder, **{"output_type": "pt", **CALLS[args.model][0]})
         return out.frames if hasattr(out, "frames") else out.images
 
     output, total = timed_request(request, args.warmup_request_steps, args.steps)
