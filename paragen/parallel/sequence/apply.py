@@ -57,6 +57,9 @@ class PlannedSharding:
         self.stream = splits[0]  # the key of the split whose stream the gathers collect by default
         self.lengths: dict[Any, int] = {}  # this forward's whole stream lengths, by the key they were split under
         self._shape: tuple | None = ()  # `shape()`, kept until a new stream is learnt
+        # this forward's joined cuts, by (id of the whole tensor, split): the whole tensor (so that its id stays its
+        # own) and the cut. Every block is given the same whole modulation, rotary table or mask.
+        self._joined: dict[tuple[int, Split], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def shape(self) -> tuple:
         """The whole lengths of this forward's streams so far (the same on every rank); asked by every attention call,
@@ -67,7 +70,7 @@ class PlannedSharding:
 
     def begin_forward(self) -> None:
         """A new transformer forward: the streams' lengths are learnt again."""
-        self.lengths, self._shape = {}, ()
+        self.lengths, self._shape, self._joined = {}, (), {}
 
     def install(self, transformer: torch.nn.Module) -> None:
         """Intercept every planned module of `transformer`; ValueError, before any change, for a missing one."""
@@ -98,6 +101,9 @@ class PlannedSharding:
                 seen[stream] = length
             begin, end = layout.bounds(length)
             return value.narrow(dim, begin, end - begin)
+        done = self._joined.get((id(value), split))
+        if done is not None and done[0] is value:  # cut already for an earlier block of this forward
+            return done[1]
         unknown = [stream for stream in joins if stream not in self.lengths]
         if len(unknown) > 1:
             raise RuntimeError(f"a split joining {joins} met {unknown} before their lengths were learnt")
@@ -116,7 +122,9 @@ class PlannedSharding:
             start += whole
         if start != length:
             raise RuntimeError(f"a split joining {joins} expected {start} tokens along dim {dim}, got {length}")
-        return torch.cat(parts, dim)
+        cut = torch.cat(parts, dim)
+        self._joined[id(value), split] = (value, cut)
+        return cut
 
     def _shard_length(self, whole: Any, stream: str, layout: TokenLayout, seen: dict) -> Any:
         """An input that is `stream`'s whole length: learnt as such, and this rank's length of it instead."""
