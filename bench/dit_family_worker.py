@@ -35,7 +35,8 @@ CALLS = {
     "tiny-ltx": (dict(LATENTS, height=384, width=384, num_frames=9),
                  "5 frames × 48×48 = 11520 video tokens + 128 text"),
     "tiny-ltx2": (dict(LATENTS, height=96, width=96, num_frames=9),
-                  "5 frames × 48×48 = 11520 video tokens + the padded prompt; the audio (9 tokens) whole on every rank"),
+                  "5 frames × 48×48 = 11520 video tokens + the padded prompt; "
+                  "the audio (9 tokens) whole on every rank"),
     "tiny-cogvideox": (dict(LATENTS, height=384, width=384, num_frames=17),
                        "5 frames × 48×48 = 11520 video tokens + 226 text"),
     "tiny-hunyuanvideo": (dict(LATENTS, height=384, width=384, num_frames=17),
