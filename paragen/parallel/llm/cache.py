@@ -24,7 +24,6 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from paragen.comms import GroupComm
-from paragen.kernels.attention import merge_attention_partials
 from paragen.kernels.chunk_fetch import ChunkFetcher
 from paragen.parallel.llm.config import KVConfig
 from paragen.parallel.llm.dense_store import DenseStore
@@ -32,6 +31,7 @@ from paragen.parallel.llm.host_store import HostStore
 from paragen.parallel.llm.offload_store import OffloadStore, RopeTable
 from paragen.parallel.llm.ring import ring_causal_attention
 from paragen.parallel.llm.shards import shard_bounds
+from paragen.parallel.sequence.attention import merge_over_group
 
 MERGE_LABEL = "llm_decode_merge"
 _CACHE_NAMES = ("cache", "past_key_values")  # transformers ≥ 5.24 says `cache`; earlier releases `past_key_values`
@@ -205,12 +205,7 @@ class ShardedKVCache(AttendingCache):
             out, lse = store.append_and_attend(query, key, value, scale)
         else:
             out, lse = store.attend(query, scale)
-        if self.comm.size == 1:
-            return out
-        packed = torch.cat([out.float(), lse.unsqueeze(-1)], dim=-1)
-        parts = self.comm.all_gather(packed, MERGE_LABEL)
-        merged, _ = merge_attention_partials(parts[..., :-1], parts[..., -1])
-        return merged.to(query.dtype)
+        return merge_over_group(self.comm, out, lse, MERGE_LABEL, query.dtype)
 
     def _store(self, key_pre: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> DenseStore | OffloadStore:
         if self.streams_host:

@@ -102,7 +102,7 @@ class PlannedSharding:
             begin, end = layout.bounds(length)
             return value.narrow(dim, begin, end - begin)
         done = self._joined.get((id(value), split))
-        if done is not None and done[0] is value:  # cut already for an earlier block of this forward
+        if done is not None:  # cut already for an earlier block of this forward
             return done[1]
         unknown = [stream for stream in joins if stream not in self.lengths]
         if len(unknown) > 1:

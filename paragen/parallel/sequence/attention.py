@@ -25,13 +25,26 @@ from typing import Callable
 
 import torch
 
-from paragen.comms import Pending
+from paragen.comms import GroupComm, Pending
 from paragen.kernels import attention_with_lse, dense_attention, merge_attention_states
+from paragen.kernels.attention import merge_attention_partials
 from paragen.parallel.sequence.context import SequenceContext
 
 
 # (key, value) of the shard -> a handle on the K/V it also attends to, [B, H/ulysses, L, D] each, or None.
 OutsideKeys = Callable[[torch.Tensor, torch.Tensor], "Pending[tuple[torch.Tensor, torch.Tensor]] | None"]
+
+
+
+def merge_over_group(comm: GroupComm, out: torch.Tensor, lse: torch.Tensor, label: str,
+                     dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The attention of the same queries over every rank's keys, from each rank's partial attention `out` (and its
+    log-sum-exp) over its own keys: one all-gather of both (fp32), merged alike on every rank, in `dtype` (default:
+    `out`'s). A group of one returns `out` as it is."""
+    if comm.size == 1:
+        return out
+    parts = comm.all_gather(torch.cat([out.float(), lse.unsqueeze(-1)], -1).contiguous(), label)
+    return merge_attention_partials(parts[..., :-1], parts[..., -1])[0].to(dtype or out.dtype)
 
 
 class SequenceAttention:

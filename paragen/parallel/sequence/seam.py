@@ -31,9 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from paragen.comms import GroupComm
-from paragen.kernels.attention import attention_with_lse, merge_attention_partials
+from paragen.kernels.attention import attention_with_lse
 from paragen.parallel.intercept import intercept
-from paragen.parallel.sequence.attention import OutsideKeys, SequenceAttention
+from paragen.parallel.sequence.attention import OutsideKeys, SequenceAttention, merge_over_group
 from paragen.parallel.sequence.context import SequenceContext
 
 TAG = "sequence.attention"
@@ -203,9 +203,7 @@ class AttentionSite:
             raise ValueError(f"{self.name}: a mask on an attention whose keys are the video of every clip is not "
                              "supported with clips")
         out, lse = attention_with_lse(query, key, value, scale)
-        parts = self.clips.all_gather(torch.cat([out.float(), lse.unsqueeze(-1)], -1).contiguous(),
-                                      self.ctx.label("attn.clip_parts"))
-        return merge_attention_partials(parts[..., :-1], parts[..., -1])[0].to(query.dtype)
+        return merge_over_group(self.clips, out, lse, self.ctx.label("attn.clip_parts"), query.dtype)
 
     def _lengths(self, call: Hashable, mine: list[int], device: torch.device, learn: bool) -> tuple[list[int], ...]:
         """Every shard's query, key and kept-key lengths for this call, and whether its kept keys still carry a
