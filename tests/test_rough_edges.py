@@ -21,7 +21,7 @@ from paragen.pipelines import memory_estimate
 from paragen.pipelines.jobs.common import fit_to_model
 from paragen.pipelines.jobs.image import ImageRequest
 from paragen.pipelines.jobs.llm import LLMRequest
-from paragen.pipelines.loading import ModelLoadError, check_model_source
+from paragen.pipelines.loading import ModelLoadError, check_model_source, load_pipeline
 from paragen.pipelines.memory_estimate import Job, ModelShape, check_memory, format_bytes, model_shape, need, plan_job
 from paragen.pipelines.outputs import check_out_dir, save_json, save_png, save_video, write_atomic
 from paragen.pipelines.llm.passkey import make_prompt
@@ -36,6 +36,14 @@ def _asked(model: str = "tiny-sd", frames: int | None = None, **sizes) -> Simple
     """A request as the memory estimate reads it, at sizes beyond what a request may ask (the estimate's arithmetic
     is checked far past the schema's bounds)."""
     return SimpleNamespace(model=model, frames=frames, guidance_scale=None, dtype="auto", **sizes)
+
+
+def _parameters(model: str) -> int:
+    """Every parameter of an embedded model, counted on the loaded pipeline (the estimate counts them from configs
+    on the meta device)."""
+    pipe = load_pipeline(model)
+    return sum(p.numel() for part in pipe.components.values() if isinstance(part, torch.nn.Module)
+               for p in part.parameters())
 
 
 def _single_env() -> dict[str, str]:
@@ -119,8 +127,10 @@ def test_model_shape_reads_the_configs():
 def test_unet_image_estimate_matches_a_hand_computation():
     job = plan_job(model_shape("tiny-sd"), _asked(height=100000, width=100000), ParallelConfig(), 2, 4)
     assert (job.batch, job.split, job.ranks, job.gathers_whole_image) == (2, 2, 2, True)
-    # latent 4·12500² = 625e6; UNet 2·96·(2·6250 + 12500)·12500 = 60e9; VAE decode 2·32·50000·100000 = 320e9 (largest)
-    assert need(job).bytes == (625_000_000 + 320_000_000_000) * 4 == 1_282_500_000_000
+    # latent 4·12500² = 625e6; UNet 2·96·(2·6250 + 12500)·12500 = 60e9; VAE decode 2·32·50000·100000 = 320e9
+    # (largest); and every weight, whole
+    assert _parameters("tiny-sd") == 29_466_955
+    assert need(job).bytes == (625_000_000 + 320_000_000_000 + 29_466_955) * 4
     assert "VAE decoder" in need(job).what
 
 
@@ -135,8 +145,8 @@ def test_dit_and_video_estimates_match_hand_computations():
     job = plan_job(model_shape("tiny-t2v"), VideoRequest(frames=100000, height=1024, width=1024),
                    ParallelConfig(clip=2, patch=1), 2, 4)
     # latent 4·1e5·128² = 6_553_600_000; UNet 2·2·64·50_000·128² = 209_715_200_000;
-    # gathered frames 3·1e5·1024² = 314_572_800_000 (largest)
-    assert need(job).bytes == (6_553_600_000 + 314_572_800_000) * 4
+    # gathered frames 3·1e5·1024² = 314_572_800_000 (largest); and every weight, whole
+    assert need(job).bytes == (6_553_600_000 + 314_572_800_000 + _parameters("tiny-t2v")) * 4
     assert "gathered" in need(job).what
 
 
@@ -147,8 +157,8 @@ def test_a_video_transformers_estimate_counts_its_latent_frames_and_token_shards
                    ParallelConfig(clip=2, ring=2, patch=1), 4, 4)
     assert (job.batch, job.split) == (1, 4)
     # 1001 latent frames of 128²: latent 16·1001·128² = 262_406_144; tokens 1001·64² = 4_100_096, a quarter a rank:
-    # 4·1_025_024·64 = 262_406_144; gathered frames 3·4001·1024² = 12_586_057_728 (largest)
-    assert need(job).bytes == (262_406_144 + 12_586_057_728) * 4
+    # 4·1_025_024·64 = 262_406_144; gathered frames 3·4001·1024² = 12_586_057_728 (largest); and every weight, whole
+    assert need(job).bytes == (262_406_144 + 12_586_057_728 + _parameters("tiny-wan")) * 4
 
 
 def test_a_wan_request_is_memory_checked(monkeypatch):
@@ -199,8 +209,9 @@ def test_refusal_names_the_figure_and_what_would_fit(monkeypatch):
                               "VAE decoder's full-resolution feature maps; this rank has 22 GiB available (44 GiB on this "
                               "host for 2 ranks); it would fit with at most ")
     # H x H needs the latent 4·(H/8)² plus the VAE decode 2·32·H·H/2 (more than the UNet's 2·96·(2·H/16 + H/8)·H/8)
-    # elements of 4 bytes: 22 GiB hold 32.0625·H² ≤ 5_905_580_032 elements up to H = 13571, so 13568 (64-pixel steps).
-    assert message.endswith("it would fit with at most 13568x13568")
+    # elements of 4 bytes beside the 29_466_955 weights: 22 GiB hold 32.0625·H² ≤ 5_876_113_077 elements up to
+    # H = 13537, so 13504 (64-pixel steps).
+    assert message.endswith("it would fit with at most 13504x13504")
 
 
 def test_refusal_suggests_more_shards_where_they_help(monkeypatch):

@@ -125,23 +125,29 @@ def check_model_source(model: str, *, allow_pickle: bool = False) -> str:
     return index["_class_name"]
 
 
-def _build_component(library: str, class_name: str, folder: Path) -> Any:
-    """One component from its shipped config: random weights for models, files for the tokenizer. `library`:
-    "diffusers", "transformers", or a diffusers pipeline module whose own class it is (LTX-2's "ltx2" connectors
-    and vocoder)."""
-    import diffusers
+def component_class(library: str, class_name: str) -> type:
+    """The class of a pipeline component as `model_index.json` names it. `library`: "diffusers", "transformers", or
+    a diffusers pipeline module whose own class it is (LTX-2's "ltx2" connectors and vocoder)."""
+    module = library if library in ("diffusers", "transformers") else f"diffusers.pipelines.{library}"
+    return getattr(importlib.import_module(module), class_name)
+
+
+def build_component(library: str, class_name: str, folder: Path) -> Any:
+    """One component from its config in `folder`: random weights for models (on the default device: `meta` counts
+    them without memory), files for the tokenizer."""
     import transformers
 
-    if library not in ("diffusers", "transformers"):
-        cls = getattr(importlib.import_module(f"diffusers.pipelines.{library}"), class_name)
+    cls = component_class(library, class_name)
+    if library != "transformers":
         return cls.from_config(cls.load_config(folder))
-    if library == "diffusers":
-        cls = getattr(diffusers, class_name)
-        return cls.from_config(cls.load_config(folder))
-    cls = getattr(transformers, class_name)
     if issubclass(cls, transformers.PreTrainedTokenizerBase):
         return cls.from_pretrained(folder, local_files_only=True)
     return cls(cls.config_class.from_pretrained(folder, local_files_only=True))
+
+
+def model_components(model: str) -> dict[str, tuple[str, str] | None]:
+    """Component name -> (library, class name) of an embedded or local diffusers model (None: left out)."""
+    return _components(read_index(model_folder(model)))
 
 
 def _redraw_zero_layers(model: torch.nn.Module) -> None:
@@ -170,7 +176,7 @@ def _build_embedded(name: str, seed: int, dtype: torch.dtype) -> DiffusionPipeli
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
         torch.manual_seed(seed)
         for comp, spec in components.items():
-            parts[comp] = None if spec is None else _build_component(spec[0], spec[1], root / comp)
+            parts[comp] = None if spec is None else build_component(spec[0], spec[1], root / comp)
         for part in parts.values():
             if isinstance(part, torch.nn.Module):
                 _redraw_zero_layers(part)

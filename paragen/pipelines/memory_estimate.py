@@ -19,8 +19,11 @@ decoder's full-resolution channels, `batch` 2 where classifier-free guidance bat
   rank as the parallel decode's bands; a video decodes whole frames, at least one at a time, and its output rank
   gathers every decoded frame (3 × frames × H × W).
 
-What it leaves out, so a request that passes can still run out of memory: the weights and text encoders (the
-same on every rank, known only once loaded), attention score matrices (fused attention does not materialise
+And the weights, at the request's dtype, counted from the model's configs (`weight_sizes`): every component whole
+on every rank, or with `--shard-weights` the rank's shard of the denoisers and text encoders plus what a running
+component holds gathered (its root and two blocks).
+
+What it leaves out, so a request that passes can still run out of memory: attention score matrices (fused attention does not materialise
 them), halo rows, the stale activations displaced mode keeps for every layer but one, a VAE upcast to float32,
 and the allocator's slack. A model whose configs do not say its widths is not checked.
 """
@@ -39,6 +42,7 @@ from paragen.parallel import ParallelConfig
 from paragen.pipelines.dtypes import resolve_dtype
 from paragen.pipelines.model_facts import model_facts
 from paragen.pipelines.registry import find
+from paragen.pipelines.weight_sizes import WeightSizes, weight_sizes
 
 if TYPE_CHECKING:
     from paragen.pipelines.jobs.image import ImageRequest
@@ -82,6 +86,13 @@ class Job:
     gathers_whole_image: bool  # UNet patch attention gathers the whole image's inputs (sync, displaced)
     term: str  # the workload's denoising term (`TERMS`)
     degree: str  # the degrees `split` counts, e.g. `clip × ulysses × ring`
+    weights: WeightSizes | None = None  # None: not counted
+    shard: bool = False  # the denoisers' and text encoders' weights sharded over the ranks
+
+    @property
+    def weight_bytes(self) -> int:
+        """The weights one rank holds at most, in bytes."""
+        return 0 if self.weights is None else self.weights.per_rank(self.ranks, self.shard) * self.dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -153,7 +164,10 @@ def need(job: Job) -> Need:
     if job.frames is not None:
         phases.append((3 * frames * job.height * job.width, "the decoded frames gathered on the output rank"))
     elements, what = max(phases)
-    return Need((latent + elements) * job.dtype_bytes, what)
+    activations = (latent + elements) * job.dtype_bytes
+    if job.weight_bytes > activations:
+        what = "the weights (sharded)" if job.shard else "the weights"
+    return Need(activations + job.weight_bytes, what)
 
 
 def plan_job(shape: ModelShape, request: ImageRequest | VideoRequest, config: ParallelConfig, world: int,
@@ -168,7 +182,8 @@ def plan_job(shape: ModelShape, request: ImageRequest | VideoRequest, config: Pa
     return Job(shape=shape, height=request.height, width=request.width, frames=getattr(request, "frames", None),
                dtype_bytes=dtype_bytes, batch=2 if guided and resolved.cfg == 1 else 1, split=split, ranks=world,
                gathers_whole_image=getattr(options, "mode", None) != "partial", term=workload.memory,
-               degree=" × ".join(workload.split))
+               degree=" × ".join(workload.split), weights=weight_sizes(request.model),
+               shard=getattr(request, "shard_weights", False))
 
 
 def available_bytes(device: torch.device, local_ranks: int) -> int | None:
@@ -199,7 +214,8 @@ def check_memory(request: ImageRequest | VideoRequest, config: ParallelConfig, w
     """Refuse (ValueError) a request whose lower-bound need exceeds what this rank's `device` has, naming both and
     what would fit; rank-local, so every rank of a homogeneous node answers alike, before any collective."""
     shape = model_shape(request.model)
-    available = available_bytes(device, local_ranks)
+    stated = getattr(request, "memory_gib", None)
+    available = available_bytes(device, local_ranks) if stated is None else int(stated * 1024**3)
     if shape is None or available is None:
         missing = "its configs do not say its widths" if shape is None else f"the free memory of {device} is unknown"
         warn_once(f"no memory estimate for {request.model}: {missing}; a request too large for a rank fails when "
@@ -210,9 +226,10 @@ def check_memory(request: ImageRequest | VideoRequest, config: ParallelConfig, w
     if required.bytes <= available:
         return
     host = f" ({format_bytes(available * local_ranks)} on this host for {local_ranks} ranks)" if local_ranks > 1 else ""
+    has = f"--memory-gib gives this rank {format_bytes(available)}" if stated is not None else \
+        f"this rank has {format_bytes(available)} available{host}"
     raise ValueError(f"{_describe(job)} needs at least {format_bytes(required.bytes)} per rank with "
-                     f"{_layout(job, config)}, mostly {required.what}; this rank has {format_bytes(available)} "
-                     f"available{host}; {_what_fits(job, available)}")
+                     f"{_layout(job, config)}, mostly {required.what}; {has}; {_what_fits(job, available)}")
 
 
 def _describe(job: Job) -> str:
@@ -222,11 +239,12 @@ def _describe(job: Job) -> str:
 
 def _layout(job: Job, config: ParallelConfig) -> str:
     ranks = f"{job.ranks} rank{'s' * (job.ranks > 1)}"
-    return f"{ranks} ({job.degree} {job.split}{', cfg 2' * (config.cfg == 2)})"
+    return f"{ranks} ({job.degree} {job.split}{', cfg 2' * (config.cfg == 2)}{', weights sharded' * job.shard})"
 
 
 def _what_fits(job: Job, available: int) -> str:
-    """What would fit in `available` bytes: more ranks for the denoiser's split, a smaller image, fewer frames."""
+    """What would fit in `available` bytes: sharded weights, more ranks for the denoiser's split, a smaller image,
+    fewer frames."""
 
     def fits(candidate: Job) -> bool:
         return need(candidate).bytes <= available
@@ -235,6 +253,15 @@ def _what_fits(job: Job, available: int) -> str:
     most = job.frames or job.height // job.shape.vae_factor  # at most a clip per frame, a band per latent row
     split = _smallest(job.split + 1, most, lambda s: fits(dataclasses.replace(job, split=s, ranks=s * ranks_per_split)))
     options = []
+    if not job.shard and job.weights is not None:
+        sharded = dataclasses.replace(job, shard=True)
+        if job.ranks > 1 and fits(sharded):
+            options.append("--shard-weights")
+        else:
+            more = _smallest(job.split + 1, most, lambda s: fits(dataclasses.replace(
+                sharded, split=s, ranks=s * ranks_per_split)))
+            if more is not None and more != split:
+                options.append(f"--shard-weights with {job.degree} ≥ {more}")
     if split is not None:
         options.append(f"{job.degree} ≥ {split}")
     steps = job.height // (job.shape.vae_factor * SIZE_STEP)

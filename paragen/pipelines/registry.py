@@ -59,6 +59,8 @@ class Workload:
     # named only above 1), then its options' `tag`
     tag: tuple[str, ...] = ()
     memory: str | None = None  # its denoiser's term of the memory estimate (`memory_estimate.TERMS`)
+    # why its weights cannot be sharded over the ranks (None: they can, `--shard-weights`)
+    no_weight_sharding: str | None = None
 
     @property
     def split(self) -> tuple[str, ...]:
@@ -96,12 +98,30 @@ class Workload:
         """Make `model` parallel in place under the resolved `config` (checked: see `check`)."""
         return importlib.import_module(self.package).install(model, config, options)
 
-    def parallelize(self, model: Any, config: ParallelConfig | None, options: Any) -> Any:
-        """Resolve, check and install: the whole of `paragen.parallelize` once the workload is known."""
+    def check_weight_sharding(self, shard: bool, world: int | None = None) -> None:
+        """Refuse sharded weights on one rank (`world`, default: the job's), and where this workload's ranks do not
+        run its models alike."""
+        if not shard:
+            return
+        if (world_size() if world is None else world) == 1:
+            raise ValueError("--shard-weights shares the weights among the ranks; with one rank there is nobody to "
+                             "share them with (start several, e.g. torchrun --nproc-per-node 2)")
+        if self.no_weight_sharding:
+            raise ValueError(f"{self.name} runs cannot shard their weights: {self.no_weight_sharding}")
+
+    def parallelize(self, model: Any, config: ParallelConfig | None, options: Any, shard_weights: bool = False) -> Any:
+        """Resolve, check, install, and shard the weights if asked: the whole of `paragen.parallelize` once the
+        workload is known."""
         resolved = self.resolve(config)
         options = self.options() if options is None else options
+        self.check_weight_sharding(shard_weights)
         self.check(model, resolved, options)
-        return self.install(model, resolved, options)
+        installed = self.install(model, resolved, options)
+        if shard_weights:
+            from paragen.parallel.weights import shard_pipeline_weights
+
+            shard_pipeline_weights(model)
+        return installed
 
 
 _CFG = "2: the conditional and unconditional branches run on different halves of the ranks"
@@ -120,7 +140,9 @@ WORKLOADS = (
     Workload("hires", UNET_PIPELINES, HiresConfig, ("patch",), "patch", "paragen.pipelines.hires", "image", "hires",
              "hires spreads the windows of one image over every rank (patch); it does not combine with cfg=2, "
              "ulysses, ring, clip, seq or tp", checkpoints=True, modes=("windows", "low-resolution structure guidance"),
-             degree_help={"patch": "--hires: the ranks sharing the windows"}, tag=("hires=patch",), memory="windows"),
+             degree_help={"patch": "--hires: the ranks sharing the windows"}, tag=("hires=patch",), memory="windows",
+             no_weight_sharding="its ranks run different numbers of windows, and every rank would have to gather "
+                                "each block's weights as often as the others"),
     Workload("dit", DIT_PIPELINES, ExchangeConfig, ("cfg", "ulysses", "ring"), "ring", "paragen.pipelines.dit", "image",
              "exchange", "diffusion transformers are split along the token sequence; use ulysses and ring (and cfg)",
              modes=("sync", "displaced"), sharding_plans=True,
@@ -143,7 +165,7 @@ WORKLOADS = (
              "or clip", modes=("dense", "offload (ShadowKV)", "speculative (TriForce)"),
              degree_help={"seq": "sequence shards of the prompt",
                           "tp": "tensor-parallel ranks per shard (DeepSpeed AutoTP)"},
-             tag=("seq", "tp")),
+             tag=("seq", "tp"), no_weight_sharding="a causal LM's weights are cut with tp (tensor parallelism)"),
 )
 DEGREE_CHOICES = {"cfg": (1, 2)}  # degrees that take only these values
 # Command-line jobs: name -> (module, one-line help). The help is here so that `paragen --help` and
@@ -224,7 +246,8 @@ def find_for_job(job: str, class_name: str, options: Any, model: str) -> Workloa
     return find(class_name, options, mine)
 
 
-def parallelize(model: Any, config: ParallelConfig | None = None, options: Any = None) -> Any:
+def parallelize(model: Any, config: ParallelConfig | None = None, options: Any = None, *,
+                shard_weights: bool = False) -> Any:
     """Make a diffusers pipeline or a causal LM run each request across all ranks, in place, and return it.
 
     Call `paragen.init()` first. Every rank builds the same model (same weights) and calls it with the
@@ -239,9 +262,11 @@ def parallelize(model: Any, config: ParallelConfig | None = None, options: Any =
       (`ulysses`, `ring`), and `cfg`, with `TemporalAttention` (what a clip sees of the others);
     - Llama, Qwen2, Mistral: prompt shards and weight shards (`seq`, `tp`) with `KVConfig`; each request
       takes a cache from `model.paragen.new_cache()`.
+    `shard_weights=True` shards the denoisers' and text encoders' weights over all ranks (`paragen.parallel.weights`):
+    each rank keeps about 1/N of them and gathers each block's just before it runs.
     """
     if hasattr(model, "paragen"):
         raise ValueError(f"this {type(model).__name__} is already parallelised")
     if options is None and config is not None:
         options = config.legacy_options
-    return find(type(model).__name__, options).parallelize(model, config, options)
+    return find(type(model).__name__, options).parallelize(model, config, options, shard_weights)

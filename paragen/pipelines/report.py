@@ -1,6 +1,7 @@
-"""The JSON run report of a job: request, layout, machine, timings and every rank's traffic."""
+"""The JSON run report of a job: request, layout, machine, timings, and every rank's traffic, memory and load time."""
 from __future__ import annotations
 
+import resource
 import statistics
 import subprocess
 from dataclasses import asdict
@@ -10,6 +11,7 @@ from typing import Any
 import torch
 
 from paragen.comms import all_gather_objects, is_output_rank, world_size
+from paragen.comms.weight_shards import resident_bytes
 
 
 def git_revision() -> str:
@@ -23,13 +25,32 @@ def git_revision() -> str:
         return "unknown"
 
 
+def peak_memory(device: torch.device) -> dict[str, Any]:
+    """This process's peak memory so far: the CUDA allocator's peak on a GPU, the process's peak resident set on the
+    CPU (which also counts the interpreter and the libraries)."""
+    if device.type == "cuda":
+        return {"peak_bytes": torch.cuda.max_memory_allocated(device), "of": "CUDA allocator (max_memory_allocated)"}
+    return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "of": "process peak RSS"}
+
+
+def rank_memory(model: Any, load_s: float) -> dict[str, Any]:
+    """What one rank holds and took: its parameter bytes per component (its shards where weights are sharded), its
+    peak memory, and how long its model took to load."""
+    parts = {"model": model} if isinstance(model, torch.nn.Module) else {
+        name: part for name, part in model.components.items() if isinstance(part, torch.nn.Module)}
+    resident = {name: resident_bytes(part) for name, part in parts.items()}
+    return {"load_s": load_s, "resident_param_bytes": sum(resident.values()), "resident_param_bytes_by_component":
+            resident, **peak_memory(model.device)}
+
+
 def job_report(job: str, request: dict[str, Any], pipe, workload, options: Any, *, load_s: float,
                generate_s: float) -> dict | None:
     """The report of a finished request of `job` on the output rank (None on the others): the request, the
-    resolved degrees (`config`), the `workload` and its options, timings and traffic. Every rank must call it:
+    resolved degrees (`config`), the `workload` and its options, timings, and each rank's traffic, memory and load
+    time. Every rank must call it:
     it gathers each rank's communication statistics."""
     runtime = pipe.paragen
-    per_rank = all_gather_objects(runtime.mesh.group("world"), runtime.stats.snapshot())
+    per_rank = all_gather_objects(runtime.mesh.group("world"), (runtime.stats.snapshot(), rank_memory(pipe, load_s)))
     if not is_output_rank():
         return None
     steps = runtime.step_seconds
@@ -50,5 +71,6 @@ def job_report(job: str, request: dict[str, Any], pipe, workload, options: Any, 
             "step_s": steps,
             "step_median_s": statistics.median(steps) if steps else None,
         },
-        "comm_per_rank": {str(rank): stats for rank, stats in enumerate(per_rank)},
+        "comm_per_rank": {str(rank): stats for rank, (stats, _) in enumerate(per_rank)},
+        "memory_per_rank": {str(rank): memory for rank, (_, memory) in enumerate(per_rank)},
     }

@@ -17,6 +17,7 @@ from paragen.pipelines.model_facts import model_facts
 from paragen.pipelines.registry import Workload
 
 OUTPUT_FIELDS = ("dtype", "allow_pickle", "out_dir", "name")
+MEMORY_FIELDS = ("shard_weights", "memory_gib")  # an image or video job's: where its weights live, what it may use
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ def add_output_arguments(p: argparse.ArgumentParser, request_class: type) -> Non
                         "names its outputs); the model is loaded once; a rerun skips what the output folder's "
                         "journal records as done")
     p.add_argument("--strict", action="store_true", help="with --requests: stop at the first refused line")
+
+
+def add_memory_arguments(p: argparse.ArgumentParser, request_class: type) -> None:
+    """--shard-weights and --memory-gib (the request's fields)."""
+    schema.add_arguments(p, request_class, MEMORY_FIELDS)
 
 
 def add_checkpoint_arguments(p, request_class: type) -> None:
@@ -111,12 +117,11 @@ def output_stem(request, job: Prepared, size: str) -> str:
 
 def build_parallel_pipeline(job) -> Any:
     """A prepared image or video job's pipeline on this rank's device, checked by its workload, the workload
-    installed, and checkpointing when the job has checkpoints."""
+    installed, its weights sharded where the request asks, and checkpointing when the job has checkpoints."""
     request = job.request
     pipe = build_pipeline(request.model, dtype=resolve_dtype(request.dtype), device=rank_device(),
                           allow_pickle=request.allow_pickle)
-    job.workload.check(pipe, job.config, job.options)
-    job.workload.install(pipe, job.config, job.options)
+    job.workload.parallelize(pipe, job.config, job.options, shard_weights=request.shard_weights)
     if job.checkpoints is not None:
         pipe.paragen.enable_checkpoints(job.checkpoints)
     return pipe

@@ -23,6 +23,17 @@ def allow_pickle() -> Any:
     return field(False, "allow loading pickle (.bin/.ckpt) weights, which can run arbitrary code", scope=LAUNCH)
 
 
+def shard_weights() -> Any:
+    return field(False, "shard the denoisers' and text encoders' weights over the ranks (PyTorch FSDP2): each rank "
+                        "keeps about 1/N of them and gathers each block's just before it runs", scope=LAUNCH)
+
+
+def memory_gib() -> Any:
+    return field(None, "memory each rank may use, in GiB (default: the device's free memory; on the CPU, the host's "
+                       "available memory shared by its ranks); a request that will not fit is refused before loading",
+                 scope=LAUNCH, gt=0, le=1 << 20, metavar="GIB")
+
+
 def out_dir(what: str) -> Any:
     return field("out", f"folder for {what} (created if missing)", scope=LAUNCH, flag="--out")
 

@@ -24,7 +24,7 @@ from paragen.pipelines.dtypes import DtypeName
 from paragen.pipelines.jobs import fields, schema
 from paragen.pipelines.jobs.batch import request_file
 from paragen.pipelines.jobs.common import (Prepared, add_checkpoint_arguments, add_output_arguments,
-                                           build_parallel_pipeline, check_room, checkpoint_folder, fit_to_model,
+                                           add_memory_arguments, build_parallel_pipeline, check_room, checkpoint_folder, fit_to_model,
                                            open_checkpoints, output_stem)
 from paragen.pipelines.jobs.schema import field, request_class
 from paragen.pipelines.loading import EMBEDDED_MODELS, check_model_source
@@ -50,6 +50,8 @@ class ImageRequest:
     seed: int = fields.seed()
     dtype: DtypeName = fields.dtype()
     allow_pickle: bool = fields.allow_pickle()
+    shard_weights: bool = fields.shard_weights()
+    memory_gib: float | None = fields.memory_gib()
     out_dir: str = fields.out_dir("the PNG and the JSON run report")
     name: str | None = fields.name()
     checkpoint_dir: str | None = fields.checkpoint_dir()  # hires runs
@@ -96,6 +98,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="interleaved: the low-resolution pass is one more unit of a window rank; dedicated: a rank of its own")
     h.add_argument("--window-batch", type=int, default=hires_defaults.window_batch, help="windows per UNet call")
     add_checkpoint_arguments(h, ImageRequest)
+    add_memory_arguments(p, ImageRequest)
     add_output_arguments(p, ImageRequest)
 
 
@@ -124,6 +127,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     class_name = check_model_source(args.model, allow_pickle=args.allow_pickle)
     workload = registry.find_for_job("image", class_name, options, args.model)
     config = workload.resolve(registry.degrees_of(args, "image"), launch.world_size)
+    workload.check_weight_sharding(request.shard_weights, launch.world_size)
     if request.checkpoint_dir is not None and not workload.checkpoints:
         raise ValueError(f"{workload.name} runs take no checkpoints (hires runs do: --hires); they are short")
 

@@ -24,7 +24,7 @@ from paragen.parallel.interrupt import Watch, interrupt_of
 from paragen.pipelines.jobs import fields, schema
 from paragen.pipelines.jobs.batch import request_file
 from paragen.pipelines.jobs.common import (Prepared, add_checkpoint_arguments, add_output_arguments,
-                                           build_parallel_pipeline, check_room, checkpoint_folder, fit_to_model,
+                                           add_memory_arguments, build_parallel_pipeline, check_room, checkpoint_folder, fit_to_model,
                                            open_checkpoints, output_stem)
 from paragen.pipelines.jobs.schema import field, request_class
 from paragen.pipelines.loading import check_model_source
@@ -59,6 +59,8 @@ class VideoRequest:
     seed: int = fields.seed()
     dtype: DtypeName = fields.dtype()
     allow_pickle: bool = fields.allow_pickle()
+    shard_weights: bool = fields.shard_weights()
+    memory_gib: float | None = fields.memory_gib()
     fps: int = field(8, "frames per second of the written video", gt=0, le=240)
     format: Literal["mp4", "gif"] = field("mp4", "mp4 (needs imageio-ffmpeg: pip install 'paragen[video]'; GIF if "
                                                  "missing) or gif")
@@ -116,6 +118,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="exchange, wait, then attend (Video-Infinity's released code), instead of overlapping the exchange")
     schema.add_arguments(p, VideoRequest, ("fps", "format"))
     add_checkpoint_arguments(p, VideoRequest)
+    add_memory_arguments(p, VideoRequest)
     add_output_arguments(p, VideoRequest)
 
 
@@ -133,6 +136,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     options = _options(args)
     workload = registry.find_for_job("video", class_name, options, args.model)
     config = workload.resolve(registry.degrees_of(args, "video"), launch.world_size)
+    workload.check_weight_sharding(request.shard_weights, launch.world_size)
 
     def check(one: VideoRequest) -> VideoRequest:
         """The request as it runs: at the model's own size and frames where it gives none, fitting this rank, and

@@ -1,0 +1,47 @@
+"""Which weights of a pipeline are sharded over the ranks (`--shard-weights`), and in which units.
+
+The components sharded are the denoisers and the text encoders (`SHARDED_COMPONENTS`): together nearly all of a
+generation model's weights. The VAE stays whole on every rank (each rank decodes its own rows or frames with it, and
+it is small).
+
+A unit is a block the libraries themselves say must stay whole on one device: the classes a diffusers or transformers
+model lists in `_no_split_modules` (a UNet's resnet and transformer blocks, a DiT's transformer blocks, a
+T5 encoder's blocks), the innermost where they nest. A model that lists none (LTX-Video, Allegro, HunyuanDiT, the UNet video
+models) is cut into the items of its top-level module lists (`transformer_blocks`, `down_blocks`, …). What is left
+outside the units (embeddings, final norms and projections) is one more unit, the model's root.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from paragen.comms import rank_device
+from paragen.comms.weight_shards import ShardedWeights, shard_weights
+
+SHARDED_COMPONENTS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3")
+
+
+def weight_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The blocks of `model` sharded as units, in module order: the innermost of the declared ones (a UNet's resnet
+    and transformer blocks, not the up blocks around them), so that a unit gathered whole is small."""
+    declared = set(getattr(model, "_no_split_modules", None) or ())
+    found = [(name, module) for name, module in model.named_modules() if name and type(module).__name__ in declared]
+    units = [module for name, module in found if not any(other.startswith(f"{name}.") for other, _ in found)]
+    if units:
+        return units
+    return [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
+
+
+def shard_pipeline_weights(pipe: Any) -> dict[str, ShardedWeights]:
+    """Shard every present component of `SHARDED_COMPONENTS` of a diffusers pipeline over all ranks, in place."""
+    device = rank_device()
+    sharded = {}
+    for name in SHARDED_COMPONENTS:
+        model = getattr(pipe, name, None)
+        if isinstance(model, torch.nn.Module):
+            sharded[name] = shard_weights(model, weight_units(model), device)
+    return sharded
+
+
+__all__ = ["SHARDED_COMPONENTS", "shard_pipeline_weights", "weight_units"]
