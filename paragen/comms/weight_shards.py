@@ -27,15 +27,16 @@ from torch.distributed.tensor import DTensor
 
 from paragen.comms.world import is_initialized, new_group, world_size
 
-_weight_group: dist.ProcessGroup | None = None
+_weight_groups: dict[int, dist.ProcessGroup] = {}  # id of the world group -> the weights' group made under it
 
 
 def _group() -> dist.ProcessGroup:
-    """The weights' own group over every rank (made once, by every rank, on first use)."""
-    global _weight_group
-    if _weight_group is None:
-        _weight_group = new_group(list(range(world_size())))[0]
-    return _weight_group
+    """The weights' own group over every rank (made once per process group, by every rank, on first use)."""
+    world = id(dist.group.WORLD)
+    if world not in _weight_groups:
+        _weight_groups.clear()
+        _weight_groups[world] = new_group(list(range(world_size())))[0]
+    return _weight_groups[world]
 
 
 @dataclass
@@ -65,13 +66,20 @@ class ShardedWeights:
 def shard_weights(root: torch.nn.Module, blocks: Sequence[torch.nn.Module], device: torch.device) -> ShardedWeights:
     """Shard `root`'s weights over every rank: each of `blocks` (submodules of `root`, none inside another) as one
     unit, the rest of `root` as another. `device`: where the weights are (the rank's device). The model computes as
-    before; each rank keeps about `1/size` of the weights between forwards."""
+    before; each rank keeps about `1/size` of the weights between forwards. Parameters of another dtype than most
+    (the small ones a model keeps in float32 beside bfloat16 weights: norms, modulation tables) stay whole on every
+    rank: FSDP2 gathers one dtype per unit."""
     if not is_initialized() or world_size() == 1:
         raise ValueError("sharding weights needs several ranks (a process group of more than one)")
     mesh = DeviceMesh.from_group(_group(), device_type=device.type)
+    counts: dict[torch.dtype, int] = {}
+    for parameter in root.parameters():
+        counts[parameter.dtype] = counts.get(parameter.dtype, 0) + parameter.numel()
+    main = max(counts, key=counts.get, default=None)
+    whole = {parameter for parameter in root.parameters() if parameter.dtype != main}
     for module in [*blocks, root]:
         own = type(module)
-        fully_shard(module, mesh=mesh, reshard_after_forward=True)
+        fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=whole)
         _keep_name(type(module), own)
     sharded = ShardedWeights(root, list(blocks))
     for block in blocks:
@@ -101,10 +109,15 @@ def resident_bytes(module: torch.nn.Module) -> int:
     return total
 
 
-def release_weight_group() -> None:
-    """Forget the weights' group (at teardown, with the process group)."""
-    global _weight_group
-    _weight_group = None
+def local_rows(parameter: torch.nn.Parameter) -> tuple[torch.Tensor, int]:
+    """This rank's part of a parameter (writable: the rows it keeps, or the whole of one kept whole) and the first of
+    those rows in the whole tensor: FSDP2 cuts dim 0 into chunks of ceil(rows / size), one per rank in mesh order."""
+    if not isinstance(parameter, DTensor):
+        return parameter.data, 0  # kept whole
+    local = parameter.to_local()
+    size, rank = parameter.device_mesh.size(), parameter.device_mesh.get_local_rank()
+    whole = parameter.shape[0] if parameter.dim() else 1
+    return local, rank * -(-whole // size)
 
 
-__all__ = ["ShardedWeights", "is_sharded", "release_weight_group", "resident_bytes", "shard_weights"]
+__all__ = ["ShardedWeights", "is_sharded", "local_rows", "resident_bytes", "shard_weights"]

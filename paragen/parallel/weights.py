@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from paragen.comms import rank_device
-from paragen.comms.weight_shards import ShardedWeights, shard_weights
+from paragen.comms.weight_shards import ShardedWeights, is_sharded, shard_weights
 
 SHARDED_COMPONENTS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3")
 
@@ -33,15 +33,18 @@ def weight_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
 
 
-def shard_pipeline_weights(pipe: Any) -> dict[str, ShardedWeights]:
-    """Shard every present component of `SHARDED_COMPONENTS` of a diffusers pipeline over all ranks, in place."""
-    device = rank_device()
-    sharded = {}
+def shard_component(model: torch.nn.Module, device: torch.device) -> ShardedWeights:
+    """Shard one component's weights over all ranks, in place, by its `weight_units`."""
+    return shard_weights(model, weight_units(model), device)
+
+
+def shard_pipeline_weights(pipe: Any) -> None:
+    """Shard every present component of `SHARDED_COMPONENTS` of a diffusers pipeline over all ranks, in place (those
+    loaded sharded already stay as they are)."""
     for name in SHARDED_COMPONENTS:
         model = getattr(pipe, name, None)
-        if isinstance(model, torch.nn.Module):
-            sharded[name] = shard_weights(model, weight_units(model), device)
-    return sharded
+        if isinstance(model, torch.nn.Module) and not is_sharded(model):
+            shard_component(model, rank_device())
 
 
-__all__ = ["SHARDED_COMPONENTS", "shard_pipeline_weights", "weight_units"]
+__all__ = ["SHARDED_COMPONENTS", "shard_component", "shard_pipeline_weights", "weight_units"]

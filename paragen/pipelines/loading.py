@@ -206,23 +206,37 @@ def load_pipeline(
 
 def build_pipeline(
     model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", allow_pickle: bool = False,
-    seed: int = 0,
+    seed: int = 0, shard_weights: bool = False,
 ) -> DiffusionPipeline:
-    """`load_pipeline` for a `model` that passed `check_model_source` already."""
+    """`load_pipeline` for a `model` that passed `check_model_source` already. `shard_weights`: the denoisers' and
+    text encoders' weights sharded over the ranks (`paragen.parallel.weights`), a local checkpoint's read by slices
+    (`sharded_load`)."""
     if _random_weights(model):
-        return _decodable(_build_embedded(model, seed, dtype).to(device))
-    from diffusers import DiffusionPipeline
+        pipe = _build_embedded(model, seed, dtype).to(device)
+    else:
+        from diffusers import DiffusionPipeline
 
-    root = model_folder(model)
-    no_checker = {"safety_checker": None, "requires_safety_checker": False}
-    has_checker = "safety_checker" in read_index(root)
-    return _decodable(DiffusionPipeline.from_pretrained(  # loads on CPU, in eval mode
-        root,
-        dtype=dtype,
-        use_safetensors=None if allow_pickle else True,  # None: safetensors first, else pickle
-        local_files_only=True,
-        **(no_checker if has_checker else {}),
-    ).to(device))
+        root = model_folder(model)
+        index = read_index(root)
+        no_checker = {"safety_checker": None, "requires_safety_checker": False}
+        parts = {}
+        if shard_weights:
+            from paragen.pipelines.sharded_load import load_sharded_components
+
+            parts = load_sharded_components(root, _components(index), dtype)
+        pipe = DiffusionPipeline.from_pretrained(  # loads on CPU, in eval mode
+            root,
+            dtype=dtype,
+            use_safetensors=None if allow_pickle else True,  # None: safetensors first, else pickle
+            local_files_only=True,
+            **(no_checker if "safety_checker" in index else {}),
+            **parts,
+        ).to(device)
+    if shard_weights:
+        from paragen.parallel.weights import shard_pipeline_weights
+
+        shard_pipeline_weights(pipe)
+    return _decodable(pipe)
 
 
 TILED_ONLY_VAES = ("AutoencoderKLAllegro",)  # VAE classes whose untiled decode raises NotImplementedError

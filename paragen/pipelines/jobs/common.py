@@ -120,7 +120,7 @@ def build_parallel_pipeline(job) -> Any:
     installed, its weights sharded where the request asks, and checkpointing when the job has checkpoints."""
     request = job.request
     pipe = build_pipeline(request.model, dtype=resolve_dtype(request.dtype), device=rank_device(),
-                          allow_pickle=request.allow_pickle)
+                          allow_pickle=request.allow_pickle, shard_weights=request.shard_weights)
     job.workload.parallelize(pipe, job.config, job.options, shard_weights=request.shard_weights)
     if job.checkpoints is not None:
         pipe.paragen.enable_checkpoints(job.checkpoints)

@@ -171,7 +171,7 @@ def generate(job: Prepared, pipe, request: ImageRequest, load_s: float, watch: W
     if interrupt_of(watch) is not None:
         options[INTERRUPT_OPTION] = watch.interrupt
     images = pipe(
-        request.prompt,
+        prompt=request.prompt,  # by name: FLUX.2's call takes an image first
         **({"negative_prompt": request.negative_prompt} if request.negative_prompt else {}),  # PixArt rejects None
         height=request.height,
         width=request.width,
