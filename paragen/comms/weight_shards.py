@@ -46,6 +46,7 @@ class ShardedWeights:
     root: torch.nn.Module
     blocks: list[torch.nn.Module]
     order: list[torch.nn.Module] = field(default_factory=list)  # the blocks as the first forward ran them
+    prefetches: int = 0  # gathers started ahead of their block
     _recording: bool = True
 
     def _started(self, block: torch.nn.Module) -> None:
@@ -55,6 +56,7 @@ class ShardedWeights:
         following = self._next.get(id(block))
         if following is not None:
             following.unshard(async_op=True)
+            self.prefetches += 1
 
     def _finished(self) -> None:
         if self._recording:

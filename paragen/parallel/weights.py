@@ -19,6 +19,7 @@ import torch
 from paragen.comms import rank_device
 from paragen.comms.weight_shards import ShardedWeights, is_sharded, shard_weights
 
+SHARDED_ATTRIBUTE = "paragen_weights"
 SHARDED_COMPONENTS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -35,7 +36,9 @@ def weight_units(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 def shard_component(model: torch.nn.Module, device: torch.device) -> ShardedWeights:
     """Shard one component's weights over all ranks, in place, by its `weight_units`."""
-    return shard_weights(model, weight_units(model), device)
+    sharded = shard_weights(model, weight_units(model), device)
+    setattr(model, SHARDED_ATTRIBUTE, sharded)
+    return sharded
 
 
 def shard_pipeline_weights(pipe: Any) -> None:
@@ -47,4 +50,10 @@ def shard_pipeline_weights(pipe: Any) -> None:
             shard_component(model, rank_device())
 
 
-__all__ = ["SHARDED_COMPONENTS", "shard_component", "shard_pipeline_weights", "weight_units"]
+def sharded_weights(model: torch.nn.Module) -> ShardedWeights | None:
+    """The record of a component sharded by `shard_component` (its blocks' order, its prefetches); None if it is
+    not sharded."""
+    return getattr(model, SHARDED_ATTRIBUTE, None)
+
+
+__all__ = ["SHARDED_COMPONENTS", "shard_component", "shard_pipeline_weights", "sharded_weights", "weight_units"]
