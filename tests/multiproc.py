@@ -45,21 +45,24 @@ class RankResult:
     stderr: str
 
 
-def start_ranks(args: list[str], world_size: int, cwd: Path | None = None) -> list[subprocess.Popen]:
-    """Start `python <args>` as `world_size` ranks; returns the processes (stdout/stderr piped)."""
+def start_ranks(args: list[str], world_size: int, cwd: Path | None = None,
+                extra_env: dict[str, str] | None = None) -> list[subprocess.Popen]:
+    """Start `python <args>` as `world_size` ranks (`extra_env`: more variables for each); returns the processes
+    (stdout/stderr piped)."""
     port = free_port()
     return [
         subprocess.Popen(
-            [sys.executable, *args], env=rank_env(rank, world_size, port), cwd=cwd or ROOT,
+            [sys.executable, *args], env={**rank_env(rank, world_size, port), **(extra_env or {})}, cwd=cwd or ROOT,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         for rank in range(world_size)
     ]
 
 
-def run_ranks(args: list[str], world_size: int, timeout: float = 600, cwd: Path | None = None) -> list[RankResult]:
+def run_ranks(args: list[str], world_size: int, timeout: float = 600, cwd: Path | None = None,
+              extra_env: dict[str, str] | None = None) -> list[RankResult]:
     """Run `python <args>` as `world_size` ranks to completion; kill all of them on timeout."""
-    procs = start_ranks(args, world_size, cwd)
+    procs = start_ranks(args, world_size, cwd, extra_env)
     results = []
     try:
         for rank, proc in enumerate(procs):

@@ -16,7 +16,8 @@ shipped in `configs/<name>/` with random weights drawn from a fixed seed, and of
 CLIP tokenizer. `tiny-shapes` and `tiny-shapes-dit` are different: a Stable Diffusion and a PixArt-Σ pipeline
 trained by `tools/train_shapes.py` on a procedural world of coloured shapes, whose weights ship
 in `configs/<name>/` and load exactly as a local checkpoint does. A local checkpoint goes through `DiffusionPipeline.from_pretrained`
-with hub access off. Nothing here ever touches the network.
+with hub access off. A hub id (`org/name[@revision]`) is fetched into the local hub cache once, by the job's checks
+(`sources.fetch`), and then loads as a local checkpoint does; nothing else here touches the network.
 diffusers and transformers (seconds to import) are imported only when a pipeline is built, so
 `check_model_source` rejects a bad argument at once.
 """
@@ -30,6 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from paragen.pipelines import sources
+from paragen.pipelines.sources import PICKLE_WEIGHTS, SAFE_WEIGHTS, ModelLoadError
+
 if TYPE_CHECKING:
     from diffusers import DiffusionPipeline
 
@@ -41,17 +45,12 @@ EMBEDDED_MODELS: tuple[str, ...] = (
     "tiny-ltx2", *TRAINED_MODELS)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-SAFE_WEIGHTS = "*.safetensors"
-PICKLE_WEIGHTS = ("*.bin", "*.ckpt", "*.pt", "*.pth")
-
-
-class ModelLoadError(ValueError):
-    """The model source cannot be loaded; the message says why and what to do."""
 
 
 def model_folder(model: str) -> Path:
-    """The folder of a model's configs (and weights, for a trained embedded model or a local checkpoint)."""
-    return CONFIG_DIR / model if model in EMBEDDED_MODELS else Path(model)
+    """The folder of a model's configs (and weights, for a trained embedded model, a local checkpoint or a fetched hub
+    id)."""
+    return CONFIG_DIR / model if model in EMBEDDED_MODELS else sources.folder(model)
 
 
 def _random_weights(model: str) -> bool:
@@ -84,8 +83,8 @@ def read_index(root: Path) -> dict[str, Any]:
 
 
 def check_model_source(model: str, *, allow_pickle: bool = False) -> str:
-    """Fail fast, before any heavy work, if `model` is neither an embedded name nor a loadable directory;
-    return its pipeline class name.
+    """Fail fast, before any heavy work, if `model` is neither an embedded name nor a loadable directory (a hub id is
+    fetched into the hub cache first, `sources.fetch`); return its pipeline class name.
 
     A local checkpoint must be a diffusers layout (`model_index.json`) whose every weighted component
     (a sub-folder with a `config.json`) holds safetensors weights; pickle weights run arbitrary code
@@ -93,11 +92,13 @@ def check_model_source(model: str, *, allow_pickle: bool = False) -> str:
     """
     if _random_weights(model):
         return read_index(CONFIG_DIR / model)["_class_name"]
+    if sources.hub_id(model) is not None:
+        sources.fetch(model, allow_pickle=allow_pickle)
     root = model_folder(model)
     if not root.exists():
         raise ModelLoadError(
-            f"unknown model {model!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}) "
-            "and no such local path"
+            f"unknown model {model!r}: not an embedded model ({', '.join(EMBEDDED_MODELS)}), no such local path, "
+            "and not a hub id (org/name or org/name@revision)"
         )
     if not root.is_dir():
         raise ModelLoadError(f"model path {model!r} is not a directory (a diffusers checkpoint is one)")

@@ -23,7 +23,6 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from paragen.comms import all_gather_objects, is_output_rank, world_comm
@@ -36,6 +35,7 @@ from paragen.launch.serve.loop import serve_ranks
 from paragen.log import get_logger
 from paragen.pipelines.jobs.agree import attempt
 from paragen.pipelines.jobs.batch import agree_prepared
+from paragen.pipelines.sources import display_name
 
 HEARTBEAT_S = 2.0  # at most this long between the ranks' rounds while idle
 GRACE_S = 30.0  # how long responses in flight may take to go out at shutdown
@@ -138,7 +138,7 @@ def serve(args: argparse.Namespace, module: Any) -> int:
         if front is not None:
             from paragen.launch.serve.app import build_app
 
-            model = Path(args.model).name if Path(args.model).exists() else args.model
+            model = display_name(args.model)
             app = build_app(args.serve_job, model, runner, front, args.out, threading.Lock(), api_key, limits)
             http = _Http(app, sock)
             http.start()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from paragen.comms import rank_device, resolve_device
@@ -13,6 +12,7 @@ from paragen.pipelines.checkpoint import RESUMABLE_CHANGES, Checkpoints, StepChe
 from paragen.pipelines.dtypes import resolve_dtype
 from paragen.pipelines.jobs import schema
 from paragen.pipelines.loading import build_pipeline
+from paragen.pipelines.sources import display_name
 from paragen.pipelines.model_facts import model_facts
 from paragen.pipelines.registry import Workload
 
@@ -111,7 +111,7 @@ def open_checkpoints(request, layout: dict, rank: int, world: int,
 
 def output_stem(request, job: Prepared, size: str) -> str:
     """File name (without extension): the request's name, or model, `size`, layout and seed."""
-    model = Path(request.model).name if Path(request.model).exists() else request.model
+    model = display_name(request.model)
     return request.name or f"{model}_{size}_{job.workload.name_tag(job.config, job.options)}_seed{request.seed}"
 
 

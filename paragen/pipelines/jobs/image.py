@@ -38,8 +38,9 @@ from paragen.pipelines.report import job_report
 class ImageRequest:
     """Everything `paragen image` was asked for: one declaration per field (see `schema`)."""
 
-    model: str = fields.model("tiny-sd", f"embedded model name ({', '.join(EMBEDDED_MODELS)}) or a local "
-                                         "diffusers directory (safetensors)")
+    model: str = fields.model("tiny-sd", f"embedded model name ({', '.join(EMBEDDED_MODELS)}) , a local "
+                                         "diffusers directory (safetensors), or a Hugging Face Hub id org/name[@revision] "
+                                         "(fetched into the hub cache)")
     prompt: str = field("a lighthouse on a cliff at dusk, oil painting", "text prompt", min_length=1)
     negative_prompt: str = fields.negative_prompt()
     height: int | None = fields.side("height", "image")

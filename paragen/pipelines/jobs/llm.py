@@ -49,7 +49,7 @@ class LLMRequest:
 
     model: str = fields.model("tiny-passkey", f"embedded model ({', '.join(EMBEDDED_LLMS)}: passkey prompts) or a "
                                               "local transformers Llama/Qwen2/Mistral directory (safetensors) with "
-                                              "its tokenizer")
+                                              "its tokenizer, or a Hugging Face Hub id org/name[@revision]")
     prompt: str | None = field(None, "text prompt")
     prompt_file: str | None = field(None, "read the text prompt from this file", scope=LOCAL)
     messages: tuple[Message, ...] | None = field(None, "chat messages, rendered by the tokenizer's chat template",

@@ -43,8 +43,9 @@ class VideoRequest:
     segment of the video."""
 
     model: str = fields.model("tiny-t2v", "embedded model name (tiny-t2v, tiny-animatediff, tiny-wan, tiny-wan22, "
-                                          "tiny-ltx, tiny-cogvideox, tiny-hunyuanvideo, tiny-mochi, tiny-allegro) or a "
-                                          "local diffusers directory of one of those pipelines (safetensors)")
+                                          "tiny-ltx, tiny-cogvideox, tiny-hunyuanvideo, tiny-mochi, tiny-allegro) , a "
+                                          "local diffusers directory of one of those pipelines (safetensors), or a "
+                                          "Hugging Face Hub id org/name[@revision]")
     prompts: tuple[str, ...] = field(("a paper boat drifting down a river, watercolor",),
                                      "text prompt; repeat it for one prompt per consecutive segment of the video",
                                      flag="--prompt", min_length=1, max_length=MAX_SEGMENTS)

@@ -7,8 +7,8 @@ trained also to go on with the text after the answer, as a language model does: 
 decoding's acceptance means something on) and `tiny-passkey-draft` (a 1-layer draft for speculative decoding on
 the same vocabulary); all three trained by `tools/train_passkey.py --model NAME`. A local checkpoint is a
 `from_pretrained` directory with a `config.json` and safetensors weights; pickle weights (`*.bin`,
-`*.pt`) are refused unless allowed, and so is a config that names remote code (`auto_map`). Nothing
-here touches the network. transformers is imported only when a model is built, so
+`*.pt`) are refused unless allowed, and so is a config that names remote code (`auto_map`). A hub id is fetched
+into the hub cache by the checks (`sources.fetch`) and loads as a local checkpoint; nothing else touches the network. transformers is imported only when a model is built, so
 `check_llm_source` rejects a bad argument at once.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from paragen.pipelines import sources
 from paragen.pipelines.loading import CONFIG_DIR, PICKLE_WEIGHTS, SAFE_WEIGHTS, ModelLoadError
 from paragen.pipelines.registry import CAUSAL_LMS
 
@@ -26,8 +27,9 @@ EMBEDDED_LLMS: tuple[str, ...] = ("tiny-llama", "tiny-passkey", "tiny-passkey-lm
 
 
 def model_root(model: str) -> Path:
-    """The folder of an embedded model's shipped files, or the local checkpoint directory `model`."""
-    return CONFIG_DIR / model if model in EMBEDDED_LLMS else Path(model)
+    """The folder of an embedded model's shipped files, the local checkpoint directory `model`, or a fetched hub id's
+    snapshot."""
+    return CONFIG_DIR / model if model in EMBEDDED_LLMS else sources.folder(model)
 
 
 def llm_config_dict(model: str) -> dict[str, Any]:
@@ -39,16 +41,19 @@ def llm_config_dict(model: str) -> dict[str, Any]:
 def check_llm_source(model: str, *, allow_pickle: bool = False, allow_remote_code: bool = False) -> str:
     """Fail fast, before any heavy work, if `model` cannot be loaded; return its model class name."""
     if model not in EMBEDDED_LLMS:
+        if sources.hub_id(model) is not None:
+            sources.fetch(model, allow_pickle=allow_pickle)
         _check_local(model, allow_pickle, allow_remote_code)
     architectures = llm_config_dict(model).get("architectures") or ["unknown"]
     return next((name for name in architectures if name in CAUSAL_LMS), architectures[0])
 
 
 def _check_local(model: str, allow_pickle: bool, allow_remote_code: bool) -> None:
-    root = Path(model)
+    root = model_root(model)
     if not root.is_dir():
         raise ModelLoadError(
-            f"unknown model {model!r}: not an embedded model ({', '.join(EMBEDDED_LLMS)}) and no such local directory"
+            f"unknown model {model!r}: not an embedded model ({', '.join(EMBEDDED_LLMS)}), no such local directory, "
+            "and not a hub id (org/name or org/name@revision)"
         )
     if not (root / "config.json").is_file():
         raise ModelLoadError(f"model directory {model!r} has no config.json (not a transformers checkpoint)")
@@ -103,7 +108,7 @@ def build_llm(
                 built = AutoModelForCausalLM.from_config(config, dtype=dtype)
     else:
         built = AutoModelForCausalLM.from_pretrained(
-            model, local_files_only=True, dtype=dtype, trust_remote_code=allow_remote_code,
+            model_root(model), local_files_only=True, dtype=dtype, trust_remote_code=allow_remote_code,
             use_safetensors=None if allow_pickle else True,
         )
     return built.to(device).eval()
