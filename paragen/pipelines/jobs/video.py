@@ -43,7 +43,7 @@ class VideoRequest:
     segment of the video."""
 
     model: str = fields.model("tiny-t2v", "embedded model name (tiny-t2v, tiny-animatediff, tiny-wan, tiny-wan22, "
-                                          "tiny-ltx, tiny-cogvideox, tiny-hunyuanvideo, tiny-mochi, tiny-allegro) , a "
+                                          "tiny-ltx, tiny-cogvideox, tiny-hunyuanvideo, tiny-mochi, tiny-allegro), a "
                                           "local diffusers directory of one of those pipelines (safetensors), or a "
                                           "Hugging Face Hub id org/name[@revision]")
     prompts: tuple[str, ...] = field(("a paper boat drifting down a river, watercolor",),
