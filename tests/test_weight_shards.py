@@ -4,17 +4,23 @@ Each spec runs its model twice on the same ranks, whole and sharded (`tests/work
 bands, displaced; patch × cfg), a DiT (Ring; Ulysses × Ring), Wan with clips (2 clips; 2 clips × Ring 2), and local
 checkpoints read by slices (the trained tiny-shapes; a saved tiny-wan at bfloat16, whose norms and modulation tables
 diffusers keeps in float32). fp32 outputs equal to 1e-4 (bfloat16: to 1e-2); at 2 ranks every rank holds at most 0.55
-of the denoiser's parameter bytes; the second step's gathers were prefetched.
+of the denoiser's parameter bytes; the second step's gathers were prefetched. The image job shards a checkpoint and
+reports each rank's memory; the memory estimate counts the weights and advises `--shard-weights`; sharding is refused
+where the ranks do not run the model alike.
 """
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
+from paragen.parallel import HiresConfig, ParallelConfig
+from paragen.pipelines.jobs.image import ImageRequest
 from paragen.pipelines.loading import load_pipeline
-from tests.multiproc import run_spec_worker
-
-pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
+from paragen.pipelines.memory_estimate import check_memory
+from paragen.pipelines.registry import find
+from tests.multiproc import check_all_ok, expect_bad_input, run_ranks, run_spec_worker, start_ranks
 
 IMAGE = {"height": 64, "width": 64}
 VIDEO = {"height": 32, "width": 32, "num_frames": 17}
@@ -42,6 +48,7 @@ def saved_wan(tmp_path_factory) -> str:
     return str(folder)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_weights_give_the_whole_weights_outputs(world, saved_wan, tmp_path):
     specs = [{**spec, "checkpoint": saved_wan} if spec.get("checkpoint") == "WAN" else spec for spec in SPECS[world]]
@@ -56,3 +63,47 @@ def test_sharded_weights_give_the_whole_weights_outputs(world, saved_wan, tmp_pa
         assert result["whole_bytes"] == [whole] * world
         assert max(result["sharded_bytes"]) <= (0.55 if world == 2 else 0.3) * whole, spec["name"]
         assert result["prefetches"] > 0, f"{spec['name']}: no block's gather started ahead of it"
+
+
+def _image(tmp_path, name: str, *flags: str) -> tuple[bytes, dict]:
+    out = tmp_path / name
+    check_all_ok(run_ranks(["-m", "paragen", "image", "--model", "tiny-shapes", "--steps", "2", "--height", "64",
+                            "--width", "64", "--out", str(out), "--name", "x", *flags], 2, timeout=300))
+    return (out / "x.png").read_bytes(), json.loads((out / "x.json").read_text())
+
+
+@pytest.mark.slow
+def test_the_image_job_shards_a_checkpoint_and_reports_each_ranks_memory(tmp_path):
+    """`paragen image --shard-weights` on a local checkpoint (read by slices) makes the same picture; the report
+    gives every rank's load time, parameter bytes and peak memory."""
+    whole_png, whole = _image(tmp_path, "whole")
+    sharded_png, sharded = _image(tmp_path, "sharded", "--shard-weights")
+    assert sharded_png == whole_png
+    for rank in ("0", "1"):
+        held, full = sharded["memory_per_rank"][rank], whole["memory_per_rank"][rank]
+        assert held["load_s"] > 0 and held["peak_bytes"] > 0
+        assert held["resident_param_bytes_by_component"]["unet"] <= 0.55 * full["resident_param_bytes_by_component"]["unet"]
+        assert held["resident_param_bytes_by_component"]["vae"] == full["resident_param_bytes_by_component"]["vae"]
+        assert held["resident_param_bytes"] == sum(held["resident_param_bytes_by_component"].values())
+
+
+def test_a_model_too_large_for_the_stated_memory_is_refused_with_the_advice(tmp_path):
+    """tiny-sdxl's weights whole are 141.6 MB a rank; sharded over 2 ranks 94.9 MB (the VAE's 1.25 M parameters, half
+    of the 34.16 M sharded ones and a gathered 5.40 M); `--memory-gib 0.11` (118 MB) holds only the second."""
+    procs = start_ranks(["-m", "paragen", "image", "--model", "tiny-sdxl", "--height", "64", "--width", "64",
+                         "--memory-gib", "0.11", "--out", str(tmp_path / "out")], 2)
+    expect_bad_input(procs, "mostly the weights; --memory-gib gives this rank 113 MiB; it would fit with --shard-weights",
+                     timeout=120)
+    assert not (tmp_path / "out").exists()
+    request = ImageRequest(model="tiny-sdxl", height=64, width=64, memory_gib=0.11, shard_weights=True)
+    check_memory(request, ParallelConfig(), 2, torch.device("cpu"), 2)  # fits sharded
+
+
+def test_sharded_weights_are_refused_where_they_cannot_work():
+    with pytest.raises(ValueError, match="with one rank there is nobody to share them with"):
+        find("StableDiffusionPipeline").check_weight_sharding(True, 1)
+    with pytest.raises(ValueError, match="hires runs cannot shard their weights: its ranks run different numbers"):
+        find("StableDiffusionPipeline", HiresConfig()).check_weight_sharding(True, 2)
+    with pytest.raises(ValueError, match="llm runs cannot shard their weights"):
+        find("LlamaForCausalLM").check_weight_sharding(True, 2)
+    find("StableDiffusionPipeline").check_weight_sharding(True, 2)
