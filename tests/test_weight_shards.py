@@ -3,7 +3,7 @@
 Each spec runs its model twice on the same ranks, whole and sharded (`tests/workers/shard_worker.py`): a UNet (patch
 bands, displaced; patch × cfg), a DiT (Ring; Ulysses × Ring), Wan with clips (2 clips; 2 clips × Ring 2), and local
 checkpoints read by slices (the trained tiny-shapes; a saved tiny-wan at bfloat16, whose norms and modulation tables
-diffusers keeps in float32). fp32 outputs equal to 1e-4 (bfloat16: to 1e-2); at 2 ranks every rank holds at most 0.55
+diffusers keeps in float32), shards kept in host memory (FSDP2's CPU offload) and layers offloaded without sharding. fp32 outputs equal to 1e-4 (bfloat16: to 1e-2); at 2 ranks every rank holds at most 0.55
 of the denoiser's parameter bytes; the second step's gathers were prefetched. The image job shards a checkpoint and
 reports each rank's memory; the memory estimate counts the weights and advises `--shard-weights`; sharding is refused
 where the ranks do not run the model alike.
@@ -32,6 +32,9 @@ SPECS = {
         {"name": "checkpoint/tiny-shapes", "model": "tiny-shapes", "patch": 2, "call": IMAGE},
         {"name": "checkpoint/wan_bf16", "checkpoint": "WAN", "dtype": "bfloat16", "clip": 2, "ring": 1,
          "scope": "full", "call": VIDEO},
+        {"name": "dit/ring_shards_in_host_memory", "model": "tiny-pixart", "ring": 2, "offload": True, "call": IMAGE},
+        {"name": "wan/clips_layers_offloaded", "model": "tiny-wan", "clip": 2, "ring": 1, "scope": "full",
+         "shard": False, "offload": True, "call": VIDEO},
     ],
     4: [
         {"name": "unet/patch_cfg", "model": "tiny-sd", "patch": 2, "cfg": 2, "call": IMAGE},

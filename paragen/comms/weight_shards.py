@@ -3,26 +3,22 @@ forward-only generation.
 
 Each named block keeps its rank's shard of every weight (dim 0, in `1/size` chunks); just before the block runs its
 weights are all-gathered, and after it they are freed again. The root keeps the weights outside the blocks
-(embeddings, final norms) the same way, gathered for its forward and freed after it (FSDP2 keeps a root's weights
-whole after forward, for a backward that generation never runs, so paragen reshards it).
-
-Prefetch: the first forward records the order in which the blocks run; from the second forward on, a block's start
-also starts the next block's all-gather (asynchronous), so that gather runs while the block computes. FSDP2's own
-forward prefetch on CUDA overlaps through its all-gather streams; an explicit asynchronous gather does it on every
-backend, gloo included.
+(embeddings, final norms) the same way, gathered for its forward and freed after it (`free_gathered`).
+`gather_ahead` starts a block's gather early (asynchronous), so that it runs while the block before computes: FSDP2's
+own forward prefetch overlaps through CUDA streams; an explicit asynchronous gather does it on every backend, gloo
+included (`paragen.parallel.weights` calls it in the order the blocks run).
 
 The weights are gathered over a process group of their own, so that their gathers never queue behind (or ahead of)
 the activations' exchanges on the mesh's groups.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from paragen.comms.world import is_initialized, new_group, world_size
@@ -39,38 +35,14 @@ def _group() -> dist.ProcessGroup:
     return _weight_groups[world]
 
 
-@dataclass
-class ShardedWeights:
-    """One sharded model: its blocks in the order they ran, and the prefetch hooks that follow that order."""
-
-    root: torch.nn.Module
-    blocks: list[torch.nn.Module]
-    order: list[torch.nn.Module] = field(default_factory=list)  # the blocks as the first forward ran them
-    prefetches: int = 0  # gathers started ahead of their block
-    _recording: bool = True
-
-    def _started(self, block: torch.nn.Module) -> None:
-        if self._recording:
-            self.order.append(block)
-            return
-        following = self._next.get(id(block))
-        if following is not None:
-            following.unshard(async_op=True)
-            self.prefetches += 1
-
-    def _finished(self) -> None:
-        if self._recording:
-            self._recording = False
-            self._next = {id(a): b for a, b in zip(self.order, self.order[1:]) if a is not b}
-        self.root.reshard()
-
-
-def shard_weights(root: torch.nn.Module, blocks: Sequence[torch.nn.Module], device: torch.device) -> ShardedWeights:
+def shard_weights(root: torch.nn.Module, blocks: Sequence[torch.nn.Module], device: torch.device,
+                  host_copies: bool = False) -> None:
     """Shard `root`'s weights over every rank: each of `blocks` (submodules of `root`, none inside another) as one
     unit, the rest of `root` as another. `device`: where the weights are (the rank's device). The model computes as
     before; each rank keeps about `1/size` of the weights between forwards. Parameters of another dtype than most
     (the small ones a model keeps in float32 beside bfloat16 weights: norms, modulation tables) stay whole on every
-    rank: FSDP2 gathers one dtype per unit."""
+    rank: FSDP2 gathers one dtype per unit. `host_copies`: the shards stay in host memory (pinned on CUDA) and are
+    copied to the device for each gather (FSDP2's CPU offload)."""
     if not is_initialized() or world_size() == 1:
         raise ValueError("sharding weights needs several ranks (a process group of more than one)")
     mesh = DeviceMesh.from_group(_group(), device_type=device.type)
@@ -79,15 +51,21 @@ def shard_weights(root: torch.nn.Module, blocks: Sequence[torch.nn.Module], devi
         counts[parameter.dtype] = counts.get(parameter.dtype, 0) + parameter.numel()
     main = max(counts, key=counts.get, default=None)
     whole = {parameter for parameter in root.parameters() if parameter.dtype != main}
+    offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if host_copies else OffloadPolicy()
     for module in [*blocks, root]:
         own = type(module)
-        fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=whole)
+        fully_shard(module, mesh=mesh, reshard_after_forward=True, ignored_params=whole, offload_policy=offload)
         _keep_name(type(module), own)
-    sharded = ShardedWeights(root, list(blocks))
-    for block in blocks:
-        block.register_forward_pre_hook(lambda module, args: sharded._started(module))
-    root.register_forward_hook(lambda module, args, output: sharded._finished())
-    return sharded
+
+
+def gather_ahead(block: torch.nn.Module) -> None:
+    """Start all-gathering a sharded block's weights (asynchronously); its forward waits for them."""
+    block.unshard(async_op=True)
+
+
+def free_gathered(root: torch.nn.Module) -> None:
+    """Free a sharded root's gathered weights (FSDP2 keeps a root's whole after forward, for a backward)."""
+    root.reshard()
 
 
 def _keep_name(wrapper: type, own: type) -> None:
@@ -122,4 +100,4 @@ def local_rows(parameter: torch.nn.Parameter) -> tuple[torch.Tensor, int]:
     return local, rank * -(-whole // size)
 
 
-__all__ = ["ShardedWeights", "is_sharded", "local_rows", "resident_bytes", "shard_weights"]
+__all__ = ["free_gathered", "gather_ahead", "is_sharded", "local_rows", "resident_bytes", "shard_weights"]

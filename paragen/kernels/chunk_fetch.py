@@ -1,6 +1,7 @@
-"""Copying keys and values from host memory to the device, behind other work.
+"""Copying keys and values (and blocks' weights) from host memory to the device, behind other work.
 
-`ChunkFetcher.start` (chosen chunks) and `start_range` (a run of positions) hand the copy to a worker thread
+`ChunkFetcher.start` (chosen chunks), `start_range` (a run of positions) and `start_whole` (a whole tensor: a
+block's weights, `paragen.parallel.offload`) hand the copy to a worker thread
 and return at once; the caller computes meanwhile (rebuilds keys, attends the previous block) and calls
 `wait` when it needs the result. On CUDA the host tensors are pinned: chosen chunks are gathered into a
 pinned staging buffer, a run of positions is copied straight from the store (one contiguous piece per
@@ -38,6 +39,15 @@ class ChunkFetcher:
     def start_range(self, host: torch.Tensor, start: int, length: int) -> "Future[tuple[torch.Tensor, object]]":
         """Begin fetching positions `[start, start + length)` (dim 2) of a host tensor `[B, H, S, D]`."""
         return self._pool.submit(self._fetch_range, host, start, length)
+
+    def start_whole(self, host: torch.Tensor) -> "Future[tuple[torch.Tensor, object]]":
+        """Begin fetching a whole (contiguous) host tensor to the device."""
+        return self._pool.submit(self._fetch_whole, host)
+
+    def _fetch_whole(self, host: torch.Tensor) -> tuple[torch.Tensor, object]:
+        if self._stream is None:
+            return host, None
+        return self._on_side_stream(lambda: host.to(self.device, non_blocking=True), host)
 
     def _fetch(self, host: torch.Tensor, index: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, object]:
         picked = host[index]

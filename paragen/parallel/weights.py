@@ -17,9 +17,10 @@ from typing import Any
 import torch
 
 from paragen.comms import rank_device
-from paragen.comms.weight_shards import ShardedWeights, is_sharded, shard_weights
+from paragen.comms.weight_shards import free_gathered, gather_ahead, is_sharded, shard_weights
+from paragen.parallel.block_order import BlockOrder
 
-SHARDED_ATTRIBUTE = "paragen_weights"
+ORDER_ATTRIBUTE = "paragen_block_order"
 SHARDED_COMPONENTS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3")
 
 
@@ -34,26 +35,30 @@ def weight_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     return [block for child in model.children() if isinstance(child, torch.nn.ModuleList) for block in child]
 
 
-def shard_component(model: torch.nn.Module, device: torch.device) -> ShardedWeights:
-    """Shard one component's weights over all ranks, in place, by its `weight_units`."""
-    sharded = shard_weights(model, weight_units(model), device)
-    setattr(model, SHARDED_ATTRIBUTE, sharded)
-    return sharded
+def shard_component(model: torch.nn.Module, device: torch.device, host_copies: bool = False) -> BlockOrder:
+    """Shard one component's weights over all ranks, in place, by its `weight_units`; each block starts gathering
+    the next one's (`BlockOrder`). `host_copies`: the shards stay in host memory (`--offload-layers`)."""
+    units = weight_units(model)
+    shard_weights(model, units, device, host_copies)
+    order = BlockOrder(model, units, ahead=gather_ahead, after=lambda: free_gathered(model))
+    setattr(model, ORDER_ATTRIBUTE, order)
+    return order
 
 
-def shard_pipeline_weights(pipe: Any) -> None:
+def shard_pipeline_weights(pipe: Any, device: torch.device | None = None, host_copies: bool = False) -> None:
     """Shard every present component of `SHARDED_COMPONENTS` of a diffusers pipeline over all ranks, in place (those
-    loaded sharded already stay as they are)."""
+    loaded sharded already stay as they are); each rank's shards go to `device` (default: the rank's), or stay in
+    host memory with `host_copies`."""
     for name in SHARDED_COMPONENTS:
         model = getattr(pipe, name, None)
         if isinstance(model, torch.nn.Module) and not is_sharded(model):
-            shard_component(model, rank_device())
+            shard_component(model, device or rank_device(), host_copies)
 
 
-def sharded_weights(model: torch.nn.Module) -> ShardedWeights | None:
-    """The record of a component sharded by `shard_component` (its blocks' order, its prefetches); None if it is
-    not sharded."""
-    return getattr(model, SHARDED_ATTRIBUTE, None)
+def block_order(model: torch.nn.Module) -> BlockOrder | None:
+    """How a component sharded (`shard_component`) or offloaded (`paragen.parallel.offload`) brings its blocks in:
+    their order, its prefetches; None for a component that is neither."""
+    return getattr(model, ORDER_ATTRIBUTE, None)
 
 
-__all__ = ["SHARDED_COMPONENTS", "shard_component", "shard_pipeline_weights", "sharded_weights", "weight_units"]
+__all__ = ["SHARDED_COMPONENTS", "shard_component", "shard_pipeline_weights", "block_order", "weight_units"]

@@ -207,13 +207,15 @@ def load_pipeline(
 
 def build_pipeline(
     model: str, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", allow_pickle: bool = False,
-    seed: int = 0, shard_weights: bool = False,
+    seed: int = 0, shard_weights: bool = False, offload_layers: bool = False,
 ) -> DiffusionPipeline:
     """`load_pipeline` for a `model` that passed `check_model_source` already. `shard_weights`: the denoisers' and
-    text encoders' weights sharded over the ranks (`paragen.parallel.weights`), a local checkpoint's read by slices
-    (`sharded_load`)."""
+    text encoders' weights sharded over the ranks (`paragen.parallel.weights`; a local checkpoint's read by slices,
+    `sharded_load`), only the shards ever on the device. `offload_layers`: their blocks (with `shard_weights`, their
+    shards) kept in host memory and brought onto the device as they run (`paragen.parallel.offload`)."""
+    device = torch.device(device)
     if _random_weights(model):
-        pipe = _build_embedded(model, seed, dtype).to(device)
+        pipe = _build_embedded(model, seed, dtype)
     else:
         from diffusers import DiffusionPipeline
 
@@ -224,7 +226,7 @@ def build_pipeline(
         if shard_weights:
             from paragen.pipelines.sharded_load import load_sharded_components
 
-            parts = load_sharded_components(root, _components(index), dtype)
+            parts = load_sharded_components(root, _components(index), dtype, device, offload_layers)
         pipe = DiffusionPipeline.from_pretrained(  # loads on CPU, in eval mode
             root,
             dtype=dtype,
@@ -232,11 +234,16 @@ def build_pipeline(
             local_files_only=True,
             **(no_checker if "safety_checker" in index else {}),
             **parts,
-        ).to(device)
-    if shard_weights:
-        from paragen.parallel.weights import shard_pipeline_weights
+        )
+    if shard_weights or offload_layers:
+        from paragen.parallel.placement import place_pipeline_weights
 
-        shard_pipeline_weights(pipe)
+        place_pipeline_weights(pipe, device, shard_weights, offload_layers)  # places the shards itself
+    from paragen.comms.weight_shards import is_sharded
+
+    for part in pipe.components.values():
+        if isinstance(part, torch.nn.Module) and not is_sharded(part):
+            torch.nn.Module.to(part, device)  # nn.Module.to: ModelMixin.to warns on every cast, even a harmless one
     return _decodable(pipe)
 
 

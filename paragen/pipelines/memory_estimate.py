@@ -21,7 +21,7 @@ decoder's full-resolution channels, `batch` 2 where classifier-free guidance bat
 
 And the weights, at the request's dtype, counted from the model's configs (`weight_sizes`): every component whole
 on every rank, or with `--shard-weights` the rank's shard of the denoisers and text encoders plus what a running
-component holds gathered (its root and two blocks).
+component holds gathered (its root and two blocks); with `--offload-layers` only what a running component holds.
 
 What it leaves out, so a request that passes can still run out of memory: attention score matrices (fused attention does not materialise
 them), halo rows, the stale activations displaced mode keeps for every layer but one, a VAE upcast to float32,
@@ -88,11 +88,14 @@ class Job:
     degree: str  # the degrees `split` counts, e.g. `clip × ulysses × ring`
     weights: WeightSizes | None = None  # None: not counted
     shard: bool = False  # the denoisers' and text encoders' weights sharded over the ranks
+    offload: bool = False  # their blocks kept in host memory, brought onto the device as they run
 
     @property
     def weight_bytes(self) -> int:
-        """The weights one rank holds at most, in bytes."""
-        return 0 if self.weights is None else self.weights.per_rank(self.ranks, self.shard) * self.dtype_bytes
+        """The weights one rank holds on its device at most, in bytes."""
+        if self.weights is None:
+            return 0
+        return self.weights.per_rank(self.ranks, self.shard, self.offload) * self.dtype_bytes
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,7 @@ def need(job: Job) -> Need:
     elements, what = max(phases)
     activations = (latent + elements) * job.dtype_bytes
     if job.weight_bytes > activations:
-        what = "the weights (sharded)" if job.shard else "the weights"
+        what = "the weights" + (" (offloaded)" if job.offload else " (sharded)" if job.shard else "")
     return Need(activations + job.weight_bytes, what)
 
 
@@ -183,7 +186,7 @@ def plan_job(shape: ModelShape, request: ImageRequest | VideoRequest, config: Pa
                dtype_bytes=dtype_bytes, batch=2 if guided and resolved.cfg == 1 else 1, split=split, ranks=world,
                gathers_whole_image=getattr(options, "mode", None) != "partial", term=workload.memory,
                degree=" × ".join(workload.split), weights=weight_sizes(request.model),
-               shard=getattr(request, "shard_weights", False))
+               shard=getattr(request, "shard_weights", False), offload=getattr(request, "offload_layers", False))
 
 
 def available_bytes(device: torch.device, local_ranks: int) -> int | None:
@@ -239,12 +242,13 @@ def _describe(job: Job) -> str:
 
 def _layout(job: Job, config: ParallelConfig) -> str:
     ranks = f"{job.ranks} rank{'s' * (job.ranks > 1)}"
-    return f"{ranks} ({job.degree} {job.split}{', cfg 2' * (config.cfg == 2)}{', weights sharded' * job.shard})"
+    placed = ", weights sharded" * job.shard + ", layers offloaded" * job.offload
+    return f"{ranks} ({job.degree} {job.split}{', cfg 2' * (config.cfg == 2)}{placed})"
 
 
 def _what_fits(job: Job, available: int) -> str:
-    """What would fit in `available` bytes: sharded weights, more ranks for the denoiser's split, a smaller image,
-    fewer frames."""
+    """What would fit in `available` bytes: offloaded layers (on one rank, or where nothing else does), sharded
+    weights, more ranks for the denoiser's split, a smaller image, fewer frames."""
 
     def fits(candidate: Job) -> bool:
         return need(candidate).bytes <= available
@@ -253,6 +257,9 @@ def _what_fits(job: Job, available: int) -> str:
     most = job.frames or job.height // job.shape.vae_factor  # at most a clip per frame, a band per latent row
     split = _smallest(job.split + 1, most, lambda s: fits(dataclasses.replace(job, split=s, ranks=s * ranks_per_split)))
     options = []
+    if job.weights is not None and not job.offload and not job.shard and job.ranks == 1 and fits(
+            dataclasses.replace(job, offload=True)):
+        options.append("--offload-layers")
     if not job.shard and job.weights is not None:
         sharded = dataclasses.replace(job, shard=True)
         if job.ranks > 1 and fits(sharded):
@@ -264,6 +271,9 @@ def _what_fits(job: Job, available: int) -> str:
                 options.append(f"--shard-weights with {job.degree} ≥ {more}")
     if split is not None:
         options.append(f"{job.degree} ≥ {split}")
+    if job.weights is not None and not job.offload and (job.shard or job.ranks > 1) and not options and fits(
+            dataclasses.replace(job, offload=True)):
+        options.append("--offload-layers")
     steps = job.height // (job.shape.vae_factor * SIZE_STEP)
     too_big = _smallest(1, steps, lambda k: not fits(_scaled(job, k)))
     if too_big is not None and too_big > 1:

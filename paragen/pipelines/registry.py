@@ -21,7 +21,7 @@ import importlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from paragen.comms import world_size
+from paragen.comms import rank_device, world_size
 from paragen.parallel.clip import TemporalAttention
 from paragen.parallel.config import ExchangeConfig, ParallelConfig
 from paragen.parallel.hires import HiresConfig
@@ -109,18 +109,20 @@ class Workload:
         if self.no_weight_sharding:
             raise ValueError(f"{self.name} runs cannot shard their weights: {self.no_weight_sharding}")
 
-    def parallelize(self, model: Any, config: ParallelConfig | None, options: Any, shard_weights: bool = False) -> Any:
-        """Resolve, check, install, and shard the weights if asked: the whole of `paragen.parallelize` once the
-        workload is known."""
+    def parallelize(self, model: Any, config: ParallelConfig | None, options: Any, shard_weights: bool = False,
+                    offload_layers: bool = False) -> Any:
+        """Resolve, check, install, and shard or offload the weights if asked (`parallel.placement`; weights placed
+        already, as a job's loader does, stay as they are): the whole of `paragen.parallelize` once the workload is
+        known."""
         resolved = self.resolve(config)
         options = self.options() if options is None else options
         self.check_weight_sharding(shard_weights)
         self.check(model, resolved, options)
         installed = self.install(model, resolved, options)
-        if shard_weights:
-            from paragen.parallel.weights import shard_pipeline_weights
+        if shard_weights or offload_layers:
+            from paragen.parallel.placement import place_pipeline_weights
 
-            shard_pipeline_weights(model)
+            place_pipeline_weights(model, rank_device(), shard_weights, offload_layers)
         return installed
 
 
@@ -247,7 +249,7 @@ def find_for_job(job: str, class_name: str, options: Any, model: str) -> Workloa
 
 
 def parallelize(model: Any, config: ParallelConfig | None = None, options: Any = None, *,
-                shard_weights: bool = False) -> Any:
+                shard_weights: bool = False, offload_layers: bool = False) -> Any:
     """Make a diffusers pipeline or a causal LM run each request across all ranks, in place, and return it.
 
     Call `paragen.init()` first. Every rank builds the same model (same weights) and calls it with the
@@ -263,10 +265,11 @@ def parallelize(model: Any, config: ParallelConfig | None = None, options: Any =
     - Llama, Qwen2, Mistral: prompt shards and weight shards (`seq`, `tp`) with `KVConfig`; each request
       takes a cache from `model.paragen.new_cache()`.
     `shard_weights=True` shards the denoisers' and text encoders' weights over all ranks (`paragen.parallel.weights`):
-    each rank keeps about 1/N of them and gathers each block's just before it runs.
+    each rank keeps about 1/N of them and gathers each block's just before it runs. `offload_layers=True` keeps their
+    blocks (or shards) in host memory and brings each onto the device just before it runs (`paragen.parallel.offload`).
     """
     if hasattr(model, "paragen"):
         raise ValueError(f"this {type(model).__name__} is already parallelised")
     if options is None and config is not None:
         options = config.legacy_options
-    return find(type(model).__name__, options).parallelize(model, config, options, shard_weights)
+    return find(type(model).__name__, options).parallelize(model, config, options, shard_weights, offload_layers)

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from paragen.comms import rank_device
 from paragen.comms.weight_shards import local_rows
 from paragen.log import warn_once
 from paragen.parallel.weights import SHARDED_COMPONENTS, shard_component
@@ -49,9 +48,11 @@ def _float32_modules(module: torch.nn.Module, library: str, dtype: torch.dtype) 
     return keep | (set(getattr(module, "_keep_in_fp32_modules", None) or ()) if dtype == torch.float16 else set())
 
 
-def load_sharded_component(folder: Path, library: str, class_name: str, dtype: torch.dtype) -> torch.nn.Module | None:
-    """The component in `folder` with its weights sharded over the ranks and read by slices; None where its
-    checkpoint does not name its parameters one for one (load it whole, then shard it)."""
+def load_sharded_component(folder: Path, library: str, class_name: str, dtype: torch.dtype, device: torch.device,
+                           host_copies: bool = False) -> torch.nn.Module | None:
+    """The component in `folder` with its weights sharded over the ranks and read by slices onto `device` (or into
+    host memory, `host_copies`); None where its checkpoint does not name its parameters one for one (load it whole,
+    then shard it)."""
     from accelerate import init_empty_weights
     from safetensors import safe_open
 
@@ -80,10 +81,9 @@ def load_sharded_component(folder: Path, library: str, class_name: str, dtype: t
     for name, buffer in module.named_buffers():
         if name in stored:  # the others keep the dtype they were built in, as from_pretrained leaves them
             buffer.data = cast(name, buffer.data)
-    device = rank_device()
     buffers = {name: buffer.to(device) for name, buffer in module.named_buffers()}
-    shard_component(module, device)
-    module.to_empty(device=device)
+    shard_component(module, device, host_copies)
+    module.to_empty(device="cpu" if host_copies else device)
     for name, buffer in module.named_buffers():
         buffer.data = buffers[name]
     with ExitStack() as stack, torch.no_grad():
@@ -106,14 +106,14 @@ def load_sharded_component(folder: Path, library: str, class_name: str, dtype: t
     return module.eval()
 
 
-def load_sharded_components(root: Path, components: dict[str, tuple[str, str] | None],
-                            dtype: torch.dtype) -> dict[str, torch.nn.Module]:
+def load_sharded_components(root: Path, components: dict[str, tuple[str, str] | None], dtype: torch.dtype,
+                            device: torch.device, host_copies: bool = False) -> dict[str, torch.nn.Module]:
     """The sharded components (`SHARDED_COMPONENTS`) of the checkpoint in `root` that load by slices."""
     loaded = {}
     for name in SHARDED_COMPONENTS:
         spec = components.get(name)
         if spec is not None and (root / name / "config.json").is_file():
-            module = load_sharded_component(root / name, spec[0], spec[1], dtype)
+            module = load_sharded_component(root / name, spec[0], spec[1], dtype, device, host_copies)
             if module is not None:
                 loaded[name] = module
     return loaded

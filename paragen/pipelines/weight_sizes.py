@@ -3,7 +3,8 @@
 
 With sharded weights a rank holds its shard of every sharded component (`parallel.weights.SHARDED_COMPONENTS`)
 and, while one of them runs, that component's parameters outside its units (gathered for its whole forward) and
-two of its units (the block running and the next one, prefetched). The other components (the VAE) stay whole.
+two of its units (the block running and the next one, prefetched). With offloaded layers, the same but no shards on
+the device. The other components (the VAE) stay whole.
 """
 from __future__ import annotations
 
@@ -26,11 +27,15 @@ class WeightSizes:
     sharded: int  # parameters of the components `--shard-weights` shards
     gathered: int  # the most parameters beyond its shards a rank holds whole at once when sharded
 
-    def per_rank(self, ranks: int, shard: bool) -> int:
-        """The most parameters one rank of `ranks` holds at once, with its weights sharded or not."""
+    def per_rank(self, ranks: int, shard: bool, offload: bool = False) -> int:
+        """The most parameters one rank of `ranks` holds on its device at once, with its weights sharded or not,
+        offloaded to host memory or not."""
+        gathered = min(self.gathered, self.sharded)
+        if offload:
+            return self.whole + gathered
         if not shard or ranks == 1:
             return self.whole + self.sharded
-        return self.whole + math.ceil(self.sharded / ranks) + min(self.gathered, self.sharded)
+        return self.whole + math.ceil(self.sharded / ranks) + gathered
 
 
 def _count(module: torch.nn.Module) -> int:

@@ -1,5 +1,6 @@
-"""Run a model twice on the same ranks, its weights whole and then sharded (`--shard-weights`); rank 0 saves both
-outputs, the denoiser's parameter bytes on every rank in each run, and the prefetches the sharded run made.
+"""Run a model twice on the same ranks, its weights whole and then sharded (`--shard-weights`) and/or offloaded
+(`--offload-layers`: spec keys `shard`, default true, and `offload`); rank 0 saves both outputs, the denoiser's
+parameter bytes on the device of every rank in each run, and the prefetches the second run made.
 
 usage: shard_worker.py SPEC.json OUT.pt   (SPEC: a list of runs, see tests/test_weight_shards.py)
 A spec names an embedded `model` or a local `checkpoint` folder, its degrees, `mode` or `scope`, `dtype` and `call`.
@@ -9,7 +10,7 @@ import torch
 import paragen
 from paragen.comms import all_gather_objects, world_comm
 from paragen.comms.weight_shards import resident_bytes
-from paragen.parallel.weights import sharded_weights
+from paragen.parallel.weights import block_order
 from paragen.pipelines.loading import build_pipeline
 from tests.workers.specs import serve_specs
 
@@ -22,10 +23,11 @@ def _options(spec: dict):
     return None
 
 
-def _once(spec: dict, shard: bool) -> tuple[torch.Tensor, list[int], int]:
+def _once(spec: dict, shard: bool, offload: bool) -> tuple[torch.Tensor, list[int], int]:
     dtype = getattr(torch, spec.get("dtype", "float32"))
     # the job's order: a local checkpoint is read sharded, then the workload installed
-    pipe = build_pipeline(spec.get("checkpoint") or spec["model"], dtype=dtype, shard_weights=shard)
+    pipe = build_pipeline(spec.get("checkpoint") or spec["model"], dtype=dtype, shard_weights=shard,
+                          offload_layers=offload)
     pipe.set_progress_bar_config(disable=True)
     config = paragen.ParallelConfig(**{d: spec[d] for d in ("cfg", "clip", "patch", "ulysses", "ring") if d in spec})
     paragen.parallelize(pipe, config, _options(spec))
@@ -34,13 +36,13 @@ def _once(spec: dict, shard: bool) -> tuple[torch.Tensor, list[int], int]:
     out = out.frames if hasattr(out, "frames") else out.images
     denoiser = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     held = all_gather_objects(world_comm(), resident_bytes(denoiser))
-    record = sharded_weights(denoiser)
+    record = block_order(denoiser)
     return out.float(), held, 0 if record is None else record.prefetches
 
 
 def run(spec: dict) -> dict:
-    whole, whole_bytes, _ = _once(spec, False)
-    sharded, sharded_bytes, prefetches = _once(spec, True)
+    whole, whole_bytes, _ = _once(spec, False, False)
+    sharded, sharded_bytes, prefetches = _once(spec, spec.get("shard", True), spec.get("offload", False))
     return {"whole": whole, "sharded": sharded, "whole_bytes": whole_bytes, "sharded_bytes": sharded_bytes,
             "prefetches": prefetches}
 

@@ -17,7 +17,7 @@ from paragen.pipelines.model_facts import model_facts
 from paragen.pipelines.registry import Workload
 
 OUTPUT_FIELDS = ("dtype", "allow_pickle", "out_dir", "name")
-MEMORY_FIELDS = ("shard_weights", "memory_gib")  # an image or video job's: where its weights live, what it may use
+MEMORY_FIELDS = ("shard_weights", "offload_layers", "memory_gib")  # an image or video job's: where its weights live, what it may use
 
 
 @dataclass(frozen=True)
@@ -51,7 +51,7 @@ def add_output_arguments(p: argparse.ArgumentParser, request_class: type) -> Non
 
 
 def add_memory_arguments(p: argparse.ArgumentParser, request_class: type) -> None:
-    """--shard-weights and --memory-gib (the request's fields)."""
+    """--shard-weights, --offload-layers and --memory-gib (the request's fields)."""
     schema.add_arguments(p, request_class, MEMORY_FIELDS)
 
 
@@ -120,8 +120,9 @@ def build_parallel_pipeline(job) -> Any:
     installed, its weights sharded where the request asks, and checkpointing when the job has checkpoints."""
     request = job.request
     pipe = build_pipeline(request.model, dtype=resolve_dtype(request.dtype), device=rank_device(),
-                          allow_pickle=request.allow_pickle, shard_weights=request.shard_weights)
-    job.workload.parallelize(pipe, job.config, job.options, shard_weights=request.shard_weights)
+                          allow_pickle=request.allow_pickle, shard_weights=request.shard_weights,
+                          offload_layers=request.offload_layers)
+    job.workload.parallelize(pipe, job.config, job.options)
     if job.checkpoints is not None:
         pipe.paragen.enable_checkpoints(job.checkpoints)
     return pipe

@@ -28,6 +28,12 @@ def shard_weights() -> Any:
                         "keeps about 1/N of them and gathers each block's just before it runs", scope=LAUNCH)
 
 
+def offload_layers() -> Any:
+    return field(False, "keep the denoisers' and text encoders' blocks in host memory (pinned on CUDA) and copy each "
+                        "onto the device just before it runs, the next one's copy in flight (with --shard-weights: "
+                        "each rank's shards)", scope=LAUNCH)
+
+
 def memory_gib() -> Any:
     return field(None, "memory each rank may use, in GiB (default: the device's free memory; on the CPU, the host's "
                        "available memory shared by its ranks); a request that will not fit is refused before loading",

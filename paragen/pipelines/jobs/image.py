@@ -52,6 +52,7 @@ class ImageRequest:
     dtype: DtypeName = fields.dtype()
     allow_pickle: bool = fields.allow_pickle()
     shard_weights: bool = fields.shard_weights()
+    offload_layers: bool = fields.offload_layers()
     memory_gib: float | None = fields.memory_gib()
     out_dir: str = fields.out_dir("the PNG and the JSON run report")
     name: str | None = fields.name()

@@ -61,6 +61,7 @@ class VideoRequest:
     dtype: DtypeName = fields.dtype()
     allow_pickle: bool = fields.allow_pickle()
     shard_weights: bool = fields.shard_weights()
+    offload_layers: bool = fields.offload_layers()
     memory_gib: float | None = fields.memory_gib()
     fps: int = field(8, "frames per second of the written video", gt=0, le=240)
     format: Literal["mp4", "gif"] = field("mp4", "mp4 (needs imageio-ffmpeg: pip install 'paragen[video]'; GIF if "
