@@ -3,7 +3,7 @@ rows of every weight it keeps.
 
 A component is built from its config with its parameters on torch's `meta` device (its buffers, such as rotary
 tables computed at construction, built for real), sharded (`parallel.weights`), given memory for this rank's shards
-only, and filled from the safetensors files by slices (`safe_open(...).get_slice(name)[rows]`), so no rank ever holds
+only, and filled from the safetensors files by reading each rank's rows (`safetensors_rows`), so no rank ever holds
 a whole copy of a sharded component, and the ranks read the checkpoint once between them.
 
 The weights are cast to the request's dtype as they are read, except those the model keeps in float32
@@ -14,9 +14,7 @@ after, with a warning: the same weights, without the saving in load time.
 """
 from __future__ import annotations
 
-from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -24,17 +22,7 @@ from paragen.comms.weight_shards import local_rows
 from paragen.log import warn_once
 from paragen.parallel.weights import SHARDED_COMPONENTS, shard_component
 from paragen.pipelines.loading import SAFE_WEIGHTS, build_component
-
-
-def _checkpoint_names(folder: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file of `folder` that holds it."""
-    from safetensors import safe_open
-
-    names = {}
-    for path in sorted(folder.glob(SAFE_WEIGHTS)):
-        with safe_open(str(path), framework="pt") as file:
-            names.update(dict.fromkeys(file.keys(), path))
-    return names
+from paragen.pipelines.safetensors_rows import index_folder, read_rows
 
 
 def _float32_modules(module: torch.nn.Module, library: str, dtype: torch.dtype) -> set[str]:
@@ -54,13 +42,12 @@ def load_sharded_component(folder: Path, library: str, class_name: str, dtype: t
     host memory, `host_copies`); None where its checkpoint does not name its parameters one for one (load it whole,
     then shard it)."""
     from accelerate import init_empty_weights
-    from safetensors import safe_open
 
     with init_empty_weights(include_buffers=False):
         module = build_component(library, class_name, folder)
     if callable(getattr(module, "tie_weights", None)):
         module.tie_weights()  # ties that the empty weights' parameter registration undid (T5's shared embeddings)
-    stored = _checkpoint_names(folder)
+    stored = index_folder(folder, SAFE_WEIGHTS)
     tied: dict[int, list[str]] = {}  # a parameter -> every name it has (tied weights have several)
     for name, parameter in module.named_parameters(remove_duplicate=False):
         tied.setdefault(id(parameter), []).append(name)
@@ -86,23 +73,14 @@ def load_sharded_component(folder: Path, library: str, class_name: str, dtype: t
     module.to_empty(device="cpu" if host_copies else device)
     for name, buffer in module.named_buffers():
         buffer.data = buffers[name]
-    with ExitStack() as stack, torch.no_grad():
-        opened: dict[Path, Any] = {}
-
-        def source(key: str) -> Any:
-            path = stored[key]
-            if path not in opened:
-                opened[path] = stack.enter_context(safe_open(str(path), framework="pt"))
-            return opened[path]
-
+    with torch.no_grad():
         for name, parameter in module.named_parameters():
-            key = stored_as[name]
             local, first = local_rows(parameter)
             if local.numel():
-                local.copy_(source(key).get_slice(key)[first:first + local.shape[0]])
+                local.copy_(read_rows(stored[stored_as[name]], first, local.shape[0] if local.dim() else None))
         for name, buffer in module.named_buffers():
             if name in stored:
-                buffer.copy_(source(name).get_tensor(name))
+                buffer.copy_(read_rows(stored[name]))
     return module.eval()
 
 
