@@ -110,3 +110,25 @@ def test_sharded_weights_are_refused_where_they_cannot_work():
     with pytest.raises(ValueError, match="llm runs cannot shard their weights"):
         find("LlamaForCausalLM").check_weight_sharding(True, 2)
     find("StableDiffusionPipeline").check_weight_sharding(True, 2)
+
+
+def test_a_checkpoint_the_output_rank_cannot_read_stops_every_rank(tmp_path):
+    """Whole weights on 2 ranks: the output rank reads the checkpoint and broadcasts it; when it cannot (a truncated
+    weights file), the other rank learns why instead of waiting for weights that never come."""
+    import shutil
+
+    from paragen.pipelines.loading import CONFIG_DIR
+
+    broken = tmp_path / "broken"
+    shutil.copytree(CONFIG_DIR / "tiny-shapes", broken)
+    weights = broken / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:4096])
+    procs = start_ranks(["-m", "paragen", "image", "--model", str(broken), "--steps", "1", "--out",
+                         str(tmp_path / "out")], 2)
+    errors = []
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode != 0
+        errors.append(err)
+    assert f"the output rank could not read {broken}" in errors[1]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

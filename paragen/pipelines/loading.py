@@ -24,6 +24,7 @@ diffusers and transformers (seconds to import) are imported only when a pipeline
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 from pathlib import Path
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from paragen.comms import world_size
 from paragen.pipelines import sources
 from paragen.pipelines.sources import PICKLE_WEIGHTS, SAFE_WEIGHTS, ModelLoadError
 
@@ -211,8 +213,9 @@ def build_pipeline(
 ) -> DiffusionPipeline:
     """`load_pipeline` for a `model` that passed `check_model_source` already. `shard_weights`: the denoisers' and
     text encoders' weights sharded over the ranks (`paragen.parallel.weights`; a local checkpoint's read by slices,
-    `sharded_load`), only the shards ever on the device. `offload_layers`: their blocks (with `shard_weights`, their
-    shards) kept in host memory and brought onto the device as they run (`paragen.parallel.offload`)."""
+    `sharded_load`), only the shards ever on the device; otherwise, on several ranks, the output rank reads a
+    checkpoint and the others receive it (`broadcast_load`). `offload_layers`: their blocks (with `shard_weights`,
+    their shards) kept in host memory and brought onto the device as they run (`paragen.parallel.offload`)."""
     device = torch.device(device)
     if _random_weights(model):
         pipe = _build_embedded(model, seed, dtype)
@@ -222,19 +225,24 @@ def build_pipeline(
         root = model_folder(model)
         index = read_index(root)
         no_checker = {"safety_checker": None, "requires_safety_checker": False}
-        parts = {}
-        if shard_weights:
-            from paragen.pipelines.sharded_load import load_sharded_components
-
-            parts = load_sharded_components(root, _components(index), dtype, device, offload_layers)
-        pipe = DiffusionPipeline.from_pretrained(  # loads on CPU, in eval mode
+        read = functools.partial(
+            DiffusionPipeline.from_pretrained,  # loads on CPU, in eval mode
             root,
             dtype=dtype,
             use_safetensors=None if allow_pickle else True,  # None: safetensors first, else pickle
             local_files_only=True,
             **(no_checker if "safety_checker" in index else {}),
-            **parts,
         )
+        if shard_weights:
+            from paragen.pipelines.sharded_load import load_sharded_components
+
+            pipe = read(**load_sharded_components(root, _components(index), dtype, device, offload_layers))
+        elif world_size() > 1:
+            from paragen.pipelines.broadcast_load import load_once
+
+            pipe = load_once(root, _components(index), torch.device("cpu") if offload_layers else device, read)
+        else:
+            pipe = read()
     if shard_weights or offload_layers:
         from paragen.parallel.placement import place_pipeline_weights
 
