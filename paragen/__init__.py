@@ -9,6 +9,9 @@
         image.save("out.png")
     paragen.shutdown()
 
+A model larger than one GPU: `paragen.parallelize(pipe, config, options, shard_weights=True)` shards the denoisers'
+and text encoders' weights over the ranks (FSDP2); `offload_layers=True` keeps their blocks in host memory.
+
 Causal LMs (Llama, Qwen2, Mistral) take `paragen.parallelize_llm(model, ParallelConfig(seq=N, tp=M),
 KVConfig(mode="offload"))` and generate with `model.generate(ids, **paragen.cache_argument(runtime.new_cache()))`
 (`cache=` on transformers ≥ 5.24, `past_key_values=` before; `cache_argument` picks the installed one's).

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from paragen.comms import all_gather_objects, broadcast_object, world_comm
-from paragen.pipelines.loading import build_component
+from paragen.pipelines.loading import LOADED, build_component
 
 LABEL = "load.weights"
 
@@ -82,6 +82,7 @@ def load_once(root: Path, components: dict[str, tuple[str, str] | None], device:
         for name in sorted(layout):
             for _, tensor in _tensors(modules[name]):
                 comm.broadcast_async(tensor.data, 0, LABEL).wait()
+            setattr(modules[name], LOADED, "read, sent" if comm.rank == 0 else "received")
     return pipe
 
 

@@ -12,6 +12,7 @@ import torch
 
 from paragen.comms import all_gather_objects, is_output_rank, world_size
 from paragen.comms.weight_shards import resident_bytes
+from paragen.pipelines.loading import LOADED
 
 
 def git_revision() -> str:
@@ -34,13 +35,15 @@ def peak_memory(device: torch.device) -> dict[str, Any]:
 
 
 def rank_memory(model: Any, load_s: float) -> dict[str, Any]:
-    """What one rank holds and took: its parameter bytes per component (its shards where weights are sharded), its
-    peak memory, and how long its model took to load."""
+    """What one rank holds and took: its parameter bytes per component (its shards where weights are sharded), how
+    it got each component's weights (read whole, its rows read, read and sent, received), its peak memory, and how
+    long its model took to load."""
     parts = {"model": model} if isinstance(model, torch.nn.Module) else {
         name: part for name, part in model.components.items() if isinstance(part, torch.nn.Module)}
     resident = {name: resident_bytes(part) for name, part in parts.items()}
     return {"load_s": load_s, "resident_param_bytes": sum(resident.values()), "resident_param_bytes_by_component":
-            resident, **peak_memory(model.device)}
+            resident, "loaded": {name: getattr(part, LOADED, "read whole") for name, part in parts.items()},
+            **peak_memory(model.device)}
 
 
 def job_report(job: str, request: dict[str, Any], pipe, workload, options: Any, *, load_s: float,

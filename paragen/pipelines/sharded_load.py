@@ -21,7 +21,7 @@ import torch
 from paragen.comms.weight_shards import local_rows
 from paragen.log import warn_once
 from paragen.parallel.weights import SHARDED_COMPONENTS, shard_component
-from paragen.pipelines.loading import SAFE_WEIGHTS, build_component
+from paragen.pipelines.loading import LOADED, SAFE_WEIGHTS, build_component
 from paragen.pipelines.safetensors_rows import index_folder, read_rows
 
 
@@ -81,6 +81,7 @@ def load_sharded_component(folder: Path, library: str, class_name: str, dtype: t
         for name, buffer in module.named_buffers():
             if name in stored:
                 buffer.copy_(read_rows(stored[name]))
+    setattr(module, LOADED, "its rows read")
     return module.eval()
 
 
