@@ -5,7 +5,8 @@ and run by the command line, as a user runs a checkpoint:
 
     paragen video --model <checkpoint> --frames 1 --height 256 --width 512 --steps 4 --guidance-scale 1 [--shard-weights]
 
-at 1, 2 and 4 ranks (Ring over 512 tokens; one thread a rank), each in fresh processes. From each run's report: load
+at 1, 2 and 4 ranks (Ring over 512 tokens; one thread a rank), each in fresh processes (`--height`, `--width`: more
+tokens, so more compute for the same gathers; `--only`: some layouts). From each run's report: load
 time per rank (the weights read whole by `from_pretrained`, or by slices with `--shard-weights`), the denoiser's
 parameter bytes per rank, the process's peak resident memory per rank (which also counts the interpreter, the
 libraries and, unsharded, the checkpoint read whole), and the step time (median of the steps after the first). Four
@@ -13,6 +14,8 @@ ranks on two cores share cores, so their step times say what runs, not how fast.
 step.
 
     python bench/bench_weight_shards.py [--rounds 1] [--steps 4]   → bench/results/weight_shards_cpu.json
+    python bench/bench_weight_shards.py --only whole_2 sharded_2 --height 512 --width 1024 \
+        --out bench/results/weight_shards_2048_tokens_cpu.json
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ LAYOUTS = {  # name -> (ranks, shard)
     "whole_1": (1, False), "whole_2": (2, False), "sharded_2": (2, True), "whole_4": (4, False),
     "sharded_4": (4, True),
 }
-REQUEST = ["--frames", "1", "--height", "256", "--width", "512", "--guidance-scale", "1", "--format", "gif"]
+REQUEST = ["--frames", "1", "--guidance-scale", "1", "--format", "gif"]
 
 
 def make_checkpoint() -> Path:
@@ -53,11 +56,11 @@ def make_checkpoint() -> Path:
     return CHECKPOINT
 
 
-def run(name: str, ranks: int, shard: bool, steps: int, out: Path) -> dict:
+def run(name: str, ranks: int, shard: bool, steps: int, size: list[str], out: Path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     launch = ([sys.executable, "-m", "paragen"] if ranks == 1 else
               [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "-m", "paragen"])
-    cmd = [*launch, "video", "--model", str(CHECKPOINT), *REQUEST, "--steps", str(steps), "--threads", "1",
+    cmd = [*launch, "video", "--model", str(CHECKPOINT), *REQUEST, *size, "--steps", str(steps), "--threads", "1",
            "--out", str(out), "--name", name, *(["--shard-weights"] if shard else [])]
     started = time.perf_counter()
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
@@ -85,6 +88,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--only", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS))
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=512, help="512 tokens at 256×512 (a token: 16×16 pixels)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "weight_shards_cpu.json"))
     args = parser.parse_args()
     make_checkpoint()
@@ -94,7 +99,8 @@ def main() -> None:
             print(f"round {round_index + 1}/{args.rounds}", file=sys.stderr)
             for name in args.only:
                 ranks, shard = LAYOUTS[name]
-                reports[name].append(run(name, ranks, shard, args.steps, Path(tmp)))
+                size = ["--height", str(args.height), "--width", str(args.width)]
+                reports[name].append(run(name, ranks, shard, args.steps, size, Path(tmp)))
     configs = {name: {"shard_weights": LAYOUTS[name][1], **summarise(runs)} for name, runs in reports.items()}
     whole = configs.get("whole_1")
     for row in configs.values():
@@ -104,7 +110,8 @@ def main() -> None:
         configs["sharded_2"]["step_vs_whole_2"] = (configs["sharded_2"]["step_s_steady"]["median"]
                                                    / configs["whole_2"]["step_s_steady"]["median"])
     report = {**report_header("weight_shards"), "workload": {
-        "transformer": json.loads(CONFIG.read_text()), "request": REQUEST, "steps": args.steps, "rounds": args.rounds,
+        "transformer": json.loads(CONFIG.read_text()), "request": REQUEST, "height": args.height,
+        "width": args.width, "tokens": args.height * args.width // 256, "steps": args.steps, "rounds": args.rounds,
         "transformer_parameters": _parameters()}, "configs": configs}
     Path(args.out).write_text(json.dumps(report, indent=1))
     print(f"wrote {args.out}")

@@ -19,8 +19,9 @@ def table(report: dict) -> str:
         if c is None:
             continue
         step, peak, load = c["step_s_steady"], c["peak_rss_bytes_per_rank"], c["load_s"]
-        rows.append(f"| {LABELS[name].replace(chr(10), ', ')} | {c['transformer_bytes_per_rank'] / GB:.2f} GB "
-                    f"({c['transformer_bytes_vs_1_rank']:.2f}×) | {peak['median'] / GB:.2f} GB | {load['median']:.1f} s | "
+        share = f" ({c['transformer_bytes_vs_1_rank']:.2f}×)" if "transformer_bytes_vs_1_rank" in c else ""
+        rows.append(f"| {LABELS[name].replace(chr(10), ', ')} | {c['transformer_bytes_per_rank'] / GB:.2f} GB{share} | "
+                    f"{peak['median'] / GB:.2f} GB | {load['median']:.1f} s | "
                     f"{step['median']:.1f} s ({step['p10']:.1f}–{step['p90']:.1f}) |")
     return "\n".join(rows)
 
@@ -41,8 +42,9 @@ def main() -> None:
     steps.bar(labels, medians, color=["#4c72b0" if "sharded" in n else "#999" for n in order])
     steps.set_ylabel("seconds per denoising step (median)")
     parameters = report["workload"]["transformer_parameters"] / 1e9
-    fig.suptitle(f"{parameters:.2f}B-parameter Wan-shaped transformer, fp32, {report['machine']['cores']} CPU cores "
-                 "(gloo, 1 thread a rank): --shard-weights")
+    tokens = report["workload"].get("tokens", 512)
+    fig.suptitle(f"{parameters:.2f}B-parameter Wan-shaped transformer, fp32, {tokens} tokens, "
+                 f"{report['machine']['cores']} CPU cores (gloo, 1 thread a rank): --shard-weights")
     save_figure(fig, path)
     print(table(report))
 
