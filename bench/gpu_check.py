@@ -11,8 +11,8 @@ Sections (each in its own subprocess(es) with a timeout; a failure is recorded, 
   so the machine's own torch and transformers are used; paragen itself runs from this working tree.
 - gpu_tests: `pytest -m gpu` (tests/test_gpu_kernels.py: the kernels' CUDA branches against their CPU
   references, ChunkFetcher on a side stream); pass/fail/skip counts.
-- cli: every workload of `python -m paragen` at 1 rank on the device in bf16 on the embedded models; the
-  output is read back (PNG/GIF not flat, report on the device, in the dtype, with finite timings).
+- cli: every workload of `python -m paragen` at 1 rank on the device in bf16 on the embedded models (and PixArt
+  with `--offload-layers`: its blocks from pinned host memory on a side stream); the output is read back (PNG/GIF not flat, report on the device, in the dtype, with finite timings).
 - multirank: 2 ranks on the one GPU over gloo (`paragen.init(device="cuda:0", backend="gloo")`): which
   collectives gloo runs on CUDA tensors (probe), then tiny-sd in sync patch mode and tiny-passkey dense seq=2
   against 1 rank; operations gloo cannot run on CUDA tensors go through host memory (the approach is recorded).
@@ -318,6 +318,9 @@ class Check:
         return [
             ("image_tiny-sd", "image", ["image", "--model", "tiny-sd", *image, *steps]),
             ("image_tiny-pixart", "image", ["image", "--model", "tiny-pixart", *image, *steps]),
+            # blocks from pinned host memory, copied on a side stream (on the CPU nothing moves)
+            ("image_tiny-pixart_offload_layers", "image", ["image", "--model", "tiny-pixart", *image, *steps,
+                                                           "--offload-layers"]),
             ("image_tiny-flux", "image", ["image", "--model", "tiny-flux", *image, *steps]),
             ("hires_tiny-sd", "image", ["image", "--model", "tiny-sd", "--hires", *hires, *steps]),
             ("video_tiny-t2v", "video", ["video", "--model", "tiny-t2v", *video, "--format", "gif"]),
