@@ -106,6 +106,16 @@ def test_a_model_too_large_for_the_stated_memory_is_refused_with_the_advice(tmp_
     check_memory(request, ParallelConfig(), 2, torch.device("cpu"), 2)  # fits sharded
 
 
+def test_one_rank_too_small_for_the_weights_is_advised_to_offload_them():
+    """On one rank tiny-sdxl's 141.6 MB of weights do not fit 0.11 GiB; offloaded, only the VAE's 1.25 M parameters
+    and a gathered 5.40 M stay on the device."""
+    request = ImageRequest(model="tiny-sdxl", height=64, width=64, memory_gib=0.11)
+    with pytest.raises(ValueError, match="mostly the weights; .* it would fit with --offload-layers"):
+        check_memory(request, ParallelConfig(), 1, torch.device("cpu"), 1)
+    check_memory(ImageRequest(model="tiny-sdxl", height=64, width=64, memory_gib=0.11, offload_layers=True),
+                 ParallelConfig(), 1, torch.device("cpu"), 1)
+
+
 def test_sharded_weights_are_refused_where_they_cannot_work():
     with pytest.raises(ValueError, match="with one rank there is nobody to share them with"):
         find("StableDiffusionPipeline").check_weight_sharding(True, 1)

@@ -61,24 +61,21 @@ class HostBlock:
             parameter.data = torch.empty(0, dtype=parameter.dtype, device=self.device)
         self.present = False
 
-    def host_bytes(self) -> int:
-        return sum(host.numel() * host.element_size() for host in self.host.values())
 
-
-def offload_component(model: torch.nn.Module, device: torch.device, fetcher: ChunkFetcher) -> list[HostBlock]:
+def offload_component(model: torch.nn.Module, device: torch.device, fetcher: ChunkFetcher) -> None:
     """Keep `model`'s blocks in host memory, each brought onto `device` just before it runs (the next one's copy
     started as a block starts); the model's other weights are left where they are."""
     units = weight_units(model)
-    blocks = {id(unit): HostBlock(unit, fetcher, device) for unit in units}
+    blocks = {id(unit): HostBlock(unit, fetcher, device) for unit in units}  # kept alive by their hooks
     setattr(model, ORDER_ATTRIBUTE, BlockOrder(model, units, ahead=lambda unit: blocks[id(unit)].start()))
-    return list(blocks.values())
 
 
-def offload_pipeline_layers(pipe: Any, device: torch.device) -> list[HostBlock]:
+def offload_pipeline_layers(pipe: Any, device: torch.device) -> None:
     """`offload_component` for every present component of `SHARDED_COMPONENTS` (one copying thread for all)."""
     fetcher = ChunkFetcher(device)
-    return [block for name in SHARDED_COMPONENTS if isinstance(getattr(pipe, name, None), torch.nn.Module)
-            for block in offload_component(getattr(pipe, name), device, fetcher)]
+    for name in SHARDED_COMPONENTS:
+        if isinstance(getattr(pipe, name, None), torch.nn.Module):
+            offload_component(getattr(pipe, name), device, fetcher)
 
 
 __all__ = ["HostBlock", "offload_component", "offload_pipeline_layers"]

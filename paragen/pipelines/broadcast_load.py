@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from paragen.comms import all_gather_objects, broadcast_object, world_comm
-from paragen.pipelines.loading import LOADED, build_component
+from paragen.pipelines.loading import LOADED, build_empty, tie_weights
 
 LABEL = "load.weights"
 
@@ -28,18 +28,13 @@ def _tensors(module: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
 def _empty(folder: Path, spec: tuple[str, str], layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
            device: torch.device) -> torch.nn.Module:
     """The component in `folder`, built with empty weights (and buffers) of the output rank's dtypes on `device`."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=True):  # the buffers are received too
-        module = build_component(spec[0], spec[1], folder)
+    module = build_empty(spec[0], spec[1], folder, buffers=True)  # the buffers are received too
     dtypes = {name: dtype for name, dtype, _ in layout}
     for name, tensor in module.named_parameters(remove_duplicate=False):
         tensor.data = tensor.data.to("meta", dtypes.get(name, tensor.dtype))
     for name, tensor in module.named_buffers():
         tensor.data = tensor.data.to("meta", dtypes[name])
-    module.to_empty(device=device)  # buffers too: they are received like the weights
-    if callable(getattr(module, "tie_weights", None)):
-        module.tie_weights()  # as the output rank's model is (T5's shared embeddings), so that the names match
+    tie_weights(module.to_empty(device=device))  # tied as the output rank's, so that the names match
     received = [(name, t.dtype, tuple(t.shape)) for name, t in _tensors(module)]
     if received != layout:
         raise RuntimeError(f"{folder} builds other weights here than on the output rank (a different library "

@@ -137,8 +137,8 @@ def component_class(library: str, class_name: str) -> type:
 
 
 def build_component(library: str, class_name: str, folder: Path) -> Any:
-    """One component from its config in `folder`: random weights for models (on the default device: `meta` counts
-    them without memory), files for the tokenizer."""
+    """One component from its config in `folder`: random weights for models (`build_empty`: none), files for the
+    tokenizer."""
     import transformers
 
     cls = component_class(library, class_name)
@@ -147,6 +147,24 @@ def build_component(library: str, class_name: str, folder: Path) -> Any:
     if issubclass(cls, transformers.PreTrainedTokenizerBase):
         return cls.from_pretrained(folder, local_files_only=True)
     return cls(cls.config_class.from_pretrained(folder, local_files_only=True))
+
+
+def build_empty(library: str, class_name: str, folder: Path, *, buffers: bool) -> torch.nn.Module:
+    """A model component built from its config with its parameters on torch's `meta` device (no memory; its buffers
+    too with `buffers`, else built for real), tied as loading ties it (`tie_weights`)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=buffers):
+        module = build_component(library, class_name, folder)
+    return tie_weights(module)
+
+
+def tie_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """`module` with the weights its model ties (T5's shared embeddings) tied again: transformers ties them when it
+    loads, and an empty build or `to_empty` leaves them apart."""
+    if callable(getattr(module, "tie_weights", None)):
+        module.tie_weights()
+    return module
 
 
 def model_components(model: str) -> dict[str, tuple[str, str] | None]:
@@ -253,7 +271,7 @@ def build_pipeline(
         from paragen.parallel.placement import place_pipeline_weights
 
         place_pipeline_weights(pipe, device, shard_weights, offload_layers)  # places the shards itself
-    from paragen.comms.weight_shards import is_sharded
+    from paragen.comms.weight_shards import is_sharded  # FSDP: 0.8 s to import, not for check_model_source
 
     for part in pipe.components.values():
         if isinstance(part, torch.nn.Module) and not is_sharded(part):

@@ -257,9 +257,6 @@ def _what_fits(job: Job, available: int) -> str:
     most = job.frames or job.height // job.shape.vae_factor  # at most a clip per frame, a band per latent row
     split = _smallest(job.split + 1, most, lambda s: fits(dataclasses.replace(job, split=s, ranks=s * ranks_per_split)))
     options = []
-    if job.weights is not None and not job.offload and not job.shard and job.ranks == 1 and fits(
-            dataclasses.replace(job, offload=True)):
-        options.append("--offload-layers")
     if not job.shard and job.weights is not None:
         sharded = dataclasses.replace(job, shard=True)
         if job.ranks > 1 and fits(sharded):
@@ -271,9 +268,9 @@ def _what_fits(job: Job, available: int) -> str:
                 options.append(f"--shard-weights with {job.degree} ≥ {more}")
     if split is not None:
         options.append(f"{job.degree} ≥ {split}")
-    if job.weights is not None and not job.offload and (job.shard or job.ranks > 1) and not options and fits(
+    if (job.ranks == 1 or not options) and job.weights is not None and not job.offload and fits(
             dataclasses.replace(job, offload=True)):
-        options.append("--offload-layers")
+        options.insert(0, "--offload-layers")
     steps = job.height // (job.shape.vae_factor * SIZE_STEP)
     too_big = _smallest(1, steps, lambda k: not fits(_scaled(job, k)))
     if too_big is not None and too_big > 1:

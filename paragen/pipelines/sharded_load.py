@@ -21,7 +21,7 @@ import torch
 from paragen.comms.weight_shards import local_rows
 from paragen.log import warn_once
 from paragen.parallel.weights import SHARDED_COMPONENTS, shard_component
-from paragen.pipelines.loading import LOADED, SAFE_WEIGHTS, build_component
+from paragen.pipelines.loading import LOADED, SAFE_WEIGHTS, build_empty
 from paragen.pipelines.safetensors_rows import index_folder, read_rows
 
 
@@ -41,12 +41,7 @@ def load_sharded_component(folder: Path, library: str, class_name: str, dtype: t
     """The component in `folder` with its weights sharded over the ranks and read by slices onto `device` (or into
     host memory, `host_copies`); None where its checkpoint does not name its parameters one for one (load it whole,
     then shard it)."""
-    from accelerate import init_empty_weights
-
-    with init_empty_weights(include_buffers=False):
-        module = build_component(library, class_name, folder)
-    if callable(getattr(module, "tie_weights", None)):
-        module.tie_weights()  # ties that the empty weights' parameter registration undid (T5's shared embeddings)
+    module = build_empty(library, class_name, folder, buffers=False)
     stored = index_folder(folder, SAFE_WEIGHTS)
     tied: dict[int, list[str]] = {}  # a parameter -> every name it has (tied weights have several)
     for name, parameter in module.named_parameters(remove_duplicate=False):

@@ -16,7 +16,7 @@ import torch
 
 from paragen.log import warn_once
 from paragen.parallel.weights import SHARDED_COMPONENTS, weight_units
-from paragen.pipelines.loading import build_component, component_class, model_components, model_folder
+from paragen.pipelines.loading import build_empty, component_class, model_components, model_folder
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,7 @@ def weight_sizes(model: str) -> WeightSizes | None:
                 continue  # left out, or no weights (scheduler, tokenizer)
             if not issubclass(component_class(*spec), torch.nn.Module):
                 continue
-            with torch.device("meta"):
-                module = build_component(spec[0], spec[1], root / name)
+            module = build_empty(spec[0], spec[1], root / name, buffers=True)
             total = _count(module)
             if name not in SHARDED_COMPONENTS:
                 whole += total
