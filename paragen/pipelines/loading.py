@@ -235,7 +235,7 @@ def build_pipeline(
     `sharded_load`), only the shards ever on the device. `read_once`: whole weights on several ranks are read by the
     output rank and sent to the others (`broadcast_load`); default: on CUDA devices, where the broadcast runs at the
     interconnect's speed, while on the CPU each rank maps the files, which the page cache shares (a 4.5 GB checkpoint
-    at 2 ranks: 10.4 s to send over gloo, 0.5 s to map). `offload_layers`: their blocks (with `shard_weights`, their
+    at 2 ranks: 3.6–9.9 s to send over gloo, 0.1–2.9 s to map). `offload_layers`: their blocks (with `shard_weights`, their
     shards) kept in host memory and brought onto the device as they run (`paragen.parallel.offload`)."""
     device = torch.device(device)
     if _random_weights(model):
