@@ -34,7 +34,7 @@ ChatBody = ENDPOINTS["llm"][1].body()
 
 # ---- bodies ------------------------------------------------------------------------------------------
 def test_a_body_is_the_request_schema_beside_openais_fields():
-    assert set(ImageBody.model_fields) == {"model", "id", "user", "n", "size", "response_format", "prompt",
+    assert set(ImageBody.model_fields) == {"model", "id", "user", "n", "size", "response_format", "run_async", "prompt",
                                            "negative_prompt", "height", "width", "steps", "guidance_scale", "seed"}
     assert "prompt_file" not in CompletionBody.model_fields  # a path on the ranks' machines: not for clients
     assert not {"new_tokens", "sample", "temperature"} - set(LLMRequest.__pydantic_fields__)  # replaced by OpenAI's
@@ -123,7 +123,7 @@ def test_the_front_queues_in_order_refuses_when_full_or_closed_and_counts():
     front.open()
     first, second = front.submit([Ticket("a", 1)]), front.submit([Ticket("b", 2)])
     assert _status(lambda: front.submit([Ticket("c", 3)])) == 429  # full: nothing of the refused batch is queued
-    ticket = front.next(1.0, stopping)
+    (ticket,) = front.next(1.0, stopping)
     assert (ticket.id, ticket.request) == ("a", 1) and front.health()[1]["in_flight"]
     assert _status(lambda: front.submit([Ticket("a", 5)])) == 409  # its id is being made
     assert _status(lambda: front.submit([Ticket("c", 3), Ticket("d", 4)])) == 429
@@ -150,7 +150,7 @@ def test_the_front_drops_a_gone_clients_queued_request_and_marks_one_in_flight()
     front.open()
     running, waiting = Ticket("a", 1), Ticket("b", 2)
     futures = front.submit([running]) + front.submit([waiting])
-    assert front.next(1.0, stopping) is running
+    assert front.next(1.0, stopping) == [running]
     front.cancel([waiting], "the client went away")
     front.cancel([running], "the client went away")
     assert futures[1].exception(timeout=1).status == CLIENT_GONE and front.health()[1]["queue"] == 0

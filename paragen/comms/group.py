@@ -7,6 +7,7 @@ the blocking form is the async one waited on at once, so both are accounted the 
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -104,12 +105,16 @@ class GroupComm:
         everyone = self.all_gather(tensor, label)
         return torch.cat([part.narrow(dim, 0, n) for part, n in zip(everyone, sizes)], dim=dim)
 
-    def gather_varlen(self, tensor: torch.Tensor, dim: int, sizes: list[int], dst: int, label: str) -> torch.Tensor | None:
+    def gather_varlen(self, tensor: torch.Tensor, dim: int, sizes: list[int], dst: int, label: str,
+                      on_part: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor | None:
         """Concatenate every rank's `tensor` along `dim` on rank `dst` only (rank i's has `sizes[i]` entries
-        there), by P2P; the other ranks send theirs and get None."""
+        there), by P2P; the other ranks send theirs and get None. On `dst`, `on_part(i, part)` is called with each
+        rank's part as it arrives, in rank order (its own at once)."""
         if tensor.shape[dim] != sizes[self.rank]:
             raise ValueError(f"{label}: this rank holds {tensor.shape[dim]} entries along dim {dim}, the layout says {sizes[self.rank]}")
         if self.size == 1:
+            if on_part is not None:
+                on_part(0, tensor)
             return tensor
         payload = tensor.contiguous()
         tag = self._next_tag()
@@ -120,7 +125,7 @@ class GroupComm:
             Pending([work], lambda: None, self.stats, label).wait()
             return None
         parts: list[torch.Tensor] = []
-        works = []
+        works: dict[int, Any] = {}
         with backend_call(label):
             for src, n in enumerate(sizes):
                 if src == dst:
@@ -129,9 +134,15 @@ class GroupComm:
                 shape = list(payload.shape)
                 shape[dim] = n
                 parts.append(torch.empty(shape, dtype=payload.dtype, device=payload.device))
-                works.append(dist.irecv(parts[-1], group=self.p2p_group, group_src=src, tag=tag))
+                works[src] = dist.irecv(parts[-1], group=self.p2p_group, group_src=src, tag=tag)
         self.stats.record(label, sent=0, recv=sum(_nbytes(p) for i, p in enumerate(parts) if i != dst))
-        return Pending(works, lambda: torch.cat(parts, dim=dim), self.stats, label).wait()
+        if on_part is None:
+            return Pending(list(works.values()), lambda: torch.cat(parts, dim=dim), self.stats, label).wait()
+        for src, part in enumerate(parts):
+            if src in works:
+                Pending([works[src]], lambda: None, self.stats, label).wait()
+            on_part(src, part)
+        return torch.cat(parts, dim=dim)
 
     # ---- broadcast ----------------------------------------------------------------------------
     def broadcast_async(self, tensor: torch.Tensor, src: int, label: str, stale: bool = False) -> Pending[torch.Tensor]:

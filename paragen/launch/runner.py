@@ -85,6 +85,19 @@ class JobRunner:
         may stop it between steps (RequestCancelled on every rank) and receives an LLM's tokens as they come."""
         return self.module.generate(self.job, self.state, item, self.load_s, watch)
 
+    def batch_key(self, item: Any) -> Any:
+        """Checked requests with equal keys can be made together (`generate_batch`); None: this one is made alone."""
+        key = getattr(self.module, "batch_key", None)
+        return None if key is None else key(self.job, item)
+
+    def generate_batch(self, items: list[Any], watch: Watch | None = None) -> list[dict] | None:
+        """Make checked requests of equal `batch_key` in one call on every rank, each output the bytes it would be
+        alone when the job was prepared batch-invariant; their reports on the output rank, None on the others."""
+        if len(items) == 1:
+            report = self.generate(items[0], watch)
+            return None if report is None else [report]
+        return self.module.generate_batch(self.job, self.state, items, self.load_s, watch)
+
     def __call__(self, **fields: Any) -> dict | None:
         """Make one request (the launch's request with `fields` changed); the report on the output rank, None on
         the others. Every rank must make the same call."""

@@ -7,12 +7,15 @@ the same answer on every rank — its decision is made on one rank and broadcast
 stop, the runtime raises `RequestCancelled` on every rank at that step, before the step's first collective, so no
 rank is left waiting and nothing is written. A caller that streams an LLM's answer adds `on_tokens`, called with
 the new token ids each time the ranks have decided some (every token; a speculative round's accepted tokens
-together).
+together). A caller that reports progress adds `on_step` (the step about to run and the request's steps, on every
+rank), and one that streams a video's clips adds `on_clip` (the path of each clip's file, written by the job on the
+output rank as soon as the clip is decoded; the job hears of the decoded frames from the pipeline through
+`on_frames`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 from paragen.comms import GroupComm, broadcast_int
 
@@ -21,11 +24,17 @@ Interrupt = Callable[[], bool]
 
 @dataclass(frozen=True)
 class Watch:
-    """How a caller follows one request: `interrupt` (asked between steps, the same answer on every rank) and
-    `on_tokens` (new token ids as they are decided; set on the rank that streams them, None elsewhere)."""
+    """How a caller follows one request: `interrupt` (asked between steps, the same answer on every rank),
+    `on_tokens` (new token ids as they are decided; set on the rank that streams them, None elsewhere), `on_step`
+    (step index and steps in all, before each denoising step), `on_frames` (clip index, clips in all, and the clip's
+    decoded frames `[B, C, F, H, W]` in the decoder's range, on the output rank as each clip is decoded: the pipeline
+    calls it) and `on_clip` (clip index, clips in all, and the path of the clip's written file: the job calls it)."""
 
     interrupt: Interrupt | None = None
     on_tokens: Callable[[list[int]], None] | None = None
+    on_step: Callable[[int, int], None] | None = None
+    on_frames: Callable[[int, int, Any], None] | None = None
+    on_clip: Callable[[int, int, str], None] | None = None
 
 
 def interrupt_of(watch: Watch | None) -> Interrupt | None:

@@ -11,10 +11,11 @@ from paragen.comms import CommStats
 from paragen.parallel import ParallelConfig, ParallelMesh
 from paragen.parallel.intercept import intercept
 from paragen.parallel.steps import StepPlan
-from paragen.parallel.interrupt import Interrupt, check_interrupt
+from paragen.parallel.interrupt import Watch, check_interrupt
 from paragen.pipelines.vae_decode import ParallelVaeDecoder
 
-INTERRUPT_OPTION = "paragen_interrupt"  # a call option: stop the request between steps (`paragen.parallel.interrupt`)
+WATCH_OPTION = "paragen_watch"  # a call option: follow the request (stop it between steps, its progress, its clips:
+# `paragen.parallel.interrupt.Watch`)
 
 
 @dataclass
@@ -27,7 +28,7 @@ class PipelineRuntime:
     vae: ParallelVaeDecoder | None  # None: the runtime decodes its own way (video: per clip)
     step_seconds: list[float] = field(default_factory=list)
     in_request: bool = False
-    interrupt: Interrupt | None = None  # the request's, asked before every step
+    watch: Watch | None = None  # the request's: its interrupt asked and its progress told before every step
     _step_start: float = 0.0
 
     @property
@@ -43,17 +44,18 @@ class PipelineRuntime:
     def call(self, pipe: Any, original, *args, **kwargs):
         """One request: take paragen's options, check it on every rank before any collective
         (`prepare_call`), then run the pipeline's own call between `begin_request` and `end_request`.
-        `paragen_interrupt=` (an `Interrupt`) may stop it between steps (RequestCancelled on every rank)."""
-        interrupt = kwargs.pop(INTERRUPT_OPTION, None)
+        `paragen_watch=` (a `Watch`) may stop it between steps (RequestCancelled on every rank), is told each step
+        and receives a video's clips as they are decoded."""
+        watch = kwargs.pop(WATCH_OPTION, None)
         options = self.take_options(kwargs)
         bound = inspect.signature(original).bind(*args, **kwargs)
         self.prepare_call(pipe, bound, **options)
         self.begin_request()
-        self.interrupt = interrupt
+        self.watch = watch
         try:
             return original(*bound.args, **bound.kwargs)
         finally:
-            self.interrupt = None
+            self.watch = None
             self.end_request()
 
     def prepare_call(self, pipe: Any, bound: inspect.BoundArguments) -> None:
@@ -79,11 +81,19 @@ class PipelineRuntime:
 
     def start_step(self, pipe: Any) -> None:
         """Before a step's denoiser forward, on every rank: stop here if the request's interrupt says so, learn the
-        request's length on its first step, start the clock."""
-        check_interrupt(self.interrupt, "after %d denoising steps", len(self.step_seconds))
+        request's length on its first step, tell the watch which step this is, start the clock."""
+        watch = self.watch
+        check_interrupt(None if watch is None else watch.interrupt, "after %d denoising steps", len(self.step_seconds))
         if self.in_request and self.plan.step == -1:
             self.plan.total_steps = len(pipe.scheduler.timesteps)
+        if watch is not None and watch.on_step is not None:
+            watch.on_step(len(self.step_seconds), len(pipe.scheduler.timesteps))
         self._step_start = time.perf_counter()
+
+    def emit_clip(self, index: int, count: int, frames) -> None:
+        """Hand clip `index` of `count` (its decoded frames) to the request's watch, if it streams clips."""
+        if self.watch is not None and self.watch.on_frames is not None:
+            self.watch.on_frames(index, count, frames)
 
     def record_step(self) -> None:
         """After a denoiser forward and its output gather: record the step time."""

@@ -17,6 +17,7 @@ dead or stuck rank: 503 for everything waiting, then a non-zero exit.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import signal
@@ -47,6 +48,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--host", default="127.0.0.1", help="address the output rank listens on (0.0.0.0: every interface)")
     g.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port; the log names it)")
     g.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429")
+    g.add_argument("--max-batch", type=int, default=1,
+                   help="image job: make up to this many waiting requests that differ only in prompt and seed in one "
+                        "pipeline call (each the bytes it would be alone in this server; 1: one at a time)")
+    g.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="with --max-batch: how long a request may wait for others to join its batch (0: batch only "
+                        "what is already waiting)")
     g.add_argument("--api-key-env", default="PARAGEN_API_KEY",
                    help="environment variable holding the bearer token clients must send (unset or empty: none)")
     limits = Limits()
@@ -60,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="most tokens a completion may generate")
 
 
-def _check(args: argparse.Namespace) -> tuple[str | None, Limits]:
+def _check(args: argparse.Namespace, module: Any) -> tuple[str | None, Limits]:
     """Refuse options that do not apply to a server, and a server without its optional packages (before the
     process group, on every rank alike); the API key, if one is set, and the limits."""
     missing = [name for name in ("fastapi", "uvicorn") if importlib.util.find_spec(name) is None]
@@ -74,7 +81,11 @@ def _check(args: argparse.Namespace) -> tuple[str | None, Limits]:
         raise ValueError(f"{', '.join(given)}: not for a server (requests come over HTTP, each named by its id)")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
-    bounds = {"--max-queue": args.max_queue, "--max-body-bytes": args.max_body_bytes, "--max-steps": args.max_steps,
+    if args.max_batch > 1 and not hasattr(module, "batch_key"):
+        raise ValueError(f"--max-batch: the {args.serve_job} job makes one request at a time ({module.MADE_ALONE})")
+    if not 0 <= args.batch_wait_ms <= 60_000:
+        raise ValueError(f"--batch-wait-ms must be in 0..60000, got {args.batch_wait_ms}")
+    bounds = {"--max-queue": args.max_queue, "--max-batch": args.max_batch, "--max-body-bytes": args.max_body_bytes, "--max-steps": args.max_steps,
               "--max-pixels": args.max_pixels, "--max-frames": args.max_frames, "--max-new-tokens": args.max_new_tokens}
     for flag, value in bounds.items():
         if value < 1:
@@ -120,8 +131,9 @@ class _Http:
 
 def serve(args: argparse.Namespace, module: Any) -> int:
     """The lifecycle of `paragen serve <job>`: check, init, listen, load, serve until a signal; the exit status."""
-    api_key, limits = _check(args)
-    job, verdict = attempt(lambda _: module.prepare(args, discover()), None)
+    api_key, limits = _check(args, module)
+    job, verdict = attempt(lambda _: dataclasses.replace(module.prepare(args, discover()),
+                                                         batch_invariant=args.max_batch > 1), None)
     init(device=args.device, init_timeout_s=args.init_timeout, timeout_s=args.timeout, threads=args.threads,
          verbose=args.verbose)
     comm, log = world_comm(), get_logger()
@@ -133,7 +145,8 @@ def serve(args: argparse.Namespace, module: Any) -> int:
     stopping = threading.Event()
     previous = {number: signal.signal(number, lambda *_: stopping.set()) for number in (signal.SIGTERM, signal.SIGINT)}
     runner = JobRunner.prepared(args.serve_job, module, job)
-    front, http = (Front(args.max_queue, stopping), None) if is_output_rank() else (None, None)
+    front = Front(args.max_queue, stopping, args.max_batch, args.batch_wait_ms / 1000) if is_output_rank() else None
+    http = None
     try:
         if front is not None:
             from paragen.launch.serve.app import build_app

@@ -39,6 +39,7 @@ class _Body(schema.Strict):
 
 class _ImageOpenAI(_Body):
     n: int = Field(1, ge=1, le=MAX_IMAGES, description="images, with seeds seed, seed+1, …")
+    run_async: bool = Field(False, alias="async", description="answer 202 with a job to poll (GET /v1/images/{id})")
     size: str | None = Field(None, pattern=SIZE_PATTERN, description="WIDTHxHEIGHT in pixels")
     response_format: Literal["b64_json"] = Field("b64_json", description="images come back inline (no URLs)")
 
@@ -100,7 +101,9 @@ def _size(body: Any) -> dict:
 
 def image_fields(body: Any) -> list[dict]:
     """The image job's request fields for each of the body's `n` images."""
-    base = {**schema.given(body, BODY_FIELDS + ("n", "size", "response_format")), **_size(body)}
+    if body.run_async and body.n > 1:
+        raise ValueError("an asynchronous job makes one image: send n = 1 (one job per image)")
+    base = {**schema.given(body, BODY_FIELDS + ("n", "size", "response_format", "run_async")), **_size(body)}
     if body.n == 1:
         return [base]
     first = base.pop("seed", 0)
@@ -216,6 +219,8 @@ class Endpoint:
     fields: Callable[[Any], list[dict]]
     response: Callable[[str, str, list[dict]], dict]
     text: TextShape | None = None  # a text endpoint: its answers can be streamed
+    jobs: str | None = None  # where its asynchronous jobs live (`POST` there: always a job; a job's `/{id}` routes)
+    output: str | None = None  # the report's key of the file a job's content is
 
     def body(self) -> type[_Body]:
         """The body's model: the OpenAI fields and the request's `REQUEST` fields (less `replaced`)."""
@@ -231,9 +236,9 @@ def body_model(endpoint: Endpoint) -> type[_Body]:
 _NOT_TEXT = ("new_tokens", "sample", "temperature")  # set through max_tokens and temperature
 ENDPOINTS = {  # every job's endpoints, its main one first
     "image": (Endpoint("image", "/v1/images/generations", "ImageRequest", _ImageOpenAI, (), image_fields,
-                       image_response),),
+                       image_response, jobs="/v1/images", output="image"),),
     "video": (Endpoint("video", "/v1/videos/generations", "VideoRequest", _VideoOpenAI, ("prompts",), video_fields,
-                       video_response),),
+                       video_response, jobs="/v1/videos", output="video"),),
     "llm": (Endpoint("llm", "/v1/completions", "LLMRequest", _CompletionOpenAI, (*_NOT_TEXT, "messages"),
                      completion_fields, COMPLETIONS.response, COMPLETIONS),
             Endpoint("llm", "/v1/chat/completions", "LLMRequest", _ChatOpenAI,

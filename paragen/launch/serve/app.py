@@ -28,12 +28,14 @@ from starlette.exceptions import HTTPException
 
 from paragen.launch.serve.api import ENDPOINTS, Endpoint, Limits
 from paragen.launch.serve.front import Front, Outcome, Ticket
+from paragen.launch.serve.jobs import accepted, add_job_routes
 from paragen.launch.serve.stream import WATCH_S, TokenFeed, events
 from paragen.pipelines.jobs import schema
 from paragen.pipelines.jobs.llm_text import TextStream
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               405: "invalid_request_error", 409: "conflict_error", 413: "invalid_request_error", 429: "server_busy",
+               405: "invalid_request_error", 409: "conflict_error", 410: "not_found_error", 413: "invalid_request_error",
+               429: "server_busy",
                499: "client_closed_request", 500: "server_error", 503: "unavailable"}
 
 
@@ -79,13 +81,19 @@ def build_app(job: str, model: str, runner: Any, front: Front, out_dir: str, che
         for other in others if name != job else ():
             app.add_api_route(other.path, _elsewhere(name, job, ENDPOINTS[job][0]), methods=["POST"])
     for endpoint in ENDPOINTS[job]:
-        app.add_api_route(endpoint.path, _route(endpoint, _maker(endpoint, model, runner, front, out_dir, check_lock,
-                                                                 limits), api_key, limits), methods=["POST"])
+        make = _maker(endpoint, model, runner, front, out_dir, check_lock, limits)
+        app.add_api_route(endpoint.path, _route(endpoint, make, api_key, limits), methods=["POST"])
+        if endpoint.jobs is not None:
+            app.add_api_route(endpoint.jobs, _route(endpoint, make, api_key, limits, background=True), methods=["POST"])
+            add_job_routes(app, endpoint.jobs, endpoint.job, endpoint.output, model, front, out_dir,
+                           lambda request: _authorize(request, api_key))
     return app
 
 
-def _route(endpoint: Endpoint, make: Callable, api_key: str | None, limits: Limits) -> Callable:
-    """The handler of one endpoint: the API key, the body's size, its schema, then the job."""
+def _route(endpoint: Endpoint, make: Callable, api_key: str | None, limits: Limits,
+           background: bool = False) -> Callable:
+    """The handler of one endpoint: the API key, the body's size, its schema, then the job (`background`: always as
+    an asynchronous job)."""
     body_model = endpoint.body()
 
     async def generate(request: Request) -> Response:
@@ -95,7 +103,7 @@ def _route(endpoint: Endpoint, make: Callable, api_key: str | None, limits: Limi
             body = schema.parse_fields(body_model, raw)
         except ValueError as error:
             raise Outcome(400, str(error)) from None
-        return await make(body, request)
+        return await make(body, request, background)
 
     return generate
 
@@ -154,11 +162,15 @@ def _maker(endpoint: Endpoint, model: str, runner: Any, front: Front, out_dir: s
                     items.append(runner.check(request))
             except (ValueError, TypeError) as error:
                 raise Outcome(400, str(error)) from None
-            out.append(Ticket(one_id, request))
+            out.append(Ticket(one_id, request, key=runner.batch_key(items[-1])))
         return request_id, out, items
 
-    async def make(body, connection: Request) -> Response:
+    async def make(body, connection: Request, background: bool) -> Response:
         request_id, made, items = await run_in_threadpool(tickets, body)
+        if background or getattr(body, "run_async", False):
+            made[0].background = True
+            front.submit(made)
+            return accepted(endpoint.job, model, made[0], endpoint.jobs)
         if getattr(body, "stream", False):
             return stream(body, connection, request_id, made[0], items[0])
         waiting = [asyncio.wrap_future(future) for future in front.submit(made)]

@@ -80,14 +80,14 @@ class PatchConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         interior = self._interior(x.shape[2])
         if interior is None or self.patch_ctx.stale or not self.overlap_halo:
-            return self._rows(torch.cat(self._padded_halo(x, self._exchange(x)), dim=2))
+            return self.convolve(torch.cat(self._padded_halo(x, self._exchange(x)), dim=2))
         first, last = interior  # output rows [first, last) read only this band's rows
         pending = self._start_exchange(x)
         top, stride, span = self.halo[0], self.stride[0], self.span
-        middle = self._rows(x[:, :, first * stride - top : (last - 1) * stride + span - top])
+        middle = self.convolve(x[:, :, first * stride - top : (last - 1) * stride + span - top])
         from_prev, band, from_next = self._padded_halo(x, pending.wait())
-        upper = self._rows(torch.cat([from_prev, band[:, :, : (first - 1) * stride + span - top]], dim=2))
-        lower = self._rows(torch.cat([band[:, :, last * stride - top :], from_next], dim=2))
+        upper = self.convolve(torch.cat([from_prev, band[:, :, : (first - 1) * stride + span - top]], dim=2))
+        lower = self.convolve(torch.cat([band[:, :, last * stride - top :], from_next], dim=2))
         return torch.cat([upper, middle, lower], dim=2)
 
     def _interior(self, rows: int) -> tuple[int, int] | None:
@@ -113,7 +113,7 @@ class PatchConv2d(nn.Conv2d):
         return (self._zeros_for(x, top) if from_prev is None else from_prev, x,
                 self._zeros_for(x, bottom) if from_next is None else from_next)
 
-    def _rows(self, padded: torch.Tensor) -> torch.Tensor:
+    def convolve(self, padded: torch.Tensor) -> torch.Tensor:
         """The conv over rows already padded (its own padding along columns only)."""
         return F.conv2d(padded, self.weight, self.bias, self.stride, (0, self.padding[1]), self.dilation, self.groups)
 

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from paragen.comms import rank_device, resolve_device
+from paragen.parallel.batch_invariant import make_batch_invariant
 from paragen.parallel.config import ParallelConfig
 from paragen.pipelines.checkpoint import RESUMABLE_CHANGES, Checkpoints, StepCheckpoints, run_fingerprint
 from paragen.pipelines.dtypes import resolve_dtype
@@ -34,6 +35,7 @@ class Prepared:
     checkpoints: StepCheckpoints | None = None
     content: Callable[[Any], str] | None = None  # what a checked item computes on (its token ids), where a rank's
     # own files feed it; the ranks compare it (`agree.same_everywhere`)
+    batch_invariant: bool = False  # a server that batches requests: outputs per sample independent of the batch
 
     def layout(self) -> dict:
         """The resolved degrees and the workload's options: with the request, what makes the outputs."""
@@ -117,12 +119,15 @@ def output_stem(request, job: Prepared, size: str) -> str:
 
 def build_parallel_pipeline(job) -> Any:
     """A prepared image or video job's pipeline on this rank's device, checked by its workload, the workload
-    installed, its weights sharded where the request asks, and checkpointing when the job has checkpoints."""
+    installed, its weights sharded where the request asks, batch-invariant where the job batches, and checkpointing
+    when the job has checkpoints."""
     request = job.request
     pipe = build_pipeline(request.model, dtype=resolve_dtype(request.dtype), device=rank_device(),
                           allow_pickle=request.allow_pickle, shard_weights=request.shard_weights,
                           offload_layers=request.offload_layers)
     job.workload.parallelize(pipe, job.config, job.options)
+    if job.batch_invariant:  # after the workload's own layers, so that it pads what they are given
+        make_batch_invariant(pipe)
     if job.checkpoints is not None:
         pipe.paragen.enable_checkpoints(job.checkpoints)
     return pipe

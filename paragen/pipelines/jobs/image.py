@@ -28,9 +28,9 @@ from paragen.pipelines.jobs.common import (Prepared, add_checkpoint_arguments, a
                                            open_checkpoints, output_stem)
 from paragen.pipelines.jobs.schema import field, request_class
 from paragen.pipelines.loading import EMBEDDED_MODELS, check_model_source
-from paragen.parallel.interrupt import Watch, interrupt_of
+from paragen.parallel.interrupt import Watch
 from paragen.pipelines.outputs import save_json, save_png
-from paragen.pipelines.runtime import INTERRUPT_OPTION
+from paragen.pipelines.runtime import WATCH_OPTION
 from paragen.pipelines.report import job_report
 
 
@@ -164,34 +164,65 @@ def load(job: Prepared) -> Any:
     return pipe
 
 
+BATCH_VARIES = ("prompt", "seed", "name")  # what the requests of one batch may differ in
+
+
+def batch_key(job: Prepared, request: ImageRequest) -> tuple | None:
+    """Requests with equal keys can share the denoiser's forwards: everything but their prompt, seed and name; None
+    where the job makes each request alone (hires: its windows are spread over the ranks one image at a time)."""
+    if isinstance(job.options, HiresConfig):
+        return None
+    return tuple(sorted((name, value) for name, value in asdict(request).items() if name not in BATCH_VARIES))
+
+
 def generate(job: Prepared, pipe, request: ImageRequest, load_s: float, watch: Watch | None = None) -> dict | None:
     """One image on every rank; the output rank writes PNG + JSON and returns the report. The `watch`'s interrupt may
     stop it between steps (RequestCancelled on every rank, nothing written)."""
+    reports = generate_batch(job, pipe, [request], load_s, watch)
+    return None if reports is None else reports[0]
+
+
+def generate_batch(job: Prepared, pipe, requests: list[ImageRequest], load_s: float,
+                   watch: Watch | None = None) -> list[dict] | None:
+    """Images for `requests` (equal `batch_key`s) in one pipeline call on every rank, each from its own prompt and
+    seed; the output rank writes each PNG + JSON and returns their reports (None on the others). The `watch` may stop
+    them between steps (RequestCancelled on every rank, nothing written)."""
     log = get_logger()
+    first = requests[0]
+    one = len(requests) == 1  # a batch of one is called as a single request (a prompt, a generator)
+    if not one and (batch_key(job, first) is None or any(batch_key(job, r) != batch_key(job, first) for r in requests)):
+        raise ValueError("a batch's requests must differ only in their prompt, seed and name, in a job that batches")
     loaded = time.perf_counter()
-    options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
-    if interrupt_of(watch) is not None:
-        options[INTERRUPT_OPTION] = watch.interrupt
+    options = {} if first.guidance_scale is None else {"guidance_scale": first.guidance_scale}
+    if watch is not None:
+        options[WATCH_OPTION] = watch
+    prompts = [request.prompt for request in requests]
+    generators = [torch.Generator().manual_seed(request.seed) for request in requests]
     images = pipe(
-        prompt=request.prompt,  # by name: FLUX.2's call takes an image first
-        **({"negative_prompt": request.negative_prompt} if request.negative_prompt else {}),  # PixArt rejects None
-        height=request.height,
-        width=request.width,
-        num_inference_steps=request.steps,
-        generator=torch.Generator().manual_seed(request.seed),
+        prompt=prompts[0] if one else prompts,  # by name: FLUX.2's call takes an image first
+        **({"negative_prompt": first.negative_prompt if one else [first.negative_prompt] * len(requests)}
+           if first.negative_prompt else {}),  # PixArt rejects None
+        height=first.height,
+        width=first.width,
+        num_inference_steps=first.steps,
+        generator=generators[0] if one else generators,
         **options,
         **exact_size_options(pipe),
     ).images
     generated = time.perf_counter()
-    report = job_report("image", asdict(request), pipe, job.workload, job.options, load_s=load_s,
+    shared = job_report("image", asdict(first), pipe, job.workload, job.options, load_s=load_s,
                         generate_s=generated - loaded)
-    if report is None:
+    if shared is None:
         return None
-    stem = output_stem(request, job, f"{request.height}x{request.width}")
-    out_dir = Path(request.out_dir)
-    image_path = save_png(images[0], out_dir / f"{stem}.png")
-    report["image"] = str(image_path)
-    save_json(report, out_dir / f"{stem}.json")
-    log.info("wrote %s and %s.json (%.2f s, median step %.3f s)", image_path, stem,
-             report["timings"]["generate_s"], report["timings"]["step_median_s"] or 0.0)
-    return report
+    reports = [{**shared, "request": asdict(request), **({} if one else {"batch": {"size": len(requests),
+                                                                                   "index": index}})}
+               for index, request in enumerate(requests)]
+    for image, request, report in zip(images, requests, reports):
+        stem = output_stem(request, job, f"{request.height}x{request.width}")
+        out_dir = Path(request.out_dir)
+        image_path = save_png(image, out_dir / f"{stem}.png")
+        report["image"] = str(image_path)
+        save_json(report, out_dir / f"{stem}.json")
+        log.info("wrote %s and %s.json (%.2f s, median step %.3f s)", image_path, stem,
+                 report["timings"]["generate_s"], report["timings"]["step_median_s"] or 0.0)
+    return reports

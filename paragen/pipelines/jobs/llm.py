@@ -41,6 +41,8 @@ from paragen.pipelines.report import job_report
 
 MAX_POSITIONS = 1 << 26  # tokens; a bound before the model's own positions
 MAX_MESSAGES = 4096  # chat messages of one request
+MADE_ALONE = ("its caches hold one sequence: the ring-sharded KV cache, ShadowKV's low-rank keys and chunk index, and "
+              "the speculative draft's cache are built for one prompt's rows")  # why `serve llm` does not batch
 
 
 @request_class

@@ -11,7 +11,7 @@ import dataclasses
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 
@@ -20,7 +20,7 @@ from paragen.parallel.clip import SCOPE_HELP, SCOPES, TemporalAttention
 from paragen.comms import is_output_rank, world_size
 from paragen.pipelines import registry
 from paragen.pipelines.dtypes import DtypeName
-from paragen.parallel.interrupt import Watch, interrupt_of
+from paragen.parallel.interrupt import Watch
 from paragen.pipelines.jobs import fields, schema
 from paragen.pipelines.jobs.batch import request_file
 from paragen.pipelines.jobs.common import (Prepared, add_checkpoint_arguments, add_output_arguments,
@@ -31,10 +31,12 @@ from paragen.pipelines.loading import check_model_source
 from paragen.pipelines.outputs import mp4_available, save_json, save_video
 from paragen.pipelines.report import job_report
 from paragen.pipelines.request_args import MAX_FRAMES
-from paragen.pipelines.runtime import INTERRUPT_OPTION
+from paragen.pipelines.runtime import WATCH_OPTION
 from paragen.pipelines.segments import segment_bounds
 
 MAX_SEGMENTS = 4096  # prompts of one video
+MADE_ALONE = ("a video's clips, segment prompts and decode chunks are laid out over the ranks for that one video; "
+              "serve long videos as asynchronous jobs, POST /v1/videos")  # why `serve video` does not batch
 
 
 @request_class
@@ -170,35 +172,55 @@ def load(job: Prepared) -> Any:
 
 def generate(job: Prepared, pipe, request: VideoRequest, load_s: float, watch: Watch | None = None) -> dict | None:
     """One video on every rank; the output rank writes the video + JSON and returns the report. The `watch`'s interrupt
-    may stop it between steps (RequestCancelled on every rank, nothing written)."""
+    may stop it between steps (RequestCancelled on every rank, nothing written); with its `on_clip`, each clip is
+    written on the output rank as soon as it is decoded (`<name>.clip<k>.<format>`) and its path handed on."""
     log = get_logger()
     loaded = time.perf_counter()
-    options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
-    if request.negative_prompt:  # else the pipeline's own default (None, or Allegro's "", which it needs)
-        options["negative_prompt"] = request.negative_prompt
-    if interrupt_of(watch) is not None:
-        options[INTERRUPT_OPTION] = watch.interrupt
-    frames = pipe(
-        num_frames=request.frames,
-        height=request.height,
-        width=request.width,
-        num_inference_steps=request.steps,
-        generator=torch.Generator().manual_seed(request.seed),
-        output_type="np",
-        **request.prompt_options(),
-        **options,
-    ).frames
-    generated = time.perf_counter()
-    report = job_report("video", asdict(request), pipe, job.workload, job.options, load_s=load_s,
-                        generate_s=generated - loaded)
-    if report is None:
-        return None
     size = f"{request.frames}f_{request.height}x{request.width}"
     stem = output_stem(request, job, size)
     out_dir = Path(request.out_dir)
-    path = save_video(frames[0], out_dir / f"{stem}.{request.format}", request.fps)
-    report.update(video=str(path), frames_per_s=request.frames / (generated - loaded))
-    save_json(report, out_dir / f"{stem}.json")
+    options = {} if request.guidance_scale is None else {"guidance_scale": request.guidance_scale}
+    if request.negative_prompt:  # else the pipeline's own default (None, or Allegro's "", which it needs)
+        options["negative_prompt"] = request.negative_prompt
+    clip_files: list[str] = []
+    if watch is not None:
+        options[WATCH_OPTION] = watch if watch.on_clip is None else dataclasses.replace(
+            watch, on_frames=_clip_writer(pipe, request, out_dir / stem, clip_files, watch.on_clip))
+    try:
+        frames = pipe(
+            num_frames=request.frames,
+            height=request.height,
+            width=request.width,
+            num_inference_steps=request.steps,
+            generator=torch.Generator().manual_seed(request.seed),
+            output_type="np",
+            **request.prompt_options(),
+            **options,
+        ).frames
+        generated = time.perf_counter()
+        report = job_report("video", asdict(request), pipe, job.workload, job.options, load_s=load_s,
+                            generate_s=generated - loaded)
+        if report is None:
+            return None
+        path = save_video(frames[0], out_dir / f"{stem}.{request.format}", request.fps)
+        report.update(video=str(path), frames_per_s=request.frames / (generated - loaded),
+                      **({"clip_files": clip_files} if clip_files else {}))
+        save_json(report, out_dir / f"{stem}.json")
+    except BaseException:
+        for clip in clip_files:  # a clip is presented only as part of a video that was made
+            Path(clip).unlink(missing_ok=True)
+        raise
     log.info("wrote %s and %s.json (%d frames in %.2f s: %.2f frames/s)", path, stem, request.frames,
              generated - loaded, report["frames_per_s"])
     return report
+
+
+def _clip_writer(pipe, request: VideoRequest, stem: Path, written: list[str], on_clip) -> Callable:
+    """What the pipeline calls with each decoded clip on the output rank: write it as `<stem>.clip<k>.<format>`, add
+    its path to `written`, hand it to `on_clip`."""
+    def write(index: int, count: int, frames: torch.Tensor) -> None:
+        pixels = pipe.video_processor.postprocess_video(frames, output_type="np")[0]
+        path = str(save_video(pixels, stem.with_name(f"{stem.name}.clip{index}.{request.format}"), request.fps))
+        written.append(path)
+        on_clip(index, count, path)
+    return write

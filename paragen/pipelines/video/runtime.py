@@ -8,7 +8,8 @@ layers are per frame and need nothing; the temporal ones are converted in place
 whole video's statistics, temporal conv stacks with a frame halo, and AnimateDiff's frame positions taken
 in the whole video. The clips' noise predictions are all-gathered (the latent is small), so every rank
 steps the same latent. `decode_latents` is intercepted: each rank decodes its own frames, and the frames are
-gathered on the output rank (rank 0 of the clip group); the other ranks get a video of zero frames.
+gathered on the output rank (rank 0 of the clip group), each clip handed on as it arrives (a server streams it); the
+other ranks get a video of zero frames.
 
 Call options of paragen's own: `segment_prompts=[...]` gives each of that many consecutive segments of
 the video its own prompt (`segment_frames=[...]` sets their lengths; default: as even as possible).
@@ -215,9 +216,12 @@ class VideoRuntime(PipelineRuntime):
         return self.output_class(sample=eps) if return_dict else (eps,)
 
     def decode_call(self, decode, latents: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """This clip's frames decoded, gathered on the output rank (the others get zero frames)."""
+        """This clip's frames decoded, gathered on the output rank (the others get zero frames), each clip handed to
+        the request's watch as it arrives there."""
         own = decode(latents[:, :, self.ctx.start : self.ctx.stop], *args, **kwargs)
-        video = self.comm.gather_varlen(own, 2, list(self.layout.sizes), 0, "clip.frames")
+        sizes = list(self.layout.sizes)
+        video = self.comm.gather_varlen(own, 2, sizes, 0, "clip.frames",
+                                        lambda clip, frames: self.emit_clip(clip, len(sizes), frames))
         return own[:, :, :0] if video is None else video
 
     # ---- checkpoints -------------------------------------------------------------------------------

@@ -236,6 +236,7 @@ def install(pipe, config: ParallelConfig, options: TemporalAttention):
         intercept(transformer, "forward", functools.partial(runtime.transformer_call, pipe, transformer), tag="wan.transformer")
     if config.cfg == 2:
         intercept(pipe, "encode_prompt", runtime.encode_prompt_call, tag="wan.negative_prompt")
-    intercept(pipe.vae, "decode", ChunkedWanDecode(pipe.vae, mesh.group("world")), tag="wan.vae_decode")
+    intercept(pipe.vae, "decode", ChunkedWanDecode(pipe.vae, mesh.group("world"), runtime.emit_clip),
+              tag="wan.vae_decode")
     runtime.install(pipe)
     return pipe

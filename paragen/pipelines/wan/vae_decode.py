@@ -6,12 +6,14 @@ a cache that the next latent frame reads. Here rank r decodes a contiguous chunk
 the cache left by the chunk before it from rank r-1, decodes its frames, and hands its cache on to rank r+1 —
 the state at the boundary travels, nothing is recomputed, and the frames equal the one-device decode. Each rank
 holds the decoder activations and output frames of its own chunk only (the memory wall of decoding a long
-video on one device); the chunks are then gathered so that every rank returns the whole video, as the
-pipeline expects. The hand-over makes the chunks run one after another: this divides memory, not time.
+video on one device). Each rank sends its frames to the output rank as soon as they are decoded; the output rank
+hands each chunk on as a clip (`on_clip`: a server streams it) as it arrives, and returns the whole video; the other
+ranks return a video of no frames (as the UNet video runtime's do). The hand-over makes the chunks run one after
+another: this divides memory, not time.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -26,11 +28,13 @@ def output_frames(latent_frames: int, first: int, temporal: int) -> int:
 
 
 class ChunkedWanDecode:
-    """`vae.decode` of an `AutoencoderKLWan`, its latent frames cut into one chunk per rank of `comm`."""
+    """`vae.decode` of an `AutoencoderKLWan`, its latent frames cut into one chunk per rank of `comm`; the output rank
+    (rank 0 of `comm`) calls `on_clip(index, clips, frames)` with each chunk's frames as they arrive."""
 
-    def __init__(self, vae: Any, comm: GroupComm) -> None:
+    def __init__(self, vae: Any, comm: GroupComm, on_clip: Callable[[int, int, torch.Tensor], None]) -> None:
         self.vae = vae
         self.comm = comm
+        self.on_clip = on_clip
 
     @torch.no_grad()  # inference: the frames cross ranks, no gradient follows them
     def __call__(self, original, z: torch.Tensor, return_dict: bool = True) -> Any:
@@ -55,10 +59,20 @@ class ChunkedWanDecode:
         temporal = vae.config.scale_factor_temporal
         counts = [output_frames(n, sum(sizes[:r]), temporal) for r, n in enumerate(sizes)]
         mine = torch.cat(frames, dim=2) if frames else self._no_frames(z)
-        video = comm.all_gather_varlen(mine, 2, counts, "wan.vae_frames")
-        if vae.config.patch_size is not None:
-            video = unpatchify(video, patch_size=vae.config.patch_size)
-        video = video.clamp(-1.0, 1.0)
+
+        def finish(part: torch.Tensor) -> torch.Tensor:
+            if vae.config.patch_size is not None:
+                part = unpatchify(part, patch_size=vae.config.patch_size)
+            return part.clamp(-1.0, 1.0)
+
+        clips = [rank for rank, n in enumerate(counts) if n]  # the ranks with frames, in order: one clip each
+
+        def arrived(rank: int, part: torch.Tensor) -> None:
+            if counts[rank]:
+                self.on_clip(clips.index(rank), len(clips), finish(part))
+
+        video = comm.gather_varlen(mine, 2, counts, 0, "wan.vae_frames", arrived)
+        video = finish(mine[:, :, :0] if video is None else video)
         return DecoderOutput(sample=video) if return_dict else (video,)
 
     def _no_frames(self, z: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,77 @@
+"""A pipeline whose every request's output does not depend on what it was batched with.
+
+Dynamic batching (`paragen serve --max-batch`) runs several requests in one pipeline call. Each sample's output must
+be the bytes it would be alone, and the library kernels do not promise that: a matrix product's kernel (and so the
+order it sums in) is picked by the number of rows, and a convolution's by the batch. Measured on this project's CPU
+(oneDNN/MKL through torch 2.x): a linear layer's rows come out the same for every row count of 12 or more, and
+differ below it (the timestep embeddings, adaLN modulations and pooled projections, whose rows are the batch); a
+convolution's samples come out the same for every batch of 2 or more, and differ at 1. So here:
+
+- every `nn.Linear` of the denoisers and text encoders given fewer than `MIN_ROWS` rows runs on them padded with zero
+  samples to at least `MIN_ROWS` rows (the padding's outputs dropped);
+- every convolution of the denoisers given a batch of 1 runs on it padded with a zero sample;
+- the VAE decodes one sample at a time (diffusers' own `enable_slicing`), so a decode always sees a batch of 1.
+
+Attention, norms and the large linear layers (rows: batch × tokens) are row-wise and need nothing. The cost: a few
+padded small products, and, alone in a layout whose denoiser sees a batch of 1 (no guidance, or `--cfg 2`), its
+convolutions on two samples. On CUDA the kernels' choice by shape follows other rules (cuBLAS's split-K); that the
+outputs are the same bytes there is for a GPU run to show.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from paragen.parallel.intercept import intercept
+
+MIN_ROWS = 16  # a linear layer's rows below this are padded to it
+INVARIANT_COMPONENTS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3")
+CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+
+
+def _linear(forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+    """The layer on `x` padded with zero samples (its first dimension) to at least `MIN_ROWS` rows."""
+    rows = x.numel() // x.shape[-1] if x.dim() >= 2 and x.shape[-1] else 0
+    if not 0 < rows < MIN_ROWS:
+        return forward(x, *args, **kwargs)
+    per_sample = rows // x.shape[0]
+    samples = -(-MIN_ROWS // per_sample)
+    padded = torch.cat([x, x.new_zeros((samples - x.shape[0],) + x.shape[1:])])
+    return forward(padded, *args, **kwargs)[: x.shape[0]]
+
+
+def _convolution(batched_dims: int):
+    def around(forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        if x.dim() != batched_dims or x.shape[0] != 1:
+            return forward(x, *args, **kwargs)
+        return forward(torch.cat([x, torch.zeros_like(x)]), *args, **kwargs)[:1]
+    return around
+
+
+def make_batch_invariant(pipe: Any) -> int:
+    """Make `pipe`'s outputs per sample independent of the batch (see the module's docstring), in place; the number
+    of layers converted."""
+    converted = 0
+    for name in INVARIANT_COMPONENTS:
+        model = getattr(pipe, name, None)
+        if not isinstance(model, torch.nn.Module):
+            continue
+        denoiser = not name.startswith("text_encoder")
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear):
+                intercept(module, "forward", _linear, tag="batch_invariant")
+            elif denoiser and isinstance(module, CONVOLUTIONS):
+                # a conv of paragen's own that exchanges halos first (`convolve`): the conv proper, on what it got
+                method = "convolve" if hasattr(module, "convolve") else "forward"
+                intercept(module, method, _convolution(len(module.kernel_size) + 2), tag="batch_invariant")
+            else:
+                continue
+            converted += 1
+    vae = getattr(pipe, "vae", None)
+    if vae is not None and hasattr(vae, "enable_slicing"):
+        vae.enable_slicing()
+    return converted
+
+
+__all__ = ["MIN_ROWS", "make_batch_invariant"]
