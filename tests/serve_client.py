@@ -21,7 +21,7 @@ READY = re.compile(r"serving \w+ on (http://\S+)")
 @dataclass
 class Reply:
     status: int
-    body: dict | str
+    body: dict | str | bytes
 
 
 def call(url: str, path: str, body: dict | bytes | None = None, token: str | None = None,
@@ -36,6 +36,25 @@ def call(url: str, path: str, body: dict | bytes | None = None, token: str | Non
     except urllib.error.HTTPError as error:
         status, raw, kind = error.code, error.read(), error.headers.get("content-type", "")
     return Reply(status, json.loads(raw) if kind.startswith("application/json") else raw.decode())
+
+
+def fetch(url: str, path: str, timeout: float = 60) -> Reply:
+    """GET `url + path`; the status and the raw bytes of the body (a file), or the decoded JSON of an error."""
+    try:
+        with urllib.request.urlopen(url + path, timeout=timeout) as response:
+            return Reply(response.status, response.read())
+    except urllib.error.HTTPError as error:
+        return Reply(error.code, json.loads(error.read()))
+
+
+def delete(url: str, path: str, timeout: float = 60) -> Reply:
+    """DELETE `url + path`; the status and decoded body."""
+    request = urllib.request.Request(url + path, method="DELETE")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return Reply(response.status, json.loads(response.read()))
+    except urllib.error.HTTPError as error:
+        return Reply(error.code, json.loads(error.read()))
 
 
 def _connection(url: str) -> http.client.HTTPConnection:

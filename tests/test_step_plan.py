@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from paragen.parallel.config import ExchangeConfig
 from paragen.parallel.steps import StepPlan
 
 
@@ -36,7 +37,15 @@ def test_warmup_steps_counts_the_exact_steps(mode):
 
 def test_sync_mode_and_zero_warmup():
     assert _walk("sync", warmup=0, steps=3) == ([False] * 3, [False] * 3)
-    assert _walk("displaced", warmup=0, steps=3) == ([True] * 3, [True, True, False])
+    assert _walk("displaced", warmup=0, steps=3) == ([True] * 3, [True, True, False])  # the plan alone: see below
+
+
+@pytest.mark.parametrize("mode", ["displaced", "partial"])
+def test_a_stale_mode_needs_one_exact_step_first(mode):
+    """Zero warm-up steps once crashed at the first GroupNorm (no earlier step's statistics to read)."""
+    with pytest.raises(ValueError, match=f"at least 1 in {mode} mode"):
+        ExchangeConfig(mode=mode, warmup_steps=0)
+    assert ExchangeConfig(mode="sync", warmup_steps=0).warmup_steps == 0
 
 
 def test_a_request_of_unknown_length_is_exact():

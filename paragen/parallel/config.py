@@ -50,8 +50,11 @@ class ExchangeConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}; got {self.mode!r}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+        least = 0 if self.mode == "sync" else 1  # the first stale step reads what an exact step left
+        if self.warmup_steps < least:
+            raise ValueError(f"warmup_steps must be at least {least}"
+                             + (f" in {self.mode} mode: its first step has no earlier step's data to read"
+                                if least else "") + f", got {self.warmup_steps}")
         if not 0.0 < self.partial_fraction <= 1.0:
             raise ValueError(f"partial_fraction must be in (0, 1], got {self.partial_fraction}")
 
