@@ -11,7 +11,12 @@ from sending the request to the last byte of the response, base64 PNG included. 
 kept), then `--rounds` kept rounds; median and p10–p90 over rounds (latency quantiles over every request of the
 kept rounds). Writes `bench/results/requests_cpu.json`.
 
-    .venv/bin/python bench/bench_requests.py [--requests 8] [--rounds 3] [--size 128] [--steps 4]
+`--part batching` and `--part clips` measure the server under load (`serving_load.py`): throughput and latency at 1, 4
+and 8 clients with dynamic batching off and on (`requests_batching_cpu.json`), and the time to the first streamed clip
+of a clip-parallel video against the whole video's (`requests_clips_cpu.json`).
+
+    .venv/bin/python bench/bench_requests.py [--part launches|batching|clips] [--requests 8] [--rounds 3]
+        [--size 128] [--steps 4]
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import ROOT, report_header, spread
+from serving_load import CLIENTS as LOAD_CLIENTS, batching_round, batching_summary, clips_round, clips_summary
 
 sys.path.insert(0, str(ROOT))
 from tests.serve_client import Server, call  # noqa: E402 — the tests' server driver and plain HTTP client
@@ -90,26 +96,66 @@ def _serve(requests: list[dict], common: list[str], out: Path) -> dict:
     return times
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--requests", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "requests_cpu.json"))
-    args = parser.parse_args()
-    requests = [{"id": f"r{i}", "prompt": f"a lighthouse, study {i}", "seed": i} for i in range(args.requests)]
-    common = ["--height", str(args.size), "--width", str(args.size), "--steps", str(args.steps), "--threads", "1"]
-    rounds = []
-    for number in range(args.rounds + 1):
+RESULTS = {"launches": "requests_cpu.json", "batching": "requests_batching_cpu.json",
+           "clips": "requests_clips_cpu.json"}
+WAN = ["--model", "tiny-wan", "--clip", "2", "--local", "1", "--global-frames", "2"]
+
+
+def _rounds(rounds: int, one_round) -> list:
+    """A warm-up round (not kept), then `rounds` kept ones, each in a fresh folder."""
+    kept = []
+    for number in range(rounds + 1):
         folder = Path(tempfile.mkdtemp(prefix="bench_requests_"))
         try:
-            times = _round(requests, common, folder)
+            times = one_round(folder)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
         print(f"round {number}{' (warm-up)' * (number == 0)}: {times}", file=sys.stderr)
         if number:
-            rounds.append(times)
+            kept.append(times)
+    return kept
+
+
+def _load(args: argparse.Namespace) -> None:
+    """`--part batching` or `--part clips`."""
+    threads = ["--threads", "1", "--timeout", "120"]
+    if args.part == "batching":
+        common = ["--height", str(args.size), "--width", str(args.size), "--steps", str(args.steps), *threads]
+        rounds = _rounds(args.rounds, lambda folder: batching_round(args.requests, common, folder))
+        summary = batching_summary(rounds, args.requests)
+        workload = {"requests": args.requests, "ranks": 2, "size": args.size, "steps": args.steps, "model": "tiny-sd",
+                    "clients": list(LOAD_CLIENTS), "rounds": args.rounds}
+    else:
+        common = [*WAN, "--frames", str(args.frames), "--height", "96", "--width", "160", "--steps", str(args.steps),
+                  *threads]
+        rounds = _rounds(args.rounds, lambda folder: clips_round(common, folder))
+        summary = clips_summary(rounds)
+        workload = {"model": "tiny-wan", "ranks": 2, "clips": 2, "frames": args.frames, "size": "96x160",
+                    "steps": args.steps, "rounds": args.rounds}
+    report = {**report_header(f"requests_{args.part}"), "workload": workload, "rounds": rounds, "summary": summary}
+    out = args.out or str(ROOT / "bench" / "results" / RESULTS[args.part])
+    Path(out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(summary, indent=1))
+    print(f"wrote {out}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", choices=tuple(RESULTS), default="launches")
+    parser.add_argument("--requests", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--frames", type=int, default=65, help="clips: the video's frames")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    if args.part != "launches":
+        _load(args)
+        return
+    args.out = args.out or str(ROOT / "bench" / "results" / RESULTS["launches"])
+    requests = [{"id": f"r{i}", "prompt": f"a lighthouse, study {i}", "seed": i} for i in range(args.requests)]
+    common = ["--height", str(args.size), "--width", str(args.size), "--steps", str(args.steps), "--threads", "1"]
+    rounds = _rounds(args.rounds, lambda folder: _round(requests, common, folder))
     summary = {}
     for way in ("one_launch_per_request_s", "request_file_s", "server_start_s"):
         seconds = [r[way] for r in rounds]
