@@ -1,5 +1,7 @@
-"""The figure of `bench/bench_requests.py`: wall time of N requests one launch each, in one request file and through
-`paragen serve` (its start-up included); and the server's request latency at 1 and 4 concurrent clients."""
+"""The figures of `bench/bench_requests.py`: wall time of N requests one launch each, in one request file and through
+`paragen serve` (its start-up included), and the server's request latency at 1 and 4 concurrent clients
+(`requests_cpu.png`); the server's throughput and latency at 1, 4 and 8 clients with batching off and on
+(`requests_batching_cpu.png`)."""
 from __future__ import annotations
 
 import matplotlib.pyplot as plt
@@ -7,7 +9,38 @@ import matplotlib.pyplot as plt
 from plotting import load_report
 
 
+def batching() -> None:
+    """Requests per minute and latency (p50, p95) against concurrent clients, batching off and on."""
+    path, report = load_report("requests_batching_cpu.json")
+    summary, work = report["summary"], report["workload"]
+    clients = work["clients"]
+    fig, (rate, latency) = plt.subplots(1, 2, figsize=(10, 4))
+    for setting, colour in (("off", "#999999"), ("on", "#3572b0")):
+        label = "--max-batch 8" if setting == "on" else "one at a time"
+        ways = [summary[f"{setting}_{c}"] for c in clients]
+        rate.errorbar(clients, [w["requests_per_min"]["median"] for w in ways],
+                      yerr=[[w["requests_per_min"]["median"] - w["requests_per_min"]["p10"] for w in ways],
+                            [w["requests_per_min"]["p90"] - w["requests_per_min"]["median"] for w in ways]],
+                      marker="o", color=colour, label=label, capsize=3)
+        for quantile, style in (("p50", "-"), ("p95", "--")):
+            latency.plot(clients, [w["latency_s"][quantile] for w in ways], style, marker="o", color=colour,
+                         label=f"{label}, {quantile}")
+    for axis in (rate, latency):
+        axis.set_xticks(clients)
+        axis.set_xlabel("concurrent clients")
+        axis.legend(fontsize=8)
+    rate.set_ylabel("requests per minute (median, p10–p90)")
+    latency.set_ylabel("seconds, request sent → response read")
+    rate.set_title(f"paragen serve: {work['model']} {work['size']}², {work['steps']} steps, {work['ranks']} ranks",
+                   fontsize=10)
+    latency.set_title("latency", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=120)
+    print(f"wrote {path.with_suffix('.png')}")
+
+
 def main() -> None:
+    batching()
     path, report = load_report("requests_cpu.json")
     summary, work, clients = report["summary"], report["workload"], report["clients"]
     start = summary["server_start_s"]["wall_s"]["median"]

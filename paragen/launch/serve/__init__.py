@@ -8,11 +8,13 @@ The job's options are those of `paragen image|video|llm` (the defaults of every 
 are below. The output rank listens on 127.0.0.1 unless `--host` says otherwise; with `PARAGEN_API_KEY` (or the
 variable `--api-key-env` names) set, the job's endpoint wants that bearer token. Each request is held to the
 server's limits (`--max-body-bytes`, `--max-steps`, `--max-pixels`, `--max-frames`, `--max-new-tokens`). Requests
-wait in a queue and are made one at a time by all ranks; each request's outputs are written to `--out` as the job
-writes them (named by the request's id) and come back inline. A client that goes away has its request dropped
-from the queue, or stopped at the ranks' next step. SIGTERM or SIGINT on any rank: the server is stopping at once
-(`/health` and new requests 503), the request in flight finishes, those waiting get 503, every rank exits 0. A
-dead or stuck rank: 503 for everything waiting, then a non-zero exit.
+wait in a queue and are made by all ranks together, image requests that differ only in prompt and seed in batches
+of up to `--max-batch` (waiting `--batch-wait-ms` for company); each request's outputs are written to `--out` as the
+job writes them (named by the request's id) and come back inline, or, for an asynchronous job (`POST /v1/videos`,
+`"async": true`), are fetched by its id (`jobs.py`). A client that goes away has its request dropped from the
+queue, or stopped at the ranks' next step. SIGTERM or SIGINT on any rank: the server is stopping at once
+(`/health` and new requests 503), the batch in flight finishes, those waiting get 503, every rank exits 0. A dead
+or stuck rank: 503 for everything waiting, then a non-zero exit.
 """
 from __future__ import annotations
 
