@@ -3,7 +3,9 @@
 clip by clip and cancelled; a burst beyond the queue answered 429; SIGTERM with jobs in flight."""
 from __future__ import annotations
 
+import argparse
 import base64
+import dataclasses
 import io
 import signal
 import threading
@@ -15,10 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+from paragen.launch.env import discover
 from paragen.launch.serve.front import CLIENT_GONE, FAIR_TURNS, Front, Ticket
 from paragen.parallel.batch_invariant import MIN_ROWS, make_batch_invariant
 from tests.multiproc import ROOT, expect_bad_input, run_spec_worker, start_ranks
 from tests.serve_client import Server, call, delete, fetch
+from tests.workers.batch_worker import PROMPTS
 
 
 # ---- the front: batches, queues, jobs ----------------------------------------------------------------
@@ -116,6 +120,29 @@ def test_batch_invariant_layers_give_each_sample_the_bytes_it_gets_alone():
                 assert torch.equal(together[i:i + 1], alone[i]), (size, i)
     assert (torch.cat(alone) - plain).abs().max() < 1e-5  # the same function, padded
     assert MIN_ROWS <= 16
+
+
+# ---- in this process (CPU here; CUDA in `make gpu-check`) --------------------------------------------------
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_a_batch_in_one_process_gives_each_request_the_bytes_it_gets_alone(device, tmp_path):
+    """On CUDA this is what a GPU run has to show: cuBLAS and cuDNN pick kernels by shape by other rules."""
+    from paragen.launch.runner import JobRunner
+    from paragen.pipelines.jobs import image
+
+    parser = argparse.ArgumentParser()
+    image.add_arguments(parser)
+    for model in ("tiny-sd", "tiny-pixart"):
+        args = parser.parse_args(["--model", model, "--steps", "2", *SIZE_AT[2], "--out", str(tmp_path)])
+        args.device = device
+        runner = JobRunner.prepared("image", image, dataclasses.replace(image.prepare(args, discover()),
+                                                                        batch_invariant=True))
+        runner.load()
+        items = [runner.checked(runner.request(prompt=prompt, seed=seed, name=f"{model}-{way}-{i}"))
+                 for way in ("alone", "batched") for i, (prompt, seed) in enumerate(PROMPTS)]
+        alone = [runner.generate_batch([item])[0]["image"] for item in items[:3]]
+        batched = [report["image"] for report in runner.generate_batch(items[3:])]
+        assert [open(path, "rb").read() for path in batched] == [open(path, "rb").read() for path in alone], model
 
 
 # ---- on real ranks ---------------------------------------------------------------------------------------
@@ -219,6 +246,7 @@ def test_an_async_video_job_is_polled_streams_its_clips_before_the_end_and_is_ca
         assert [clip.n_frames for clip in clips] == [17, 16] and whole.n_frames == 33
         assert early.body == (tmp_path / "long.clip0.gif").read_bytes()
         assert call(url, "/v1/videos/long/clips/2").status == 404
+        assert [job["id"] for job in call(url, "/v1/videos").body["data"]] == ["long"]
 
         # cancelled between steps: no file presented as a result
         call(url, "/v1/videos", {"prompt": "a fox", "id": "dropped", "format": "gif", "steps": 60})

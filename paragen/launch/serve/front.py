@@ -153,6 +153,11 @@ class Front:
         with self._lock:
             return self._jobs.get(job_id)
 
+    def jobs(self) -> list[Ticket]:
+        """The asynchronous jobs this server remembers, oldest first."""
+        with self._lock:
+            return list(self._jobs.values())
+
     def forget(self, job_id: str) -> None:
         """Forget a finished job (its files were deleted)."""
         with self._lock:

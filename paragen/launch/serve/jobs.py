@@ -1,5 +1,5 @@
 """Asynchronous jobs over HTTP: `POST /v1/videos` (and an image body with `"async": true`) answers 202 with a job;
-`GET …/{id}` its status and progress, `GET …/{id}/content` the file, `GET /v1/videos/{id}/clips/{k}` clip k of a
+`GET /v1/videos` lists the jobs the server remembers, `GET …/{id}` one's status and progress, `GET …/{id}/content` the file, `GET /v1/videos/{id}/clips/{k}` clip k of a
 clip-parallel video as soon as it is decoded, `DELETE …/{id}` cancels it between steps (or deletes a finished job's
 files).
 
@@ -105,6 +105,11 @@ def add_job_routes(app: FastAPI, path: str, kind: str, output: str, model: str, 
         front.forget(job_id)
         return JSONResponse({"id": job_id, "object": kind, "deleted": True})
 
+    async def listed(request: Request) -> JSONResponse:
+        authorize(request)
+        return JSONResponse({"object": "list", "data": [job_object(kind, model, ticket) for ticket in front.jobs()]})
+
+    app.add_api_route(path, listed, methods=["GET"])
     app.add_api_route(f"{path}/{{job_id}}", status, methods=["GET"])
     app.add_api_route(f"{path}/{{job_id}}/content", content, methods=["GET"])
     app.add_api_route(f"{path}/{{job_id}}/clips/{{index}}", clip, methods=["GET"])
