@@ -87,8 +87,9 @@ def _check(args: argparse.Namespace, module: Any) -> tuple[str | None, Limits]:
         raise ValueError(f"--max-batch: the {args.serve_job} job makes one request at a time ({module.MADE_ALONE})")
     if not 0 <= args.batch_wait_ms <= 60_000:
         raise ValueError(f"--batch-wait-ms must be in 0..60000, got {args.batch_wait_ms}")
-    bounds = {"--max-queue": args.max_queue, "--max-batch": args.max_batch, "--max-body-bytes": args.max_body_bytes, "--max-steps": args.max_steps,
-              "--max-pixels": args.max_pixels, "--max-frames": args.max_frames, "--max-new-tokens": args.max_new_tokens}
+    bounds = {"--max-queue": args.max_queue, "--max-batch": args.max_batch, "--max-body-bytes": args.max_body_bytes,
+              "--max-steps": args.max_steps, "--max-pixels": args.max_pixels, "--max-frames": args.max_frames,
+              "--max-new-tokens": args.max_new_tokens}
     for flag, value in bounds.items():
         if value < 1:
             raise ValueError(f"{flag} must be at least 1, got {value}")

@@ -7,7 +7,8 @@ A job is OpenAI's video job object: `{id, object, model, status (queued, in_prog
 progress (percent), created_at, completed_at, error}`, with paragen's `{step, steps, clips, clips_ready, report}`.
 Jobs survive their client: the ranks make them whether or not anyone polls. The server remembers the last
 `front.KEPT_JOBS` finished jobs; an older (or a previous server's) job is found by its report in `--out`, named by its
-id. A cancelled or failed job has no content: the job writes its outputs only once the whole request is made, and a
+id. An image job batched with others (`--max-batch`) is made with its batch: a DELETE stops the batch between steps
+once every request in it is cancelled, else the job completes. A cancelled or failed job has no content: the job writes its outputs only once the whole request is made, and a
 clip file is written only once the clip is whole.
 """
 from __future__ import annotations
