@@ -242,8 +242,8 @@ def test_an_async_video_job_is_polled_streams_its_clips_before_the_end_and_is_ca
         assert early is not None and early.status == 200 and early_status == "in_progress", "no clip before the end"
         clips = [Image.open(io.BytesIO(fetch(url, f"/v1/videos/long/clips/{k}").body)) for k in range(2)]
         whole = Image.open(io.BytesIO(fetch(url, "/v1/videos/long/content").body))
-        # 9 latent frames in chunks of 5 and 4: 1 + 4·4 frames, then 4·4
-        assert [clip.n_frames for clip in clips] == [17, 16] and whole.n_frames == 33
+        # 9 latent frames in chunks of 4 and 5 (the longer last): 1 + 3·4 frames, then 5·4
+        assert [clip.n_frames for clip in clips] == [13, 20] and whole.n_frames == 33
         assert early.body == (tmp_path / "long.clip0.gif").read_bytes()
         assert call(url, "/v1/videos/long/clips/2").status == 404
         assert [job["id"] for job in call(url, "/v1/videos").body["data"]] == ["long"]

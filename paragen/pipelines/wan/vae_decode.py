@@ -9,7 +9,8 @@ holds the decoder activations and output frames of its own chunk only (the memor
 video on one device). Each rank sends its frames to the output rank as soon as they are decoded; the output rank
 hands each chunk on as a clip (`on_clip`: a server streams it) as it arrives, and returns the whole video; the other
 ranks return a video of no frames (as the UNet video runtime's do). The hand-over makes the chunks run one after
-another: this divides memory, not time.
+another: this divides memory, not time. Where the latent frames do not split evenly, the later chunks take the extra
+frames, so the first clip, which streams first, is never the longest.
 """
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ class ChunkedWanDecode:
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d, unpatchify
         from diffusers.models.autoencoders.vae import DecoderOutput
 
-        sizes = split_sizes(z.shape[2], comm.size)
+        sizes = split_sizes(z.shape[2], comm.size)[::-1]  # the longest last: the first clip comes soonest
         first = sum(sizes[:comm.rank])
         cache = comm.recv_from_prev(z.device, "wan.vae_cache")
         if cache is None:
