@@ -12,8 +12,9 @@ kept), then `--rounds` kept rounds; median and p10–p90 over rounds (latency qu
 kept rounds). Writes `bench/results/requests_cpu.json`.
 
 `--part batching` and `--part clips` measure the server under load (`serving_load.py`): throughput and latency at 1, 4
-and 8 clients with dynamic batching off and on (`requests_batching_cpu.json`), and the time to the first streamed clip
-of a clip-parallel video against the whole video's (`requests_clips_cpu.json`).
+and 8 clients with dynamic batching off and on (`requests_batching_cpu.json`; `--job-options '--cfg 2'` serves another
+layout), and the time to the first streamed clip of a clip-parallel video against the whole video's
+(`requests_clips_cpu.json`).
 
     .venv/bin/python bench/bench_requests.py [--part launches|batching|clips] [--requests 8] [--rounds 3]
         [--size 128] [--steps 4]
@@ -120,11 +121,12 @@ def _load(args: argparse.Namespace) -> None:
     """`--part batching` or `--part clips`."""
     threads = ["--threads", "1", "--timeout", "120"]
     if args.part == "batching":
-        common = ["--height", str(args.size), "--width", str(args.size), "--steps", str(args.steps), *threads]
+        common = ["--height", str(args.size), "--width", str(args.size), "--steps", str(args.steps), *threads,
+                  *args.job_options.split()]
         rounds = _rounds(args.rounds, lambda folder: batching_round(args.requests, common, folder))
         summary = batching_summary(rounds, args.requests)
         workload = {"requests": args.requests, "ranks": 2, "size": args.size, "steps": args.steps, "model": "tiny-sd",
-                    "clients": list(LOAD_CLIENTS), "rounds": args.rounds}
+                    "job_options": args.job_options, "clients": list(LOAD_CLIENTS), "rounds": args.rounds}
     else:
         common = [*WAN, "--frames", str(args.frames), "--height", "96", "--width", "160", "--steps", str(args.steps),
                   *threads]
@@ -147,6 +149,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--frames", type=int, default=65, help="clips: the video's frames")
+    parser.add_argument("--job-options", default="", help="batching: more options of the served job, e.g. '--cfg 2'")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.part != "launches":

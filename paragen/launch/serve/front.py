@@ -260,7 +260,8 @@ class Front:
     def finish(self, ticket: Ticket, report: Any = None, outcome: Outcome | None = None,
                generate_s: float | None = None) -> None:
         """Settle `ticket` with its report or its outcome (a cancelled one's saying why) and count it."""
-        if outcome is not None and outcome.status == CLIENT_GONE and ticket.reason and ticket.reason not in outcome.message:
+        if (outcome is not None and outcome.status == CLIENT_GONE and ticket.reason
+                and ticket.reason not in outcome.message):
             outcome = Outcome(CLIENT_GONE, f"{outcome.message}: {ticket.reason}")
         with self._lock:
             self._active.discard(ticket.id)

@@ -1,15 +1,15 @@
 """Asynchronous jobs over HTTP: `POST /v1/videos` (and an image body with `"async": true`) answers 202 with a job;
-`GET /v1/videos` lists the jobs the server remembers, `GET …/{id}` one's status and progress, `GET …/{id}/content` the file, `GET /v1/videos/{id}/clips/{k}` clip k of a
-clip-parallel video as soon as it is decoded, `DELETE …/{id}` cancels it between steps (or deletes a finished job's
-files).
+`GET /v1/videos` lists the jobs the server remembers, `GET …/{id}` one's status and progress, `GET …/{id}/content`
+the file, `GET /v1/videos/{id}/clips/{k}` clip k of a clip-parallel video as soon as it is decoded, `DELETE …/{id}`
+cancels it between steps (or deletes a finished job's files).
 
 A job is OpenAI's video job object: `{id, object, model, status (queued, in_progress, completed, failed, cancelled),
 progress (percent), created_at, completed_at, error}`, with paragen's `{step, steps, clips, clips_ready, report}`.
 Jobs survive their client: the ranks make them whether or not anyone polls. The server remembers the last
 `front.KEPT_JOBS` finished jobs; an older (or a previous server's) job is found by its report in `--out`, named by its
 id. An image job batched with others (`--max-batch`) is made with its batch: a DELETE stops the batch between steps
-once every request in it is cancelled, else the job completes. A cancelled or failed job has no content: the job writes its outputs only once the whole request is made, and a
-clip file is written only once the clip is whole.
+once every request in it is cancelled, else the job completes. A cancelled or failed job has no content: the job
+writes its outputs only once the whole request is made, and a clip file is written only once the clip is whole.
 """
 from __future__ import annotations
 
@@ -41,7 +41,8 @@ def job_object(kind: str, model: str, ticket: Ticket | None, report: dict | None
         error = {"code": getattr(failure, "status", 500), "message": str(failure)}
     files = progress.get("clip_files") or []
     return {"id": ticket.id, "object": kind, "model": model, "status": ticket.state, "progress": percent,
-            "created_at": int(ticket.created), "completed_at": None if ticket.finished is None else int(ticket.finished),
+            "created_at": int(ticket.created),
+            "completed_at": None if ticket.finished is None else int(ticket.finished),
             "error": error,
             "paragen": {"step": step, "steps": steps, "clips": progress.get("clips"),
                         "clips_ready": [k for k, path in enumerate(files) if path is not None],
