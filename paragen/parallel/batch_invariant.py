@@ -9,17 +9,22 @@ convolution's samples come out the same for every batch of 2 or more, and differ
 
 - every `nn.Linear` of the denoisers and text encoders given fewer than `MIN_ROWS` rows runs on them padded with zero
   samples to at least `MIN_ROWS` rows (the padding's outputs dropped);
-- every convolution of the denoisers given a batch of 1 runs on it padded with a zero sample;
+- a convolution of the denoisers in a call of several requests (`requests_in_call`) where each request gives it one
+  sample (no guidance batch: guidance off, or `--cfg 2`) runs one sample at a time, as each request's would alone;
+  where each gives it two or more (the guidance batch) it runs as it is;
 - the VAE decodes one sample at a time (diffusers' own `enable_slicing`), so a decode always sees a batch of 1.
 
 Attention, norms and the large linear layers (rows: batch × tokens) are row-wise and need nothing. The cost: a few
-padded small products, and, alone in a layout whose denoiser sees a batch of 1 (no guidance, or `--cfg 2`), its
-convolutions on two samples. On CUDA the kernels' choice by shape follows other rules (cuBLAS's split-K); that the
-outputs are the same bytes there is for a GPU run to show.
+padded small products, and, in a batch whose requests give the denoiser one sample each, its convolutions one sample
+at a time (measured in `bench/bench_requests.py --part batching --job-options '--cfg 2'`). On CUDA the kernels'
+choice by shape follows other rules (cuBLAS's split-K); that the outputs are the same bytes there is for a GPU run
+to show.
 """
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+import contextvars
+from typing import Any, Iterator
 
 import torch
 
@@ -28,6 +33,17 @@ from paragen.parallel.intercept import intercept
 MIN_ROWS = 16  # a linear layer's rows below this are padded to it
 INVARIANT_COMPONENTS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3")
 CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+_REQUESTS = contextvars.ContextVar("paragen_requests_in_call", default=1)
+
+
+@contextlib.contextmanager
+def requests_in_call(count: int) -> Iterator[None]:
+    """Within it, the pipeline call in progress makes `count` requests together (their samples side by side)."""
+    token = _REQUESTS.set(count)
+    try:
+        yield
+    finally:
+        _REQUESTS.reset(token)
 
 
 def _linear(forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
@@ -42,10 +58,12 @@ def _linear(forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _convolution(batched_dims: int):
+    """A convolution that runs a call's samples one at a time where each request gave it one."""
     def around(forward, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        if x.dim() != batched_dims or x.shape[0] != 1:
+        requests = _REQUESTS.get()
+        if x.dim() != batched_dims or requests == 1 or x.shape[0] != requests:
             return forward(x, *args, **kwargs)
-        return forward(torch.cat([x, torch.zeros_like(x)]), *args, **kwargs)[:1]
+        return torch.cat([forward(x[i:i + 1], *args, **kwargs) for i in range(requests)])
     return around
 
 
@@ -74,4 +92,4 @@ def make_batch_invariant(pipe: Any) -> int:
     return converted
 
 
-__all__ = ["MIN_ROWS", "make_batch_invariant"]
+__all__ = ["MIN_ROWS", "make_batch_invariant", "requests_in_call"]

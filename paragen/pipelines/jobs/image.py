@@ -28,6 +28,7 @@ from paragen.pipelines.jobs.common import (Prepared, add_checkpoint_arguments, a
                                            open_checkpoints, output_stem)
 from paragen.pipelines.jobs.schema import field, request_class
 from paragen.pipelines.loading import EMBEDDED_MODELS, check_model_source
+from paragen.parallel.batch_invariant import requests_in_call
 from paragen.parallel.interrupt import Watch
 from paragen.pipelines.outputs import save_json, save_png
 from paragen.pipelines.runtime import WATCH_OPTION
@@ -198,17 +199,18 @@ def generate_batch(job: Prepared, pipe, requests: list[ImageRequest], load_s: fl
         options[WATCH_OPTION] = watch
     prompts = [request.prompt for request in requests]
     generators = [torch.Generator().manual_seed(request.seed) for request in requests]
-    images = pipe(
-        prompt=prompts[0] if one else prompts,  # by name: FLUX.2's call takes an image first
-        **({"negative_prompt": first.negative_prompt if one else [first.negative_prompt] * len(requests)}
-           if first.negative_prompt else {}),  # PixArt rejects None
-        height=first.height,
-        width=first.width,
-        num_inference_steps=first.steps,
-        generator=generators[0] if one else generators,
-        **options,
-        **exact_size_options(pipe),
-    ).images
+    with requests_in_call(len(requests)):
+        images = pipe(
+            prompt=prompts[0] if one else prompts,  # by name: FLUX.2's call takes an image first
+            **({"negative_prompt": first.negative_prompt if one else [first.negative_prompt] * len(requests)}
+               if first.negative_prompt else {}),  # PixArt rejects None
+            height=first.height,
+            width=first.width,
+            num_inference_steps=first.steps,
+            generator=generators[0] if one else generators,
+            **options,
+            **exact_size_options(pipe),
+        ).images
     generated = time.perf_counter()
     shared = job_report("image", asdict(first), pipe, job.workload, job.options, load_s=load_s,
                         generate_s=generated - loaded)
