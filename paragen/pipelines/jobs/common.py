@@ -126,7 +126,7 @@ def build_parallel_pipeline(job) -> Any:
                           allow_pickle=request.allow_pickle, shard_weights=request.shard_weights,
                           offload_layers=request.offload_layers)
     job.workload.parallelize(pipe, job.config, job.options)
-    if job.batch_invariant:  # after the workload's own layers, so that it pads what they are given
+    if job.batch_invariant:  # after the workload's own layers, so that it wraps the convs they make
         make_batch_invariant(pipe)
     if job.checkpoints is not None:
         pipe.paragen.enable_checkpoints(job.checkpoints)
