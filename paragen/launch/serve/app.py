@@ -3,8 +3,8 @@
 Routes: the served job's endpoints (`api.ENDPOINTS`; a text endpoint's answer streamed when asked, `stream.py`;
 an image or video job's asynchronous jobs, `jobs.py`), `GET /health` (200 while serving, 503 while loading, stopping
 or broken) and `GET /metrics` (Prometheus text). The other jobs' endpoints answer 404 saying which job this server
-runs. With an API key, the job's endpoints want `Authorization: Bearer <key>`; health and metrics stay open. Every error, an unexpected one too, comes back as JSON in OpenAI's shape,
-`{"error": {"message", "type", "code"}}`.
+runs. With an API key, the job's endpoints want `Authorization: Bearer <key>`; health and metrics stay open. Every
+error, an unexpected one too, comes back as JSON in OpenAI's shape, `{"error": {"message", "type", "code"}}`.
 
 The job's endpoint reads a request in this order, each step before the next costs anything: the API key (401,
 before a byte of the body is read), the body's size (413 as soon as its Content-Length, or the bytes read so far,

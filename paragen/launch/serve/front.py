@@ -60,7 +60,7 @@ class Ticket:
     key: Any = None  # its batch key (None: made alone); tickets of one queue with equal keys may be made together
     background: bool = False  # an asynchronous job, in the background queue and kept after it finishes
     state: str = QUEUED
-    progress: dict = field(default_factory=dict)  # step, steps, clips, clip_files (the ranks' thread writes it)
+    progress: dict = field(default_factory=dict)  # step, steps, clip_files (the ranks' thread writes it)
     created: float = field(default_factory=time.time)
     finished: float | None = None
 
@@ -72,7 +72,7 @@ class Ticket:
         """Clip `index` of `count` was written to `path` (the ranks' thread)."""
         files = list(self.progress.get("clip_files", [None] * count))
         files[index] = path
-        self.progress.update(clips=count, clip_files=files)
+        self.progress["clip_files"] = files
 
 
 class Front:

@@ -39,12 +39,12 @@ def job_object(kind: str, model: str, ticket: Ticket | None, report: dict | None
     if ticket.future.done() and ticket.future.exception() is not None:
         failure = ticket.future.exception()
         error = {"code": getattr(failure, "status", 500), "message": str(failure)}
-    files = progress.get("clip_files") or []
+    files = progress.get("clip_files") or []  # one entry a clip, its path once written
     return {"id": ticket.id, "object": kind, "model": model, "status": ticket.state, "progress": percent,
             "created_at": int(ticket.created),
             "completed_at": None if ticket.finished is None else int(ticket.finished),
             "error": error,
-            "paragen": {"step": step, "steps": steps, "clips": progress.get("clips"),
+            "paragen": {"step": step, "steps": steps, "clips": len(files) or None,
                         "clips_ready": [k for k, path in enumerate(files) if path is not None],
                         "report": ticket.future.result() if ticket.state == COMPLETED else None}}
 
@@ -86,13 +86,16 @@ def add_job_routes(app: FastAPI, path: str, kind: str, output: str, model: str, 
         authorize(request)
         ticket, report = find(job_id)
         files = (ticket.progress.get("clip_files") if ticket is not None else report.get("clip_files")) or []
-        if ticket is not None and ticket.state != COMPLETED and ticket.finished is not None:
+        finished = ticket is None or ticket.finished is not None
+        if finished and ticket is not None and ticket.state != COMPLETED:
             raise Outcome(409, f"job {job_id!r} is {ticket.state}: its clips were removed")
-        if not files and (ticket is None or ticket.finished is not None):
-            raise Outcome(404, f"job {job_id!r} streams no clips (its model decodes the video whole)")
-        if not 0 <= index < max(len(files), 1):
+        if not files:  # none decoded yet, or none at all
+            if finished:
+                raise Outcome(404, f"job {job_id!r} streams no clips (its model decodes the video whole)")
+            raise Outcome(409, f"job {job_id!r} has decoded no clip yet; poll the job's clips_ready")
+        if not 0 <= index < len(files):
             raise Outcome(404, f"job {job_id!r} has {len(files)} clips; clip {index} is not one of them")
-        if not files or files[index] is None:
+        if files[index] is None:
             raise Outcome(409, f"clip {index} of job {job_id!r} is not decoded yet; poll the job's clips_ready")
         return _file(Path(files[index]))
 
