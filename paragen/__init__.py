@@ -9,6 +9,9 @@
         image.save("out.png")
     paragen.shutdown()
 
+Step caching (First-Block Cache, TeaCache, TaylorSeer), with every rank skipping the same steps:
+`paragen.enable_step_cache(pipe, paragen.StepCacheConfig(method="fbcache", threshold=0.1))` after `parallelize`.
+
 A model larger than one GPU: `paragen.parallelize(pipe, config, options, shard_weights=True)` shards the denoisers'
 and text encoders' weights over the ranks (FSDP2); `offload_layers=True` keeps their blocks in host memory.
 
@@ -24,10 +27,11 @@ from paragen.comms import is_output_rank, rank_device, world_size
 from paragen.launch.process_group import init, shutdown
 from paragen.parallel import ExchangeConfig, HiresConfig, ParallelConfig, TemporalAttention
 from paragen.parallel.llm.config import KVConfig, SpeculativeConfig
+from paragen.parallel.step_cache import StepCacheConfig
 
 __all__ = ["ExchangeConfig", "HiresConfig", "JobRunner", "KVConfig", "ParallelConfig", "SpeculativeConfig",
-           "TemporalAttention", "cache_argument", "generate_speculative", "init", "is_output_rank", "parallelize",
-           "parallelize_llm", "rank_device", "shutdown", "world_size"]
+           "StepCacheConfig", "TemporalAttention", "cache_argument", "enable_step_cache", "generate_speculative", "init",
+           "is_output_rank", "parallelize", "parallelize_llm", "rank_device", "shutdown", "world_size"]
 __version__ = "0.1.0"
 
 
@@ -37,6 +41,10 @@ def __getattr__(name: str) -> Any:
         from paragen.pipelines.registry import parallelize
 
         return parallelize
+    if name == "enable_step_cache":
+        from paragen.pipelines.step_cache import enable_step_cache
+
+        return enable_step_cache
     if name == "parallelize_llm":
         from paragen.pipelines.llm import parallelize_llm
 

@@ -31,9 +31,16 @@ def _special(name: str) -> bool:
     return name.startswith("__") and name.endswith("__")
 
 
-def intercept(obj: Any, name: str, around: Callable[..., Any], *, tag: str) -> None:
+def intercept(obj: Any, name: str, around: Callable[..., Any], *, tag: str, innermost: bool = False) -> None:
     """Make `obj.<name>(*a, **k)` call `around(original, *a, **k)`; intercepting twice nests the wrappers (the
-    newest outermost). `tag` names the interception (`remove`, `interceptions`)."""
+    newest outermost, or, with `innermost`, next to the method itself: it then sees the call as the interceptions
+    already there pass it on). `tag` names the interception (`remove`, `interceptions`)."""
+    link = _outermost(obj, name)
+    if innermost and isinstance(link, _Around):
+        while isinstance(link.original, _Around):
+            link = link.original
+        link.original = _Around(link.owner, name, link.original, around, tag)
+        return
     if _special(name):
         _intercept_special(obj, name, around, tag)
         return

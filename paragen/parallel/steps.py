@@ -4,6 +4,8 @@ Each step is either *fresh* (every exchange blocking and exact) or *stale* (laye
 ranks sent in the previous step, and publish this step's data asynchronously). A step is stale when
 the mode is not `sync`, a request is running, and the warm-up steps are over. A fresh step whose
 successor will be stale publishes its data as well, so the first stale step has something to read.
+A step cache that served a step from its cache holds the plan fresh (`hold_fresh`) until a forward has computed
+every layer again (`release_fresh`): the layers it skipped left no data of the step before to read.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class StepPlan:
         self.label_prefix = label_prefix
         self.step = -1
         self.total_steps: int | None = None
+        self.held_fresh = False
         self._resets: list[Callable[[], None]] = []
 
     # ---- request and step boundaries -----------------------------------------------------------
@@ -41,6 +44,16 @@ class StepPlan:
             reset()
         self.step = -1
         self.total_steps = None
+        self.held_fresh = False
+
+    def hold_fresh(self) -> None:
+        """Run the next forwards fresh (exact exchanges), still publishing for a stale successor, until
+        `release_fresh`."""
+        self.held_fresh = True
+
+    def release_fresh(self) -> None:
+        """After a forward that computed every layer: stale steps may read what it published."""
+        self.held_fresh = False
 
     def on_reset(self, callback: Callable[[], None]) -> None:
         """Register a layer's `reset` to run at the end of each request."""
@@ -57,7 +70,7 @@ class StepPlan:
     @property
     def stale(self) -> bool:
         """This step reads the previous step's exchanged data instead of exchanging."""
-        return self._is_stale(self.step)
+        return not self.held_fresh and self._is_stale(self.step)
 
     @property
     def publish(self) -> bool:

@@ -53,11 +53,14 @@ def job_report(job: str, request: dict[str, Any], pipe, workload, options: Any, 
     time. Every rank must call it:
     it gathers each rank's communication statistics."""
     runtime = pipe.paragen
-    per_rank = all_gather_objects(runtime.mesh.group("world"), (runtime.stats.snapshot(), rank_memory(pipe, load_s)))
+    step_cache = getattr(runtime, "step_cache", None)
+    cache = None if step_cache is None else step_cache.last
+    per_rank = all_gather_objects(runtime.mesh.group("world"),
+                                  (runtime.stats.snapshot(), rank_memory(pipe, load_s), cache))
     if not is_output_rank():
         return None
     steps = runtime.step_seconds
-    return {
+    return {**({} if cache is None else {"step_cache": cache_report([record for _, _, record in per_rank])}),
         "job": job,
         "workload": workload.name,
         "request": request,
@@ -74,6 +77,15 @@ def job_report(job: str, request: dict[str, Any], pipe, workload, options: Any, 
             "step_s": steps,
             "step_median_s": statistics.median(steps) if steps else None,
         },
-        "comm_per_rank": {str(rank): stats for rank, (stats, _) in enumerate(per_rank)},
-        "memory_per_rank": {str(rank): memory for rank, (_, memory) in enumerate(per_rank)},
+        "comm_per_rank": {str(rank): stats for rank, (stats, _, _) in enumerate(per_rank)},
+        "memory_per_rank": {str(rank): memory for rank, (_, memory, _) in enumerate(per_rank)},
     }
+
+
+def cache_report(records: list[dict]) -> dict:
+    """The step cache's part of a report: the output rank's record, every rank's computed and served steps, and
+    whether they all match (they must: the ranks decide together)."""
+    agree = all(r["computed_steps"] == records[0]["computed_steps"] for r in records)
+    return {**records[0], "ranks_agree": agree, "per_rank": {str(rank): {"computed_steps": r["computed_steps"],
+                                                                         "cached_steps": r["cached_steps"]}
+                                                             for rank, r in enumerate(records)}}

@@ -2,6 +2,7 @@
 and the request protocol its `pipe(...)` runs."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import time
 from dataclasses import dataclass, field
@@ -12,6 +13,7 @@ from paragen.parallel import ParallelConfig, ParallelMesh
 from paragen.parallel.intercept import intercept
 from paragen.parallel.steps import StepPlan
 from paragen.parallel.interrupt import Watch, check_interrupt
+from paragen.parallel.step_cache import StepCache, StepCacheConfig
 from paragen.pipelines.vae_decode import ParallelVaeDecoder
 
 WATCH_OPTION = "paragen_watch"  # a call option: follow the request (stop it between steps, its progress, its clips:
@@ -29,6 +31,7 @@ class PipelineRuntime:
     step_seconds: list[float] = field(default_factory=list)
     in_request: bool = False
     watch: Watch | None = None  # the request's: its interrupt asked and its progress told before every step
+    step_cache: StepCache | None = None  # the step cache its denoisers run through (`pipelines.step_cache`)
     _step_start: float = 0.0
 
     @property
@@ -66,8 +69,17 @@ class PipelineRuntime:
         """Remove and return the call options that are paragen's, not the pipeline's (none by default)."""
         return {}
 
+    def check_step_cache(self, config: StepCacheConfig) -> None:
+        """Refuse a step cache this runtime cannot run with every rank deciding alike (every method runs by default)."""
+
+    def cache_site(self, key: Any) -> contextlib.AbstractContextManager:
+        """The denoiser calls made inside are the step cache's site `key` (where calls vary in order between steps)."""
+        return contextlib.nullcontext() if self.step_cache is None else self.step_cache.keyed(key)
+
     def begin_request(self) -> None:
         self.plan.begin_request(None)
+        if self.step_cache is not None:
+            self.step_cache.begin_request()
         if self.vae is not None:
             self.vae.begin_request()
         self.step_seconds = []
@@ -78,6 +90,8 @@ class PipelineRuntime:
         self.plan.end_request()
         if self.vae is not None:
             self.vae.end_request()
+        if self.step_cache is not None:
+            self.step_cache.end_request()
 
     def start_step(self, pipe: Any) -> None:
         """Before a step's denoiser forward, on every rank: stop here if the request's interrupt says so, learn the

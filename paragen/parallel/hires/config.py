@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 GUIDANCE_MODES = ("async", "sync")
 PLACEMENTS = ("interleaved", "dedicated")
@@ -24,6 +25,9 @@ class HiresConfig:
       windows (`interleaved`) or has a rank to itself (`dedicated`).
     - `window_batch`: windows per UNet call on a rank.
     """
+
+    PROBE_REFUSAL: ClassVar[str] = "hires ranks denoise different windows (one also the low-resolution view)"
+
 
     window: int | None = None
     stride: int | None = None

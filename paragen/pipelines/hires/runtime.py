@@ -41,6 +41,7 @@ from paragen.parallel.hires.guidance import low_res_size, mix, pooled_noise, res
 from paragen.parallel.hires.windows import Assignment, Window, assign, coverage, window_grid
 from paragen.parallel.intercept import intercept
 from paragen.parallel.partition import check_image_size
+from paragen.parallel.step_cache import check_step_cache
 from paragen.parallel.steps import StepPlan
 from paragen.pipelines.batch_split import repeat_batch
 from paragen.pipelines.checkpoint import StepCheckpoints, load_scheduler_state, scheduler_state
@@ -113,6 +114,9 @@ class HiresRuntime(PipelineRuntime):
         self.checkpoints = checkpoints
 
     # ---- the request ---------------------------------------------------------------------------
+    def check_step_cache(self, config) -> None:
+        check_step_cache(config, self.hires)
+
     def prepare_call(self, pipe, bound: inspect.BoundArguments) -> None:
         """Check the request and lay out the windows on every rank before any collective."""
         vae_factor = pipe.vae_scale_factor
@@ -211,7 +215,8 @@ class HiresRuntime(PipelineRuntime):
         if record:
             half = latent.shape[0]
             self.recorder.start(self.layout.lr_size, self.layout.tokens, slice(half, 2 * half) if cfg else slice(None))
-        eps = self.unet_forward(model_input, timestep, *args, return_dict=False, **kwargs)[0]
+        with self.cache_site("low-resolution"):
+            eps = self.unet_forward(model_input, timestep, *args, return_dict=False, **kwargs)[0]
         mask = self.recorder.stop() if record else latent.new_zeros(latent.shape[0], 1, *latent.shape[-2:])
         guided = eps
         if cfg:
@@ -243,7 +248,8 @@ class HiresRuntime(PipelineRuntime):
             group = mine[first : first + self.hires.window_batch]
             call_args, call_kwargs = repeat_batch(args, kwargs, batch, len(group))
             crops = torch.cat([win.crop(sample) for win in group])
-            out = self.unet_forward(crops, timestep, *call_args, return_dict=False, **call_kwargs)[0]
+            with self.cache_site(("windows", first)):
+                out = self.unet_forward(crops, timestep, *call_args, return_dict=False, **call_kwargs)[0]
             predictions += zip(group, out.chunk(len(group)))
         guide = guidance.wait()
         self.trace.append((step, guide.step))

@@ -9,6 +9,7 @@ from typing import Any, Callable
 from paragen.comms import rank_device, resolve_device
 from paragen.parallel.batch_invariant import make_batch_invariant
 from paragen.parallel.config import ParallelConfig
+from paragen.parallel.step_cache import StepCacheConfig, check_step_cache
 from paragen.pipelines.checkpoint import RESUMABLE_CHANGES, Checkpoints, StepCheckpoints, run_fingerprint
 from paragen.pipelines.dtypes import resolve_dtype
 from paragen.pipelines.jobs import schema
@@ -16,8 +17,10 @@ from paragen.pipelines.loading import build_pipeline
 from paragen.pipelines.sources import display_name
 from paragen.pipelines.model_facts import model_facts
 from paragen.pipelines.registry import Workload
+from paragen.pipelines.step_cache import enable_step_cache
 
 OUTPUT_FIELDS = ("dtype", "allow_pickle", "out_dir", "name")
+CACHE_FIELDS = ("cache", "cache_threshold", "cache_interval", "cache_order", "cache_start")  # a diffusion job's step cache
 MEMORY_FIELDS = ("shard_weights", "offload_layers", "memory_gib")  # an image or video job's: where its weights live, what it may use
 
 
@@ -55,6 +58,19 @@ def add_output_arguments(p: argparse.ArgumentParser, request_class: type) -> Non
 def add_memory_arguments(p: argparse.ArgumentParser, request_class: type) -> None:
     """--shard-weights, --offload-layers and --memory-gib (the request's fields)."""
     schema.add_arguments(p, request_class, MEMORY_FIELDS)
+
+
+def add_cache_arguments(p: argparse.ArgumentParser, request_class: type) -> None:
+    """--cache and its settings (the request's fields)."""
+    schema.add_arguments(p, request_class, CACHE_FIELDS)
+
+
+def step_cache_config(request: Any, options: Any) -> StepCacheConfig:
+    """The step cache an image or video request asks for, checked against the workload's `options`."""
+    config = StepCacheConfig(request.cache, request.cache_threshold, request.cache_interval, request.cache_order,
+                             request.cache_start)
+    check_step_cache(config, options)
+    return config
 
 
 def add_checkpoint_arguments(p, request_class: type) -> None:
@@ -119,13 +135,14 @@ def output_stem(request, job: Prepared, size: str) -> str:
 
 def build_parallel_pipeline(job) -> Any:
     """A prepared image or video job's pipeline on this rank's device, checked by its workload, the workload
-    installed, its weights sharded where the request asks, batch-invariant where the job batches, and checkpointing
+    installed, its step cache enabled, its weights sharded where the request asks, batch-invariant where the job batches, and checkpointing
     when the job has checkpoints."""
     request = job.request
     pipe = build_pipeline(request.model, dtype=resolve_dtype(request.dtype), device=rank_device(),
                           allow_pickle=request.allow_pickle, shard_weights=request.shard_weights,
                           offload_layers=request.offload_layers)
     job.workload.parallelize(pipe, job.config, job.options)
+    enable_step_cache(pipe, step_cache_config(request, job.options))
     if job.batch_invariant:  # after the workload's own layers, so that it wraps the convs they make
         make_batch_invariant(pipe)
     if job.checkpoints is not None:

@@ -2,7 +2,9 @@
 A job's request class uses them as `seed: int = fields.seed()`."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
+
+from paragen.parallel.step_cache import METHOD_HELP, METHODS, StepCacheConfig
 
 from paragen.pipelines.dtypes import DTYPE_HELP
 from paragen.pipelines.jobs.schema import LAUNCH, MAX_SEED, field
@@ -79,3 +81,30 @@ def checkpoint_every(every: int) -> Any:
 
 def resume() -> Any:
     return field(False, "continue the run saved in the checkpoint folder (from --resume)", scope=LAUNCH, cli=False)
+
+
+CacheMethod = Literal[METHODS]  # a job's `cache`
+_CACHE = StepCacheConfig()
+
+
+def cache() -> Any:
+    return field(_CACHE.method, "skip denoiser work between nearby steps, every rank alike — "
+                 + "; ".join(f"{m}: {text}" for m, text in METHOD_HELP.items()), scope=LAUNCH)
+
+
+def cache_threshold() -> Any:
+    return field(_CACHE.threshold, "fbcache/teacache: the relative L1 change below which a step is served from the "
+                                   "cache (0: never)", scope=LAUNCH, ge=0, le=10)
+
+
+def cache_interval() -> Any:
+    return field(_CACHE.interval, "taylorseer: compute every N steps, forecast the others", scope=LAUNCH, ge=1,
+                 le=1000)
+
+
+def cache_order() -> Any:
+    return field(_CACHE.order, "taylorseer: order of the Taylor forecast", scope=LAUNCH, ge=0, le=4)
+
+
+def cache_start() -> Any:
+    return field(_CACHE.start, "the first N steps always compute the whole denoiser", scope=LAUNCH, ge=1, le=10_000)

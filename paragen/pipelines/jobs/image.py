@@ -23,7 +23,7 @@ from paragen.pipelines import registry
 from paragen.pipelines.dtypes import DtypeName
 from paragen.pipelines.jobs import fields, schema
 from paragen.pipelines.jobs.batch import request_file
-from paragen.pipelines.jobs.common import (Prepared, add_checkpoint_arguments, add_output_arguments,
+from paragen.pipelines.jobs.common import (add_cache_arguments, step_cache_config, Prepared, add_checkpoint_arguments, add_output_arguments,
                                            add_memory_arguments, build_parallel_pipeline, check_room, checkpoint_folder, fit_to_model,
                                            open_checkpoints, output_stem)
 from paragen.pipelines.jobs.schema import field, request_class
@@ -55,6 +55,11 @@ class ImageRequest:
     shard_weights: bool = fields.shard_weights()
     offload_layers: bool = fields.offload_layers()
     memory_gib: float | None = fields.memory_gib()
+    cache: fields.CacheMethod = fields.cache()
+    cache_threshold: float = fields.cache_threshold()
+    cache_interval: int = fields.cache_interval()
+    cache_order: int = fields.cache_order()
+    cache_start: int = fields.cache_start()
     out_dir: str = fields.out_dir("the PNG and the JSON run report")
     name: str | None = fields.name()
     checkpoint_dir: str | None = fields.checkpoint_dir()  # hires runs
@@ -102,6 +107,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     h.add_argument("--window-batch", type=int, default=hires_defaults.window_batch, help="windows per UNet call")
     add_checkpoint_arguments(h, ImageRequest)
     add_memory_arguments(p, ImageRequest)
+    add_cache_arguments(p, ImageRequest)
     add_output_arguments(p, ImageRequest)
 
 
@@ -131,6 +137,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     workload = registry.find_for_job("image", class_name, options, args.model)
     config = workload.resolve(registry.degrees_of(args, "image"), launch.world_size)
     workload.check_weight_sharding(request.shard_weights, launch.world_size)
+    step_cache_config(request, options)  # refused here, before the process group, if it cannot run
     if request.checkpoint_dir is not None and not workload.checkpoints:
         raise ValueError(f"{workload.name} runs take no checkpoints (hires runs do: --hires); they are short")
 

@@ -23,7 +23,7 @@ from paragen.pipelines.dtypes import DtypeName
 from paragen.parallel.interrupt import Watch
 from paragen.pipelines.jobs import fields, schema
 from paragen.pipelines.jobs.batch import request_file
-from paragen.pipelines.jobs.common import (Prepared, add_checkpoint_arguments, add_output_arguments,
+from paragen.pipelines.jobs.common import (add_cache_arguments, step_cache_config, Prepared, add_checkpoint_arguments, add_output_arguments,
                                            add_memory_arguments, build_parallel_pipeline, check_room, checkpoint_folder, fit_to_model,
                                            open_checkpoints, output_stem)
 from paragen.pipelines.jobs.schema import field, request_class
@@ -65,6 +65,11 @@ class VideoRequest:
     shard_weights: bool = fields.shard_weights()
     offload_layers: bool = fields.offload_layers()
     memory_gib: float | None = fields.memory_gib()
+    cache: fields.CacheMethod = fields.cache()
+    cache_threshold: float = fields.cache_threshold()
+    cache_interval: int = fields.cache_interval()
+    cache_order: int = fields.cache_order()
+    cache_start: int = fields.cache_start()
     fps: int = field(8, "frames per second of the written video", gt=0, le=240)
     format: Literal["mp4", "gif"] = field("mp4", "mp4 (needs imageio-ffmpeg: pip install 'paragen[video]'; GIF if "
                                                  "missing) or gif")
@@ -123,6 +128,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     schema.add_arguments(p, VideoRequest, ("fps", "format"))
     add_checkpoint_arguments(p, VideoRequest)
     add_memory_arguments(p, VideoRequest)
+    add_cache_arguments(p, VideoRequest)
     add_output_arguments(p, VideoRequest)
 
 
@@ -141,6 +147,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     workload = registry.find_for_job("video", class_name, options, args.model)
     config = workload.resolve(registry.degrees_of(args, "video"), launch.world_size)
     workload.check_weight_sharding(request.shard_weights, launch.world_size)
+    step_cache_config(request, options)  # refused here, before the process group, if it cannot run
 
     def check(one: VideoRequest) -> VideoRequest:
         """The request as it runs: at the model's own size and frames where it gives none, fitting this rank, and

@@ -94,6 +94,8 @@ class WanRuntime(DiTRuntime):
             kwargs["encoder_hidden_states"] = self.negative.to(cond.device, cond.dtype)
         self.run_texts = None
         self.conditional = not unconditional
+        if self.step_cache is not None:  # a step's cache decision is the conditional call's, as in one process
+            self.step_cache.counts = self.conditional
         self.begin_forward()
         output = forward(*args, **kwargs)
         if cfg == 2:
