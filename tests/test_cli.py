@@ -126,6 +126,8 @@ BAD_INPUTS = {
     "hires: window options without --hires": (2, ["--stride", "8"], "only apply with --hires"),
     "hires: DiT model": (2, ["--model", "tiny-pixart", "--hires"], "hires supports"),
     "checkpoints of a run that takes none": (2, ["--checkpoint", "ck"], "patch runs take no checkpoints"),
+    "step cache: a probed method with hires": (2, ["--hires", "--cache", "fbcache"], "only --cache taylorseer"),
+    "step cache: interval 0": (2, ["--cache", "taylorseer", "--cache-interval", "0"], "cache_interval"),
 }
 
 

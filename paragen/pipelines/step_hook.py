@@ -11,8 +11,9 @@ from typing import Any, Callable
 
 import torch
 
-from paragen.parallel.intercept import intercept, intercepted
+from paragen.parallel.intercept import intercept, interceptions
 
+TAG = "step_hook"
 OnStep = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
@@ -20,7 +21,7 @@ def install_step_hook(scheduler: Any, on_step: OnStep) -> None:
     """After each `scheduler.step`, call `on_step(latents)`; a tensor it returns replaces the step's latents.
     Installing it on a scheduler that has it already does nothing (a pipeline keeps its scheduler across
     requests)."""
-    if intercepted(scheduler, "step"):
+    if TAG in interceptions(scheduler, "step"):
         return
 
     def after_step(step, *args, **kwargs):
@@ -34,4 +35,4 @@ def install_step_hook(scheduler: Any, on_step: OnStep) -> None:
             return out
         return (replaced,) + tuple(out[1:])
 
-    intercept(scheduler, "step", after_step, tag="step_hook")
+    intercept(scheduler, "step", after_step, tag=TAG)

@@ -62,6 +62,7 @@ class StepCache:
         self.step = 0
         self.calls = 0
         self.decisions: dict[int, bool] = {}  # step → computed
+        self.changes: dict[int, float] = {}  # step → the probe's relative change it was decided on
         self.forwards = {"computed": 0, "served": 0}
         self.current: Site | None = None
         self.computing = True
@@ -70,7 +71,7 @@ class StepCache:
 
     # ---- request and step boundaries -----------------------------------------------------------
     def begin_request(self) -> None:
-        self.sites, self.step, self.calls, self.decisions = {}, 0, 0, {}
+        self.sites, self.step, self.calls, self.decisions, self.changes = {}, 0, 0, {}, {}
         self.forwards = {"computed": 0, "served": 0}
         self.current, self.computing, self.counts = None, True, True
 
@@ -80,7 +81,10 @@ class StepCache:
         self.sites, self.current = {}, None
 
     def end_step(self) -> None:
-        """After the scheduler's step: the next call is the next step's first."""
+        """After the scheduler's step: the next call is the next step's first. A step this rank made no call in (a
+        hires rank while the low-resolution view alone runs) is recorded as its schedule says."""
+        if self.step not in self.decisions and not self.config.probed:
+            self.decisions[self.step] = self._scheduled()
         self.step += 1
         self.calls = 0
 
@@ -140,14 +144,16 @@ class StepCache:
     # ---- the decision ----------------------------------------------------------------------------
     def _agree(self, site: Site, probe: torch.Tensor) -> bool:
         config, step = self.config, self.step
-        if not config.probed:  # taylorseer: a schedule of the step index
-            return step < config.start or (step - config.start) % config.interval == 0
+        if not config.probed:
+            return self._scheduled()
         previous = site.reference
         if config.method == "teacache" or step < config.start or previous is None:
             site.reference = probe.detach()
         if step < config.start:
             return True
         change = self._change(previous, probe)
+        if change is not None:
+            self.changes[step] = change
         if config.method == "teacache":
             site.accumulated += 0.0 if change is None else change
             computed = change is None or site.accumulated >= config.threshold
@@ -158,6 +164,11 @@ class StepCache:
         if computed:
             site.reference = probe.detach()
         return computed
+
+    def _scheduled(self) -> bool:
+        """taylorseer: whether this step computes, by its index alone."""
+        config = self.config
+        return self.step < config.start or (self.step - config.start) % config.interval == 0
 
     def _change(self, previous: torch.Tensor | None, probe: torch.Tensor) -> float | None:
         """The relative L1 change of the probe over every rank's shard; None where a rank has no reference."""
@@ -183,4 +194,4 @@ class StepCache:
         return {"method": config.method, **settings, "start": config.start,
                 "computed_steps": [s for s, c in sorted(self.decisions.items()) if c],
                 "cached_steps": [s for s, c in sorted(self.decisions.items()) if not c],
-                "forwards": dict(self.forwards)}
+                "forwards": dict(self.forwards), **({"changes": dict(self.changes)} if config.probed else {})}
