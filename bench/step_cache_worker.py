@@ -41,15 +41,16 @@ def diffusers_cache(pipe, peer: str, setting: dict) -> None:
 
 
 def last_block_counter(pipe) -> list[int]:
-    """Counts the calls that really run the denoiser's last block (a child module of it runs): its evaluations."""
+    """Counts the calls that really run the last block of the denoiser's body (its first layer with weights runs):
+    the denoiser's evaluations, whatever cache skipped them."""
     from paragen.pipelines.step_cache import cache_plan, denoisers
 
     count = [0]
     for model in denoisers(pipe).values():
         plan = cache_plan(model)
         block = model.get_submodule(plan.body[-1])
-        first_child = next(iter(block.children()))
-        first_child.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
+        layer = next(m for m in block.modules() if next(m.parameters(recurse=False), None) is not None)
+        layer.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
     return count
 
 

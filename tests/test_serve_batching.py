@@ -271,3 +271,8 @@ def test_an_async_video_job_is_polled_streams_its_clips_before_the_end_and_is_ca
 def test_a_job_that_makes_one_request_at_a_time_refuses_max_batch_by_saying_why(job):
     procs = start_ranks(["-m", "paragen", "serve", job, "--max-batch", "4", "--port", "0"], 1)
     expect_bad_input(procs, "makes one request at a time", timeout=60)
+
+
+def test_a_batching_server_refuses_a_cache_that_decides_on_the_whole_batch():
+    procs = start_ranks(["-m", "paragen", "serve", "image", "--max-batch", "4", "--cache", "fbcache", "--port", "0"], 1)
+    expect_bad_input(procs, "would depend on the requests batched with it", timeout=60)

@@ -7,13 +7,16 @@ displaced), clips of a UNet video model and of Wan (with CFG over rank halves), 
 - at threshold 0 (TaylorSeer: interval 1) the output equals the uncached run's, bit for bit;
 - with a threshold that serves some steps (at least one is asserted), an exact mode's output equals one process
   cached at the same threshold (max |Δ| ≤ 1e-4), which served the same steps.
+And `paragen image --cache` writes each rank's computed and cached steps in its report.
 """
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
-from tests.multiproc import run_spec_worker
+from tests.multiproc import check_all_ok, run_ranks, run_spec_worker
 
 pytestmark = pytest.mark.slow  # multi-process end-to-end runs (make test-fast skips them)
 
@@ -100,3 +103,16 @@ def test_served_steps_change_the_output(runs):
     parallel = runs[0]
     assert not torch.equal(parallel["sd/patch/fbcache"]["out"], parallel["sd/patch/none"]["out"])
     assert not torch.equal(parallel["pixart/ulysses/fbcache"]["out"], parallel["pixart/ulysses/none"]["out"])
+
+
+def test_the_job_report_gives_every_ranks_steps(tmp_path):
+    check_all_ok(run_ranks(["-m", "paragen", "image", "--model", "tiny-pixart", "--ring", "2", "--steps", "8",
+                            "--height", "128", "--width", "128", "--cache", "fbcache", "--cache-threshold", "0.3",
+                            "--mode", "displaced", "--warmup-steps", "1", "--name", "cached", "--out", str(tmp_path)],
+                           2, timeout=300))
+    report = json.loads((tmp_path / "cached.json").read_text())["step_cache"]
+    assert report["method"] == "fbcache" and report["ranks_agree"] and report["cached_steps"]
+    assert sorted(report["computed_steps"] + report["cached_steps"]) == list(range(8))
+    assert set(report["per_rank"]) == {"0", "1"}
+    assert all(r["cached_steps"] == report["cached_steps"] for r in report["per_rank"].values())
+    assert report["forwards"] == {"computed": len(report["computed_steps"]), "served": len(report["cached_steps"])}

@@ -4,7 +4,7 @@ Each step is either *fresh* (every exchange blocking and exact) or *stale* (laye
 ranks sent in the previous step, and publish this step's data asynchronously). A step is stale when
 the mode is not `sync`, a request is running, and the warm-up steps are over. A fresh step whose
 successor will be stale publishes its data as well, so the first stale step has something to read.
-A step cache that served a step from its cache holds the plan fresh (`hold_fresh`) until a forward has computed
+A step cache that served a step from its cache holds the plan fresh (`hold_fresh`) until a step has computed
 every layer again (`release_fresh`): the layers it skipped left no data of the step before to read.
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ class StepPlan:
         self.held_fresh = True
 
     def release_fresh(self) -> None:
-        """After a forward that computed every layer: stale steps may read what it published."""
+        """After a step that computed every layer: stale steps may read what it published."""
         self.held_fresh = False
 
     def on_reset(self, callback: Callable[[], None]) -> None:

@@ -36,6 +36,7 @@ from paragen.launch.serve.api import Limits
 from paragen.launch.serve.front import BROKEN, STOPPING, Front
 from paragen.launch.serve.loop import serve_ranks
 from paragen.log import get_logger
+from paragen.parallel.step_cache.config import PROBED
 from paragen.pipelines.jobs.agree import attempt
 from paragen.pipelines.jobs.batch import agree_prepared
 from paragen.pipelines.sources import display_name
@@ -85,6 +86,10 @@ def _check(args: argparse.Namespace, module: Any) -> tuple[str | None, Limits]:
         raise ValueError(f"--port must be in 0..65535, got {args.port}")
     if args.max_batch > 1 and not hasattr(module, "batch_key"):
         raise ValueError(f"--max-batch: the {args.serve_job} job makes one request at a time ({module.MADE_ALONE})")
+    if args.max_batch > 1 and getattr(args, "cache", "none") in PROBED:
+        raise ValueError(f"--max-batch with --cache {args.cache}: its decision reads the change of the whole batch, "
+                         "so a request's output would depend on the requests batched with it; use --cache taylorseer "
+                         "(a schedule of the step) or --max-batch 1")
     if not 0 <= args.batch_wait_ms <= 60_000:
         raise ValueError(f"--batch-wait-ms must be in 0..60000, got {args.batch_wait_ms}")
     bounds = {"--max-queue": args.max_queue, "--max-batch": args.max_batch, "--max-body-bytes": args.max_body_bytes,

@@ -14,7 +14,7 @@ window) and per rank: the residual the rest of the denoiser added to the first b
 shard (DiTs), or the deep features a UNet's last skipped block gave (UNets). It is never sent, so it is never mixed
 with another rank's layout; a site whose shard changed shape computes.
 
-A served step leaves the skipped layers without this step's data, so the step plan is held fresh until a call
+A served step leaves the skipped layers without this step's data, so the step plan is held fresh until a step
 computes every layer again (`StepPlan.hold_fresh`): the displaced and partial modes then run the next computed
 step with fresh exchanges instead of reading data two or more steps old, and publish again from it.
 """
@@ -85,6 +85,8 @@ class StepCache:
         hires rank while the low-resolution view alone runs) is recorded as its schedule says."""
         if self.step not in self.decisions and not self.config.probed:
             self.decisions[self.step] = self._scheduled()
+        if self.decisions.get(self.step) and self.plan is not None:
+            self.plan.release_fresh()  # every call of this step computed fresh: the next may read what it published
         self.step += 1
         self.calls = 0
 
@@ -129,8 +131,6 @@ class StepCache:
                 factors.append(tuple(None if a is None else (a - b) / gap
                                      for a, b in zip(factors[order], site.factors[order])))
         site.factors, site.last_step = factors, self.step
-        if self.plan is not None:
-            self.plan.release_fresh()
 
     def served(self, site: Site) -> Value:
         """What a served call uses in place of the rest of the denoiser: the kept value, or its Taylor forecast."""
