@@ -49,7 +49,8 @@ def last_block_counter(pipe) -> list[int]:
     for model in denoisers(pipe).values():
         plan = cache_plan(model)
         block = model.get_submodule(plan.body[-1])
-        layer = next(m for m in block.modules() if next(m.parameters(recurse=False), None) is not None)
+        layer = next(m for m in block.modules()
+                     if m is not block and next(m.parameters(recurse=False), None) is not None)
         layer.register_forward_pre_hook(lambda *_: count.__setitem__(0, count[0] + 1))
     return count
 

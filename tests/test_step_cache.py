@@ -89,25 +89,42 @@ def test_taylor_forecast_extrapolates_the_backward_differences(order):
     assert cache.record()["cached_steps"] == [4, 5, 6]
 
 
-def test_a_served_step_holds_the_plan_fresh_until_a_step_computes_again():
-    plan = StepPlan(ONE, mode="displaced", warmup_steps=1)
+def test_a_served_step_publishes_nothing_and_its_successor_reads_the_last_computed_data():
+    """Displaced mode, 2 warm-up steps: the cache serves from step 2 on (not before the first stale step, though
+    its start is 1); the probe runs exact; a served step reads stale data but publishes none."""
+    plan = StepPlan(ONE, mode="displaced", warmup_steps=2)
     plan.begin_request(8)
     cache = StepCache(StepCacheConfig(method="fbcache", threshold=0.5, start=1), ONE, plan)
     cache.begin_request()
-    for step, probe in enumerate([1.0, 1.01, 1.02, 5.0]):
+    seen = []
+    for probe in [1.0, 1.01, 1.02, 1.03, 5.0, 5.01]:
         plan.begin_step()
         site = cache.open_call("transformer")
-        if step == 3:
-            assert not plan.stale and plan.publish  # after the served steps: fresh, but leaving data for the next
+        with cache.head_scope():
+            assert not plan.stale and not plan.publish  # the probe: exact, publishing nothing
         computed = cache.decide(site, torch.tensor([probe]))
         if computed:
             cache.store(site, (torch.zeros(1),))
-        assert plan.held_fresh == (not computed or step == 3)  # held to the end of the first computed step
+        seen.append((plan.stale, plan.publish))  # what the rest of the step does
         cache.end_step()
-        assert plan.held_fresh == (not computed)
-    assert cache.record()["cached_steps"] == [1, 2]
-    plan.begin_step()
-    assert plan.stale
+    assert cache.record()["cached_steps"] == [2, 3, 5] and cache.record()["start"] == 2
+    assert seen == [(False, False), (False, True), (True, False), (True, False), (True, True), (True, False)]
+
+
+def test_a_scheduled_cache_decides_before_its_head():
+    plan = StepPlan(ONE, mode="displaced", warmup_steps=1)
+    plan.begin_request(6)
+    cache = StepCache(StepCacheConfig(method="taylorseer", interval=2, start=1), ONE, plan)
+    cache.begin_request()
+    heads = []
+    for _ in range(6):
+        plan.begin_step()
+        cache.open_call("unet")
+        with cache.head_scope():
+            heads.append((plan.stale, plan.publish))
+        cache.end_step()
+    assert cache.record()["cached_steps"] == [2, 4]
+    assert heads == [(False, True), (True, True), (True, False), (True, True), (True, False), (True, False)]
 
 
 def test_an_innermost_interception_sees_the_call_as_the_outer_ones_pass_it():
@@ -137,10 +154,25 @@ def test_cache_plans_are_read_from_the_models(sd):
     assert flux.io[flux.head].encoder_index is not None and flux.io[flux.head].hidden_index == 1
 
 
-def test_a_model_without_a_cache_plan_is_refused_by_name():
-    pipe = paragen.parallelize(load_pipeline("tiny-sana"), paragen.ParallelConfig())
-    with pytest.raises(ValueError, match="SanaTransformerBlock is not a transformer block"):
-        paragen.enable_step_cache(pipe, StepCacheConfig(method="fbcache"))
+def test_blocks_of_an_unknown_class_are_refused_by_its_name():
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="Linear is not a transformer block whose outputs paragen knows"):
+        cache_plan(model)
+
+
+def test_a_joined_stream_is_split_at_the_texts_length():
+    """Flux.2 and AuraFlow join [text, image] before their last blocks: the body's residual is split back."""
+    from paragen.parallel.step_cache.hooks import _body_residual
+
+    text, image = torch.randn(1, 3, 4), torch.randn(1, 5, 4)
+    end = torch.randn(1, 8, 4)
+    hidden, encoder = _body_residual((end, None), (image, text), joined=True)
+    assert torch.equal(hidden, end[:, 3:] - image) and torch.equal(encoder, end[:, :3] - text)
+    with pytest.raises(RuntimeError, match="not the first block's 3 text and 5 image tokens joined"):
+        _body_residual((torch.randn(1, 9, 4), None), (image, text), joined=True)
+    hidden, encoder = _body_residual((end[:, :5], None), (image, text), joined=False)  # a last block without text
+    assert torch.equal(hidden, end[:, :5] - image) and encoder is None
 
 
 def test_bad_settings_are_refused():

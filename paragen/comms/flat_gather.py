@@ -116,15 +116,6 @@ class FlatAllGather:
         self._last_use = [None] * len(self._last_use)
         self._position = 0
 
-    def abandon(self) -> None:
-        """The data launched so far will not be read (a step cache served a step, and the layers that would have read
-        it did not run): wait for it and let its buffers be reused."""
-        for bucket in self._last_use:
-            if bucket is not None:
-                if bucket.pending is not None:
-                    bucket.pending.wait()
-                bucket.unread = 0
-
     def _new_bucket(self) -> _Bucket:
         position = self._position
         self._position += 1

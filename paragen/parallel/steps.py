@@ -4,12 +4,14 @@ Each step is either *fresh* (every exchange blocking and exact) or *stale* (laye
 ranks sent in the previous step, and publish this step's data asynchronously). A step is stale when
 the mode is not `sync`, a request is running, and the warm-up steps are over. A fresh step whose
 successor will be stale publishes its data as well, so the first stale step has something to read.
-A step cache that served a step from its cache holds the plan fresh (`hold_fresh`) until a step has computed
-every layer again (`release_fresh`): the layers it skipped left no data of the step before to read.
+With a step cache, a step it serves publishes nothing (`serving`): the layers that still run in it read what the
+last computed step published and keep it, so the next computed step reads it too; and layers called inside
+`exact()` (the cache's probe, run before anyone knows whether the step is served) exchange fresh and publish nothing.
 """
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 from paragen.comms import GroupComm
 
@@ -25,7 +27,8 @@ class StepPlan:
         self.label_prefix = label_prefix
         self.step = -1
         self.total_steps: int | None = None
-        self.held_fresh = False
+        self.serving = False  # a step cache serves this step: nothing is published
+        self._exact = False
         self._resets: list[Callable[[], None]] = []
 
     # ---- request and step boundaries -----------------------------------------------------------
@@ -44,16 +47,21 @@ class StepPlan:
             reset()
         self.step = -1
         self.total_steps = None
-        self.held_fresh = False
+        self.serving = False
 
-    def hold_fresh(self) -> None:
-        """Run the next forwards fresh (exact exchanges), still publishing for a stale successor, until
-        `release_fresh`."""
-        self.held_fresh = True
+    @contextlib.contextmanager
+    def exact(self) -> Iterator[None]:
+        """The layers called inside exchange fresh and publish nothing."""
+        self._exact = True
+        try:
+            yield
+        finally:
+            self._exact = False
 
-    def release_fresh(self) -> None:
-        """After a step that computed every layer: stale steps may read what it published."""
-        self.held_fresh = False
+    @property
+    def first_stale_step(self) -> int | None:
+        """The first step that reads stale data (None: none does)."""
+        return None if self.mode == "sync" else self.warmup_steps
 
     def on_reset(self, callback: Callable[[], None]) -> None:
         """Register a layer's `reset` to run at the end of each request."""
@@ -70,12 +78,12 @@ class StepPlan:
     @property
     def stale(self) -> bool:
         """This step reads the previous step's exchanged data instead of exchanging."""
-        return not self.held_fresh and self._is_stale(self.step)
+        return not self._exact and self._is_stale(self.step)
 
     @property
     def publish(self) -> bool:
-        """This step must leave data for the next one (the next step is stale)."""
-        return self._is_stale(self.step + 1)
+        """This step must leave data for the next one (the next step is stale, and this one computes)."""
+        return not self._exact and not self.serving and self._is_stale(self.step + 1)
 
     def label(self, name: str) -> str:
         """The accounting label of traffic `name` for this model (e.g. `vae.conv_halo`)."""

@@ -30,17 +30,41 @@ def denoisers(pipe) -> dict[str, torch.nn.Module]:
     return {name: getattr(pipe, name) for name in DENOISERS if getattr(pipe, name, None) is not None}
 
 
+# Blocks diffusers' cache hooks do not register, as data: (where the output puts the hidden states, where it puts a
+# second stream that the block also carries and that argument's name; None: it returns the hidden states alone).
+OWN_BLOCK_OUTPUTS: dict[str, tuple[int, int | None, str]] = {
+    "SanaTransformerBlock": (0, None, ""),
+    "Lumina2TransformerBlock": (0, None, ""),
+    "AllegroTransformerBlock": (0, None, ""),
+    "HunyuanDiTBlock": (0, None, ""),  # its long skips read earlier blocks' outputs: a served step runs none of them
+    "HeliosTransformerBlock": (0, None, ""),
+    "LTX2VideoTransformerBlock": (0, 1, "audio_hidden_states"),  # the video and the audio stream
+    "AuraFlowJointTransformerBlock": (1, 0, "encoder_hidden_states"),
+    "AuraFlowSingleTransformerBlock": (0, None, ""),
+}
+# Transformers whose last blocks take the text and image tokens joined into one sequence, the text first: what the
+# body adds is split at the text's length into the two streams' residuals.
+JOINED_TEXT_FIRST = ("Flux2Transformer2DModel", "AuraFlowTransformer2DModel")
+
+
 def _block_io(block: torch.nn.Module) -> BlockIO:
+    """Where a block takes and returns its streams: diffusers' registration of its class, else `OWN_BLOCK_OUTPUTS`."""
     from diffusers.hooks._helpers import TransformerBlockRegistry
 
+    params = tuple(inspect.signature(type(block).forward).parameters)[1:]
+    name = type(block).__name__
+    if name in OWN_BLOCK_OUTPUTS:
+        hidden, second, argument = OWN_BLOCK_OUTPUTS[name]
+        return BlockIO(params, hidden, second, params[0], argument or "encoder_hidden_states")
     try:
         meta = TransformerBlockRegistry.get(type(block))
     except ValueError:
-        raise ValueError(f"{type(block).__name__} is not a transformer block diffusers' cache hooks know (where its "
-                         "output puts the hidden states): no step cache for this model") from None
-    params = tuple(inspect.signature(type(block).forward).parameters)[1:]
+        raise ValueError(f"{name} is not a transformer block whose outputs paragen knows (diffusers' cache hooks' "
+                         "registry, or paragen/pipelines/step_cache.py OWN_BLOCK_OUTPUTS): no step cache for this "
+                         "model") from None
+    hidden_arg = meta.hidden_states_argument_name  # a block that names it otherwise (Z-Image's `x`): its first
     return BlockIO(params, meta.return_hidden_states_index or 0, meta.return_encoder_hidden_states_index,
-                   meta.hidden_states_argument_name, meta.encoder_hidden_states_argument_name)
+                   hidden_arg if hidden_arg in params else params[0], meta.encoder_hidden_states_argument_name)
 
 
 def cache_plan(model: torch.nn.Module) -> CachePlan:
@@ -57,7 +81,8 @@ def cache_plan(model: torch.nn.Module) -> CachePlan:
         raise ValueError(f"{type(model).__name__} has no transformer block list ({', '.join(BLOCK_LISTS)}) and is no "
                          "UNet: no step cache for it")
     return CachePlan("residual", blocks[0], tuple(blocks[1:]),
-                     {path: _block_io(model.get_submodule(path)) for path in blocks})
+                     {path: _block_io(model.get_submodule(path)) for path in blocks},
+                     joined=type(model).__name__ in JOINED_TEXT_FIRST)
 
 
 def enable_step_cache(pipe: Any, config: StepCacheConfig) -> StepCache | None:

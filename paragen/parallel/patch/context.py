@@ -33,15 +33,8 @@ class PatchContext(StepPlan):
         """Called before each forward of the model on its band, with the full latent size (and the whole input,
         when every rank holds it: the first conv then reads its halo rows from it)."""
         super().begin_step()
-        if self.held_fresh:  # after a served step: what the layers published before is not read
-            self.stale_gather.abandon()
         self.latent_shape = (latent_rows, latent_cols)
         self.whole_input = whole_input
-
-    def hold_fresh(self) -> None:
-        """A step cache served this step: the layers it skipped will not read what they were sent last step."""
-        super().hold_fresh()
-        self.stale_gather.abandon()
 
     def end_step(self) -> None:
         """Launch whatever stale data is still queued."""

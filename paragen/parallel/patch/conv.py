@@ -65,8 +65,7 @@ class PatchConv2d(nn.Conv2d):
         halo = self._stale.wait()  # type: ignore[union-attr]
         if isinstance(self._stale, Slot):  # copied: a full bucket relaunches into the gathered buffer
             halo = tuple(None if h is None else h.clone() for h in self._neighbours_edges(halo))
-        self._stale = None
-        if ctx.publish:
+        if ctx.publish:  # else kept: a served step's successor reads it again
             self._stale = ctx.stale_gather.submit(torch.cat(self._edges(x), dim=2), ctx.label("conv_halo"))
         return halo
 

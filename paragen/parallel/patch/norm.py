@@ -40,7 +40,8 @@ class PatchGroupNorm(nn.GroupNorm):
             stale = self._stale
             previous = stale.wait() if isinstance(stale, Slot) else stale
             stats = corrected_stale_stats(previous, local, ctx.comm.rank, counts)  # type: ignore[arg-type]
-            self._stale = ctx.stale_gather.submit(local, ctx.label("norm_stats")) if ctx.publish else None
+            if ctx.publish:  # else kept: a served step's successor reads it again
+                self._stale = ctx.stale_gather.submit(local, ctx.label("norm_stats"))
             return stats
         everyone = ctx.comm.all_gather(local, ctx.label("norm_stats"))
         self._stale = everyone if ctx.publish else None

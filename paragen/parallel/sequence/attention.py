@@ -167,8 +167,7 @@ class SequenceAttention:
         if self._stale is None:
             raise RuntimeError("displaced attention has no K/V from the previous step (was the warm-up skipped?)")
         previous = self._stale.wait()  # every other shard's [2, B, H, L_i, D]
-        self._stale = None
-        if ctx.publish:
+        if ctx.publish:  # else kept: a served step's successor reads it again
             self._publish(key, value, lengths)
         out, lse = attention_with_lse(query, key, value)
         out = out.float()

@@ -14,9 +14,12 @@ window) and per rank: the residual the rest of the denoiser added to the first b
 shard (DiTs), or the deep features a UNet's last skipped block gave (UNets). It is never sent, so it is never mixed
 with another rank's layout; a site whose shard changed shape computes.
 
-A served step leaves the skipped layers without this step's data, so the step plan is held fresh until a step
-computes every layer again (`StepPlan.hold_fresh`): the displaced and partial modes then run the next computed
-step with fresh exchanges instead of reading data two or more steps old, and publish again from it.
+In the displaced and partial modes (a stale `plan`), a served step publishes nothing: the layers that run in it (the
+UNet's last up block and output layers; TaylorSeer's head) read what the last computed step published and keep it,
+and the next computed step reads it too — data k steps old after k − 1 served steps, from the step whose residual
+or features the served steps reused — then publishes again. The first block of fbcache and teacache runs before
+anyone knows whether its step will be served, so it runs exact (fresh exchanges, nothing published) in every step.
+The cache serves no step before the mode's first stale step, so that the last warm-up step has published.
 """
 from __future__ import annotations
 
@@ -84,9 +87,9 @@ class StepCache:
         """After the scheduler's step: the next call is the next step's first. A step this rank made no call in (a
         hires rank while the low-resolution view alone runs) is recorded as its schedule says."""
         if self.step not in self.decisions and not self.config.probed:
-            self.decisions[self.step] = self._scheduled()
-        if self.decisions.get(self.step) and self.plan is not None:
-            self.plan.release_fresh()  # every call of this step computed fresh: the next may read what it published
+            self._record(self._scheduled())
+        if self.plan is not None:
+            self.plan.serving = False
         self.step += 1
         self.calls = 0
 
@@ -107,14 +110,28 @@ class StepCache:
         self.current = self.sites.setdefault(key, Site())
         return self.current
 
+    @property
+    def start(self) -> int:
+        """The first step the cache may serve: the configured start, and never before the mode's first stale step."""
+        first_stale = None if self.plan is None else self.plan.first_stale_step
+        return max(self.config.start, first_stale or 0)
+
+    def head_scope(self) -> contextlib.AbstractContextManager:
+        """Where the head runs: a schedule decides its step now (a served step publishes nothing, from its head on);
+        a probed cache that may serve runs its head exact in every step (it cannot know yet)."""
+        if not self.config.probed:
+            if self.step not in self.decisions:
+                self._record(self._scheduled())
+            return contextlib.nullcontext()
+        if self.plan is None or self.config.threshold == 0.0:
+            return contextlib.nullcontext()
+        return self.plan.exact()
+
     def decide(self, site: Site, probe: torch.Tensor) -> bool:
         """Whether this call computes the rest of the denoiser (the step's decision; a site with nothing kept, or kept
         for another shape, computes)."""
         if self.step not in self.decisions:
-            computed = self._agree(site, probe)
-            self.decisions[self.step] = computed
-            if not computed and self.plan is not None:
-                self.plan.hold_fresh()
+            self._record(self._agree(site, probe))
         self.computing = self.decisions[self.step] or not site.kept or site.shape != tuple(probe.shape)
         if self.computing:
             site.shape = tuple(probe.shape)
@@ -142,14 +159,20 @@ class StepCache:
         return tuple(total)
 
     # ---- the decision ----------------------------------------------------------------------------
+    def _record(self, computed: bool) -> None:
+        """The step's decision, on every rank alike; a served step publishes nothing."""
+        self.decisions[self.step] = computed
+        if not computed and self.plan is not None:
+            self.plan.serving = True
+
     def _agree(self, site: Site, probe: torch.Tensor) -> bool:
-        config, step = self.config, self.step
+        config, step, start = self.config, self.step, self.start
         if not config.probed:
             return self._scheduled()
         previous = site.reference
-        if config.method == "teacache" or step < config.start or previous is None:
+        if config.method == "teacache" or step < start or previous is None:
             site.reference = probe.detach()
-        if step < config.start:
+        if step < start:
             return True
         change = self._change(previous, probe)
         if change is not None:
@@ -167,8 +190,7 @@ class StepCache:
 
     def _scheduled(self) -> bool:
         """taylorseer: whether this step computes, by its index alone."""
-        config = self.config
-        return self.step < config.start or (self.step - config.start) % config.interval == 0
+        return self.step < self.start or (self.step - self.start) % self.config.interval == 0
 
     def _change(self, previous: torch.Tensor | None, probe: torch.Tensor) -> float | None:
         """The relative L1 change of the probe over every rank's shard; None where a rank has no reference."""
@@ -191,7 +213,7 @@ class StepCache:
         config = self.config
         settings = ({"threshold": config.threshold} if config.probed else
                     {"interval": config.interval, "order": config.order})
-        return {"method": config.method, **settings, "start": config.start,
+        return {"method": config.method, **settings, "start": self.start,
                 "computed_steps": [s for s, c in sorted(self.decisions.items()) if c],
                 "cached_steps": [s for s, c in sorted(self.decisions.items()) if not c],
                 "forwards": dict(self.forwards), **({"changes": dict(self.changes)} if config.probed else {})}

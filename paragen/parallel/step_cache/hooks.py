@@ -70,12 +70,13 @@ class BlockIO:
 @dataclass(frozen=True)
 class CachePlan:
     """The head and body of one denoiser (module paths, in call order) and its `kind` (`residual` or `features`);
-    `io`: a `residual` plan's blocks' `BlockIO`, by path."""
+    `io`: a `residual` plan's blocks' `BlockIO`, by path; `joined`: see the field."""
 
     kind: str
     head: str
     body: tuple[str, ...]
     io: dict[str, BlockIO] = field(default_factory=dict)
+    joined: bool = False  # `residual`: the last blocks take the text and image joined, the text first
 
 
 def install(model: torch.nn.Module, plan: CachePlan, cache: StepCache, label: str) -> None:
@@ -91,13 +92,16 @@ def _install_residual(model, plan: CachePlan, cache: StepCache, label: str) -> N
     def head(original, *args, **kwargs):
         site = cache.open_call(label)
         hidden_in, _ = head_io.inputs(args, kwargs)
-        output = original(*args, **kwargs)
+        with cache.head_scope():
+            output = original(*args, **kwargs)
         hidden, encoder = head_io.outputs(output)
         if cache.decide(site, hidden - hidden_in):
             site.anchor = (hidden, encoder)
             return output
         residual = cache.served(site)
-        return head_io.returned(hidden + residual[0], None if encoder is None else encoder + residual[1], output)
+        if encoder is not None and residual[1] is not None:
+            encoder = encoder + residual[1]
+        return head_io.returned(hidden + residual[0], encoder, output)
 
     def body(io: BlockIO, last: bool):
         def around(original, *args, **kwargs):
@@ -105,11 +109,8 @@ def _install_residual(model, plan: CachePlan, cache: StepCache, label: str) -> N
                 return io.returned(*io.inputs(args, kwargs))
             output = original(*args, **kwargs)
             if last:
-                hidden, encoder = io.outputs(output)
                 site = cache.current
-                start_hidden, start_encoder = site.anchor
-                cache.store(site, (hidden - start_hidden,
-                                   None if encoder is None or start_encoder is None else encoder - start_encoder))
+                cache.store(site, _body_residual(io.outputs(output), site.anchor, plan.joined))
                 site.anchor = None
             return output
         return around
@@ -120,12 +121,26 @@ def _install_residual(model, plan: CachePlan, cache: StepCache, label: str) -> N
                   innermost=True)
 
 
+def _body_residual(end: tuple, start: tuple, joined: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the body added to the head's streams: `end` (the last block's hidden states and text stream, or the two
+    joined, the text first) minus `start` (the head's)."""
+    (hidden, encoder), (start_hidden, start_encoder) = end, start
+    if joined and start_encoder is not None and encoder is None:
+        text = start_encoder.shape[1]
+        if hidden.shape[1] != text + start_hidden.shape[1]:
+            raise RuntimeError(f"the last block's {hidden.shape[1]} tokens are not the first block's {text} text and "
+                               f"{start_hidden.shape[1]} image tokens joined: the step cache cannot split them")
+        return hidden[:, text:] - start_hidden, hidden[:, :text] - start_encoder
+    return hidden - start_hidden, None if encoder is None or start_encoder is None else encoder - start_encoder
+
+
 def _install_features(model, plan: CachePlan, cache: StepCache, label: str) -> None:
     downs = [p for p in plan.body if p.startswith("down_blocks.")]
 
     def head(original, *args, **kwargs):
         site = cache.open_call(label)
-        output = original(*args, **kwargs)
+        with cache.head_scope():
+            output = original(*args, **kwargs)
         cache.decide(site, output[0])
         return output
 
