@@ -2,12 +2,14 @@
 pictures show, against the uncached run of the same mode, beside diffusers' own caches in one process.
 
 Models: `tiny-shapes` (UNet) and `tiny-shapes-dit` (PixArt-Σ) at their training size (64², 20 steps, guidance 4),
-scored by `tools/shapes_scorer.py` on held-out captions (`bench_shapes.prompts`); `tiny-wan` (17 frames, 64², 20
-steps), compared by PSNR with its uncached video in the same mode. Modes at 2 ranks: UNet sync bands, displaced,
+scored by `tools/shapes_scorer.py` on held-out captions (`bench_shapes.prompts`); `tiny-wan` (33 frames = 9 latent
+frames, 64², 20 steps, 4 prompts; clips see ±2 latent frames and 3 global ones), compared by PSNR with its uncached
+video in the same mode. Modes at 2 ranks: UNet sync bands, displaced,
 partial, CFG over the two ranks, hires windows (2× area, taylorseer only: fbcache and teacache decide from a call
 every rank makes); PixArt Ring, Ulysses, displaced, CFG; Wan clips, Ulysses, CFG; and one process. Each mode runs
 uncached and with each method at the settings `SETTINGS` fixes (chosen on other captions by
-`step_cache_sweep.py`); one process also runs diffusers' FirstBlockCache (transformers) and TaylorSeerCache.
+`step_cache_sweep.py`); beside them, the stock pipeline in one process (mode `diffusers`, not parallelised) runs
+uncached and with diffusers' own FirstBlockCache (transformers only) and TaylorSeerCache at the same settings.
 
 Every configuration is one launch (`step_cache_worker.py`): a warm-up request, then every request timed, whole
 (`seconds`: prompt encoding, denoising, VAE decode) and its denoising loop alone (`loop_seconds`: from the first
@@ -69,14 +71,16 @@ def configurations(model: str) -> dict[str, tuple[str, int, list[str]]]:
                 continue
             cache = [] if method == "none" else ["--cache", json.dumps({"method": method, **SETTINGS[model][method]})]
             out[f"{mode}/{method}"] = (mode, ranks, args + cache)
+    out["diffusers/none"] = ("diffusers", 1, ["--peer", "none"])  # the stock pipeline, uncached: its caches' baseline
     for peer in PEERS[model]:
-        out[f"one/diffusers_{peer}"] = ("one", 1, ["--peer", peer, "--peer-setting", json.dumps(SETTINGS[model][peer])])
+        out[f"diffusers/{peer}"] = ("diffusers", 1, ["--peer", peer, "--peer-setting",
+                                                     json.dumps(SETTINGS[model][peer])])
     return out
 
 
 def requests_for(model: str, count: int, hires: bool) -> list[dict]:
     if model == "tiny-wan":
-        return [{"id": f"v{i}", "prompt": p, "seed": 100 + i, "height": SIDE, "width": SIDE, "frames": 17}
+        return [{"id": f"v{i}", "prompt": p, "seed": 100 + i, "height": SIDE, "width": SIDE, "frames": 33}
                 for i, p in enumerate(["a red fox running through snow", "waves breaking on a rocky shore",
                                        "a paper boat on a river", "a city street at night in the rain"][:count])]
     return [{**r, "height": SIDE, "width": 2 * SIDE if hires else SIDE} for r in shape_prompts(count)]

@@ -13,9 +13,8 @@ import json
 from plotting import RESULTS
 
 MODELS = ("tiny-shapes", "tiny-shapes-dit", "tiny-wan")
-METHODS = ("fbcache", "teacache", "taylorseer", "diffusers_fbcache", "diffusers_taylorseer")
-COLOURS = {"fbcache": "#3572b0", "teacache": "#4a9c5d", "taylorseer": "#c7792b", "diffusers_fbcache": "#8fb4dc",
-           "diffusers_taylorseer": "#e8b98a"}
+METHODS = ("fbcache", "teacache", "taylorseer")
+COLOURS = {"fbcache": "#3572b0", "teacache": "#4a9c5d", "taylorseer": "#c7792b"}
 
 
 def _quality(c: dict) -> str:

@@ -79,7 +79,8 @@ def main() -> None:
     p.add_argument("--mode", default="sync")
     p.add_argument("--hires", action="store_true")
     p.add_argument("--cache", default=None)
-    p.add_argument("--peer", choices=("fbcache", "taylorseer"), default=None)
+    p.add_argument("--peer", choices=("none", "fbcache", "taylorseer"), default=None, help="the stock pipeline, "
+                   "not parallelised: uncached, or with diffusers' own cache")
     p.add_argument("--peer-setting", default="{}")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
@@ -90,10 +91,13 @@ def main() -> None:
     counter = last_block_counter(pipe)
     cache = None
     if args.peer:
-        diffusers_cache(pipe, args.peer, json.loads(args.peer_setting))
+        if args.peer != "none":
+            diffusers_cache(pipe, args.peer, json.loads(args.peer_setting))
     else:
-        options = paragen.HiresConfig() if args.hires else paragen.ExchangeConfig(mode=args.mode, warmup_steps=4) \
-            if args.model != "tiny-wan" else paragen.TemporalAttention()
+        if args.model == "tiny-wan":  # 9 latent frames: clips of 5 and 4 see ±2 frames of the next and 3 global ones
+            options = paragen.TemporalAttention(local=2, global_frames=3)
+        else:
+            options = paragen.HiresConfig() if args.hires else paragen.ExchangeConfig(mode=args.mode, warmup_steps=4)
         paragen.parallelize(pipe, paragen.ParallelConfig(**json.loads(args.degrees)), options)
         if args.cache:
             cache = paragen.enable_step_cache(pipe, paragen.StepCacheConfig(**json.loads(args.cache)))
