@@ -183,20 +183,25 @@ def test_bad_settings_are_refused():
         paragen.enable_step_cache(load_pipeline("tiny-sd"), StepCacheConfig(method="fbcache"))
 
 
-def _flux(cache: StepCacheConfig | None) -> tuple[torch.Tensor, dict | None]:
-    pipe = paragen.parallelize(load_pipeline("tiny-flux"), paragen.ParallelConfig())
+def _one_process(model: str, device: str, cache: StepCacheConfig | None) -> tuple[torch.Tensor, dict | None]:
+    pipe = paragen.parallelize(load_pipeline(model).to(device), paragen.ParallelConfig())
     pipe.set_progress_bar_config(disable=True)
     step_cache = paragen.enable_step_cache(pipe, cache) if cache else None
     image = pipe("a red fox", height=64, width=64, num_inference_steps=6, generator=torch.Generator().manual_seed(3),
                  output_type="pt").images
-    return image, None if step_cache is None else step_cache.last
+    return image.cpu(), None if step_cache is None else step_cache.last
 
 
-def test_flux_two_block_lists_threshold_zero_is_exact_and_a_served_step_reuses_the_residual():
-    plain, _ = _flux(None)
-    zero, record = _flux(StepCacheConfig(method="fbcache", threshold=0.0))
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+@pytest.mark.parametrize("model", ["tiny-flux", "tiny-sd"])
+def test_threshold_zero_is_exact_and_served_steps_reuse_what_was_kept(model, device):
+    """Flux's two block lists (its residual) and a UNet's cut (its features); on CUDA in `make gpu-check`, where the
+    decision's sums live on the device."""
+    plain, _ = _one_process(model, device, None)
+    zero, record = _one_process(model, device, StepCacheConfig(method="fbcache", threshold=0.0))
     assert torch.equal(plain, zero) and record["cached_steps"] == []
-    served, record = _flux(StepCacheConfig(method="fbcache", threshold=10.0))
+    served, record = _one_process(model, device, StepCacheConfig(method="fbcache", threshold=10.0))
     assert record["cached_steps"] == [2, 3, 4, 5] and record["forwards"] == {"computed": 2, "served": 4}
     assert not torch.equal(plain, served) and torch.isfinite(served).all()
 
