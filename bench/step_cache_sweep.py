@@ -45,7 +45,8 @@ def run(model: str, method: str, setting: dict, requests: list[tuple[str, int]])
         correct += score(image, prompt)["correct"]
         forwards = cache.last["forwards"] if cache else {"computed": STEPS, "served": 0}
         computed, total = computed + forwards["computed"], total + forwards["computed"] + forwards["served"]
-    return {"method": method, **setting, "caption_accuracy": correct / len(requests), "computed_share": computed / total}
+    return {"method": method, **setting, "caption_accuracy": correct / len(requests),
+            "computed_share": computed / total}
 
 
 def main() -> None:

@@ -133,8 +133,10 @@ def main() -> None:
                 result.images[0].save(Path(args.out).with_name(f"{request['id']}.png"))
     if paragen.is_output_rank():
         computed = sum(f["computed"] for f in forwards)
-        summary = {"seconds": spread(seconds), "loop_seconds": spread(loops), "evaluations_per_request": sum(evaluations) / len(evaluations),
-                   "computed_share": computed / sum(f["computed"] + f["served"] for f in forwards) if forwards else None,
+        summary = {"seconds": spread(seconds), "loop_seconds": spread(loops),
+                   "evaluations_per_request": sum(evaluations) / len(evaluations),
+                   "computed_share": computed / sum(f["computed"] + f["served"] for f in forwards) if forwards
+                   else None,
                    "computed_steps_first": cache.last["computed_steps"] if cache else None}
         Path(args.out).write_text(json.dumps(summary))
         torch.save(outputs, Path(args.out).with_suffix(".pt"))

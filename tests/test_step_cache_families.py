@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow  # twenty families, three runs each
 FAMILIES = {**CALLS, "tiny-sd": dict(height=64, width=64), "tiny-sdxl": dict(height=128, width=128),
             "tiny-sd3": dict(height=64, width=64), "tiny-flux": dict(height=64, width=64),
             "tiny-pixart": dict(height=128, width=128, use_resolution_binning=False),
-            "tiny-t2v": dict(height=64, width=64, num_frames=8), "tiny-animatediff": dict(height=64, width=64, num_frames=8),
+            "tiny-t2v": dict(height=64, width=64, num_frames=8),
+            "tiny-animatediff": dict(height=64, width=64, num_frames=8),
             "tiny-wan": dict(height=64, width=64, num_frames=9)}
 STEPS = 5
 

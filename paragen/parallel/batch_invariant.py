@@ -28,10 +28,10 @@ from typing import Any, Iterator
 
 import torch
 
+from paragen.parallel.components import MODELS
 from paragen.parallel.intercept import intercept
 
 MIN_ROWS = 16  # a linear layer's rows below this are padded to it
-INVARIANT_COMPONENTS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3")
 CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
 _REQUESTS = contextvars.ContextVar("paragen_requests_in_call", default=1)
 
@@ -71,7 +71,7 @@ def make_batch_invariant(pipe: Any) -> int:
     """Make `pipe`'s outputs per sample independent of the batch (see the module's docstring), in place; the number
     of layers converted."""
     converted = 0
-    for name in INVARIANT_COMPONENTS:
+    for name in MODELS:
         model = getattr(pipe, name, None)
         if not isinstance(model, torch.nn.Module):
             continue

@@ -19,9 +19,10 @@ import torch
 from paragen.comms import rank_device
 from paragen.comms.weight_shards import free_gathered, gather_ahead, is_sharded, shard_weights
 from paragen.parallel.block_order import BlockOrder
+from paragen.parallel.components import MODELS
 
 ORDER_ATTRIBUTE = "paragen_block_order"
-SHARDED_COMPONENTS = ("unet", "transformer", "transformer_2", "text_encoder", "text_encoder_2", "text_encoder_3")
+SHARDED_COMPONENTS = MODELS  # the denoisers and the text encoders
 
 
 def weight_units(model: torch.nn.Module) -> list[torch.nn.Module]:

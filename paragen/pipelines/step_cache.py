@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from paragen.parallel.components import DENOISERS
 from paragen.parallel.intercept import intercept
 from paragen.parallel.step_cache import BlockIO, CachePlan, StepCache, StepCacheConfig, install
 
-DENOISERS = ("unet", "transformer", "transformer_2")  # the pipeline attributes that hold its denoisers
 # the ModuleLists of transformer blocks, as diffusers' cache hooks name them (`hooks._common`)
 BLOCK_LISTS = ("transformer_blocks", "single_transformer_blocks", "blocks", "layers", "visual_transformer_blocks",
                "temporal_transformer_blocks")

@@ -17,6 +17,7 @@ from typing import Any
 
 METHODS = ("none", "fbcache", "teacache", "taylorseer")
 PROBED = ("fbcache", "teacache")  # methods that decide from the first block's output, all-reduced over the ranks
+LIMITS = {"threshold": (0.0, 10.0), "interval": (1, 1000), "order": (0, 4), "start": (1, 10_000)}  # inclusive
 METHOD_HELP = {
     "none": "every step computes the whole denoiser",
     "fbcache": "First-Block Cache: skip the rest of the denoiser when the first block's residual changed less than "
@@ -42,14 +43,9 @@ class StepCacheConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ValueError(f"cache must be one of {', '.join(METHODS)}; got {self.method!r}")
-        if not 0.0 <= self.threshold <= 10.0:
-            raise ValueError(f"cache threshold must be in [0, 10] (a relative L1 change), got {self.threshold}")
-        if not 1 <= self.interval <= 1000:
-            raise ValueError(f"cache interval must be in [1, 1000] steps, got {self.interval}")
-        if not 0 <= self.order <= 4:
-            raise ValueError(f"cache order must be in [0, 4], got {self.order}")
-        if not 1 <= self.start <= 10_000:
-            raise ValueError(f"cache start must be at least 1 (the first step has nothing cached), got {self.start}")
+        for name, (low, high) in LIMITS.items():
+            if not low <= getattr(self, name) <= high:
+                raise ValueError(f"cache {name} must be in [{low}, {high}], got {getattr(self, name)}")
 
     @property
     def enabled(self) -> bool:

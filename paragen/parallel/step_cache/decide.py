@@ -56,7 +56,8 @@ class Site:
 
 
 class StepCache:
-    """One pipeline's step cache over the ranks of `comm` (all of them), holding `plan` fresh after a served step."""
+    """One pipeline's step cache over the ranks of `comm` (all of them); `plan`: the denoiser's step plan, told which
+    steps are served and where the probe runs exact."""
 
     def __init__(self, config: StepCacheConfig, comm: GroupComm, plan: StepPlan | None = None) -> None:
         self.config, self.comm, self.plan = config, comm, plan
@@ -86,8 +87,7 @@ class StepCache:
     def end_step(self) -> None:
         """After the scheduler's step: the next call is the next step's first. A step this rank made no call in (a
         hires rank while the low-resolution view alone runs) is recorded as its schedule says."""
-        if self.step not in self.decisions and not self.config.probed:
-            self._record(self._scheduled())
+        self._follow_schedule()
         if self.plan is not None:
             self.plan.serving = False
         self.step += 1
@@ -118,18 +118,17 @@ class StepCache:
 
     def head_scope(self) -> contextlib.AbstractContextManager:
         """Where the head runs: a schedule decides its step now (a served step publishes nothing, from its head on);
-        a probed cache that may serve runs its head exact in every step (it cannot know yet)."""
-        if not self.config.probed:
-            if self.step not in self.decisions:
-                self._record(self._scheduled())
-            return contextlib.nullcontext()
-        if self.plan is None or self.config.threshold == 0.0:
+        a probed cache that may serve runs its head exact in every step (it cannot know yet, and the layers that
+        publish must be the same in every step that publishes)."""
+        self._follow_schedule()
+        if not self.config.probed or self.plan is None or self.config.threshold == 0.0:
             return contextlib.nullcontext()
         return self.plan.exact()
 
     def decide(self, site: Site, probe: torch.Tensor) -> bool:
         """Whether this call computes the rest of the denoiser (the step's decision; a site with nothing kept, or kept
         for another shape, computes)."""
+        self._follow_schedule()
         if self.step not in self.decisions:
             self._record(self._agree(site, probe))
         self.computing = self.decisions[self.step] or not site.kept or site.shape != tuple(probe.shape)
@@ -165,10 +164,14 @@ class StepCache:
         if not computed and self.plan is not None:
             self.plan.serving = True
 
+    def _follow_schedule(self) -> None:
+        """taylorseer: this step's decision by its index alone (once, whichever of its calls comes first)."""
+        if not self.config.probed and self.step not in self.decisions:
+            self._record(self.step < self.start or (self.step - self.start) % self.config.interval == 0)
+
     def _agree(self, site: Site, probe: torch.Tensor) -> bool:
+        """fbcache and teacache: this step's decision from the probe of its first call, agreed over the ranks."""
         config, step, start = self.config, self.step, self.start
-        if not config.probed:
-            return self._scheduled()
         previous = site.reference
         if config.method == "teacache" or step < start or previous is None:
             site.reference = probe.detach()
@@ -187,10 +190,6 @@ class StepCache:
         if computed:
             site.reference = probe.detach()
         return computed
-
-    def _scheduled(self) -> bool:
-        """taylorseer: whether this step computes, by its index alone."""
-        return self.step < self.start or (self.step - self.start) % self.config.interval == 0
 
     def _change(self, previous: torch.Tensor | None, probe: torch.Tensor) -> float | None:
         """The relative L1 change of the probe over every rank's shard; None where a rank has no reference."""

@@ -20,7 +20,7 @@ from paragen.pipelines.registry import Workload
 from paragen.pipelines.step_cache import enable_step_cache
 
 OUTPUT_FIELDS = ("dtype", "allow_pickle", "out_dir", "name")
-CACHE_FIELDS = ("cache", "cache_threshold", "cache_interval", "cache_order", "cache_start")  # a diffusion job's step cache
+CACHE_FIELDS = ("cache", "cache_threshold", "cache_interval", "cache_order", "cache_start")  # the step cache's
 MEMORY_FIELDS = ("shard_weights", "offload_layers", "memory_gib")  # an image or video job's: where its weights live, what it may use
 
 
@@ -135,8 +135,8 @@ def output_stem(request, job: Prepared, size: str) -> str:
 
 def build_parallel_pipeline(job) -> Any:
     """A prepared image or video job's pipeline on this rank's device, checked by its workload, the workload
-    installed, its step cache enabled, its weights sharded where the request asks, batch-invariant where the job batches, and checkpointing
-    when the job has checkpoints."""
+    installed, its step cache enabled, its weights sharded where the request asks, batch-invariant where the job
+    batches, and checkpointing when the job has checkpoints."""
     request = job.request
     pipe = build_pipeline(request.model, dtype=resolve_dtype(request.dtype), device=rank_device(),
                           allow_pickle=request.allow_pickle, shard_weights=request.shard_weights,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from paragen.parallel.step_cache import METHOD_HELP, METHODS, StepCacheConfig
+from paragen.parallel.step_cache import LIMITS, METHOD_HELP, METHODS, StepCacheConfig
 
 from paragen.pipelines.dtypes import DTYPE_HELP
 from paragen.pipelines.jobs.schema import LAUNCH, MAX_SEED, field
@@ -87,6 +87,11 @@ CacheMethod = Literal[METHODS]  # a job's `cache`
 _CACHE = StepCacheConfig()
 
 
+def _bounds(name: str) -> dict:
+    low, high = LIMITS[name]
+    return {"ge": low, "le": high}
+
+
 def cache() -> Any:
     return field(_CACHE.method, "skip denoiser work between nearby steps, every rank alike — "
                  + "; ".join(f"{m}: {text}" for m, text in METHOD_HELP.items()), scope=LAUNCH)
@@ -94,17 +99,17 @@ def cache() -> Any:
 
 def cache_threshold() -> Any:
     return field(_CACHE.threshold, "fbcache/teacache: the relative L1 change below which a step is served from the "
-                                   "cache (0: never)", scope=LAUNCH, ge=0, le=10)
+                                   "cache (0: never)", scope=LAUNCH, **_bounds("threshold"))
 
 
 def cache_interval() -> Any:
-    return field(_CACHE.interval, "taylorseer: compute every N steps, forecast the others", scope=LAUNCH, ge=1,
-                 le=1000)
+    return field(_CACHE.interval, "taylorseer: compute every N steps, forecast the others", scope=LAUNCH,
+                 **_bounds("interval"))
 
 
 def cache_order() -> Any:
-    return field(_CACHE.order, "taylorseer: order of the Taylor forecast", scope=LAUNCH, ge=0, le=4)
+    return field(_CACHE.order, "taylorseer: order of the Taylor forecast", scope=LAUNCH, **_bounds("order"))
 
 
 def cache_start() -> Any:
-    return field(_CACHE.start, "the first N steps always compute the whole denoiser", scope=LAUNCH, ge=1, le=10_000)
+    return field(_CACHE.start, "the first N steps always compute the whole denoiser", scope=LAUNCH, **_bounds("start"))

@@ -23,9 +23,10 @@ from paragen.pipelines import registry
 from paragen.pipelines.dtypes import DtypeName
 from paragen.pipelines.jobs import fields, schema
 from paragen.pipelines.jobs.batch import request_file
-from paragen.pipelines.jobs.common import (add_cache_arguments, step_cache_config, Prepared, add_checkpoint_arguments, add_output_arguments,
-                                           add_memory_arguments, build_parallel_pipeline, check_room, checkpoint_folder, fit_to_model,
-                                           open_checkpoints, output_stem)
+from paragen.pipelines.jobs.common import (Prepared, add_cache_arguments, add_checkpoint_arguments,
+                                           add_memory_arguments, add_output_arguments, build_parallel_pipeline,
+                                           check_room, checkpoint_folder, fit_to_model, open_checkpoints, output_stem,
+                                           step_cache_config)
 from paragen.pipelines.jobs.schema import field, request_class
 from paragen.pipelines.loading import EMBEDDED_MODELS, check_model_source
 from paragen.parallel.batch_invariant import requests_in_call
