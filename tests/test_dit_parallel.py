@@ -15,6 +15,9 @@ import math
 import pytest
 import torch
 
+from paragen.parallel.config import ExchangeConfig
+from paragen.pipelines.cost.plan import Layout, ModelCost, request_bytes
+from paragen.pipelines.jobs.image import ImageRequest
 from paragen.pipelines.loading import load_pipeline
 from tests.multiproc import run_spec_worker
 from tests.workers.dit_worker import generate
@@ -147,3 +150,24 @@ def test_flux_bytes_per_rank_match_formulas(parallel, single, layout):
             assert stats[rank][label]["bytes_recv"] == expected, f"rank {rank} {label}"
         if layout == "displaced_ulysses":
             assert "dit.ulysses_out" in stats[rank] and "dit.ring_kv" not in stats[rank]
+
+
+@pytest.mark.parametrize("model", ["tiny-pixart", "tiny-flux"])
+def test_cost_model_bytes_equal_the_run_reports(parallel, model):
+    """`paragen plan`'s byte counts (`cost.plan.request_bytes`) are the bytes each rank of these runs received, in
+    every layout at the even token count (the model counts equal shards)."""
+    world, results = parallel
+    cost = ModelCost(model, torch.float32)
+    cost.text = TEXT_TOKENS  # the runs' prompt length (the pipelines' own is longer)
+    request = ImageRequest(model=model, height=EVEN, width=EVEN, steps=STEPS)
+    runs = {name: (degrees, "sync") for name, degrees in _layouts(world, model).items()}
+    if model == "tiny-flux":
+        runs["displaced_ulysses"] = ({"ulysses": world}, "displaced")
+    for name, (degrees, mode) in runs.items():
+        layout = Layout("dit", tuple({"cfg": 1, "ulysses": 1, "ring": 1, **degrees}.items()),
+                        ExchangeConfig(mode=mode, warmup_steps=WARMUP))
+        predicted = request_bytes(cost, request, layout, world, 0)
+        stats = results[f"{model}/{name}/{EVEN}"]["stats"]
+        for rank in range(world):
+            counted = {label: stats[rank][label]["bytes_recv"] for label in predicted}
+            assert counted == predicted, f"{model} {name} rank {rank}"

@@ -14,7 +14,10 @@ import torch
 import torch.nn as nn
 from diffusers.models.attention_processor import Attention
 
+from paragen.parallel.config import ExchangeConfig
 from paragen.parallel.partition import conv_halo, partial_rows
+from paragen.pipelines.cost.plan import Layout, model_cost, request_bytes
+from paragen.pipelines.jobs.image import ImageRequest
 from paragen.pipelines.loading import load_pipeline
 from tests.multiproc import run_spec_worker
 
@@ -189,3 +192,21 @@ def test_bytes_per_rank_match_formulas(parallel, single, model, mode):
             expected = {k: WARMUP * full[k] + (STEPS - 1 - WARMUP) * stale[k] for k in full}
         got = {k: stats[rank][k]["bytes_recv"] for k in expected}
         assert got == expected, f"rank {rank}: counted {got}, formula {expected}"
+
+
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("layout", ["sync", "sync_cfg2", "displaced", "partial", "displaced_cfg2"])
+def test_cost_model_bytes_equal_the_run_reports(parallel, model, layout):
+    """`paragen plan`'s byte counts (`cost.plan.request_bytes`) are the bytes each rank of these runs received."""
+    world, results = parallel
+    mode = layout.split("_")[0]
+    cfg = 2 if layout.endswith("cfg2") else 1
+    plan = Layout("patch", (("cfg", cfg), ("patch", world // cfg)),
+                  ExchangeConfig(mode=mode, warmup_steps=WARMUP, partial_fraction=FRACTION))
+    request = ImageRequest(model=model, height=SIZE, width=SIZE, steps=STEPS, guidance_scale=GUIDANCE)
+    stats = results[f"{model}/{layout}"]["stats"]
+    for rank in range(world):
+        band = rank % (world // cfg)
+        predicted = request_bytes(model_cost(model, torch.float32), request, plan, world, band)
+        counted = {label: stats[rank][label]["bytes_recv"] for label in stats[rank] if label.startswith("unet.")}
+        assert predicted == {label: value for label, value in counted.items() if value}, f"rank {rank}"

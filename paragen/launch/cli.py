@@ -116,6 +116,18 @@ def _run_slurm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_plan_arguments(p: argparse.ArgumentParser, job: str | None) -> None:
+    """`plan`'s sub-parsers, one per planned job; only `job`'s gets its arguments."""
+    from paragen.pipelines.jobs import plan
+
+    jobs = p.add_subparsers(dest="plan_job", required=True, metavar="{" + ",".join(plan.PLANNED_JOBS) + "}")
+    for name in plan.PLANNED_JOBS:
+        q = jobs.add_parser(name, help=f"plan: {JOBS[name][1]}", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        if name == job:
+            plan.add_arguments(q, name)
+        q.set_defaults(handler=plan.run)
+
+
 def _run_models(args: argparse.Namespace) -> int:
     from paragen.pipelines import catalogue
 
@@ -125,9 +137,10 @@ def _run_models(args: argparse.Namespace) -> int:
 
 def build_parser(command: str | None = None, serve_job: str | None = None) -> argparse.ArgumentParser:
     """The `paragen` argument parser; only `command`'s sub-parser gets its arguments (and imports its job; for
-    `serve`, `serve_job`'s)."""
+    `serve` and `plan`, `serve_job`'s)."""
     parser = argparse.ArgumentParser(prog="paragen", description="paragen: one generation request, many ranks.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*JOBS, "serve", "slurm", "models"]) + "}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{" + ",".join([*JOBS, "serve", "plan", "slurm",
+                                                                                     "models"]) + "}")
     for name, (module, help_text) in JOBS.items():
         p = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         if name == command:
@@ -141,6 +154,10 @@ def build_parser(command: str | None = None, serve_job: str | None = None) -> ar
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     if command == "slurm":
         _add_slurm_arguments(p)
+    p = sub.add_parser("plan", help="rank every layout of a request on N ranks by predicted step time, with memory per "
+                                    "rank and bytes per step (a cost model; --layout auto runs the first)")
+    if command == "plan":
+        _add_plan_arguments(p, serve_job)
     p = sub.add_parser("models", help="list every supported pipeline and model class, its workload, degrees, modes, "
                                       "sharding plan and embedded models (and the families not run yet, with why)")
     output = p.add_mutually_exclusive_group()
@@ -170,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `paragen` and `python -m paragen`; returns the exit status."""
     argv = sys.argv[1:] if argv is None else argv
     command = argv[0] if argv else None
-    serve_job = argv[1] if command == "serve" and len(argv) > 1 else None
+    serve_job = argv[1] if command in ("serve", "plan") and len(argv) > 1 else None
     if command in JOBS or serve_job in JOBS or command == "models":
         _quiet_third_party()
     args = build_parser(command, serve_job).parse_args(argv)

@@ -31,7 +31,7 @@ from paragen.comms import CommStats, GroupComm, backend_name, check_model_device
 from paragen.parallel.config import ParallelConfig
 
 DIMS = ("cfg", "clip", "patch", "ring", "ulysses", "tp")
-_GROUPS = {"cfg": ("cfg",), "clip": ("clip",), "patch": ("patch",), "ring": ("ring",), "ulysses": ("ulysses",), "tp": ("tp",),
+GROUPS = {"cfg": ("cfg",), "clip": ("clip",), "patch": ("patch",), "ring": ("ring",), "ulysses": ("ulysses",), "tp": ("tp",),
            "sequence": ("patch", "ring", "ulysses"), "branch": ("clip", "patch", "ring", "ulysses"), "world": DIMS}
 # Groups whose neighbour/ring P2P, and whose stale all-gathers, get connections of their own.
 _P2P_TWINS = ("clip", "patch", "ring", "sequence", "branch")
@@ -50,7 +50,7 @@ class ParallelMesh:
         shape = {"cfg": c.cfg, "clip": c.clip, "patch": c.patch, "ring": c.ring * c.seq, "ulysses": c.ulysses,
                  "tp": c.tp}
         check_model_device(device, backend_name() if is_initialized() else None)
-        self._comms = grid_comms(shape, _GROUPS, _P2P_TWINS, _STALE_TWINS)
+        self._comms = grid_comms(shape, GROUPS, _P2P_TWINS, _STALE_TWINS)
         self.stats: CommStats = self._comms["world"].stats
 
     def group(self, name: str) -> GroupComm:

@@ -61,6 +61,7 @@ class Workload:
     memory: str | None = None  # its denoiser's term of the memory estimate (`memory_estimate.TERMS`)
     # why its weights cannot be sharded over the ranks (None: they can, `--shard-weights`)
     no_weight_sharding: str | None = None
+    planned: bool = True  # `paragen plan` and `--layout auto` weigh its layouts (hires changes what is computed)
 
     @property
     def split(self) -> tuple[str, ...]:
@@ -144,7 +145,7 @@ WORKLOADS = (
              "ulysses, ring, clip, seq or tp", checkpoints=True, modes=("windows", "low-resolution structure guidance"),
              degree_help={"patch": "--hires: the ranks sharing the windows"}, tag=("hires=patch",), memory="windows",
              no_weight_sharding="its ranks run different numbers of windows, and every rank would have to gather "
-                                "each block's weights as often as the others"),
+                                "each block's weights as often as the others", planned=False),
     Workload("dit", DIT_PIPELINES, ExchangeConfig, ("cfg", "ulysses", "ring"), "ring", "paragen.pipelines.dit", "image",
              "exchange", "diffusion transformers are split along the token sequence; use ulysses and ring (and cfg)",
              modes=("sync", "displaced"), sharding_plans=True,

@@ -197,6 +197,8 @@ def agree_prepared(comm: GroupComm, job: Any, verdict: Verdict) -> None:
     """After the process group exists: every rank's verdict on its `prepare`, agreed (one rank's refusal is every
     rank's, before anything is loaded), and the single request's contents compared."""
     settle(comm, verdict)
+    same_everywhere(comm, "layout", job.layout(), " (--layout auto planned differently: do the ranks see different "
+                    "devices?)")
     if job.item is not None:
         _same_content(comm, job, job.item)
 

@@ -23,6 +23,7 @@ from paragen.pipelines import registry
 from paragen.pipelines.dtypes import DtypeName
 from paragen.pipelines.jobs import fields, schema
 from paragen.pipelines.jobs.batch import request_file
+from paragen.pipelines.jobs.plan import add_layout_argument, chosen_layout
 from paragen.pipelines.jobs.common import (Prepared, add_cache_arguments, add_checkpoint_arguments,
                                            add_memory_arguments, add_output_arguments, build_parallel_pipeline,
                                            check_room, checkpoint_folder, fit_to_model, open_checkpoints, output_stem,
@@ -72,6 +73,7 @@ class ImageRequest:
             raise ValueError("resume needs the checkpoint folder of the run to continue")
 
 
+REQUEST = ImageRequest  # what `paragen plan image` builds from the same options
 REQUEST_OPTIONS = ("model", "prompt", "negative_prompt", "height", "width", "steps", "guidance_scale", "seed")
 
 
@@ -81,6 +83,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = "Generate one image with its work split across every rank of the job."
     schema.add_arguments(p, ImageRequest, REQUEST_OPTIONS)
     registry.add_degree_arguments(p, "image")
+    add_layout_argument(p)
     p.add_argument("--mode", choices=MODES, default=exchange.mode,
                    help="; ".join(f"{m}: {text}" for m, text in MODE_HELP.items()))
     p.add_argument("--warmup-steps", type=int, default=exchange.warmup_steps,
@@ -135,8 +138,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
                                     resume=args.resume is not None)
     options = _options(args)
     class_name = check_model_source(args.model, allow_pickle=args.allow_pickle)
-    workload = registry.find_for_job("image", class_name, options, args.model)
-    config = workload.resolve(registry.degrees_of(args, "image"), launch.world_size)
+    workload, config, options = chosen_layout(args, "image", class_name, request, launch, options)
     workload.check_weight_sharding(request.shard_weights, launch.world_size)
     step_cache_config(request, options)  # refused here, before the process group, if it cannot run
     if request.checkpoint_dir is not None and not workload.checkpoints:
@@ -145,6 +147,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
     def check(one: ImageRequest) -> ImageRequest:
         """The request as it runs: at the model's own size where it gives none, and fitting this rank."""
         one = fit_to_model(one)
+        workload.check_request(one, config, options)
         check_room(args, one, config, launch, options)
         return one
 

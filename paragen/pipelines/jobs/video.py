@@ -23,6 +23,7 @@ from paragen.pipelines.dtypes import DtypeName
 from paragen.parallel.interrupt import Watch
 from paragen.pipelines.jobs import fields, schema
 from paragen.pipelines.jobs.batch import request_file
+from paragen.pipelines.jobs.plan import add_layout_argument, chosen_layout
 from paragen.pipelines.jobs.common import (Prepared, add_cache_arguments, add_checkpoint_arguments,
                                            add_memory_arguments, add_output_arguments, build_parallel_pipeline,
                                            check_room, checkpoint_folder, fit_to_model, open_checkpoints, output_stem,
@@ -100,6 +101,7 @@ class VideoRequest:
         return options
 
 
+REQUEST = VideoRequest  # what `paragen plan video` builds from the same options
 REQUEST_OPTIONS = ("model", "prompts", "segment_frames", "negative_prompt", "frames", "height", "width", "steps",
                    "guidance_scale", "seed")
 
@@ -112,6 +114,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      "tokens into shards (Ulysses, Ring).")
     schema.add_arguments(p, VideoRequest, REQUEST_OPTIONS)
     registry.add_degree_arguments(p, "video")
+    add_layout_argument(p)
     p.add_argument("--scope", choices=SCOPES, default=temporal.scope,
                    help="; ".join(f"{s}: {text}" for s, text in SCOPE_HELP.items()))
     p.add_argument("--local", type=int, default=temporal.local,
@@ -145,8 +148,7 @@ def prepare(args: argparse.Namespace, launch) -> Prepared:
                                     resume=args.resume is not None)
     class_name = check_model_source(args.model, allow_pickle=args.allow_pickle)
     options = _options(args)
-    workload = registry.find_for_job("video", class_name, options, args.model)
-    config = workload.resolve(registry.degrees_of(args, "video"), launch.world_size)
+    workload, config, options = chosen_layout(args, "video", class_name, request, launch, options)
     workload.check_weight_sharding(request.shard_weights, launch.world_size)
     step_cache_config(request, options)  # refused here, before the process group, if it cannot run
 

@@ -44,6 +44,11 @@ def check_llm_source(model: str, *, allow_pickle: bool = False, allow_remote_cod
         if sources.hub_id(model) is not None:
             sources.fetch(model, allow_pickle=allow_pickle)
         _check_local(model, allow_pickle, allow_remote_code)
+    return llm_class(model)
+
+
+def llm_class(model: str) -> str:
+    """The model class its `config.json` names (the first paragen runs, else the first named)."""
     architectures = llm_config_dict(model).get("architectures") or ["unknown"]
     return next((name for name in architectures if name in CAUSAL_LMS), architectures[0])
 

@@ -21,6 +21,7 @@ from paragen.parallel import ParallelConfig, ParallelMesh
 from paragen.parallel.config import ExchangeConfig
 from paragen.parallel.intercept import intercept
 from paragen.parallel.partition import band_bounds, check_image_size
+from paragen.pipelines.model_facts import model_facts
 from paragen.parallel.patch import PatchContext, PatchInputConv2d
 from paragen.parallel.patch.convert import check_processors, patch_modules
 from paragen.pipelines.batch_split import split_batch
@@ -109,6 +110,17 @@ def check(pipe, config: ParallelConfig, options: ExchangeConfig) -> None:
     if getattr(pipe.unet.config, "downsample_padding", 1) != 1:
         raise ValueError("patch parallelism needs UNet down-samplers with padding 1 (downsample_padding=1)")
     check_processors(pipe.unet)
+
+
+def check_request(request: Any, config: ParallelConfig, options: ExchangeConfig) -> None:
+    """A job's request cut into `config.patch` bands and decoded in bands over every rank, checked from the model's
+    configs before it is loaded (the call checks it again, with the loaded pipeline's factors)."""
+    facts = model_facts(request.model)
+    if facts is None or request.height is None or request.width is None:
+        return
+    unet_factor = 2 ** (len(facts.denoiser_config["block_out_channels"]) - 1)
+    check_image_size(request.height, request.width, vae_factor=facts.vae.factor, unet_factor=unet_factor,
+                     patch=config.patch, decode_parts=config.cfg * config.patch)
 
 
 def install(pipe, config: ParallelConfig, options: ExchangeConfig):
