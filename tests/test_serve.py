@@ -221,7 +221,7 @@ def test_a_server_on_two_ranks_serves_concurrent_clients_refuses_bad_input_and_s
         # bad input: 4xx with a message, the server still serving
         bad = [(b"{not json", 400, "not valid JSON"), ({"prompt": "a fox", "colour": "red"}, 400, "colour"),
                ({"prompt": "a fox", "size": "0x64"}, 400, "width must be positive"),
-               ({"prompt": "a fox", "size": "100x64"}, 400, "not a multiple of the VAE factor"),  # refused by the ranks
+               ({"prompt": "a fox", "size": "100x64"}, 400, "not a multiple of the VAE factor"),  # by the job's checks
                ({"prompt": "a fox", "model": "tiny-sdxl"}, 404, "not served here"),
                ({"prompt": "a fox", "id": "r1"}, 409, "already names outputs"),
                ({"prompt": "a fox", "guidance_scale": float("nan")}, 400, "finite number"),  # once written, then a 500
@@ -263,7 +263,8 @@ def test_a_server_on_two_ranks_serves_concurrent_clients_refuses_bad_input_and_s
 
         metrics = call(url, "/metrics").body
         assert f'paragen_requests_total{{outcome="ok"}} {len(REQUESTS) + 2}' in metrics
-        assert 'paragen_requests_total{outcome="refused"} 1' in metrics  # the one the ranks refused
+        # the size the ranks used to refuse is refused by the job's checks now, before it is queued
+        assert 'paragen_requests_total{outcome="refused"} 0' in metrics
         assert 'paragen_requests_total{outcome="failed"} 1' in metrics
 
         # SIGTERM with a request in flight: it is answered in full or refused, every rank exits 0, no partial file

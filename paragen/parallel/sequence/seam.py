@@ -38,7 +38,7 @@ from paragen.parallel.sequence.context import SequenceContext
 
 TAG = "sequence.attention"
 _SITE: ContextVar["AttentionSite | None"] = ContextVar("paragen_attention_site", default=None)
-_TORCH_SDPA = F.scaled_dot_product_attention
+TORCH_SDPA = F.scaled_dot_product_attention  # torch's own, kept before `open_seam` takes its name
 
 
 def _seam(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
@@ -47,7 +47,7 @@ def _seam(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask
     """torch's `scaled_dot_product_attention`, or the running site's when a planned attention module runs."""
     site = _SITE.get()
     if site is None:
-        return _TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+        return TORCH_SDPA(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa, **kwargs)
     token = _SITE.set(None)  # the site's own attention kernels are torch's
     try:
@@ -194,7 +194,7 @@ class AttentionSite:
             whole = mask.expand(*key.shape[:2], mask.shape[-2], mask.shape[-1]).to(torch.uint8 if flags else mask.dtype)
             mask = comm.all_gather_varlen(whole.contiguous(), 3, kept, label)
             mask = mask.bool() if flags else mask
-        return _TORCH_SDPA(query, key, value, attn_mask=mask, scale=scale)
+        return TORCH_SDPA(query, key, value, attn_mask=mask, scale=scale)
 
     def _over_clips(self, query, key, value, mask, scale) -> torch.Tensor:
         """Attention of queries that every clip holds alike over the video keys of all clips: this clip's part, the

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
+
+from paragen.parallel.sequence.seam import TORCH_SDPA
 
 MATMUL_OPS = ("mm", "addmm", "bmm", "baddbmm", "_scaled_mm")
 CONV_OPS = ("convolution", "_convolution", "convolution_overrideable")
@@ -140,7 +141,7 @@ class _Attention(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
+        if func is not TORCH_SDPA:  # torch's own, also where paragen's seam has replaced `F`'s name for it
             return func(*args, **kwargs)
         named = dict(zip(("query", "key", "value", "attn_mask", "dropout_p", "is_causal"), args), **kwargs)
         query, key, value = named["query"], named["key"], named["value"]

@@ -15,18 +15,20 @@ from typing import Any
 
 import torch
 
+from paragen.comms import resolve_device
 from paragen.parallel.config import ExchangeConfig, ParallelConfig
 from paragen.pipelines import registry
 from paragen.pipelines.cost.devices import DEVICES, device_of, profile
 from paragen.pipelines.cost.model import Placement
 from paragen.pipelines.cost.llm import rank_llm_plans
 from paragen.pipelines.cost.plan import rank_plans
+from paragen.pipelines.dtypes import resolve_dtype
 from paragen.pipelines.jobs import schema
 from paragen.pipelines.jobs.common import fit_to_model
 from paragen.pipelines.memory_estimate import format_bytes
 
 PLANNED_JOBS = ("image", "video", "llm")
-DEVICE_DTYPE = {"cpu": torch.float32}  # what `--dtype auto` gives on a device (GPUs: bfloat16)
+DEVICE_DTYPE = {"cpu": torch.float32}  # what `--dtype auto` gives on a profile's device (its GPUs: bfloat16)
 
 
 def add_arguments(p: argparse.ArgumentParser, job: str) -> None:
@@ -99,17 +101,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def auto_layout(args: argparse.Namespace, job: str, request: Any, world: int, local_world: int,
-                options: Any) -> tuple[dict[str, int], Any]:
-    """`--layout auto`: the degrees and options of the first plan for `request` on `world` ranks of this machine's
-    device (`options`: the job's own, whose mode the plan replaces)."""
-    on_gpu = args.device != "cpu" and torch.cuda.is_available()
-    device_name = device_of(torch.device("cuda", 0)) if on_gpu else "cpu"
-    threads = args.threads or max(1, (os.cpu_count() or 1) // local_world)
-    placement = Placement(world, local_world, threads if device_name == "cpu" else 1)
-    plans, refused = rank_plans(request, job, placement, profile(device_name), dtype_of(request, device_name))
+def auto_layout(args: argparse.Namespace, job: str, request: Any, launch: Any, options: Any) -> tuple[
+        dict[str, int], Any]:
+    """`--layout auto`: the degrees and options of the first plan for `request` on the job's ranks and the device
+    this rank will compute on (`options`: the job's own, whose mode the plan replaces)."""
+    device = resolve_device(args.device, launch.local_rank or 0)
+    local_world = launch.local_world_size or launch.world_size
+    threads = args.threads or max(1, (os.cpu_count() or 1) // local_world)  # as `launch.process_group.init` sets
+    placement = Placement(launch.world_size, local_world, threads if device.type == "cpu" else 1)
+    plans, refused = rank_plans(request, job, placement, profile(device_of(device)),
+                                resolve_dtype(request.dtype, device))
     if not plans:
-        raise ValueError(f"--layout auto: no layout of this request runs on {world} ranks: " + "; ".join(refused))
+        raise ValueError(f"--layout auto: no layout of this request runs on {launch.world_size} ranks: "
+                         + "; ".join(refused))
     first = plans[0].layout
     if isinstance(options, ExchangeConfig):
         options = dataclasses.replace(options, mode=first.mode)
@@ -132,8 +136,7 @@ def chosen_layout(args: argparse.Namespace, job: str, class_name: str, request: 
         if getattr(args, "hires", False):
             raise ValueError("--layout auto plans patch, sequence and clip layouts; --hires spreads its windows "
                              "over every rank and takes no other layout")
-        degrees, options = auto_layout(args, job, fit_to_model(request), launch.world_size,
-                                       launch.local_world_size or launch.world_size, options)
+        degrees, options = auto_layout(args, job, fit_to_model(request), launch, options)
         given = ParallelConfig(**degrees)
     workload = registry.find_for_job(job, class_name, options, args.model)
     return workload, workload.resolve(given, launch.world_size), options
