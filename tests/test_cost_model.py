@@ -30,7 +30,7 @@ from paragen.pipelines.cost.calibrate import RankedSample, Sample, fit, fit_rank
 from paragen.pipelines.cost.devices import profile
 from paragen.pipelines.cost.inputs import CALLS, Latent
 from paragen.pipelines.cost.model import Placement, group_span
-from paragen.pipelines.cost.plan import TIE, layouts, model_cost, rank_plans
+from paragen.pipelines.cost.plan import TIE, Layout, layouts, model_cost, rank_plans, request_bytes
 from paragen.pipelines.cost.trace import trace_call
 from paragen.pipelines.jobs.image import ImageRequest
 from paragen.pipelines.jobs.video import VideoRequest
@@ -207,3 +207,18 @@ def test_llm_plans_list_the_layouts_the_registry_accepts(capsys):
     assert times == sorted(times)
     for p in plans:  # a longer prompt costs more, and a token after the prompt less than the prompt
         assert p["prefill_s"] > p["decode_s_per_token"] > 0 and p["memory_bytes"] > 0
+
+
+@pytest.mark.slow
+def test_partial_bytes_of_a_wide_image_equal_the_run_report(tmp_path):
+    """PCPP's neighbour rows on a non-square latent (its rows and columns taken apart by the request's aspect)."""
+    results = run_ranks(["-m", "paragen", "image", "--model", "tiny-sd", "--height", "128", "--width", "192",
+                         "--patch", "2", "--mode", "partial", "--warmup-steps", "1", "--steps", "4",
+                         "--out", str(tmp_path), "--name", "wide"], 2)
+    check_all_ok(results)
+    counted = json.loads((tmp_path / "wide.json").read_text())["comm_per_rank"]
+    request = ImageRequest(model="tiny-sd", height=128, width=192, steps=4)
+    layout = Layout("patch", (("cfg", 1), ("patch", 2)), ExchangeConfig(mode="partial", warmup_steps=1))
+    for rank in (0, 1):
+        predicted = request_bytes(model_cost("tiny-sd", torch.float32), request, layout, 2, rank)
+        assert predicted == {label: counted[str(rank)][label]["bytes_recv"] for label in predicted}, f"rank {rank}"

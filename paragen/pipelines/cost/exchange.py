@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from paragen.parallel.partition import conv_halo, partial_rows
 from paragen.pipelines.cost.trace import Trace
 
-STATS_BYTES = 4  # GroupNorm statistics travel in float32
+STATS_BYTES = 4  # statistics (GroupNorm sums, an LM's partial attention and log-sum-exp) travel in float32
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,7 @@ class Split:
     fraction: float = 0.3  # partial: rows of each neighbour attention sees
     rank: int = 0  # this rank's band (patch) — the first and last bands have one neighbour
     seen: float = 0.0  # clips: the share of the video's frames a clip sees outside itself (halo and global frames)
+    aspect: float = 1.0  # the latent's rows over its columns (each UNet level keeps it)
 
     @property
     def shards(self) -> int:
@@ -77,8 +78,9 @@ def patch_messages(trace: Trace, split: Split, stale: bool, prefix: str = "unet.
     for site in (s for s in trace.attentions if s.self_attention):
         channels = site.heads * site.dim
         if split.mode == "partial" and stale:
-            side = _side(site.queries)
-            attention += (above + below) * partial_rows(side // n, split.fraction) * side * channels * site.batch \
+            columns = max(1, round((site.queries / split.aspect) ** 0.5))
+            rows = site.queries // columns
+            attention += (above + below) * partial_rows(rows // n, split.fraction) * columns * channels * site.batch \
                 * site.element
         else:
             attention += (n - 1) * (site.queries // n) * channels * site.batch * site.element
@@ -88,13 +90,6 @@ def patch_messages(trace: Trace, split: Split, stale: bool, prefix: str = "unet.
     return [Message(prefix + "conv_halo", halo, halo_calls, "patch", overlap),
             Message(prefix + "norm_stats", norms, len(trace.norms), "patch", overlap),
             Message(prefix + "attn_kv", attention, attentions, "patch", overlap)]
-
-
-def _side(tokens: int) -> int:
-    """The side of a square token grid (the planner's UNet sites come from square or banded images alike; the
-    columns are what a row carries)."""
-    side = int(round(tokens ** 0.5))
-    return side if side * side == tokens else tokens
 
 
 def sequence_messages(trace: Trace, split: Split, stale: bool, prefix: str = "dit.") -> list[Message]:

@@ -24,14 +24,13 @@ from paragen.parallel import ParallelConfig
 from paragen.parallel.llm.config import KVConfig
 from paragen.pipelines import registry
 from paragen.pipelines.cost.devices import DeviceProfile
-from paragen.pipelines.cost.exchange import Message
+from paragen.pipelines.cost.exchange import STATS_BYTES, Message
 from paragen.pipelines.cost.model import Placement, StepCost, kernels_time, step_cost
 from paragen.pipelines.cost.trace import Kernel, Trace, trace_call
 from paragen.pipelines.llm.loading import llm_class, model_root
 from paragen.pipelines.loading import build_empty
 
 TP_ALL_REDUCES_PER_LAYER = 2  # DeepSpeed AutoTP: attention output and MLP down projection
-STATS_BYTES = 4  # the merge's partial outputs and log-sum-exps travel in float32
 
 
 @dataclass

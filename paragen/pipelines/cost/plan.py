@@ -227,8 +227,8 @@ def _latent(cost: ModelCost, request: Any) -> tuple[int, int, int]:
     return latent_frames, request.height // cost.facts.vae.factor, request.width // cost.facts.vae.factor
 
 
-def _split(layout: Layout, rank: int, frames: int = 1) -> exchange.Split:
-    """How `layout` cuts a call on `frames` latent frames, for band `rank`."""
+def _split(layout: Layout, rank: int, frames: int = 1, aspect: float = 1.0) -> exchange.Split:
+    """How `layout` cuts a call on `frames` latent frames of `aspect` rows per column, for band `rank`."""
     degrees = dict(layout.degrees)
     clip = degrees.get("clip", 1)
     seen = 0.0
@@ -239,7 +239,8 @@ def _split(layout: Layout, rank: int, frames: int = 1) -> exchange.Split:
         seen = min(outside, count) / frames
     return exchange.Split(cfg=degrees.get("cfg", 1), patch=degrees.get("patch", 1), ulysses=degrees.get("ulysses", 1),
                           ring=degrees.get("ring", 1), clip=clip, mode=layout.mode,
-                          fraction=getattr(layout.options, "partial_fraction", 0.3), rank=rank, seen=seen)
+                          fraction=getattr(layout.options, "partial_fraction", 0.3), rank=rank, seen=seen,
+                          aspect=aspect)
 
 
 def step_messages(cost: ModelCost, request: Any, layout: Layout, world: int, stale: bool,
@@ -247,7 +248,7 @@ def step_messages(cost: ModelCost, request: Any, layout: Layout, world: int, sta
     """What band `rank` (patch layouts; the others' ranks are alike) exchanges in one step's layers: fresh, or in a
     stale step of displaced and partial modes."""
     latent = _latent(cost, request)
-    split = _split(layout, rank, latent[0])
+    split = _split(layout, rank, latent[0], latent[1] / latent[2])
     batch, calls = guidance_calls(cost, request, split.cfg)
     trace = cost.call(batch, *latent)
     known = EXCHANGES[layout.workload]

@@ -52,11 +52,9 @@ def request_of(args: argparse.Namespace, job: str) -> Any:
     return fit_to_model(schema.from_arguments(module.REQUEST, args))
 
 
-def dtype_of(request: Any, device: str) -> torch.dtype:
-    """The dtype the request runs in on `device` (`--dtype auto`: float32 on the CPU, bfloat16 on a GPU)."""
-    if request.dtype != "auto":
-        return getattr(torch, request.dtype)
-    return DEVICE_DTYPE.get(device, torch.bfloat16)
+def dtype_of(name: str, device: str) -> torch.dtype:
+    """The dtype `--dtype name` means on a profile's `device` (`auto`: float32 on the CPU, bfloat16 on a GPU)."""
+    return DEVICE_DTYPE.get(device, torch.bfloat16) if name == "auto" else getattr(torch, name)
 
 
 def plans_for(args: argparse.Namespace, job: str) -> tuple[list[Any], list[str]]:
@@ -66,10 +64,10 @@ def plans_for(args: argparse.Namespace, job: str) -> tuple[list[Any], list[str]]
     device = profile(args.device, args.profile)
     placement = Placement(args.gpus, args.gpus // args.nodes, args.threads)
     if job == "llm":
-        dtype = DEVICE_DTYPE.get(args.device, torch.bfloat16) if args.dtype == "auto" else getattr(torch, args.dtype)
-        return rank_llm_plans(args.model, args.context, args.new_tokens, placement, device, dtype)
+        return rank_llm_plans(args.model, args.context, args.new_tokens, placement, device,
+                              dtype_of(args.dtype, args.device))
     request = request_of(args, job)
-    return rank_plans(request, job, placement, device, dtype_of(request, args.device))
+    return rank_plans(request, job, placement, device, dtype_of(request.dtype, args.device))
 
 
 COLUMNS = {  # heading -> (the plan's field, its unit: s or bytes)
